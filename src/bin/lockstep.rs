@@ -1,0 +1,39 @@
+//! The `lockstep` command line: run, launch, doctor, bench, fr. Each subcommand's arguments and
+//! implementation live in the library module that owns it; this file only dispatches.
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Streaming video DiT across GPUs, in lockstep or crashing with a diagnosis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Stream chunks through the whole pipeline, launching local ranks (default: tiny preset,
+    /// host backend, rank 0 + TP=2).
+    Run(lockstep::pipeline::RunArgs),
+    /// Launch N local ranks of a command with the torchrun-style environment.
+    Launch(lockstep::launch::LaunchArgs),
+    /// What this machine has: kernels, CUDA driver, GPUs, NCCL.
+    Doctor(lockstep::doctor::DoctorArgs),
+    /// Benchmarks (kernels, transport, wire).
+    Bench(lockstep::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        None => lockstep::pipeline::main(&lockstep::pipeline::RunArgs::default()),
+        Some(Cmd::Run(a)) => lockstep::pipeline::main(&a),
+        Some(Cmd::Launch(a)) => lockstep::launch::main(&a),
+        Some(Cmd::Doctor(a)) => lockstep::doctor::main(&a),
+        Some(Cmd::Bench(a)) => lockstep::bench::main(&a),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,1 @@
+//! NCCL data plane (raw NCCL through cudarc's sys bindings, loaded dynamically).

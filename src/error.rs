@@ -1,0 +1,77 @@
+//! The one error type. Every variant says what went wrong, where, and the ids involved; each maps
+//! to one exit code (`Error::exit_code`). Errors travel up as values; only the top of a rank
+//! decides to crash.
+use crate::exit::ExitCode;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad CLI/env/config or API input, caught at the edge.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// An envelope failed preflight; nothing was sent.
+    #[error("preflight rejected envelope (nothing was sent): {0}")]
+    Preflight(String),
+    /// Bytes from a peer or a file failed to decode (typed, never a panic).
+    #[error("wire decode: {0}")]
+    Decode(String),
+    /// A protocol invariant was violated.
+    #[error("invariant violated: {0}")]
+    Invariant(String),
+    /// The startup parity handshake found a disagreement; the string is the per-field diff.
+    #[error("parity mismatch between ranks:\n{0}")]
+    Parity(String),
+    /// A peer is gone (connection lost, EOF mid-message, peer-death notice).
+    #[error("peer lost: {0}")]
+    PeerLost(String),
+    /// Another rank failed and asked everyone to dump and exit.
+    #[error("peer failed: {0}")]
+    PeerFailed(String),
+    /// A bounded wait ran out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// I/O on a socket, file or pipe.
+    #[error("io: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A shared library (libcuda, libnccl) could not be loaded.
+    #[error("library not available: {0}")]
+    LibraryMissing(String),
+    /// A CUDA driver call failed (the driver's own error string and code).
+    #[error("cuda: {0}")]
+    Cuda(String),
+    /// An NCCL call failed (NCCL's own error string and code).
+    #[error("nccl: {0}")]
+    Nccl(String),
+    /// A GPU path was asked for but the binary was built without kernels.
+    #[error("built without kernels: {0} (install the toolchain: tools/install-cuda-toolchain.sh, then rebuild)")]
+    NoKernels(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The exit code a rank uses when this error ends it.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::BadInput(_) | Error::Preflight(_) => ExitCode::BadInput,
+            Error::Decode(_) | Error::Invariant(_) => ExitCode::InvariantViolation,
+            Error::Parity(_) => ExitCode::ParityMismatch,
+            Error::PeerLost(_) | Error::Io { .. } => ExitCode::PeerLost,
+            Error::PeerFailed(_) => ExitCode::PeerFailed,
+            Error::Timeout(_) => ExitCode::WatchdogTimeout,
+            Error::LibraryMissing(_) | Error::Cuda(_) | Error::Nccl(_) | Error::NoKernels(_) => {
+                ExitCode::DeviceError
+            }
+        }
+    }
+}

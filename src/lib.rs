@@ -1,0 +1,24 @@
+//! lockstep: a streaming, chunk-by-chunk video diffusion transformer across GPUs — tensor
+//! parallel inside a mesh, pipeline parallel between a driver rank and the mesh — under one rule:
+//! every rank moves in lockstep, or the job crashes fast with a diagnosis. Never a hang.
+//!
+//! Start at `docs/architecture.md` for which module does what.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod bench;
+pub mod cache;
+pub mod comm;
+pub mod cuda;
+pub mod digest;
+pub mod doctor;
+pub mod error;
+pub mod exit;
+pub mod fault;
+pub mod ids;
+pub mod launch;
+pub mod model;
+pub mod pipeline;
+pub mod plan;
+pub mod wire;
+
+pub use error::{Error, Result};

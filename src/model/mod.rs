@@ -1,0 +1,2 @@
+//! Reference DiT model: CPU reference math (the kernels' oracle) and the tiny preset.
+pub mod ops;

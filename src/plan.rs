@@ -1,0 +1,1 @@
+//! Phase plan (SPEC §5) and the chunk-end state digest.

@@ -1,0 +1,26 @@
+//! Shared helpers for integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// The `lockstep` binary under test. `LOCKSTEP_BIN` overrides the cargo-built path so that the
+/// staged test binaries can run on a GPU host (tools/gpu/), where the build tree does not exist.
+pub fn lockstep_bin() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_lockstep")),
+    }
+}
+
+/// Prints why a GPU test is skipped and returns true when it must skip. GPU tests never pass
+/// silently: the reason is printed (run with `--nocapture` to see it).
+pub fn skip_without_gpu(test: &str) -> bool {
+    if !lockstep::cuda::embedded::has_kernels() {
+        println!("SKIP {test}: built without kernels (run tools/install-cuda-toolchain.sh and rebuild)");
+        return true;
+    }
+    if !lockstep::cuda::probe::gpu_available() {
+        println!("SKIP {test}: no CUDA driver or no GPU visible");
+        return true;
+    }
+    false
+}
