@@ -301,13 +301,14 @@ fn child(rank: u32, o: &Opts) -> Result<()> {
         }
         for &kind in kinds {
             let mut done = gpu.completion(kind)?;
+            // The kind actually used (a host flag falls back to an event without stream writes).
+            let tag = format!("{mode}+{}", done.kind().name());
             let mut r = Rank {
                 gpu: &gpu,
                 comm: &comm,
                 done: &mut done,
                 me: rank,
             };
-            let tag = format!("{mode}+{}", kind.name());
             pingpong(&mut r, &tag, o.scale)?;
             if kind == CompletionKind::HostFlag {
                 allreduce(&mut r, &tag, o.scale)?;

@@ -31,6 +31,20 @@ fn cu_check(what: &str, rc: sys::CUresult) -> Result<()> {
     }
 }
 
+/// cudarc panics on a missing driver symbol, so the one newer entry point we use is looked up
+/// with `dlsym` first.
+fn stream_write_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        use crate::cuda::probe::{cuda_candidates, Library};
+        type F = unsafe extern "C" fn(sys::CUstream, sys::CUdeviceptr, u32, u32) -> sys::CUresult;
+        Library::open_first("CUDA driver", &cuda_candidates())
+            // SAFETY: F is the cuda.h signature of cuStreamWriteValue32_v2.
+            .and_then(|lib| unsafe { lib.sym::<F>("cuStreamWriteValue32_v2") })
+            .is_ok()
+    })
+}
+
 /// Number of GPUs the driver shows, without panicking when there is no driver.
 pub fn gpu_count() -> Result<usize> {
     Ok(crate::cuda::probe::driver_info()?.gpus.len())
@@ -140,8 +154,16 @@ impl Gpu {
         Ok(out)
     }
 
-    /// A completion signal of the given kind for this GPU's stream.
+    /// A completion signal of the given kind for this GPU's stream. `HostFlag` falls back to
+    /// `Event` (with a note on stderr) when the driver lacks stream memory operations; check
+    /// `Completion::kind` for what you got.
     pub fn completion(&self, kind: CompletionKind) -> Result<Completion> {
+        if kind == CompletionKind::HostFlag && !stream_write_available() {
+            eprintln!(
+                "lockstep: driver lacks cuStreamWriteValue32_v2; using event completion instead"
+            );
+            return Completion::new(self, CompletionKind::Event);
+        }
         Completion::new(self, kind)
     }
 }
