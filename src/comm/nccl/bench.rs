@@ -16,8 +16,15 @@
 //!   (600 KB) back; rank 0's host sees it. Reported: full round trip.
 //!
 //! Modes: blocking communicator with a host-flag or an event wait; non-blocking communicator with
-//! a host-flag wait (its calls are polled with `ncclCommGetAsyncError` until enqueued).
-use super::{CommOptions, Communicator, Completion, CompletionKind, Gpu, ReduceDtype, UniqueId};
+//! a host-flag wait (its calls are polled with `ncclCommGetAsyncError` until enqueued). Launch
+//! variants (suffix): none = one NCCL call per op, enqueued when the host decides; `+graph` = the
+//! ops captured once into a CUDA graph, one `cuGraphLaunch` per step; `+gated` = the next step's
+//! ops enqueued ahead behind a `Gate` (stream wait on a host word), released by one host store
+//! once the host has seen the previous hop complete (rows report release → completion seen).
+use super::{
+    CommOptions, Communicator, Completion, CompletionKind, DeviceBuf, Gate, Gpu, ReduceDtype,
+    Ticket, UniqueId,
+};
 use crate::ids::GroupRank;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -314,6 +321,12 @@ fn child(rank: u32, o: &Opts) -> Result<()> {
                 allreduce(&mut r, &tag, o.scale)?;
                 envelope(&mut r, &tag, o.scale, true)?;
                 envelope(&mut r, &tag, o.scale, false)?;
+                // Same loops with NCCL's enqueue cost taken off the critical path.
+                pingpong_graph(&mut r, &format!("{tag}+graph"), o.scale)?;
+                allreduce_graph(&mut r, &format!("{tag}+graph"), o.scale)?;
+                envelope_graph(&mut r, &format!("{tag}+graph"), o.scale)?;
+                pingpong_gated(&mut r, &format!("{tag}+gated"), o.scale)?;
+                envelope_gated(&mut r, &format!("{tag}+gated"), o.scale)?;
             }
         }
         let closed = comm.close(Duration::from_secs(20))?;
@@ -481,6 +494,322 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
             &mut samples,
             1.0,
         );
+    }
+    Ok(())
+}
+
+// ---- graph and gated variants ---------------------------------------------------------------
+
+fn launch(g: &cudarc::driver::CudaGraph) -> Result<()> {
+    g.launch()
+        .map_err(|e| Error::Cuda(format!("cuGraphLaunch: {e}")))
+}
+
+fn pingpong_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
+    for &bytes in &PINGPONG_SIZES {
+        let (warm, n) = iters_for(bytes, scale);
+        let sent = pattern(bytes, 9);
+        let sbuf = r.gpu.upload(&sent)?;
+        let mut rbuf = r.gpu.alloc(bytes)?;
+        let peer = r.peer();
+        let dl = Instant::now() + OP_TIMEOUT;
+        let (gpu, comm) = (r.gpu, r.comm);
+        // Rank 0: one graph {send, recv}. Rank 1: {recv} and {send} (its host sits between).
+        let (g_a, g_b) = if r.me == 0 {
+            let g = gpu.capture(|| {
+                comm.send(gpu, &sbuf, bytes, peer, dl)?;
+                comm.recv(gpu, &mut rbuf, bytes, peer, dl)
+            })?;
+            (g, None)
+        } else {
+            let g1 = gpu.capture(|| comm.recv(gpu, &mut rbuf, bytes, peer, dl))?;
+            let g2 = gpu.capture(|| comm.send(gpu, &rbuf, bytes, peer, dl))?;
+            (g1, Some(g2))
+        };
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n + 1 {
+            let t = Instant::now();
+            launch(&g_a)?;
+            r.wait("graph ping-pong recv")?;
+            if let Some(g2) = &g_b {
+                launch(g2)?;
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if i == 0 && r.me == 0 && r.gpu.download(&rbuf)? != sent {
+                return Err(Error::Invariant(format!(
+                    "graph ping-pong {bytes} B: echoed bytes differ"
+                )));
+            }
+            if i > warm {
+                samples.push(us);
+            }
+        }
+        r.wait("graph ping-pong drain")?;
+        if r.me == 0 {
+            emit("pingpong", tag, bytes, &mut samples, 2.0);
+        }
+    }
+    Ok(())
+}
+
+fn allreduce_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
+    for &bytes in &ALLREDUCE_SIZES {
+        let (warm, n) = iters_for(bytes, scale);
+        let count = bytes / 4;
+        let init: Vec<u8> = std::iter::repeat_n((r.me as f32 + 1.0).to_le_bytes(), count)
+            .flatten()
+            .collect();
+        let mut buf = r.gpu.upload(&init)?;
+        let dl = Instant::now() + OP_TIMEOUT;
+        let (gpu, comm) = (r.gpu, r.comm);
+        let g = gpu.capture(|| comm.all_reduce_sum(gpu, &mut buf, count, ReduceDtype::F32, dl))?;
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n + 1 {
+            let t = Instant::now();
+            launch(&g)?;
+            r.wait("graph all-reduce")?;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if i == 0 {
+                let want = 3.0f32.to_le_bytes();
+                if r.gpu.download(&buf)?.chunks_exact(4).any(|c| c != want) {
+                    return Err(Error::Invariant(format!(
+                        "graph all-reduce {bytes} B: wrong sum"
+                    )));
+                }
+            }
+            if i > warm {
+                samples.push(us);
+            }
+        }
+        if r.me == 0 {
+            emit("allreduce", tag, bytes, &mut samples, 1.0);
+        }
+    }
+    Ok(())
+}
+
+/// The envelope's buffers on one rank (outgoing filled with known patterns).
+struct EnvBufs {
+    hdr: DeviceBuf,
+    lat: DeviceBuf,
+    cond: DeviceBuf,
+    res_out: DeviceBuf,
+    hdr_in: DeviceBuf,
+    lat_in: DeviceBuf,
+    cond_in: DeviceBuf,
+    res_in: DeviceBuf,
+}
+
+impl EnvBufs {
+    fn new(gpu: &Gpu) -> Result<EnvBufs> {
+        Ok(EnvBufs {
+            hdr: gpu.upload(&pattern(HEADER_BYTES, 1))?,
+            lat: gpu.upload(&pattern(LATENT_BYTES, 2))?,
+            cond: gpu.upload(&pattern(COND_BYTES, 3))?,
+            res_out: gpu.upload(&pattern(RESULT_BYTES, 4))?,
+            hdr_in: gpu.alloc(HEADER_BYTES)?,
+            lat_in: gpu.alloc(LATENT_BYTES)?,
+            cond_in: gpu.alloc(COND_BYTES)?,
+            res_in: gpu.alloc(RESULT_BYTES)?,
+        })
+    }
+
+    /// Rank 0: the grouped envelope out, then the result in.
+    fn enqueue_rank0(&mut self, gpu: &Gpu, comm: &Communicator, dl: Instant) -> Result<()> {
+        let peer = GroupRank(1);
+        let (hdr, lat, cond) = (&self.hdr, &self.lat, &self.cond);
+        comm.group(dl, |g| {
+            g.send(gpu, hdr, HEADER_BYTES, peer)?;
+            g.send(gpu, lat, LATENT_BYTES, peer)?;
+            g.send(gpu, cond, COND_BYTES, peer)
+        })?;
+        comm.recv(gpu, &mut self.res_in, RESULT_BYTES, peer, dl)
+    }
+
+    /// Rank 1: the grouped envelope in.
+    fn enqueue_rank1_recv(&mut self, gpu: &Gpu, comm: &Communicator, dl: Instant) -> Result<()> {
+        let peer = GroupRank(0);
+        let (h, l, c) = (&mut self.hdr_in, &mut self.lat_in, &mut self.cond_in);
+        comm.group(dl, |g| {
+            g.recv(gpu, h, HEADER_BYTES, peer)?;
+            g.recv(gpu, l, LATENT_BYTES, peer)?;
+            g.recv(gpu, c, COND_BYTES, peer)
+        })
+    }
+
+    fn enqueue_rank1_send(&self, gpu: &Gpu, comm: &Communicator, dl: Instant) -> Result<()> {
+        comm.send(gpu, &self.res_out, RESULT_BYTES, GroupRank(0), dl)
+    }
+
+    fn check(&self, gpu: &Gpu, me: u32) -> Result<()> {
+        let ok = if me == 0 {
+            gpu.download(&self.res_in)? == pattern(RESULT_BYTES, 4)
+        } else {
+            gpu.download(&self.hdr_in)? == pattern(HEADER_BYTES, 1)
+                && gpu.download(&self.lat_in)? == pattern(LATENT_BYTES, 2)
+                && gpu.download(&self.cond_in)? == pattern(COND_BYTES, 3)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invariant(format!(
+                "envelope round trip: rank {me} received corrupted bytes"
+            )))
+        }
+    }
+}
+
+const ENV_TOTAL: usize = HEADER_BYTES + LATENT_BYTES + COND_BYTES + RESULT_BYTES;
+
+fn envelope_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
+    let (warm, n) = iters_for(COND_BYTES, scale);
+    let mut b = EnvBufs::new(r.gpu)?;
+    let dl = Instant::now() + OP_TIMEOUT;
+    let (gpu, comm) = (r.gpu, r.comm);
+    let (g_a, g_b) = if r.me == 0 {
+        (gpu.capture(|| b.enqueue_rank0(gpu, comm, dl))?, None)
+    } else {
+        let g1 = gpu.capture(|| b.enqueue_rank1_recv(gpu, comm, dl))?;
+        let g2 = gpu.capture(|| b.enqueue_rank1_send(gpu, comm, dl))?;
+        (g1, Some(g2))
+    };
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..warm + n + 1 {
+        let t = Instant::now();
+        launch(&g_a)?;
+        r.wait("graph envelope")?;
+        if let Some(g2) = &g_b {
+            launch(g2)?;
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if i == 0 {
+            b.check(r.gpu, r.me)?;
+        }
+        if i > warm {
+            samples.push(us);
+        }
+    }
+    r.wait("graph envelope drain")?;
+    if r.me == 0 {
+        emit("env-group", tag, ENV_TOTAL, &mut samples, 1.0);
+    }
+    Ok(())
+}
+
+/// Enqueues step `seq` ahead of time. Rank 0: gate, send, recv, mark (returns the mark).
+/// Rank 1: recv, mark, gate, send (returns the mark after its recv).
+fn gated_step(
+    r: &mut Rank<'_>,
+    gate: &Gate,
+    seq: u32,
+    ops: &mut dyn FnMut(&Gpu, &Communicator, Instant, bool) -> Result<()>,
+) -> Result<Ticket> {
+    let dl = Instant::now() + OP_TIMEOUT;
+    if r.me == 0 {
+        gate.enqueue(seq)?;
+        ops(r.gpu, r.comm, dl, true)?;
+        r.done.mark()
+    } else {
+        ops(r.gpu, r.comm, dl, true)?;
+        let t = r.done.mark()?;
+        gate.enqueue(seq)?;
+        ops(r.gpu, r.comm, dl, false)?;
+        Ok(t)
+    }
+}
+
+/// The gated loop shared by ping-pong and envelope. `ops(gpu, comm, dl, first)`: rank 0 enqueues
+/// its whole step when `first`; rank 1 enqueues its receive (`first`) or its reply (`!first`).
+fn gated_loop(
+    r: &mut Rank<'_>,
+    warm: usize,
+    n: usize,
+    ops: &mut dyn FnMut(&Gpu, &Communicator, Instant, bool) -> Result<()>,
+    check: &mut dyn FnMut(&Gpu) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let gate = Gate::new(r.gpu)?;
+    let total = (warm + n + 1) as u32;
+    let mut samples = Vec::with_capacity(n);
+    let mut next = gated_step(r, &gate, 1, ops)?;
+    for seq in 1..=total {
+        let dl = Instant::now() + OP_TIMEOUT;
+        let t = Instant::now();
+        if r.me == 0 {
+            gate.release(seq);
+            r.comm.wait(r.done, next, dl, "gated step")?;
+        } else {
+            r.comm.wait(r.done, next, dl, "gated recv")?;
+            gate.release(seq);
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if seq == 1 && r.me == 0 {
+            check(r.gpu)?;
+        }
+        if seq < total {
+            next = gated_step(r, &gate, seq + 1, ops)?;
+        }
+        if seq as usize > warm + 1 {
+            samples.push(us);
+        }
+    }
+    if r.me == 1 {
+        check(r.gpu)?;
+    }
+    r.wait("gated drain")?;
+    Ok(samples)
+}
+
+fn pingpong_gated(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
+    for &bytes in &PINGPONG_SIZES {
+        let (warm, n) = iters_for(bytes, scale);
+        let sent = pattern(bytes, 11);
+        let sbuf = r.gpu.upload(&sent)?;
+        let rbuf = std::cell::RefCell::new(r.gpu.alloc(bytes)?);
+        let me = r.me;
+        let peer = r.peer();
+        let mut ops = |gpu: &Gpu, comm: &Communicator, dl: Instant, first: bool| -> Result<()> {
+            let mut rb = rbuf.borrow_mut();
+            match (me, first) {
+                (0, _) => {
+                    comm.send(gpu, &sbuf, bytes, peer, dl)?;
+                    comm.recv(gpu, &mut rb, bytes, peer, dl)
+                }
+                (_, true) => comm.recv(gpu, &mut rb, bytes, peer, dl),
+                (_, false) => comm.send(gpu, &rb, bytes, peer, dl),
+            }
+        };
+        let mut check = |gpu: &Gpu| -> Result<()> {
+            if me == 0 && gpu.download(&rbuf.borrow())? != sent {
+                return Err(Error::Invariant(format!(
+                    "gated ping-pong {bytes} B: echoed bytes differ"
+                )));
+            }
+            Ok(())
+        };
+        let mut samples = gated_loop(r, warm, n, &mut ops, &mut check)?;
+        if r.me == 0 {
+            emit("pingpong", tag, bytes, &mut samples, 2.0);
+        }
+    }
+    Ok(())
+}
+
+fn envelope_gated(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
+    let (warm, n) = iters_for(COND_BYTES, scale);
+    let b = std::cell::RefCell::new(EnvBufs::new(r.gpu)?);
+    let me = r.me;
+    let mut ops = |gpu: &Gpu, comm: &Communicator, dl: Instant, first: bool| -> Result<()> {
+        let mut b = b.borrow_mut();
+        match (me, first) {
+            (0, _) => b.enqueue_rank0(gpu, comm, dl),
+            (_, true) => b.enqueue_rank1_recv(gpu, comm, dl),
+            (_, false) => b.enqueue_rank1_send(gpu, comm, dl),
+        }
+    };
+    let mut check = |gpu: &Gpu| -> Result<()> { b.borrow().check(gpu, me) };
+    let mut samples = gated_loop(r, warm, n, &mut ops, &mut check)?;
+    if r.me == 0 {
+        emit("env-group", tag, ENV_TOTAL, &mut samples, 1.0);
     }
     Ok(())
 }

@@ -35,14 +35,120 @@ fn cu_check(what: &str, rc: sys::CUresult) -> Result<()> {
 /// with `dlsym` first.
 fn stream_write_available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        use crate::cuda::probe::{cuda_candidates, Library};
-        type F = unsafe extern "C" fn(sys::CUstream, sys::CUdeviceptr, u32, u32) -> sys::CUresult;
-        Library::open_first("CUDA driver", &cuda_candidates())
-            // SAFETY: F is the cuda.h signature of cuStreamWriteValue32_v2.
-            .and_then(|lib| unsafe { lib.sym::<F>("cuStreamWriteValue32_v2") })
-            .is_ok()
-    })
+    *OK.get_or_init(|| stream_memop_symbol("cuStreamWriteValue32_v2"))
+}
+
+fn stream_wait_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| stream_memop_symbol("cuStreamWaitValue32_v2"))
+}
+
+fn stream_memop_symbol(name: &str) -> bool {
+    use crate::cuda::probe::{cuda_candidates, Library};
+    type F = unsafe extern "C" fn(sys::CUstream, sys::CUdeviceptr, u32, u32) -> sys::CUresult;
+    Library::open_first("CUDA driver", &cuda_candidates())
+        // SAFETY: F is the cuda.h signature of both stream memory operations.
+        .and_then(|lib| unsafe { lib.sym::<F>(name) })
+        .is_ok()
+}
+
+/// One word of pinned host memory that the device can read and write (DEVICEMAP).
+struct MappedWord {
+    host: *mut u32,
+    dev: sys::CUdeviceptr,
+}
+
+impl MappedWord {
+    fn new(gpu: &Gpu) -> Result<MappedWord> {
+        gpu.bind()?;
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: allocates 4 bytes of pinned memory; initialised below before any read.
+        let host = unsafe { cudarc::driver::result::malloc_host(4, flags) }
+            .map_err(|e| cuda("cuMemHostAlloc(DEVICEMAP)", e))? as *mut u32;
+        // SAFETY: host points to 4 writable, aligned bytes just allocated.
+        unsafe { host.write_volatile(0) };
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: host is a DEVICEMAP allocation of this context; dev receives its alias.
+        let rc = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) };
+        if let Err(e) = cu_check("cuMemHostGetDevicePointer", rc) {
+            // SAFETY: host came from cuMemHostAlloc above and is not used after this.
+            let _ = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
+            return Err(e);
+        }
+        Ok(MappedWord { host, dev })
+    }
+
+    fn atomic(&self) -> &AtomicU32 {
+        // SAFETY: host is a live, 4-byte aligned pinned word owned by self; device and host
+        // both access it, so every host access is atomic.
+        unsafe { &*(self.host as *const AtomicU32) }
+    }
+}
+
+/// A host-released barrier in a stream: `enqueue` puts a wait for value `seq` into the stream
+/// (`cuStreamWaitValue32`, GEQ), `release(seq)` lets the stream pass with one host store. Lets a
+/// rank enqueue its next send ahead (paying NCCL's enqueue cost off the critical path) and still
+/// decide on the host when it may start.
+///
+/// Tripwire: a gate that is never released blocks its stream forever — every enqueued wait must be
+/// released, or the communicator aborted, before the stream is waited on or freed.
+pub struct Gate {
+    word: MappedWord,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the word is only accessed atomically; CUDA handles are usable from any thread.
+unsafe impl Send for Gate {}
+
+impl Gate {
+    pub fn new(gpu: &Gpu) -> Result<Gate> {
+        if !stream_wait_available() {
+            return Err(Error::Cuda(
+                "driver lacks cuStreamWaitValue32_v2 (stream memory operations)".into(),
+            ));
+        }
+        Ok(Gate {
+            word: MappedWord::new(gpu)?,
+            stream: gpu.stream.clone(),
+            ctx: gpu.ctx.clone(),
+        })
+    }
+
+    /// The stream waits here until `release(seq)` (or a later value) is stored.
+    pub fn enqueue(&self, seq: u32) -> Result<()> {
+        // SAFETY: dev is the device alias of our live pinned word; the stream is live.
+        let rc = unsafe {
+            sys::cuStreamWaitValue32_v2(
+                self.stream.cu_stream(),
+                self.word.dev,
+                seq,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        };
+        cu_check("cuStreamWaitValue32", rc)
+    }
+
+    /// Lets every wait for a value ≤ `seq` pass.
+    pub fn release(&self, seq: u32) {
+        self.word.atomic().store(seq, Ordering::Release);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        // Open the gate for good so no stream stays parked on it, then let the stream drain
+        // before the word is freed (errors ignored: drop never panics).
+        self.release(u32::MAX / 2);
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the stream is live (we hold an Arc); it can pass every wait now.
+        let rc = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
+        if rc == sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: the word came from cuMemHostAlloc, nothing pending reads it, freed once.
+            let _ = unsafe { cudarc::driver::result::free_host(self.word.host as *mut c_void) };
+        }
+        // Otherwise leak 4 bytes rather than free memory a queued wait may still read.
+    }
 }
 
 /// Number of GPUs the driver shows, without panicking when there is no driver.
@@ -152,6 +258,25 @@ impl Gpu {
                 .map_err(|e| cuda("cuStreamSynchronize", e))?;
         }
         Ok(out)
+    }
+
+    /// Captures the work `ops` enqueues on this GPU's stream into a CUDA graph (relaxed capture
+    /// mode, so NCCL's own bookkeeping calls are allowed). The capture always ends, also when
+    /// `ops` fails. Replaying the graph replaces per-op enqueue cost with one `cuGraphLaunch`.
+    pub fn capture(&self, ops: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        self.bind()?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| cuda("cuStreamBeginCapture", e))?;
+        let r = ops();
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| cuda("cuStreamEndCapture/cuGraphInstantiate", e));
+        r?;
+        let g = g?.ok_or_else(|| Error::Cuda("stream capture produced no graph".into()))?;
+        g.upload().map_err(|e| cuda("cuGraphUpload", e))?;
+        Ok(g)
     }
 
     /// A completion signal of the given kind for this GPU's stream. `HostFlag` falls back to

@@ -29,7 +29,7 @@ pub use comm::{
     abort_all_live, hard_exit, AbortHandle, CommOptions, Communicator, GroupOps, ReduceDtype,
     Tripwire, UniqueId, ABORT_GRACE,
 };
-pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gpu, Ticket};
+pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
 
 /// Why NCCL work cannot run here, or `None` when there are ≥ `gpus` GPUs and a usable NCCL.
 /// Tests and benchmarks print this as their skip reason.
