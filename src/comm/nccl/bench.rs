@@ -500,9 +500,8 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
 
 // ---- graph and gated variants ---------------------------------------------------------------
 
-fn launch(g: &cudarc::driver::CudaGraph) -> Result<()> {
+fn launch(g: &super::CapturedOps) -> Result<()> {
     g.launch()
-        .map_err(|e| Error::Cuda(format!("cuGraphLaunch: {e}")))
 }
 
 fn pingpong_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
@@ -516,14 +515,14 @@ fn pingpong_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
         let (gpu, comm) = (r.gpu, r.comm);
         // Rank 0: one graph {send, recv}. Rank 1: {recv} and {send} (its host sits between).
         let (g_a, g_b) = if r.me == 0 {
-            let g = gpu.capture(|| {
+            let g = comm.capture(gpu, || {
                 comm.send(gpu, &sbuf, bytes, peer, dl)?;
                 comm.recv(gpu, &mut rbuf, bytes, peer, dl)
             })?;
             (g, None)
         } else {
-            let g1 = gpu.capture(|| comm.recv(gpu, &mut rbuf, bytes, peer, dl))?;
-            let g2 = gpu.capture(|| comm.send(gpu, &rbuf, bytes, peer, dl))?;
+            let g1 = comm.capture(gpu, || comm.recv(gpu, &mut rbuf, bytes, peer, dl))?;
+            let g2 = comm.capture(gpu, || comm.send(gpu, &rbuf, bytes, peer, dl))?;
             (g1, Some(g2))
         };
         let mut samples = Vec::with_capacity(n);
@@ -562,7 +561,9 @@ fn allreduce_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
         let mut buf = r.gpu.upload(&init)?;
         let dl = Instant::now() + OP_TIMEOUT;
         let (gpu, comm) = (r.gpu, r.comm);
-        let g = gpu.capture(|| comm.all_reduce_sum(gpu, &mut buf, count, ReduceDtype::F32, dl))?;
+        let g = comm.capture(gpu, || {
+            comm.all_reduce_sum(gpu, &mut buf, count, ReduceDtype::F32, dl)
+        })?;
         let mut samples = Vec::with_capacity(n);
         for i in 0..warm + n + 1 {
             let t = Instant::now();
@@ -667,10 +668,10 @@ fn envelope_graph(r: &mut Rank<'_>, tag: &str, scale: f64) -> Result<()> {
     let dl = Instant::now() + OP_TIMEOUT;
     let (gpu, comm) = (r.gpu, r.comm);
     let (g_a, g_b) = if r.me == 0 {
-        (gpu.capture(|| b.enqueue_rank0(gpu, comm, dl))?, None)
+        (comm.capture(gpu, || b.enqueue_rank0(gpu, comm, dl))?, None)
     } else {
-        let g1 = gpu.capture(|| b.enqueue_rank1_recv(gpu, comm, dl))?;
-        let g2 = gpu.capture(|| b.enqueue_rank1_send(gpu, comm, dl))?;
+        let g1 = comm.capture(gpu, || b.enqueue_rank1_recv(gpu, comm, dl))?;
+        let g2 = comm.capture(gpu, || b.enqueue_rank1_send(gpu, comm, dl))?;
         (g1, Some(g2))
     };
     let mut samples = Vec::with_capacity(n);

@@ -849,6 +849,18 @@ impl Communicator {
         r
     }
 
+    /// Captures the NCCL ops that `ops` enqueues on `gpu`'s stream into a CUDA graph, so that the
+    /// hot path replays them with one `cuGraphLaunch` and no NCCL call (measured: this removes
+    /// NCCL's per-call enqueue cost, and with it the non-blocking communicators' latency penalty).
+    /// The buffers used inside are baked into the graph: keep them alive and at the same address.
+    pub fn capture(&self, gpu: &Gpu, ops: impl FnOnce() -> Result<()>) -> Result<CapturedOps> {
+        let graph = gpu.capture(ops)?;
+        Ok(CapturedOps {
+            graph: Some(graph),
+            shared: self.shared.clone(),
+        })
+    }
+
     /// Polls `ncclCommGetAsyncError` once (the watchdog's health check).
     pub fn async_error(&self) -> Result<()> {
         self.shared.async_state("health check").map(|_| ())
@@ -873,6 +885,41 @@ impl Drop for Communicator {
         }
         if let Err(e) = self.shared.close(Instant::now() + DROP_CLOSE_TIMEOUT) {
             eprintln!("lockstep: closing {} on drop: {e}", self.shared.label);
+        }
+    }
+}
+
+/// NCCL ops captured in a CUDA graph (`Communicator::capture`).
+///
+/// Tripwire: a graph holding NCCL kernels must not run or be destroyed after its communicator was
+/// aborted or closed (its destructor hands NCCL's persistent plan back to the freed communicator).
+/// So `launch` and `Drop` take the communicator's in-NCCL guard; once the communicator is closed
+/// the graph is refused on launch and deliberately leaked on drop.
+pub struct CapturedOps {
+    graph: Option<cudarc::driver::CudaGraph>,
+    shared: Arc<Shared>,
+}
+
+impl CapturedOps {
+    /// Replays the captured ops on the stream they were captured from.
+    pub fn launch(&self) -> Result<()> {
+        let (_g, _comm) = self.shared.enter()?;
+        match &self.graph {
+            Some(g) => g
+                .launch()
+                .map_err(|e| Error::Cuda(format!("cuGraphLaunch on {}: {e}", self.shared.label))),
+            None => Err(self.shared.closed_error()),
+        }
+    }
+}
+
+impl Drop for CapturedOps {
+    fn drop(&mut self) {
+        let Some(g) = self.graph.take() else { return };
+        match self.shared.enter() {
+            Ok(_guard) => drop(g),
+            // Communicator gone: leaking the graph is the safe choice (see the type's tripwire).
+            Err(_) => std::mem::forget(g),
         }
     }
 }

@@ -26,8 +26,8 @@ pub mod comm;
 pub mod device;
 
 pub use comm::{
-    abort_all_live, hard_exit, AbortHandle, CommOptions, Communicator, GroupOps, ReduceDtype,
-    Tripwire, UniqueId, ABORT_GRACE,
+    abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, GroupOps,
+    ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
 };
 pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
 
