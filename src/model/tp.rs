@@ -252,13 +252,15 @@ impl TpComm for ThreadComm {
 mod tests {
     use super::*;
 
+    type Gathered = (Vec<f32>, Vec<Vec<u64>>, Vec<u8>);
+
     #[test]
     fn thread_group_collectives_agree() {
         let comms = ThreadComm::group(3, Duration::from_secs(5));
         let handles: Vec<_> = comms
             .into_iter()
             .map(|mut c| {
-                std::thread::spawn(move || -> Result<(Vec<f32>, Vec<Vec<u64>>, Vec<u8>)> {
+                std::thread::spawn(move || -> Result<Gathered> {
                     let r = c.rank().get();
                     let mut v = vec![r as f32, 1.0];
                     c.all_reduce_sum(&mut v)?;
