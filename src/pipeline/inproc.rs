@@ -127,6 +127,9 @@ fn role(rank: u32) -> &'static str {
     }
 }
 
+/// How long a failed run waits for the other ranks' diagnoses before exiting.
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
+
 struct RankOutcome {
     rank: GlobalRank,
     at: Instant,
@@ -308,15 +311,42 @@ pub fn run(args: &RunArgs) -> std::result::Result<Metrics, Failure> {
         at: driver_at,
         result: driver_result,
     });
-    // Every mesh thread reports exactly once; its waits are bounded, so this ends.
-    for (o, r) in out_rx.iter() {
-        outcomes.push(o);
-        if let Some(r) = r {
-            mesh_reports.push(r);
+    // Every mesh thread reports exactly once and its waits are bounded. After a failure we do
+    // not wait for a rank that is busy computing: crash fast (the process exit ends it), the
+    // way the launcher SIGKILLs ranks that outlive the grace period.
+    let failed = outcomes.iter().any(|o| o.result.is_err());
+    let deadline = Instant::now() + if failed { FAILURE_GRACE } else { s.timeout * 2 };
+    let mut missing = s.tp as usize;
+    while missing > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match out_rx.recv_timeout(left) {
+            Ok((o, r)) => {
+                missing -= 1;
+                let failed_now = o.result.is_err();
+                outcomes.push(o);
+                if let Some(r) = r {
+                    mesh_reports.push(r);
+                }
+                if failed_now && !failed {
+                    break;
+                }
+            }
+            Err(_) => break,
         }
     }
-    for h in handles {
-        let _ = h.join();
+    if missing == 0 {
+        for h in handles {
+            let _ = h.join();
+        }
+    } else if outcomes.iter().all(|o| o.result.is_ok()) {
+        outcomes.push(RankOutcome {
+            rank: GlobalRank(1),
+            at: Instant::now(),
+            result: Err(Error::Timeout(format!(
+                "{missing} mesh rank(s) did not finish within {:?} after stage 0 drained",
+                s.timeout * 2
+            ))),
+        });
     }
     let mut errors: Vec<(GlobalRank, Instant, Error)> = outcomes
         .into_iter()
