@@ -52,7 +52,7 @@ struct Spec {
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
     specs: Arc<Vec<Spec>>,
-    hits: Arc<Mutex<HashMap<(String, u32), u64>>>,
+    hits: Arc<Mutex<HashMap<(usize, u32), u64>>>,
 }
 
 impl Faults {
@@ -124,13 +124,18 @@ impl Faults {
             return false;
         }
         let mut fire = false;
-        for s in self.specs.iter().filter(|s| s.point == point) {
+        for (i, s) in self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.point == point)
+        {
             if s.rank.is_some_and(|r| r != rank.get()) {
                 continue;
             }
             let n = match self.hits.lock() {
                 Ok(mut h) => {
-                    let c = h.entry((s.point.clone(), rank.get())).or_insert(0);
+                    let c = h.entry((i, rank.get())).or_insert(0);
                     *c += 1;
                     *c
                 }
@@ -159,6 +164,10 @@ mod tests {
         assert!(!f.hit(points::DUP_ENVELOPE, r0));
         assert!(f.hit(points::DUP_ENVELOPE, r0));
         assert!(!f.hit(points::DUP_ENVELOPE, r0));
+        // Several specs of one point count independently.
+        let f = Faults::parse("pipeline.dup_envelope#2,pipeline.dup_envelope#3").unwrap();
+        let fired: Vec<bool> = (0..4).map(|_| f.hit(points::DUP_ENVELOPE, r0)).collect();
+        assert_eq!(fired, vec![false, true, true, false]);
         assert!(Faults::parse("pipeline.nope").is_err());
         assert!(Faults::parse("pipeline.dup_envelope#0").is_err());
     }
