@@ -178,7 +178,17 @@ impl Metrics {
             format!("{:.2} ms", self.period_ms),
         );
         row(&mut s, "E = max(S0,S1)/period", format!("{:.3}", self.e));
-        row(&mut s, "η = (S0+S1−period)/min", format!("{:.3}", self.eta));
+        let (lo, hi) = (self.s0_ms.min(self.s1_ms), self.s0_ms.max(self.s1_ms));
+        let eta = if lo < 0.05 * hi {
+            // η divides by the smaller stage: below 5 % of the larger it only measures noise.
+            format!(
+                "{:.3} (not meaningful: one stage < 5 % of the other; read E)",
+                self.eta
+            )
+        } else {
+            format!("{:.3}", self.eta)
+        };
+        row(&mut s, "η = (S0+S1−period)/min", eta);
         row(
             &mut s,
             "throughput",
