@@ -135,7 +135,7 @@ fn smoke_child(rank: u32, uid: &UniqueId) {
     println!("INIT {:.3} s", t0.elapsed().as_secs_f64());
     let mine: Vec<f32> = (0..N).map(|i| (rank as f32 + 1.0) * i as f32).collect();
     let mut buf = gpu.upload(bytemuck::cast_slice(&mine)).expect("upload");
-    let mut done = gpu
+    let done = gpu
         .completion(CompletionKind::HostFlag)
         .expect("completion");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -210,7 +210,7 @@ fn kill_child(role: &str, uid: &UniqueId) {
     let comm =
         Communicator::init(&gpu, uid, 2, GroupRank(rank), &opts("kill", blocking)).expect("init");
     let mut buf = gpu.alloc(4096).expect("alloc");
-    let mut done = gpu
+    let done = gpu
         .completion(CompletionKind::HostFlag)
         .expect("completion");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -470,7 +470,7 @@ fn three_child(rank: u32) {
     let (pp, mesh) = (&uids[0], &uids[1]);
     // rank 0 -> GPU 0, rank 1 -> GPU 1, rank 2 -> GPU 0 (shares GPU 0 with rank 0, never a comm).
     let gpu = Gpu::open(if rank == 1 { 1 } else { 0 }).expect("open GPU");
-    let mut done = gpu
+    let done = gpu
         .completion(CompletionKind::HostFlag)
         .expect("completion");
     let dl = Instant::now() + Duration::from_secs(30);

@@ -20,6 +20,9 @@ pub const NCCL_IN_PROGRESS: c_int = 7;
 
 /// Datatype codes of `ncclDataType_t` (stable since NCCL 2.0; bf16 = 9 since 2.10).
 pub const NCCL_UINT8: c_int = 1;
+pub const NCCL_INT32: c_int = 2;
+pub const NCCL_INT64: c_int = 4;
+pub const NCCL_FLOAT16: c_int = 6;
 pub const NCCL_FLOAT32: c_int = 7;
 pub const NCCL_BFLOAT16: c_int = 9;
 /// `ncclSum`.
@@ -60,6 +63,14 @@ type FnBroadcast = unsafe extern "C" fn(
     ncclComm_t,
     *mut c_void,
 ) -> c_int;
+type FnAllGather = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    ncclComm_t,
+    *mut c_void,
+) -> c_int;
 type FnGroup = unsafe extern "C" fn() -> c_int;
 
 /// The resolved entry points. Plain function pointers: `Copy`, callable from any thread.
@@ -78,6 +89,7 @@ pub struct Api {
     pub recv: FnRecv,
     pub all_reduce: FnAllReduce,
     pub broadcast: FnBroadcast,
+    pub all_gather: FnAllGather,
     pub group_start: FnGroup,
     pub group_end: FnGroup,
     /// `ncclGetVersion`, e.g. 22803 for 2.28.3.
@@ -114,6 +126,7 @@ fn load() -> std::result::Result<Loaded, String> {
             recv: lib.sym("ncclRecv").map_err(|e| e.to_string())?,
             all_reduce: lib.sym("ncclAllReduce").map_err(|e| e.to_string())?,
             broadcast: lib.sym("ncclBroadcast").map_err(|e| e.to_string())?,
+            all_gather: lib.sym("ncclAllGather").map_err(|e| e.to_string())?,
             group_start: lib.sym("ncclGroupStart").map_err(|e| e.to_string())?,
             group_end: lib.sym("ncclGroupEnd").map_err(|e| e.to_string())?,
             version: 0,

@@ -105,6 +105,25 @@ impl UniqueId {
         Ok(UniqueId(id))
     }
 
+    /// The 128 raw bytes (what the rendezvous ships as the group's bootstrap blob).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.internal.iter().map(|b| *b as u8).collect()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<UniqueId> {
+        if b.len() != 128 {
+            return Err(Error::BadInput(format!(
+                "NCCL unique id must be 128 bytes, got {}",
+                b.len()
+            )));
+        }
+        let mut id = ncclUniqueId { internal: [0; 128] };
+        for (slot, byte) in id.internal.iter_mut().zip(b) {
+            *slot = *byte as std::ffi::c_char;
+        }
+        Ok(UniqueId(id))
+    }
+
     pub fn to_hex(&self) -> String {
         self.0
             .internal
@@ -143,6 +162,10 @@ impl std::fmt::Debug for UniqueId {
 pub enum ReduceDtype {
     F32,
     Bf16,
+    F16,
+    I32,
+    I64,
+    U8,
 }
 
 impl ReduceDtype {
@@ -150,12 +173,18 @@ impl ReduceDtype {
         match self {
             ReduceDtype::F32 => api::NCCL_FLOAT32,
             ReduceDtype::Bf16 => api::NCCL_BFLOAT16,
+            ReduceDtype::F16 => api::NCCL_FLOAT16,
+            ReduceDtype::I32 => api::NCCL_INT32,
+            ReduceDtype::I64 => api::NCCL_INT64,
+            ReduceDtype::U8 => api::NCCL_UINT8,
         }
     }
     pub fn size(self) -> usize {
         match self {
-            ReduceDtype::F32 => 4,
-            ReduceDtype::Bf16 => 2,
+            ReduceDtype::F32 | ReduceDtype::I32 => 4,
+            ReduceDtype::Bf16 | ReduceDtype::F16 => 2,
+            ReduceDtype::I64 => 8,
+            ReduceDtype::U8 => 1,
         }
     }
 }
@@ -265,6 +294,37 @@ impl Shared {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// `call` with a deadline; with `None` (inside an open group) the call is only checked.
+    fn op(
+        &self,
+        what: &str,
+        when: Option<Instant>,
+        f: impl FnOnce(ncclComm_t) -> c_int,
+    ) -> Result<()> {
+        match when {
+            Some(deadline) => self.call(what, deadline, f),
+            None => {
+                let (_g, comm) = self.enter()?;
+                let rc = f(comm);
+                if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
+                    return Err(self.fail(what, rc, comm));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `enter` without the RAII guard (an open group spans calls); pair with `leave_raw`.
+    fn enter_raw(&self) -> Result<ncclComm_t> {
+        let (g, comm) = self.enter()?;
+        std::mem::forget(g);
+        Ok(comm)
+    }
+
+    fn leave_raw(&self) {
+        self.state.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Runs one NCCL call under the guard and, for a non-blocking communicator, waits until NCCL
@@ -533,6 +593,16 @@ impl AbortHandle {
         self.shared.comm.load(Ordering::Acquire).is_null()
     }
 
+    /// One `ncclCommGetAsyncError` poll (Ok while healthy or still progressing).
+    pub fn health(&self) -> Result<()> {
+        self.shared.async_state("health check").map(|_| ())
+    }
+
+    /// Records that a wait on this communicator failed: it will be aborted, not finalized.
+    pub fn mark_failed(&self) {
+        self.shared.poisoned.store(true, Ordering::Release);
+    }
+
     pub fn label(&self) -> &str {
         &self.shared.label
     }
@@ -691,7 +761,7 @@ impl Communicator {
         Ok(())
     }
 
-    /// `ncclSend` of the first `bytes` of `buf` to `peer` on `gpu`'s stream.
+    /// `ncclSend` of the first `bytes` of `buf` to `peer` on `gpu`'s stream; returns once enqueued.
     pub fn send(
         &self,
         gpu: &Gpu,
@@ -700,17 +770,10 @@ impl Communicator {
         peer: GroupRank,
         deadline: Instant,
     ) -> Result<()> {
-        self.check_len("send", bytes, buf.len())?;
-        let p = self.check_peer(peer)?;
-        let (ptr, stream) = (buf.ptr(gpu), gpu.raw_stream());
-        let api = self.shared.api;
-        // SAFETY: ptr is a live device buffer of at least `bytes` on the communicator's device.
-        self.shared.call("ncclSend", deadline, |c| unsafe {
-            (api.send)(ptr, bytes, api::NCCL_UINT8, p, c, stream)
-        })
+        self.send_op(gpu, buf, bytes, peer, Some(deadline))
     }
 
-    /// `ncclRecv` of `bytes` into `buf` from `peer`.
+    /// `ncclRecv` of `bytes` into `buf` from `peer`; returns once enqueued.
     pub fn recv(
         &self,
         gpu: &Gpu,
@@ -719,17 +782,10 @@ impl Communicator {
         peer: GroupRank,
         deadline: Instant,
     ) -> Result<()> {
-        self.check_len("recv", bytes, buf.len())?;
-        let p = self.check_peer(peer)?;
-        let (ptr, stream) = (buf.ptr_mut(gpu), gpu.raw_stream());
-        let api = self.shared.api;
-        // SAFETY: ptr is a live device buffer of at least `bytes`.
-        self.shared.call("ncclRecv", deadline, |c| unsafe {
-            (api.recv)(ptr, bytes, api::NCCL_UINT8, p, c, stream)
-        })
+        self.recv_op(gpu, buf, bytes, peer, Some(deadline))
     }
 
-    /// In-place sum all-reduce of `count` elements of `buf`.
+    /// In-place sum all-reduce of `count` elements of `buf`; returns once enqueued.
     pub fn all_reduce_sum(
         &self,
         gpu: &Gpu,
@@ -738,19 +794,10 @@ impl Communicator {
         dtype: ReduceDtype,
         deadline: Instant,
     ) -> Result<()> {
-        let bytes = count
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::BadInput("all-reduce element count overflows".into()))?;
-        self.check_len("all-reduce", bytes, buf.len())?;
-        let (ptr, stream) = (buf.ptr_mut(gpu), gpu.raw_stream());
-        let api = self.shared.api;
-        // SAFETY: in-place all-reduce over `count` elements of a live device buffer.
-        self.shared.call("ncclAllReduce", deadline, |c| unsafe {
-            (api.all_reduce)(ptr, ptr, count, dtype.code(), api::NCCL_SUM, c, stream)
-        })
+        self.all_reduce_sum_op(gpu, buf, count, dtype, Some(deadline))
     }
 
-    /// In-place broadcast of `bytes` of `buf` from group rank `root`.
+    /// In-place broadcast of `bytes` of `buf` from group rank `root`; returns once enqueued.
     pub fn broadcast(
         &self,
         gpu: &Gpu,
@@ -758,6 +805,148 @@ impl Communicator {
         bytes: usize,
         root: GroupRank,
         deadline: Instant,
+    ) -> Result<()> {
+        self.broadcast_op(gpu, buf, bytes, root, Some(deadline))
+    }
+
+    /// All-gather: `recv` receives every rank's first `bytes` of `send`, in group-rank order
+    /// (`recv` must hold `nranks × bytes`); returns once enqueued.
+    pub fn all_gather(
+        &self,
+        gpu: &Gpu,
+        send: &DeviceBuf,
+        bytes: usize,
+        recv: &mut DeviceBuf,
+        deadline: Instant,
+    ) -> Result<()> {
+        self.all_gather_op(gpu, send, bytes, recv, Some(deadline))
+    }
+
+    fn all_gather_op(
+        &self,
+        gpu: &Gpu,
+        send: &DeviceBuf,
+        bytes: usize,
+        recv: &mut DeviceBuf,
+        when: Option<Instant>,
+    ) -> Result<()> {
+        self.check_len("all-gather send", bytes, send.len())?;
+        let total = bytes
+            .checked_mul(self.nranks as usize)
+            .ok_or_else(|| Error::BadInput("all-gather size overflows".into()))?;
+        self.check_len("all-gather recv", total, recv.len())?;
+        let (sp, rp, stream) = (send.ptr(gpu), recv.ptr_mut(gpu), gpu.raw_stream());
+        let api = self.shared.api;
+        // SAFETY: live device buffers of at least `bytes` and `nranks × bytes`.
+        self.shared.op("ncclAllGather", when, |c| unsafe {
+            (api.all_gather)(sp, rp, bytes, api::NCCL_UINT8, c, stream)
+        })
+    }
+
+    /// Opens an NCCL group that stays open across calls (for `DataPlane::group_start`); ops go
+    /// through `in_group()` until `end_group`. The communicator counts as "in NCCL" meanwhile, so
+    /// an abort waits for (or hard-exits past) the open group.
+    pub fn begin_group(&self) -> Result<()> {
+        let comm = self.shared.enter_raw()?;
+        // SAFETY: paired with ncclGroupEnd in end_group on this thread.
+        let rc = unsafe { (self.shared.api.group_start)() };
+        if rc != NCCL_SUCCESS {
+            self.shared.leave_raw();
+            return Err(self.shared.fail("ncclGroupStart", rc, comm));
+        }
+        Ok(())
+    }
+
+    /// Closes the group opened by `begin_group`; returns once its ops are enqueued.
+    pub fn end_group(&self, deadline: Instant) -> Result<()> {
+        // SAFETY: ends the group begun on this thread.
+        let rc = unsafe { (self.shared.api.group_end)() };
+        self.shared.leave_raw();
+        if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
+            return Err(self.shared.fail(
+                "ncclGroupEnd",
+                rc,
+                self.shared.comm.load(Ordering::Acquire),
+            ));
+        }
+        if rc == NCCL_IN_PROGRESS || !self.shared.blocking {
+            self.shared.wait_enqueued("ncclGroupEnd", deadline)?;
+        }
+        Ok(())
+    }
+
+    /// The ops of an open group (no per-op poll: NCCL defers them to `end_group`).
+    pub fn in_group(&self) -> InGroup<'_> {
+        InGroup { comm: self }
+    }
+
+    /// `ncclSend` of the first `bytes` of `buf` to `peer` on `gpu`'s stream.
+    fn send_op(
+        &self,
+        gpu: &Gpu,
+        buf: &DeviceBuf,
+        bytes: usize,
+        peer: GroupRank,
+        when: Option<Instant>,
+    ) -> Result<()> {
+        self.check_len("send", bytes, buf.len())?;
+        let p = self.check_peer(peer)?;
+        let (ptr, stream) = (buf.ptr(gpu), gpu.raw_stream());
+        let api = self.shared.api;
+        // SAFETY: ptr is a live device buffer of at least `bytes` on the communicator's device.
+        self.shared.op("ncclSend", when, |c| unsafe {
+            (api.send)(ptr, bytes, api::NCCL_UINT8, p, c, stream)
+        })
+    }
+
+    /// `ncclRecv` of `bytes` into `buf` from `peer`.
+    fn recv_op(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        bytes: usize,
+        peer: GroupRank,
+        when: Option<Instant>,
+    ) -> Result<()> {
+        self.check_len("recv", bytes, buf.len())?;
+        let p = self.check_peer(peer)?;
+        let (ptr, stream) = (buf.ptr_mut(gpu), gpu.raw_stream());
+        let api = self.shared.api;
+        // SAFETY: ptr is a live device buffer of at least `bytes`.
+        self.shared.op("ncclRecv", when, |c| unsafe {
+            (api.recv)(ptr, bytes, api::NCCL_UINT8, p, c, stream)
+        })
+    }
+
+    /// In-place sum all-reduce of `count` elements of `buf`.
+    fn all_reduce_sum_op(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        count: usize,
+        dtype: ReduceDtype,
+        when: Option<Instant>,
+    ) -> Result<()> {
+        let bytes = count
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::BadInput("all-reduce element count overflows".into()))?;
+        self.check_len("all-reduce", bytes, buf.len())?;
+        let (ptr, stream) = (buf.ptr_mut(gpu), gpu.raw_stream());
+        let api = self.shared.api;
+        // SAFETY: in-place all-reduce over `count` elements of a live device buffer.
+        self.shared.op("ncclAllReduce", when, |c| unsafe {
+            (api.all_reduce)(ptr, ptr, count, dtype.code(), api::NCCL_SUM, c, stream)
+        })
+    }
+
+    /// In-place broadcast of `bytes` of `buf` from group rank `root`.
+    fn broadcast_op(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        bytes: usize,
+        root: GroupRank,
+        when: Option<Instant>,
     ) -> Result<()> {
         self.check_len("broadcast", bytes, buf.len())?;
         if root.get() >= self.nranks {
@@ -769,7 +958,7 @@ impl Communicator {
         let (ptr, stream) = (buf.ptr_mut(gpu), gpu.raw_stream());
         let api = self.shared.api;
         // SAFETY: in-place broadcast over a live device buffer.
-        self.shared.call("ncclBroadcast", deadline, |c| unsafe {
+        self.shared.op("ncclBroadcast", when, |c| unsafe {
             (api.broadcast)(
                 ptr,
                 ptr,
@@ -921,6 +1110,53 @@ impl Drop for CapturedOps {
             // Communicator gone: leaking the graph is the safe choice (see the type's tripwire).
             Err(_) => std::mem::forget(g),
         }
+    }
+}
+
+/// Ops issued inside a group opened with `Communicator::begin_group`.
+pub struct InGroup<'a> {
+    comm: &'a Communicator,
+}
+
+impl InGroup<'_> {
+    pub fn send(&self, gpu: &Gpu, buf: &DeviceBuf, bytes: usize, peer: GroupRank) -> Result<()> {
+        self.comm.send_op(gpu, buf, bytes, peer, None)
+    }
+    pub fn recv(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        bytes: usize,
+        peer: GroupRank,
+    ) -> Result<()> {
+        self.comm.recv_op(gpu, buf, bytes, peer, None)
+    }
+    pub fn all_reduce_sum(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        count: usize,
+        dtype: ReduceDtype,
+    ) -> Result<()> {
+        self.comm.all_reduce_sum_op(gpu, buf, count, dtype, None)
+    }
+    pub fn broadcast(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuf,
+        bytes: usize,
+        root: GroupRank,
+    ) -> Result<()> {
+        self.comm.broadcast_op(gpu, buf, bytes, root, None)
+    }
+    pub fn all_gather(
+        &self,
+        gpu: &Gpu,
+        send: &DeviceBuf,
+        bytes: usize,
+        recv: &mut DeviceBuf,
+    ) -> Result<()> {
+        self.comm.all_gather_op(gpu, send, bytes, recv, None)
     }
 }
 

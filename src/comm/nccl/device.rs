@@ -348,7 +348,9 @@ pub struct Completion {
     // Held (not just its handle) so the stream outlives every pending signal.
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
-    seq: u32,
+    // Callers serialize `mark` with their enqueues (one stream, one order); atomic so that
+    // `mark` needs only `&self` and waiters can share the Completion.
+    seq: AtomicU32,
 }
 
 enum CompletionInner {
@@ -362,6 +364,8 @@ enum CompletionInner {
 // SAFETY: the host flag is pinned memory owned by this value; it is only read through an atomic
 // view, and the CUDA handles are usable from any thread once the context is bound.
 unsafe impl Send for Completion {}
+// SAFETY: as above; `mark` and `is_done` only use atomics and thread-safe driver calls.
+unsafe impl Sync for Completion {}
 
 /// The position of one `mark` in the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -400,7 +404,7 @@ impl Completion {
             inner,
             stream: gpu.stream.clone(),
             ctx: gpu.ctx.clone(),
-            seq: 0,
+            seq: AtomicU32::new(0),
         })
     }
 
@@ -412,8 +416,8 @@ impl Completion {
     }
 
     /// Enqueues the signal after everything already on the stream.
-    pub fn mark(&mut self) -> Result<Ticket> {
-        self.seq = self.seq.wrapping_add(1);
+    pub fn mark(&self) -> Result<Ticket> {
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
         match &self.inner {
             CompletionInner::Event(ev) => {
                 // SAFETY: event and stream belong to self.ctx, which is current on this thread
@@ -427,14 +431,14 @@ impl Completion {
                     sys::cuStreamWriteValue32_v2(
                         self.stream.cu_stream(),
                         *dev,
-                        self.seq,
+                        seq,
                         sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
                     )
                 };
                 cu_check("cuStreamWriteValue32", rc)?;
             }
         }
-        Ok(Ticket(self.seq))
+        Ok(Ticket(seq))
     }
 
     /// True once the stream has passed `ticket`. A CUDA error is returned, not hidden.
@@ -505,7 +509,8 @@ impl Drop for Completion {
             // Free only when the last signal has landed. Otherwise (an aborted or hung stream)
             // leak the 4-byte word: waiting here could hang, and freeing memory the device may
             // still write is worse.
-            if matches!(self.is_done(Ticket(self.seq)), Ok(true)) {
+            let last = Ticket(self.seq.load(Ordering::Acquire));
+            if matches!(self.is_done(last), Ok(true)) {
                 let _ = self.ctx.bind_to_thread();
                 // SAFETY: host came from cuMemHostAlloc in new(), no write is pending, freed once.
                 let _ = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };

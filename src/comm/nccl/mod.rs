@@ -3,7 +3,8 @@
 //!
 //! Layers (cudarc's habit): `api` (function table, error strings) → `comm` (`Communicator` RAII,
 //! `AbortHandle`, `Tripwire`, abort-all) → `device` (`Gpu`, `DeviceBuf`, `Completion`).
-//! `bench` is the two-process transport benchmark (`lockstep bench transport`).
+//! `plane` is the NCCL backend of `comm::plane::DataPlane` (`bootstrap_nccl`); `bench` is the
+//! two-process transport benchmark (`lockstep bench transport`).
 //!
 //! Contract (details in each submodule):
 //! - A missing or too-old libnccl is `Error::LibraryMissing`, never a panic. Lookup order:
@@ -24,12 +25,14 @@ pub mod api;
 pub mod bench;
 pub mod comm;
 pub mod device;
+pub mod plane;
 
 pub use comm::{
     abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, GroupOps,
-    ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
+    InGroup, ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
 };
 pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
+pub use plane::{bootstrap_nccl, NcclComm, NcclPending, NcclPlane};
 
 /// Why NCCL work cannot run here, or `None` when there are ≥ `gpus` GPUs and a usable NCCL.
 /// Tests and benchmarks print this as their skip reason.
