@@ -18,9 +18,14 @@
 //!   when healthy, abort when a wait or call failed. An `atexit` hook aborts any communicator still
 //!   alive when the process exits (exiting with one alive segfaulted on the GPU host).
 //!
+//! - Hot-path ops can be captured once into a CUDA graph (`capture` → `CapturedOps`) and replayed
+//!   with no NCCL call; a group can also stay open across calls (`begin_group` / `in_group` /
+//!   `end_group`, for the data-plane trait), counted as "inside NCCL" while open.
+//!
 //! Tripwires: two ranks of one communicator must not share a GPU (NCCL rejects it at init with
 //! "Duplicate GPU detected"). `ncclGroupStart/End` is per thread: a group must start and end on
-//! the same thread, and ends even when an op inside it failed.
+//! the same thread, and ends even when an op inside it failed. A captured graph must never run or
+//! be destroyed after its communicator is gone (`CapturedOps` enforces it).
 use super::api::{self, Api, NCCL_IN_PROGRESS, NCCL_SUCCESS};
 use super::device::{Completion, DeviceBuf, Gpu, Ticket};
 use crate::exit::ExitCode;

@@ -377,3 +377,29 @@ pub fn bootstrap_nccl(env: &RankEnv, opts: RankOptions) -> Result<Rank<NcclPlane
         Ok((NcclPlane::for_rank(local)?, String::new()))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_dtypes_map_to_nccl_reductions_and_the_rest_are_refused() {
+        assert_eq!(reduce_dtype(DType::F32).ok(), Some(ReduceDtype::F32));
+        assert_eq!(reduce_dtype(DType::Bf16).ok(), Some(ReduceDtype::Bf16));
+        assert_eq!(reduce_dtype(DType::I64).map(|d| d.size()).ok(), Some(8));
+        for d in [DType::Bool, DType::F64, DType::F8E4m3] {
+            assert!(matches!(reduce_dtype(d), Err(Error::BadInput(_))), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn unique_id_travels_as_128_raw_bytes() {
+        let raw: Vec<u8> = (0..128u32).map(|i| (i * 7) as u8).collect();
+        let id = UniqueId::from_bytes(&raw).expect("128 bytes");
+        assert_eq!(id.to_bytes(), raw);
+        assert!(matches!(
+            UniqueId::from_bytes(&raw[..127]),
+            Err(Error::BadInput(_))
+        ));
+    }
+}
