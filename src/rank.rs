@@ -896,6 +896,13 @@ impl<D: DataPlane> Rank<D> {
         };
         let head = mesh.broadcast_bytes(&head, root, d)?;
         let h = Header::decode(&head)?;
+        self.recorder.set_context(OpContext {
+            call_id: h.call_id(),
+            chunk_index: h.chunk_index(),
+            cache_epoch: h.cache_epoch(),
+            action: h.action().name().into(),
+            phase: "relay".into(),
+        });
         if !h.action().has_payload() {
             return Ok(ReceivedEnvelope {
                 header: h,
@@ -994,13 +1001,9 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
             .ok()
             .and_then(|p| p.clone())
             .map_or(String::new(), |p| format!(" ({p})"));
-        let who = if ctx.from == 0 {
-            "global-rank 0 (driver)"
-        } else {
-            "a mesh rank"
-        };
+        let who = if ctx.from == 0 { " (driver)" } else { "" };
         watchdog::crash(
-            &Error::PeerLost(format!("global-rank {} ({who}) {what}{during}", ctx.from)),
+            &Error::PeerLost(format!("global-rank {}{who} {what}{during}", ctx.from)),
             ctx.me == 0,
         )
     };
@@ -1018,6 +1021,17 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
                 let r = decode_envelope_frame(&body, &ctx.limits);
                 match (r, &ctx.tx) {
                     (Ok(inb), Some(tx)) => {
+                        if let Some(m) = inb.meta.as_ref().filter(|m| !m.tensor_specs.is_empty()) {
+                            // The header is a commitment: from here a lost peer is "mid-payload".
+                            if let Ok(mut p) = ctx.recv_progress.lock() {
+                                *p = Some(format!(
+                                    "receiving the payload of {} call_id {}: 0 of {} tensors complete",
+                                    inb.header.action().name(),
+                                    inb.header.call_id,
+                                    m.tensor_specs.len()
+                                ));
+                            }
+                        }
                         if tx.send(inb).is_err() {
                             return;
                         }
