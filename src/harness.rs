@@ -202,6 +202,7 @@ fn mesh(rank: &Rank, args: &HarnessArgs) -> Result<()> {
         .mesh()
         .me()
         .ok_or_else(|| Error::Invariant("harness: mesh rank outside `mesh`".into()))?;
+    let mut told_idle = false;
     loop {
         let env = if rank.is_mesh_leader() {
             Some(rank.recv_envelope(None)?)
@@ -210,7 +211,16 @@ fn mesh(rank: &Rank, args: &HarnessArgs) -> Result<()> {
         };
         let env = rank.relay_to_mesh(env.as_ref())?;
         match env.action() {
-            Action::Noop => continue,
+            Action::Noop => {
+                if args.hold && rank.is_mesh_leader() && !told_idle {
+                    told_idle = true;
+                    crate::comm::watchdog::diag(&format!(
+                        "harness[global-rank 1]: idle between chunks (heartbeat call_id {}), waiting for a header",
+                        env.header.call_id
+                    ));
+                }
+                continue;
+            }
             Action::Shutdown => {
                 eprintln!("harness[{}]: SHUTDOWN received; draining", rank.global());
                 return Ok(());
