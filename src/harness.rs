@@ -39,6 +39,12 @@ pub struct HarnessArgs {
     /// Rank 0 holds after the first chunk, heartbeating, until killed (C1, C3).
     #[arg(long)]
     pub hold: bool,
+    /// bench: round trips per measurement.
+    #[arg(long, default_value_t = 20000)]
+    pub iters: u64,
+    /// bench: payload bytes of the envelope round trip.
+    #[arg(long, default_value_t = 4_600_000)]
+    pub payload_bytes: u64,
     /// Latent frames per chunk (the `latents` tensor is [frames, 4, 8]).
     #[arg(long, default_value_t = 3)]
     pub frames: u64,
@@ -53,7 +59,7 @@ struct ChunkPlan {
 }
 
 pub fn main(args: &HarnessArgs) -> i32 {
-    if args.scenario != "stream" {
+    if args.scenario != "stream" && args.scenario != "bench" {
         eprintln!("harness: unknown scenario {:?}", args.scenario);
         return crate::exit::ExitCode::BadInput.code();
     }
@@ -87,10 +93,11 @@ pub fn main(args: &HarnessArgs) -> i32 {
             return e.exit_code().code();
         }
     };
-    let r = if rank.is_driver() {
-        driver(&rank, args)
-    } else {
-        mesh(&rank, args)
+    let r = match (args.scenario.as_str(), rank.is_driver()) {
+        ("bench", true) => bench_driver(&rank, args),
+        ("bench", false) => bench_mesh(&rank),
+        (_, true) => driver(&rank, args),
+        (_, false) => mesh(&rank, args),
     };
     match r {
         Ok(()) => match rank.finish() {
@@ -340,4 +347,96 @@ fn generator_call(rank: &Rank, contrib: &[f32]) -> Result<Vec<f32>> {
             .collect());
     }
     rank.mesh().all_reduce_f32(contrib, &shape, d)
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (
+        at(0.5),
+        at(0.99),
+        v.iter().sum::<f64>() / v.len().max(1) as f64,
+    )
+}
+
+/// bench (rank 0): header round trips (NOOP → RESULT header), then envelope round trips carrying
+/// `payload_bytes` of tensors to the leader (answered by a header-only RESULT).
+fn bench_driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    let mut header_us = Vec::new();
+    let warm = 500u64;
+    for i in 0..(args.iters + warm) {
+        let t = Instant::now();
+        rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::noop(ids)))?;
+        rank.recv_envelope(Some(rank.deadline()))?;
+        if i >= warm {
+            header_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let n = (args.payload_bytes / 4) as usize;
+    let t_data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let tensor = HostTensor::from_f32("payload", vec![n as u64], &t_data);
+    let iters = (args.iters / 100).clamp(20, 200);
+    let mut env_us = Vec::new();
+    for i in 0..(iters + 5) {
+        let t = Instant::now();
+        rank.send_next(|ids| {
+            prepare(
+                Action::Infer,
+                ids.with_chunk(i),
+                &Empty {},
+                vec![tensor.clone()],
+                &Limits::default(),
+            )
+        })?;
+        rank.recv_envelope(Some(rank.deadline()))?;
+        if i >= 5 {
+            env_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let (h50, h99, hmean) = percentiles(header_us);
+    let (e50, e99, emean) = percentiles(env_us);
+    println!(
+        "{{\"bench\":\"wire.header_rtt\",\"iters\":{},\"p50_us\":{h50:.2},\"p99_us\":{h99:.2},\"mean_us\":{hmean:.2}}}",
+        args.iters
+    );
+    println!(
+        "{{\"bench\":\"wire.envelope_rtt\",\"payload_bytes\":{},\"iters\":{iters},\"p50_us\":{e50:.1},\"p99_us\":{e99:.1},\"mean_us\":{emean:.1},\"p50_gbps\":{:.3}}}",
+        n * 4,
+        (n * 4) as f64 / e50 / 1e3
+    );
+    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    Ok(())
+}
+
+/// bench (mesh): the leader answers every envelope with a header-only RESULT.
+fn bench_mesh(rank: &Rank) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    if !rank.is_mesh_leader() {
+        return Ok(());
+    }
+    loop {
+        let env = rank.recv_envelope(None)?;
+        if env.action() == Action::Shutdown {
+            return Ok(());
+        }
+        let h = env.header;
+        rank.send_envelope(&prepare(
+            Action::Result,
+            crate::wire::EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            },
+            &Empty {},
+            vec![],
+            &Limits::default(),
+        )?)?;
+    }
 }
