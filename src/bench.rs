@@ -198,7 +198,11 @@ fn raw_tcp_baseline(me: &std::path::Path, iters: u64) -> std::io::Result<()> {
     drop(s);
     let _ = child.wait();
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let at = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     println!(
         "{{\"bench\":\"baseline.raw_tcp_rtt_88B\",\"iters\":{iters},\"p50_us\":{:.2},\"p99_us\":{:.2}}}",
         at(0.5),

