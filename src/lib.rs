@@ -14,6 +14,9 @@ pub mod doctor;
 pub mod error;
 pub mod exit;
 pub mod fault;
+pub mod fr;
+#[doc(hidden)]
+pub mod harness;
 pub mod ids;
 pub mod launch;
 pub mod model;

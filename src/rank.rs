@@ -256,7 +256,8 @@ pub struct Rank<D: DataPlane = HostPlane> {
     groups: Vec<Group<D>>,
     recorder: Arc<Recorder>,
     outbox: Option<Arc<Outbox>>,
-    inbox: Option<Mutex<mpsc::Receiver<Inbound>>>,
+    /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
+    inbox: Option<Mutex<TcpStream>>,
     acceptance: Mutex<Acceptance>,
     recv_progress: Arc<Mutex<Option<String>>>,
     hb_stop: Arc<AtomicBool>,
@@ -332,7 +333,7 @@ impl<D: DataPlane> Rank<D> {
             fp.set("exec.cuda_graphs", flipped);
         }
 
-        let (plane, welcome, conns) = if env.rank == 0 {
+        let (plane, welcome, conns, lane) = if env.rank == 0 {
             let listener = TcpListener::bind(master).map_err(|e| {
                 Error::io(
                     format!("rendezvous: bind MASTER_ADDR:MASTER_PORT {master}"),
@@ -341,7 +342,7 @@ impl<D: DataPlane> Rank<D> {
             })?;
             let (plane, data_addr) = make_plane(master.ip(), token_digest)?;
             fp.set("data_plane.backend", plane.name());
-            let hellos = rendezvous_host(listener, env, deadline)?;
+            let (hellos, lane) = rendezvous_host(listener, env, deadline)?;
             let mut fps = vec![(me, fp.clone())];
             let mut addrs = vec![String::new(); env.world_size as usize];
             addrs[0] = data_addr;
@@ -375,7 +376,7 @@ impl<D: DataPlane> Rank<D> {
                 })?;
                 conns.push((h.rank, s));
             }
-            (plane, welcome, conns)
+            (plane, welcome, conns, lane)
         } else {
             let mut s = connect_until(master, deadline)?;
             let local_ip = s
@@ -393,10 +394,26 @@ impl<D: DataPlane> Rank<D> {
                 data_addr,
                 pid: std::process::id(),
                 fingerprint: fp.clone(),
+                lane: false,
             };
             write_frame(&mut s, FrameKind::Hello, &[&to_json(&hello)?]).map_err(|e| {
                 Error::PeerLost(format!("rendezvous: send hello to global-rank 0: {e}"))
             })?;
+            let lane = if env.rank == 1 {
+                let mut b = connect_until(master, deadline)?;
+                let lane_hello = Hello {
+                    lane: true,
+                    ..hello.clone()
+                };
+                write_frame(&mut b, FrameKind::Hello, &[&to_json(&lane_hello)?]).map_err(|e| {
+                    Error::PeerLost(format!(
+                        "rendezvous: open the envelope lane to global-rank 0: {e}"
+                    ))
+                })?;
+                Some(b)
+            } else {
+                None
+            };
             let _ = s.set_read_timeout(Some(
                 deadline
                     .saturating_duration_since(Instant::now())
@@ -416,7 +433,7 @@ impl<D: DataPlane> Rank<D> {
                 }
             };
             let _ = s.set_read_timeout(None);
-            (plane, welcome, vec![(0u32, s)])
+            (plane, welcome, vec![(0u32, s)], lane)
         };
 
         if !welcome.parity_ok {
@@ -470,22 +487,16 @@ impl<D: DataPlane> Rank<D> {
         let mut outbox = None;
         let mut ctrl_all = Vec::new();
         for (r, s) in conns {
-            let is_env_peer = envelope_peer == Some(GlobalRank(r));
-            let tx = if is_env_peer {
-                let (tx, rx) = mpsc::channel();
-                inbox = Some(Mutex::new(rx));
-                Some(tx)
-            } else {
-                None
-            };
             let read = s
                 .try_clone()
                 .map_err(|e| Error::io("clone control socket", e))?;
             let ctx = ReaderCtx {
                 from: r,
                 me: env.rank,
-                tx,
-                limits: opts.limits,
+                lane: match (&lane, envelope_peer == Some(GlobalRank(r))) {
+                    (Some(b), true) => b.try_clone().ok(),
+                    _ => None,
+                },
                 recorder: recorder.clone(),
                 recv_progress: recv_progress.clone(),
             };
@@ -495,21 +506,24 @@ impl<D: DataPlane> Rank<D> {
                 .map_err(|e| Error::io("spawn control reader", e))?;
             let _ = s.set_nodelay(true);
             let _ = s.set_write_timeout(Some(opts.op_timeout));
-            if is_env_peer {
-                let w = s
-                    .try_clone()
-                    .map_err(|e| Error::io("clone control socket", e))?;
-                outbox = Some(Arc::new(Outbox {
-                    ctrl: Mutex::new(w),
-                    state: Mutex::new(SendState {
-                        next_call_id: 1,
-                        last_ids: EnvelopeIds::default(),
-                        last_send: Instant::now(),
-                    }),
-                    peer: GlobalRank(r),
-                }));
-            }
             ctrl_all.push((r, s));
+        }
+        if let (Some(peer), Some(b)) = (envelope_peer, lane) {
+            let _ = b.set_nodelay(true);
+            let _ = b.set_write_timeout(Some(opts.op_timeout));
+            let w = b
+                .try_clone()
+                .map_err(|e| Error::io("clone envelope lane", e))?;
+            inbox = Some(Mutex::new(b));
+            outbox = Some(Arc::new(Outbox {
+                ctrl: Mutex::new(w),
+                state: Mutex::new(SendState {
+                    next_call_id: 1,
+                    last_ids: EnvelopeIds::default(),
+                    last_send: Instant::now(),
+                }),
+                peer,
+            }));
         }
         recorder.progress();
         watchdog::spawn_watchdog(recorder.clone(), opts.watchdog, env.rank)
@@ -771,29 +785,35 @@ impl<D: DataPlane> Rank<D> {
             .inbox
             .as_ref()
             .ok_or_else(|| Error::Invariant(format!("{} has no envelope peer", self.me)))?;
-        let rx = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lane = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
+        let max =
+            u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
         loop {
             let rec = self.recorder.enqueue(OpDesc {
                 group: "control".into(),
                 op: "recv_header".into(),
-                peer: self.outbox.as_ref().map(|o| o.peer.0),
+                peer: Some(peer),
                 ..Default::default()
             });
             self.recorder.start(rec);
-            let got = match deadline {
-                Some(d) => rx
-                    .recv_timeout(d.saturating_duration_since(Instant::now()))
-                    .map_err(|e| match e {
-                        mpsc::RecvTimeoutError::Timeout => {
-                            Error::Timeout("no envelope header before the deadline".into())
-                        }
-                        mpsc::RecvTimeoutError::Disconnected => {
-                            Error::PeerLost("envelope peer said goodbye; no more envelopes".into())
-                        }
-                    }),
-                None => rx.recv().map_err(|_| {
-                    Error::PeerLost("envelope peer said goodbye; no more envelopes".into())
-                }),
+            let timeout = deadline.map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(1))
+            });
+            let _ = lane.set_read_timeout(timeout);
+            let what = format!("envelope lane from global-rank {peer}");
+            let got = match read_frame(&mut *lane, max, &what) {
+                Ok(Some((FrameKind::Envelope, body))) => decode_envelope_frame(&body, &self.opts.limits),
+                Ok(Some((k, _))) => Err(Error::Decode(format!("{what}: unexpected {k:?} frame"))),
+                Ok(None) => Err(Error::PeerLost(format!(
+                    "global-rank {peer}{} closed its envelope lane without a goodbye (it died, or left while this rank still waits for envelopes)",
+                    if peer == 0 { " (driver)" } else { "" }
+                ))),
+                Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
+                    "no envelope header from global-rank {peer} before the deadline"
+                ))),
+                Err(e) => Err(e),
             };
             let inb = match got {
                 Ok(i) => i,
@@ -896,6 +916,13 @@ impl<D: DataPlane> Rank<D> {
         };
         let head = mesh.broadcast_bytes(&head, root, d)?;
         let h = Header::decode(&head)?;
+        self.recorder.set_context(OpContext {
+            call_id: h.call_id(),
+            chunk_index: h.chunk_index(),
+            cache_epoch: h.cache_epoch(),
+            action: h.action().name().into(),
+            phase: "relay".into(),
+        });
         if !h.action().has_payload() {
             return Ok(ReceivedEnvelope {
                 header: h,
@@ -976,62 +1003,53 @@ impl<D: DataPlane> Rank<D> {
 struct ReaderCtx {
     from: u32,
     me: u32,
-    tx: Option<mpsc::Sender<Inbound>>,
-    limits: Limits,
+    /// A clone of the envelope lane when this connection's peer is the envelope peer.
+    lane: Option<TcpStream>,
     recorder: Arc<Recorder>,
     recv_progress: Arc<Mutex<Option<String>>>,
 }
 
 fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
     let from = format!("control connection to global-rank {}", ctx.from);
-    let max = HEADER_LEN as u64 + ctx.limits.max_meta_bytes;
-    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    let max = 1u32 << 20;
     let mut bye = false;
     let lost = |what: String| -> ! {
+        if let Some(lane) = ctx.lane.as_ref() {
+            // The envelope lane may still hold a header this rank has not read yet; give the
+            // receiving thread a bounded moment to take it, so the diagnosis says "mid-payload".
+            let until = Instant::now() + Duration::from_millis(100);
+            while lane_has_unread(lane) && Instant::now() < until && !watchdog::is_crashing() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         let during = ctx
             .recv_progress
             .lock()
             .ok()
             .and_then(|p| p.clone())
             .map_or(String::new(), |p| format!(" ({p})"));
-        let who = if ctx.from == 0 {
-            "global-rank 0 (driver)"
-        } else {
-            "a mesh rank"
-        };
+        let who = if ctx.from == 0 { " (driver)" } else { "" };
         watchdog::crash(
-            &Error::PeerLost(format!("global-rank {} ({who}) {what}{during}", ctx.from)),
+            &Error::PeerLost(format!("global-rank {}{who} {what}{during}", ctx.from)),
             ctx.me == 0,
         )
     };
     loop {
         match read_frame(&mut s, max, &from) {
             Ok(None) if bye => {
-                drop(ctx.tx);
                 return;
             }
             Ok(None) => lost("closed its control connection without a goodbye".into()),
             Err(Error::PeerLost(m)) if !bye => lost(format!("was lost: {m}")),
             Err(_) if bye => return,
             Err(e) => watchdog::crash(&e, true),
-            Ok(Some((FrameKind::Envelope, body))) => {
-                let r = decode_envelope_frame(&body, &ctx.limits);
-                match (r, &ctx.tx) {
-                    (Ok(inb), Some(tx)) => {
-                        if tx.send(inb).is_err() {
-                            return;
-                        }
-                    }
-                    (Ok(_), None) => watchdog::crash(
-                        &Error::Invariant(format!(
-                            "unexpected envelope from global-rank {}",
-                            ctx.from
-                        )),
-                        true,
-                    ),
-                    (Err(e), _) => watchdog::crash(&e, true),
-                }
-            }
+            Ok(Some((FrameKind::Envelope, _))) => watchdog::crash(
+                &Error::Invariant(format!(
+                    "envelope on the notice connection from global-rank {} (envelopes travel on the lane)",
+                    ctx.from
+                )),
+                true,
+            ),
             Ok(Some((FrameKind::Failed, body))) => {
                 let n: FailedNotice = match from_json(&body, "failure notice") {
                     Ok(n) => n,
@@ -1055,6 +1073,23 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
             ),
         }
     }
+}
+
+/// True when the socket holds unread bytes (peek, non-blocking per call: the shared file
+/// status flags stay untouched).
+fn lane_has_unread(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 fn decode_envelope_frame(body: &[u8], limits: &Limits) -> Result<Inbound> {
@@ -1087,14 +1122,13 @@ fn decode_envelope_frame(body: &[u8], limits: &Limits) -> Result<Inbound> {
     Ok(Inbound { header, meta })
 }
 
+/// Registered ranks (sorted) and the mesh leader's envelope lane.
+type Registered = (Vec<(Hello, TcpStream)>, Option<TcpStream>);
+
 /// Rank 0's side of the rendezvous: accept until every rank registered or the deadline passes.
 /// Each connection's hello is read on its own thread under a 2 s deadline, so a silent or
 /// garbage-sending client never stalls the others.
-fn rendezvous_host(
-    listener: TcpListener,
-    env: &RankEnv,
-    deadline: Instant,
-) -> Result<Vec<(Hello, TcpStream)>> {
+fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> Result<Registered> {
     let (tx, rx) = mpsc::channel::<(Hello, TcpStream)>();
     let token = env.token.clone();
     let world = env.world_size;
@@ -1148,9 +1182,20 @@ fn rendezvous_host(
         })
         .map_err(|e| Error::io("spawn rendezvous", e))?;
     let mut got: Vec<(Hello, TcpStream)> = Vec::new();
-    while got.len() + 1 < world as usize {
+    let mut lane: Option<TcpStream> = None;
+    while got.len() + 1 < world as usize || lane.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
+            Ok((h, s)) if h.lane => {
+                if h.rank != 1 || lane.is_some() {
+                    eprintln!(
+                        "lockstep[global-rank 0]: rendezvous: refused an envelope lane from rank {}",
+                        h.rank
+                    );
+                    continue;
+                }
+                lane = Some(s);
+            }
             Ok((h, s)) => {
                 if got.iter().any(|(g, _)| g.rank == h.rank) {
                     eprintln!(
@@ -1166,14 +1211,15 @@ fn rendezvous_host(
                 let have: Vec<u32> = got.iter().map(|(h, _)| h.rank).collect();
                 let missing: Vec<u32> = (1..world).filter(|r| !have.contains(r)).collect();
                 return Err(Error::Timeout(format!(
-                    "rendezvous: ranks {missing:?} did not register within the rendezvous timeout"
+                    "rendezvous: ranks {missing:?} did not register within the rendezvous timeout{}",
+                    if lane.is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
                 )));
             }
         }
     }
     closed.store(true, Ordering::SeqCst);
     got.sort_by_key(|(h, _)| h.rank);
-    Ok(got)
+    Ok((got, lane))
 }
 
 fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {

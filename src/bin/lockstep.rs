@@ -24,6 +24,11 @@ enum Cmd {
     Doctor(lockstep::doctor::DoctorArgs),
     /// Benchmarks (kernels, transport, wire).
     Bench(lockstep::bench::BenchArgs),
+    /// Flight-recorder tools: `fr analyze DIR`, `fr dump PID…`.
+    Fr(lockstep::fr::FrArgs),
+    /// Multi-process protocol harness used by the break-it tests.
+    #[command(hide = true)]
+    Harness(lockstep::harness::HarnessArgs),
 }
 
 fn main() {
@@ -34,6 +39,8 @@ fn main() {
         Some(Cmd::Launch(a)) => lockstep::launch::main(&a),
         Some(Cmd::Doctor(a)) => lockstep::doctor::main(&a),
         Some(Cmd::Bench(a)) => lockstep::bench::main(&a),
+        Some(Cmd::Fr(a)) => lockstep::fr::main(&a),
+        Some(Cmd::Harness(a)) => lockstep::harness::main(&a),
     };
     std::process::exit(code);
 }

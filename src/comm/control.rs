@@ -48,6 +48,11 @@ pub struct Hello {
     pub data_addr: String,
     pub pid: u32,
     pub fingerprint: Fingerprint,
+    /// True on the mesh leader's second connection: the envelope lane, read directly by the
+    /// receiving thread (no hand-off: latency), while the first connection keeps carrying
+    /// notices and goodbyes on a reader thread (peer loss detected at once).
+    #[serde(default)]
+    pub lane: bool,
 }
 
 /// Rank 0's answer once every rank registered: the parity verdict and the group table.

@@ -392,9 +392,10 @@ impl<D: DataPlane> Group<D> {
                         format!("global-rank {g} = {}", show(f, read(r, f)))
                     })
                     .collect();
-                let name = names
-                    .get(f)
-                    .map_or(format!("shape[{}]", f - 6), |s| s.to_string());
+                let name = names.get(f).map_or_else(
+                    || format!("shape[{}]", f.saturating_sub(6)),
+                    |s| s.to_string(),
+                );
                 diff.push(format!("  {name}: {}", vals.join("; ")));
             }
         }

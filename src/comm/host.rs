@@ -413,28 +413,47 @@ impl Worker {
         let n = self.links.len() as u32;
         let peers: Vec<u32> = (0..n).filter(|&q| q != self.me).collect();
         // Phase 1: post every write (writer threads progress them independently).
+        // A job that writes moves its buffer into an Arc shared with the writer threads (no
+        // copy); it gets it back after the writes completed.
+        let mut jobs = jobs;
         let mut waits = Vec::new();
         let mut first_err: Option<Error> = None;
-        for job in &jobs {
+        let mut datas: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            let writes = match &job.kind {
+                JobKind::Send(_) | JobKind::AllReduce(_) | JobKind::AllGather(_) => true,
+                JobKind::Broadcast(root) => *root == self.me,
+                JobKind::Recv(_) => false,
+            };
+            if !writes {
+                datas.push(None);
+                continue;
+            }
             let nbytes = job.buf.len() as u64;
-            let data = Arc::new(job.buf.clone());
+            let data = Arc::new(std::mem::take(&mut job.buf));
             let r = self.post_job_writes(job, &peers, nbytes, &data, &mut waits);
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
+            datas.push(Some(data));
         }
         // Phase 2: reads, in issue order; then phase 3: write completions.
         let mut results: Vec<Result<Vec<u8>>> = Vec::new();
-        for job in jobs.iter() {
+        for (i, job) in jobs.iter_mut().enumerate() {
             if let Some(e) = &first_err {
                 results.push(Err(clone_err(e)));
                 continue;
             }
-            let nbytes = job.buf.len() as u64;
+            let mine: &[u8] = match &datas[i] {
+                Some(d) => d.as_slice(),
+                None => &job.buf,
+            };
+            let nbytes = mine.len() as u64;
             let r = match &job.kind {
-                JobKind::Send(_) => Ok(job.buf.clone()),
+                // Filled in after the writes completed.
+                JobKind::Send(_) => Ok(Vec::new()),
                 JobKind::Recv(q) => {
-                    let mut b = job.buf.clone();
+                    let mut b = std::mem::take(&mut job.buf);
                     self.read_msg(
                         *q,
                         Desc {
@@ -449,9 +468,9 @@ impl Worker {
                 }
                 JobKind::Broadcast(root) => {
                     if *root == self.me {
-                        Ok(job.buf.clone())
+                        Ok(Vec::new())
                     } else {
-                        let mut b = job.buf.clone();
+                        let mut b = std::mem::take(&mut job.buf);
                         self.read_msg(
                             *root,
                             Desc {
@@ -469,9 +488,9 @@ impl Worker {
                     let mut parts: Vec<Vec<u8>> = Vec::with_capacity(n as usize);
                     for q in 0..n {
                         if q == self.me {
-                            parts.push(job.buf.clone());
+                            parts.push(mine.to_vec());
                         } else {
-                            let mut b = vec![0u8; job.buf.len()];
+                            let mut b = vec![0u8; mine.len()];
                             self.read_msg(
                                 q,
                                 Desc {
@@ -488,7 +507,7 @@ impl Worker {
                     sum_in_rank_order(*dt, &parts)
                 })(),
                 JobKind::AllGather(recv) => (|| {
-                    let len = job.buf.len();
+                    let len = mine.len();
                     let mut out = recv.clone();
                     if out.len() != len * n as usize {
                         return Err(Error::Invariant(format!(
@@ -501,7 +520,7 @@ impl Worker {
                     for q in 0..n {
                         let dst = &mut out[q as usize * len..(q as usize + 1) * len];
                         if q == self.me {
-                            dst.copy_from_slice(&job.buf);
+                            dst.copy_from_slice(mine);
                         } else {
                             self.read_msg(
                                 q,
@@ -534,9 +553,18 @@ impl Worker {
                 }
             }
         }
-        for (job, r) in jobs.into_iter().zip(results) {
+        for ((job, r), data) in jobs.into_iter().zip(results).zip(datas) {
             let r = match (&first_err, r) {
                 (Some(e), Ok(_)) => Err(clone_err(e)),
+                (_, Ok(v))
+                    if matches!(job.kind, JobKind::Send(_) | JobKind::Broadcast(_))
+                        && v.is_empty() =>
+                {
+                    // The writers are done with it: take the buffer back (copy only if shared).
+                    Ok(data.map_or_else(Vec::new, |d| {
+                        Arc::try_unwrap(d).unwrap_or_else(|d| (*d).clone())
+                    }))
+                }
                 (_, r) => r,
             };
             let _ = job.done.send(r);
@@ -620,15 +648,18 @@ fn sum_in_rank_order(dt: DType, parts: &[Vec<u8>]) -> Result<Vec<u8>> {
 
 fn writer_loop(mut s: TcpStream, rx: mpsc::Receiver<WriteReq>, to: u32, group: String) {
     while let Ok(req) = rx.recv() {
+        let WriteReq { desc, data, done } = req;
         let r = s
-            .write_all(&req.desc)
-            .and_then(|_| s.write_all(&req.data))
+            .write_all(&desc)
+            .and_then(|_| s.write_all(&data))
             .map_err(|e| {
                 Error::PeerLost(format!(
                     "data plane: write to global-rank {to} on group `{group}` failed: {e}"
                 ))
             });
-        let _ = req.done.send(r);
+        // Release our share of the buffer before reporting, so the op can take it back.
+        drop(data);
+        let _ = done.send(r);
     }
 }
 
@@ -840,5 +871,87 @@ fn connect_until(addr: &str, deadline: Instant) -> Result<TcpStream> {
             // Refused while the peer is still starting: retry with a short bounded backoff.
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::group::{GroupRole, GroupSpec};
+    use crate::ids::GlobalRank;
+
+    /// Two host planes in one process, one communicator each over `[0, 1]`.
+    fn pair() -> ((HostPlane, HostComm), (HostPlane, HostComm)) {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (a, b) = (
+            HostPlane::bind(ip, 7).unwrap(),
+            HostPlane::bind(ip, 7).unwrap(),
+        );
+        let peers = PeerTable {
+            data_addrs: vec![a.addr().to_string(), b.addr().to_string()],
+            token_digest: 7,
+        };
+        let spec = GroupSpec {
+            name: "mesh".into(),
+            id: 2,
+            role: GroupRole::Mesh,
+            members: vec![GlobalRank(0), GlobalRank(1)],
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (s2, p2) = (spec.clone(), peers.clone());
+        let t = std::thread::spawn(move || {
+            let cb = b
+                .create_comm(&s2, GroupRank(1), &[], &p2, deadline)
+                .unwrap();
+            (b, cb)
+        });
+        let ca = a
+            .create_comm(&spec, GroupRank(0), &[], &peers, deadline)
+            .unwrap();
+        ((a, ca), t.join().unwrap())
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn host_all_reduce_gives_identical_sums_on_every_member() {
+        let ((a, ca), (b, cb)) = pair();
+        let d = Instant::now() + Duration::from_secs(5);
+        let pa = a
+            .all_reduce_sum(&ca, f32s(&[1.0, 2.0]), DType::F32)
+            .unwrap();
+        let pb = b
+            .all_reduce_sum(&cb, f32s(&[10.0, 20.0]), DType::F32)
+            .unwrap();
+        let (ra, rb) = (a.wait(pa, d).unwrap(), b.wait(pb, d).unwrap());
+        assert_eq!(ra, f32s(&[11.0, 22.0]));
+        assert_eq!(ra, rb);
+    }
+
+    #[test]
+    fn host_mismatched_collectives_hang_until_aborted_like_nccl() {
+        let ((a, ca), (b, cb)) = pair();
+        let pa = a.all_reduce_sum(&ca, f32s(&[1.0]), DType::F32).unwrap();
+        let pb = b.broadcast(&cb, vec![0u8; 4], GroupRank(1)).unwrap();
+        // Neither side errors on its own: the mismatch hangs (bounded here by the deadline).
+        let err = a
+            .wait(pa, Instant::now() + Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not complete by its deadline"), "{err}");
+        let _ = b.wait(pb, Instant::now() + Duration::from_secs(5));
+        // The parked side stays parked until its abort handle, called from another thread,
+        // releases it; then its ops fail instead of hanging.
+        let pa2 = a.all_reduce_sum(&ca, f32s(&[1.0]), DType::F32).unwrap();
+        let abort = a.abort_handle();
+        let t = std::thread::spawn(move || abort.abort());
+        let err = a
+            .wait(pa2, Instant::now() + Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        t.join().unwrap();
+        assert!(err.contains("data plane aborted"), "{err}");
     }
 }

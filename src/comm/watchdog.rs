@@ -21,6 +21,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+/// How long a lost data connection waits for the peer's failure notice.
+const NOTICE_GRACE: Duration = Duration::from_millis(300);
+
+/// Writes one diagnosis line with a single `write` (lines of ranks sharing a pipe never
+/// interleave).
+pub fn diag(line: &str) {
+    use std::io::Write;
+    let mut s = String::with_capacity(line.len() + 1);
+    s.push_str(line);
+    s.push('\n');
+    let _ = std::io::stderr().write_all(s.as_bytes());
+}
+
 /// Upper bound on the whole abort path.
 const HARD_EXIT: Duration = Duration::from_secs(3);
 
@@ -74,6 +87,12 @@ pub fn crash(err: &Error, notify_peers: bool) -> ! {
 /// As [`crash`], relaying a peer's notice (rank 0 forwards the original origin).
 pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedNotice>) -> ! {
     let code = err.exit_code();
+    if matches!(err, Error::PeerLost(m) if !m.contains("control connection")) && !is_crashing() {
+        // A data connection or the envelope lane usually drops because its peer is dying; give
+        // that peer's failure notice (sent on the control connection before it exited) a
+        // bounded moment to arrive so the diagnosis names the root cause.
+        std::thread::sleep(NOTICE_GRACE);
+    }
     if CRASHING.swap(true, Ordering::SeqCst) {
         // Someone else is already ending the process; the hard-exit timer bounds it.
         loop {
@@ -89,11 +108,11 @@ pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedN
             unsafe { libc::_exit(code.code()) }
         });
     let rank = CTX.get().map_or(u32::MAX, |c| c.rank);
-    eprintln!(
+    diag(&format!(
         "lockstep[global-rank {rank}]: exit {} ({}): {err}",
         code.code(),
         code.name()
-    );
+    ));
     if let Some(ctx) = CTX.get() {
         match ctx.recorder.dump(&err.to_string(), Some(code)) {
             Ok(p) => eprintln!(

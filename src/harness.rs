@@ -1,0 +1,442 @@
+//! `lockstep harness` (hidden): a small but real protocol run for the multi-process break-it
+//! tests. It drives the production components (bootstrap, parity, envelopes, relay, guarded
+//! collectives, heartbeats, watchdog, drain) with a stand-in generator (one TP all_reduce per
+//! generator call); faults come only from `LOCKSTEP_FAULT`.
+//!
+//! Rank 0 sends `--chunks` INFERs (meta: expected generator calls and the latent shape, one
+//! `latents` tensor and one `cond` tensor), waits for each RESULT and checks its values, then
+//! drains (SHUTDOWN, goodbye, exit 0). The mesh leader accepts, relays to the mesh; every mesh
+//! rank validates shapes before any forward, counts generator calls against the plan before
+//! each call and before the chunk-end collective; the leader answers with a RESULT.
+use crate::comm::DataPlane;
+use crate::error::{Error, Result};
+use crate::fault::{self, points};
+
+use crate::rank::{Rank, RankEnv, RankOptions};
+use crate::wire::{prepare, prepare_untyped, Action, DType, HostTensor, Limits};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HarnessArgs {
+    /// Scenario: stream.
+    #[arg(default_value = "stream")]
+    pub scenario: String,
+    #[arg(long, default_value_t = 3)]
+    pub chunks: u64,
+    /// Generator calls per chunk (the plan).
+    #[arg(long, default_value_t = 2)]
+    pub generator_calls: u32,
+    /// Rank 0 idles this long before each chunk after the first (C4).
+    #[arg(long, default_value_t = 0)]
+    pub idle_ms: u64,
+    /// NOOP heartbeat interval; 0 turns heartbeats off.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Watchdog timeout (overrides LOCKSTEP_WATCHDOG_MS).
+    #[arg(long)]
+    pub watchdog_ms: Option<u64>,
+    /// Rank 0 holds after the first chunk, heartbeating, until killed (C1, C3).
+    #[arg(long)]
+    pub hold: bool,
+    /// bench: round trips per measurement.
+    #[arg(long, default_value_t = 20000)]
+    pub iters: u64,
+    /// bench: payload bytes of the envelope round trip.
+    #[arg(long, default_value_t = 4_600_000)]
+    pub payload_bytes: u64,
+    /// Latent frames per chunk (the `latents` tensor is [frames, 4, 8]).
+    #[arg(long, default_value_t = 3)]
+    pub frames: u64,
+}
+
+/// The harness's typed meta (stands in for the phase plan).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkPlan {
+    expected_generator_calls: u32,
+    latent_shape: Vec<u64>,
+    guidance: f32,
+}
+
+pub fn main(args: &HarnessArgs) -> i32 {
+    if args.scenario != "stream" && args.scenario != "bench" {
+        eprintln!("harness: unknown scenario {:?}", args.scenario);
+        return crate::exit::ExitCode::BadInput.code();
+    }
+    let setup = || -> Result<(RankEnv, RankOptions)> {
+        let env = RankEnv::from_env()?;
+        let mut opts = RankOptions::from_env()?;
+        if let Some(ms) = args.watchdog_ms {
+            opts.watchdog = Duration::from_millis(ms);
+            opts.op_timeout = opts.watchdog * 2;
+        }
+        opts.fingerprint
+            .set("harness.generator_calls", args.generator_calls);
+        Ok((env, opts))
+    };
+    let (env, opts) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("harness: {e}");
+            return e.exit_code().code();
+        }
+    };
+    let rank = match Rank::bootstrap_host(&env, opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "lockstep[global-rank {}]: exit {} ({}): {e}",
+                env.rank,
+                e.exit_code().code(),
+                e.exit_code().name()
+            );
+            return e.exit_code().code();
+        }
+    };
+    let r = match (args.scenario.as_str(), rank.is_driver()) {
+        ("bench", true) => bench_driver(&rank, args),
+        ("bench", false) => bench_mesh(&rank),
+        (_, true) => driver(&rank, args),
+        (_, false) => mesh(&rank, args),
+    };
+    match r {
+        Ok(()) => match rank.finish() {
+            Ok(()) => 0,
+            Err(e) => crate::comm::watchdog::crash(&e, true),
+        },
+        Err(e) => rank.crash(&e),
+    }
+}
+
+fn latent_shape(args: &HarnessArgs) -> Vec<u64> {
+    vec![args.frames, 4, 8]
+}
+
+fn driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+    if args.heartbeat_ms > 0 {
+        rank.start_heartbeats(Duration::from_millis(args.heartbeat_ms))?;
+    }
+    if fault::hit(points::NON_MEMBER_COLLECTIVE) {
+        // B1 guard: rank 0 is not in `mesh`; the wrapper must refuse before the call.
+        rank.mesh().all_reduce_f32(&[1.0], &[1], rank.deadline())?;
+    }
+    let shape = latent_shape(args);
+    let numel: u64 = shape.iter().product();
+    let tp = rank.tp_size();
+    for chunk in 0..args.chunks {
+        if chunk > 0 && args.idle_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.idle_ms));
+        }
+        let latents: Vec<f32> = (0..numel).map(|i| (chunk * 1000 + i) as f32).collect();
+        let plan = ChunkPlan {
+            expected_generator_calls: args.generator_calls,
+            latent_shape: shape.clone(),
+            guidance: if fault::hit(points::META_NAN) {
+                f32::NAN
+            } else {
+                5.0
+            },
+        };
+        let mut tensors = vec![
+            HostTensor::from_f32("latents", shape.clone(), &latents),
+            HostTensor::from_f32("cond", vec![4], &[chunk as f32; 4]),
+        ];
+        if fault::hit(points::DTYPE_BOOL) {
+            tensors.push(HostTensor::new(
+                "mask",
+                DType::Bool,
+                vec![4],
+                vec![1, 0, 1, 0],
+            ));
+        }
+        let nested = fault::hit(points::NESTED_TENSOR);
+        rank.send_next(|ids| {
+            let ids = ids.with_chunk(chunk);
+            if nested {
+                let json = format!(
+                    r#"{{"expected_generator_calls":{},"latent_shape":{:?},"guidance":5.0,"extra":{{"mask":{{"dtype":"f32","shape":[4],"data":[1,0,1,0]}}}}}}"#,
+                    args.generator_calls, shape
+                );
+                prepare_untyped(Action::Infer, ids, &json, tensors.clone(), &Limits::default())
+            } else {
+                prepare(Action::Infer, ids, &plan, tensors.clone(), &Limits::default())
+            }
+        })?;
+        let res = rank.recv_envelope(Some(rank.deadline()))?;
+        if res.action() != Action::Result || res.header.chunk_index != chunk {
+            return Err(Error::Invariant(format!(
+                "harness: expected RESULT for chunk_index {chunk}, got {} chunk_index {}",
+                res.action().name(),
+                res.header.chunk_index
+            )));
+        }
+        let out = res.tensor("out").and_then(|t| t.to_f32()).ok_or_else(|| {
+            Error::Invariant("harness: RESULT without an f32 `out` tensor".into())
+        })?;
+        // Each generator call all-reduces (cond + group rank); after the plan's calls every
+        // value equals calls × Σ_r (chunk + r).
+        let want = f64::from(args.generator_calls)
+            * (0..tp).map(|r| (chunk + u64::from(r)) as f64).sum::<f64>();
+        if out.iter().any(|&v| (f64::from(v) - want).abs() > 1e-3) {
+            return Err(Error::Invariant(format!(
+                "harness: chunk {chunk} result {out:?}, expected {want}"
+            )));
+        }
+        eprintln!("harness[global-rank 0]: chunk {chunk} ok ({out:?})");
+        if args.hold {
+            eprintln!(
+                "harness[global-rank 0]: holding (heartbeats on); pid {}",
+                std::process::id()
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+        if fault::hit(points::KILL_DRIVER) {
+            eprintln!("harness[global-rank 0]: fault: SIGKILL self");
+            // SAFETY: signalling our own pid.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+    rank.stop_heartbeats();
+    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    eprintln!("harness[global-rank 0]: drained: SHUTDOWN sent");
+    Ok(())
+}
+
+fn mesh(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+    let me = rank
+        .mesh()
+        .me()
+        .ok_or_else(|| Error::Invariant("harness: mesh rank outside `mesh`".into()))?;
+    let mut told_idle = false;
+    loop {
+        let env = if rank.is_mesh_leader() {
+            Some(rank.recv_envelope(None)?)
+        } else {
+            None
+        };
+        let env = rank.relay_to_mesh(env.as_ref())?;
+        match env.action() {
+            Action::Noop => {
+                if args.hold && rank.is_mesh_leader() && !told_idle {
+                    told_idle = true;
+                    crate::comm::watchdog::diag(&format!(
+                        "harness[global-rank 1]: idle between chunks (heartbeat call_id {}), waiting for a header",
+                        env.header.call_id
+                    ));
+                }
+                continue;
+            }
+            Action::Shutdown => {
+                eprintln!("harness[{}]: SHUTDOWN received; draining", rank.global());
+                return Ok(());
+            }
+            Action::Result => {
+                return Err(Error::Invariant("harness: RESULT sent to the mesh".into()))
+            }
+            Action::Infer => {}
+        }
+        let meta = env
+            .meta
+            .as_ref()
+            .ok_or_else(|| Error::Invariant("harness: INFER without meta".into()))?;
+        let plan: ChunkPlan = meta.body_as()?;
+        rank.recorder().set_phase("validate");
+        // G3: shapes are a contract; a rank whose local expectation differs stops here,
+        // before any forward collective.
+        let mut expect = latent_shape(args);
+        if fault::hit(points::SHAPE_SKEW) {
+            expect[0] += 1;
+        }
+        let latents = env
+            .tensor("latents")
+            .ok_or_else(|| Error::Invariant("harness: envelope without `latents`".into()))?;
+        if latents.shape != expect || plan.latent_shape != expect {
+            return Err(Error::Invariant(format!(
+                "shape skew caught by envelope validation before any forward: tensor `latents` has shape {:?} (plan says {:?}), this rank expects {:?}",
+                latents.shape, plan.latent_shape, expect
+            )));
+        }
+        let cond = env
+            .tensor("cond")
+            .and_then(|t| t.to_f32())
+            .ok_or_else(|| Error::Invariant("harness: envelope without f32 `cond`".into()))?;
+        rank.recorder().set_phase("generator");
+        let mut planned = plan.expected_generator_calls;
+        if fault::hit(points::EXTRA_GENERATOR_CALL) {
+            planned += 1;
+        }
+        if fault::hit(points::SKIP_GENERATOR_CALL) {
+            planned = planned.saturating_sub(1);
+        }
+        let contrib: Vec<f32> = cond.iter().map(|c| c + me.0 as f32).collect();
+        let mut acc = vec![0f32; contrib.len()];
+        let mut calls = 0u32;
+        for _ in 0..planned {
+            // B2: counted against the plan before the call, so an extra call never reaches a
+            // collective the other ranks will not join.
+            if calls >= plan.expected_generator_calls {
+                return Err(Error::Invariant(format!(
+                    "plan mismatch: plan says {} generator calls, this rank is about to make call {} (stopped before issuing it)",
+                    plan.expected_generator_calls,
+                    calls + 1
+                )));
+            }
+            let out = generator_call(rank, &contrib)?;
+            for (a, o) in acc.iter_mut().zip(out) {
+                *a += o;
+            }
+            calls += 1;
+            rank.progress();
+        }
+        if calls != plan.expected_generator_calls {
+            return Err(Error::Invariant(format!(
+                "plan mismatch: plan says {} generator calls, this rank made {calls} (checked before the chunk-end collective)",
+                plan.expected_generator_calls
+            )));
+        }
+        rank.recorder().set_phase("chunk_end");
+        // Chunk-end state digest: every mesh rank must have made the same number of calls.
+        let sum = rank
+            .mesh()
+            .all_reduce_f32(&[calls as f32], &[1], rank.deadline())?;
+        let want = calls as f32 * rank.tp_size() as f32;
+        if sum.first().copied() != Some(want) {
+            return Err(Error::Invariant(format!(
+                "state digest drift at chunk end: Σ generator calls {sum:?}, expected {want}"
+            )));
+        }
+        if rank.is_mesh_leader() {
+            rank.recorder().set_phase("result");
+            let h = env.header;
+            rank.send_envelope(&prepare(
+                Action::Result,
+                crate::wire::EnvelopeIds {
+                    call_id: h.call_id(),
+                    chunk_index: h.chunk_index(),
+                    cache_epoch: h.cache_epoch(),
+                },
+                &plan,
+                vec![HostTensor::from_f32("out", vec![acc.len() as u64], &acc)],
+                &Limits::default(),
+            )?)?;
+        }
+    }
+}
+
+/// One stand-in generator call: one TP all_reduce on `mesh` (or, under faults, on `world` or
+/// in another dtype).
+fn generator_call(rank: &Rank, contrib: &[f32]) -> Result<Vec<f32>> {
+    let shape = [contrib.len() as u64];
+    let d = Instant::now() + rank.options().op_timeout;
+    if fault::hit(points::TP_ON_WORLD) {
+        return rank.world().all_reduce_f32(contrib, &shape, d);
+    }
+    if fault::hit(points::DTYPE_SKEW) {
+        let bf: Vec<u8> = contrib
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let g = rank.mesh();
+        let t = g.all_reduce_sum(g.plane().upload(&bf)?, DType::Bf16, &shape)?;
+        let out = g.plane().download(&g.wait(t, d)?)?;
+        return Ok(out
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect());
+    }
+    rank.mesh().all_reduce_f32(contrib, &shape, d)
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (
+        at(0.5),
+        at(0.99),
+        v.iter().sum::<f64>() / v.len().max(1) as f64,
+    )
+}
+
+/// bench (rank 0): header round trips (NOOP → RESULT header), then envelope round trips carrying
+/// `payload_bytes` of tensors to the leader (answered by a header-only RESULT).
+fn bench_driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    let mut header_us = Vec::new();
+    let warm = 500u64;
+    for i in 0..(args.iters + warm) {
+        let t = Instant::now();
+        rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::noop(ids)))?;
+        rank.recv_envelope(Some(rank.deadline()))?;
+        if i >= warm {
+            header_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let n = (args.payload_bytes / 4) as usize;
+    let t_data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let tensor = HostTensor::from_f32("payload", vec![n as u64], &t_data);
+    let iters = (args.iters / 100).clamp(20, 200);
+    let mut env_us = Vec::new();
+    for i in 0..(iters + 5) {
+        let t = Instant::now();
+        rank.send_next(|ids| {
+            prepare(
+                Action::Infer,
+                ids.with_chunk(i),
+                &Empty {},
+                vec![tensor.clone()],
+                &Limits::default(),
+            )
+        })?;
+        rank.recv_envelope(Some(rank.deadline()))?;
+        if i >= 5 {
+            env_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let (h50, h99, hmean) = percentiles(header_us);
+    let (e50, e99, emean) = percentiles(env_us);
+    println!(
+        "{{\"bench\":\"wire.header_rtt\",\"iters\":{},\"p50_us\":{h50:.2},\"p99_us\":{h99:.2},\"mean_us\":{hmean:.2}}}",
+        args.iters
+    );
+    println!(
+        "{{\"bench\":\"wire.envelope_rtt\",\"payload_bytes\":{},\"iters\":{iters},\"p50_us\":{e50:.1},\"p99_us\":{e99:.1},\"mean_us\":{emean:.1},\"p50_gbps\":{:.3}}}",
+        n * 4,
+        (n * 4) as f64 / e50 / 1e3
+    );
+    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    Ok(())
+}
+
+/// bench (mesh): the leader answers every envelope with a header-only RESULT.
+fn bench_mesh(rank: &Rank) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    if !rank.is_mesh_leader() {
+        return Ok(());
+    }
+    loop {
+        let env = rank.recv_envelope(None)?;
+        if env.action() == Action::Shutdown {
+            return Ok(());
+        }
+        let h = env.header;
+        rank.send_envelope(&prepare(
+            Action::Result,
+            crate::wire::EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            },
+            &Empty {},
+            vec![],
+            &Limits::default(),
+        )?)?;
+    }
+}

@@ -1,0 +1,563 @@
+//! Break-it tests A1–A3, B1–B3, C1–C5, G1, G3 (SPEC §12) on the host data plane: real processes
+//! through `lockstep launch` (or started by hand with the torchrun environment), the real
+//! protocol components driven by `lockstep harness`, faults from `LOCKSTEP_FAULT`. Each asserts
+//! the exit code and the diagnosis and finishes in bounded time.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lockstep-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+struct Outcome {
+    code: i32,
+    stderr: String,
+    elapsed: Duration,
+    dumps: PathBuf,
+}
+
+impl Outcome {
+    fn dump(&self, rank: u32) -> String {
+        std::fs::read_to_string(self.dumps.join(format!("rank-{rank}.jsonl"))).unwrap_or_default()
+    }
+    fn assert(&self, code: i32, needles: &[&str]) {
+        assert_eq!(self.code, code, "exit code; stderr:\n{}", self.stderr);
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "missing {n:?} in stderr:\n{}",
+                self.stderr
+            );
+        }
+        assert!(self.elapsed < BOUND, "took {:?}", self.elapsed);
+    }
+}
+
+/// Collects a child's stderr lines on a thread; lines also arrive on the returned channel.
+fn collect(child: &mut Child) -> (mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
+    let err = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    (rx, h)
+}
+
+/// Waits for a child with a hard bound; a hang fails the test (and kills the child).
+fn wait_bounded(child: &mut Child, bound: Duration) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+            });
+        }
+        if start.elapsed() > bound {
+            let _ = child.kill();
+            panic!("process still running after {bound:?}: a hang");
+        }
+        // Polling a child's exit status; not synchronization between test steps.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn launch(name: &str, n: u32, fault: &str, env: &[(&str, &str)], args: &[&str]) -> Outcome {
+    let dumps = tmp_dir(name);
+    let bin = common::lockstep_bin();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["launch", "-n", &n.to_string(), "--dump-dir"])
+        .arg(&dumps)
+        .arg("--")
+        .arg(&bin)
+        .args(["harness", "stream"])
+        .args(args)
+        .env("LOCKSTEP_FAULT", fault)
+        .env("LOCKSTEP_WATCHDOG_MS", "500")
+        .env_remove("LOCKSTEP_DEBUG_COLLECTIVES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn launcher");
+    let (_rx, h) = collect(&mut child);
+    let code = wait_bounded(&mut child, BOUND + Duration::from_secs(5));
+    let elapsed = start.elapsed();
+    let stderr = h.join().unwrap_or_default();
+    Outcome {
+        code,
+        stderr,
+        elapsed,
+        dumps,
+    }
+}
+
+#[test]
+fn a1_meta_unserializable_fails_before_header() {
+    let o = launch("a1", 3, "wire.meta_nan@0", &[], &[]);
+    o.assert(
+        74,
+        &[
+            "global-rank 0]: exit 74 (bad-input): preflight rejected envelope (nothing was sent): meta does not round-trip",
+            "launch: failed: global-rank 0 exit 74 (bad-input)",
+        ],
+    );
+    // The receiver did not block: it was told (77), never timed out.
+    assert!(
+        o.stderr
+            .contains("launch: global-rank 1 exit 77 (peer-failed)"),
+        "{}",
+        o.stderr
+    );
+    // The receiver never saw a header.
+    let leader = o.dump(1);
+    assert!(leader.contains("\"global_rank\":1"), "no leader dump");
+    assert!(
+        !leader.contains("\"note\":\"INFER"),
+        "leader received a header:\n{leader}"
+    );
+}
+
+#[test]
+fn a2_unsupported_dtype_fails_before_header() {
+    let o = launch("a2", 3, "wire.dtype_bool@0", &[], &[]);
+    o.assert(
+        74,
+        &["preflight rejected envelope (nothing was sent): tensor `mask`: dtype bool is not in the wire allowlist"],
+    );
+    assert!(!o.dump(1).contains("\"note\":\"INFER"));
+}
+
+#[test]
+fn a3_tensor_hidden_in_meta_is_rejected() {
+    let o = launch("a3", 3, "wire.nested_tensor@0", &[], &[]);
+    o.assert(
+        74,
+        &["preflight rejected envelope (nothing was sent): meta field `meta.extra.mask` looks like a tensor"],
+    );
+    assert!(!o.dump(1).contains("\"note\":\"INFER"));
+}
+
+#[test]
+fn b1_tp_collective_on_world_guard_fails_before_call() {
+    let o = launch("b1g", 3, "harness.tp_on_world@2", &[], &[]);
+    o.assert(
+        70,
+        &["global-rank 2]: exit 70 (invariant-violation): invariant violated: wrong-group collective: refusing all_reduce on group `world` before the call"],
+    );
+    // Refused before the call: the world all_reduce never reached the recorder.
+    assert!(!o
+        .dump(2)
+        .lines()
+        .any(|l| l.contains("\"group\":\"world\"") && l.contains("\"op\":\"all_reduce\"")));
+}
+
+#[test]
+fn b1_non_member_collective_guard_fails_before_call() {
+    let o = launch("b1n", 3, "harness.non_member_collective@0", &[], &[]);
+    o.assert(
+        70,
+        &["refusing all_reduce on group `mesh` before the call: global-rank 0 is not a member (members: global-rank 1, 2)"],
+    );
+}
+
+#[test]
+fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
+    let o = launch("b1u", 3, "harness.tp_on_world,guard.off", &[], &[]);
+    o.assert(
+        71,
+        &[
+            "exit 71 (watchdog-timeout)",
+            "stuck in: world all_reduce seq 1 (f32 [4])",
+            "launch: failed: global-rank",
+        ],
+    );
+    let d1 = o.dump(1);
+    assert!(
+        d1.lines().any(|l| l.contains("\"group\":\"world\"")
+            && l.contains("\"op\":\"all_reduce\"")
+            && l.contains("\"state\":\"started\"")),
+        "dump does not name the op:\n{d1}"
+    );
+    let detect = o
+        .stderr
+        .split("no progress on global-rank ")
+        .nth(1)
+        .and_then(|s| s.split(" for ").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or("?");
+    println!("B1 time-to-detect (unguarded hang → watchdog, timeout 500 ms): {detect} ms; whole job {:?}", o.elapsed);
+}
+
+#[test]
+fn b2_plan_extra_generator_call_crashes_before_collective() {
+    let o = launch("b2x", 3, "harness.extra_generator_call@2", &[], &[]);
+    o.assert(
+        70,
+        &["plan mismatch: plan says 2 generator calls, this rank is about to make call 3 (stopped before issuing it)"],
+    );
+    assert!(!o.stderr.contains("watchdog"), "{}", o.stderr);
+}
+
+#[test]
+fn b2_plan_missing_generator_call_crashes_before_chunk_end() {
+    let o = launch("b2m", 3, "harness.skip_generator_call@2", &[], &[]);
+    o.assert(
+        70,
+        &["plan mismatch: plan says 2 generator calls, this rank made 1 (checked before the chunk-end collective)"],
+    );
+    assert!(!o.stderr.contains("watchdog"), "{}", o.stderr);
+}
+
+#[test]
+fn b3_group_creation_order_mismatch_fails_at_startup() {
+    let o = launch("b3", 3, "groups.reorder@2", &[], &[]);
+    o.assert(
+        73,
+        &[
+            "startup parity handshake failed before inference",
+            "groups.creation_order: global-rank 0,1 = \"world[0,1,2] → pp[0,1] → mesh[1,2]\"; global-rank 2 = \"world[0,1,2] → mesh[1,2] → pp[0,1]\"",
+            "launch: global-rank 0 exit 73",
+            "launch: global-rank 1 exit 73",
+            "launch: global-rank 2 exit 73",
+        ],
+    );
+    assert!(
+        !o.stderr.contains("chunk 0 ok"),
+        "entered inference:\n{}",
+        o.stderr
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Starts one rank by hand (env only, as torchrun or a user would).
+fn spawn_rank(
+    rank: u32,
+    world: u32,
+    port: u16,
+    token: &str,
+    dumps: &PathBuf,
+    args: &[&str],
+) -> Child {
+    Command::new(common::lockstep_bin())
+        .args(["harness", "stream"])
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("LOCKSTEP_JOB_TOKEN", token)
+        .env("LOCKSTEP_DUMP_DIR", dumps)
+        .env("LOCKSTEP_WATCHDOG_MS", "5000")
+        .env_remove("LOCKSTEP_FAULT")
+        .env_remove("LOCKSTEP_DEBUG_COLLECTIVES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rank")
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, bound: Duration) {
+    let end = Instant::now() + bound;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return,
+            Ok(_) => {}
+            Err(_) => panic!("no line containing {needle:?} within {bound:?}"),
+        }
+    }
+}
+
+#[test]
+fn c1_driver_killed_worker_exits_with_peer_lost() {
+    let dumps = tmp_dir("c1");
+    let port = free_port();
+    let args = ["--hold", "--heartbeat-ms", "100"];
+    let mut r0 = spawn_rank(0, 3, port, "c1-token", &dumps, &args);
+    let mut r1 = spawn_rank(1, 3, port, "c1-token", &dumps, &args);
+    let mut r2 = spawn_rank(2, 3, port, "c1-token", &dumps, &args);
+    let (rx0, _h0) = collect(&mut r0);
+    let (rx1, h1) = collect(&mut r1);
+    let (_rx2, h2) = collect(&mut r2);
+    wait_line(&rx0, "holding", BOUND);
+    wait_line(&rx1, "waiting for a header", BOUND);
+    let t0 = Instant::now();
+    r0.kill().expect("SIGKILL rank 0");
+    let c1 = wait_bounded(&mut r1, BOUND);
+    let detect1 = t0.elapsed();
+    let c2 = wait_bounded(&mut r2, BOUND);
+    let detect2 = t0.elapsed();
+    let _ = r0.wait();
+    let e1 = h1.join().unwrap_or_default();
+    let e2 = h2.join().unwrap_or_default();
+    assert_eq!(c1, 72, "{e1}");
+    assert_eq!(c2, 72, "{e2}");
+    assert!(
+        e1.contains("peer lost: global-rank 0 (driver) closed its"),
+        "{e1}"
+    );
+    // The leader was (or was about to be) blocked waiting for the next header.
+    let d1 = std::fs::read_to_string(dumps.join("rank-1.jsonl")).unwrap_or_default();
+    assert!(
+        d1.lines().any(|l| l.contains("recv_header")
+            && (l.contains("\"state\":\"started\"") || l.contains("\"state\":\"failed\""))),
+        "{d1}"
+    );
+    assert!(detect2 < Duration::from_secs(2), "{detect2:?}");
+    println!("C1 time-to-detect (rank 0 SIGKILLed, worker blocked in recv): leader {detect1:?}, rank 2 {detect2:?}");
+}
+
+#[test]
+fn c2_sender_killed_mid_payload_detected_by_receiver() {
+    let o = launch("c2", 3, "send.kill_mid_payload@0", &[], &[]);
+    o.assert(
+        137,
+        &[
+            "launch: global-rank 0 killed by signal 9 (SIGKILL)",
+            "global-rank 1]: exit 72 (peer-lost): peer lost: global-rank 0 (driver)",
+            "(receiving the payload of INFER call_id 1: ",
+        ],
+    );
+}
+
+#[test]
+fn c3_sigterm_to_launcher_reaches_every_rank() {
+    let dumps = tmp_dir("c3");
+    let bin = common::lockstep_bin();
+    let mut child = Command::new(&bin)
+        .args(["launch", "-n", "3", "--dump-dir"])
+        .arg(&dumps)
+        .arg("--")
+        .arg(&bin)
+        .args(["harness", "stream", "--hold"])
+        .env_remove("LOCKSTEP_FAULT")
+        .env("LOCKSTEP_WATCHDOG_MS", "5000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn launcher");
+    let (rx, h) = collect(&mut child);
+    let mut pids = Vec::new();
+    let end = Instant::now() + BOUND;
+    loop {
+        let line = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .expect("launcher output");
+        if let Some(p) = line
+            .strip_prefix("launch: global-rank ")
+            .and_then(|s| s.split(" pid ").nth(1))
+        {
+            pids.push(p.trim().parse::<i32>().expect("pid"));
+        }
+        if line.contains("holding") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 3);
+    let t0 = Instant::now();
+    // SAFETY: signalling the launcher we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = wait_bounded(&mut child, BOUND);
+    let stderr = h.join().unwrap_or_default();
+    assert_eq!(code, 75, "{stderr}");
+    assert!(
+        stderr.contains("launch: SIGTERM received; terminating ranks"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("launch: terminated by signal; every rank has exited"),
+        "{stderr}"
+    );
+    // Each rank exits on its own SIGTERM (75), or first learns that a peer did (77 notice, 72
+    // connection loss); every one of them dumps and exits.
+    for r in 0..3 {
+        let ok = ["75 (signal)", "77 (peer-failed)", "72 (peer-lost)"]
+            .iter()
+            .any(|c| stderr.contains(&format!("launch: global-rank {r} exit {c}")));
+        assert!(ok, "rank {r}:\n{stderr}");
+    }
+    assert!(
+        stderr.contains("exit 75 (signal): terminated by signal: SIGTERM received"),
+        "{stderr}"
+    );
+    for p in pids {
+        // SAFETY: probing a pid with signal 0.
+        let alive = unsafe { libc::kill(p, 0) } == 0;
+        assert!(!alive, "pid {p} still alive");
+    }
+    println!(
+        "C3: launcher and all ranks gone {:?} after SIGTERM",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn c4_idle_gap_with_heartbeats_no_false_alarm() {
+    let o = launch(
+        "c4on",
+        3,
+        "",
+        &[("LOCKSTEP_WATCHDOG_MS", "400")],
+        &["--chunks", "2", "--idle-ms", "1200", "--heartbeat-ms", "50"],
+    );
+    o.assert(0, &["launch: all 3 ranks exited cleanly", "chunk 1 ok"]);
+}
+
+#[test]
+fn c4_idle_gap_without_heartbeats_watchdog_fires() {
+    let o = launch(
+        "c4off",
+        3,
+        "",
+        &[("LOCKSTEP_WATCHDOG_MS", "400")],
+        &["--chunks", "2", "--idle-ms", "1200", "--heartbeat-ms", "0"],
+    );
+    o.assert(
+        71,
+        &["exit 71 (watchdog-timeout): timed out: watchdog: no progress on global-rank"],
+    );
+    assert!(!o.stderr.contains("chunk 1 ok"), "{}", o.stderr);
+}
+
+#[test]
+fn c5_teardown_hang_still_hard_exits() {
+    let o = launch("c5", 3, "teardown.hang@1", &[], &[]);
+    o.assert(
+        71,
+        &[
+            "harness[global-rank 0]: drained: SHUTDOWN sent",
+            "global-rank 1]: exit 71 (watchdog-timeout)",
+            "stuck in: control teardown",
+        ],
+    );
+}
+
+#[test]
+fn g1_execution_flags_differ_parity_fails_at_startup() {
+    let o = launch("g1", 3, "parity.flip_graphs@2", &[], &[]);
+    o.assert(
+        73,
+        &[
+            "exit 73 (parity-mismatch)",
+            "exec.cuda_graphs: global-rank 0,1 = \"off\"; global-rank 2 = \"on\"",
+        ],
+    );
+    assert!(!o.stderr.contains("chunk 0 ok"), "{}", o.stderr);
+}
+
+#[test]
+fn g3_shape_skew_caught_before_forward() {
+    let o = launch("g3", 3, "harness.shape_skew@2", &[], &[]);
+    o.assert(
+        70,
+        &["shape skew caught by envelope validation before any forward: tensor `latents` has shape [3, 4, 8] (plan says [3, 4, 8]), this rank expects [4, 4, 8]"],
+    );
+    assert!(
+        !o.dump(2).contains("\"phase\":\"generator\""),
+        "a forward ran:\n{}",
+        o.dump(2)
+    );
+}
+
+#[test]
+fn debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff() {
+    let o = launch(
+        "dbg",
+        3,
+        "harness.dtype_skew@2",
+        &[("LOCKSTEP_DEBUG_COLLECTIVES", "1")],
+        &[],
+    );
+    o.assert(
+        70,
+        &[
+            "collective fingerprint mismatch on group `mesh` seq",
+            "dtype: global-rank 1 = f32; global-rank 2 = bf16",
+        ],
+    );
+    assert!(!o.stderr.contains("watchdog"), "{}", o.stderr);
+}
+
+#[test]
+fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
+    let o = launch("newuser", 4, "harness.dtype_skew@2#2", &[], &[]);
+    o.assert(
+        71,
+        &[
+            "exit 71 (watchdog-timeout)",
+            "analyze with: lockstep fr analyze",
+        ],
+    );
+    let out = Command::new(common::lockstep_bin())
+        .args(["fr", "analyze"])
+        .arg(&o.dumps)
+        .output()
+        .expect("fr analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("first disagreement: group `mesh`"), "{text}");
+    assert!(
+        text.contains("dtype mismatch: global-rank [2] = bf16; global-rank [1, 3] = f32"),
+        "{text}"
+    );
+    assert!(text.contains("culprit: global-rank 2"), "{text}");
+    println!("{text}");
+}
+
+#[test]
+fn rendezvous_refuses_wrong_token_and_survives_garbage() {
+    use std::io::Write;
+    let dumps = tmp_dir("rdv");
+    let port = free_port();
+    let mut r0 = spawn_rank(0, 3, port, "right-token", &dumps, &[]);
+    let (rx0, h0) = collect(&mut r0);
+    let addr = format!("127.0.0.1:{port}");
+    let end = Instant::now() + BOUND;
+    let mut garbage = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    garbage
+        .write_all(b"\xff\xff\xff\xffGET / HTTP/1.1\r\n\r\n")
+        .expect("write garbage");
+    wait_line(&rx0, "refused connection", BOUND);
+    let mut wrong = spawn_rank(1, 3, port, "wrong-token", &dumps, &[]);
+    wait_line(&rx0, "bad job token", BOUND);
+    let wrong_code = wait_bounded(&mut wrong, BOUND);
+    assert_eq!(wrong_code, 72, "a rank with the wrong token must not join");
+    let mut r1 = spawn_rank(1, 3, port, "right-token", &dumps, &[]);
+    let mut r2 = spawn_rank(2, 3, port, "right-token", &dumps, &[]);
+    assert_eq!(wait_bounded(&mut r0, BOUND), 0);
+    assert_eq!(wait_bounded(&mut r1, BOUND), 0);
+    assert_eq!(wait_bounded(&mut r2, BOUND), 0);
+    let e0 = h0.join().unwrap_or_default();
+    assert!(e0.contains("unknown control frame kind"), "{e0}");
+    assert!(e0.contains("chunk 2 ok"), "{e0}");
+}
