@@ -42,8 +42,22 @@ pub mod points {
     pub const SHAPE_SKEW: &str = "harness.shape_skew";
     /// Harness mesh rank: issue the generator all_reduce in bf16 instead of f32 (fr analyze demo).
     pub const DTYPE_SKEW: &str = "harness.dtype_skew";
+    /// Pipeline stage 0: send the next INFER envelope twice (D1).
+    pub const DUP_ENVELOPE: &str = "pipeline.dup_envelope";
+    /// Pipeline stage 0: give the next INFER an already-used call_id (D3).
+    pub const CALL_ID_REGRESSION: &str = "pipeline.call_id_regression";
+    /// Pipeline stage 0: plan a recompute but omit `context_frames_override` (F1, preflight).
+    pub const OMIT_OVERRIDE: &str = "pipeline.omit_override";
+    /// Pipeline stage 0: skip the pipeline's own preflight, so the mesh leader must catch F1.
+    pub const SKIP_PREFLIGHT: &str = "pipeline.skip_preflight";
+    /// Pipeline mesh leader: hold the next RESULT until the following envelope (D2).
+    pub const DELAY_RESULT: &str = "pipeline.delay_result";
+    /// Pipeline mesh rank: evict one cache frame out of band, outside the plan (F3).
+    pub const CACHE_OUT_OF_BAND: &str = "pipeline.cache_out_of_band";
+    /// Pipeline mesh rank: capture one extra step graph during warm-up (G2).
+    pub const GRAPH_SET_SKEW: &str = "pipeline.graph_set_skew";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 22] = [
         META_NAN,
         DTYPE_BOOL,
         NESTED_TENSOR,
@@ -59,6 +73,13 @@ pub mod points {
         FLIP_GRAPHS,
         SHAPE_SKEW,
         DTYPE_SKEW,
+        DUP_ENVELOPE,
+        CALL_ID_REGRESSION,
+        OMIT_OVERRIDE,
+        SKIP_PREFLIGHT,
+        DELAY_RESULT,
+        CACHE_OUT_OF_BAND,
+        GRAPH_SET_SKEW,
     ];
 }
 

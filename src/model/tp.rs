@@ -1,6 +1,7 @@
 //! The model's view of its tensor-parallel group: a small trait (`TpComm`) that the mesh's real
 //! communicator implements, plus two in-process implementations — `SoloComm` (TP=1) and
-//! `ThreadComm` (TP=n on threads over channels, used by unit tests and the in-process run).
+//! `ThreadComm` (TP=n on threads over channels, used by the model's unit tests, e.g. TP=2 ==
+//! TP=1). `lockstep run` uses the `mesh` group's collective wrapper (`pipeline::ranks`).
 //!
 //! Contract: all ranks call the same collectives in the same order. `ThreadComm` tags every
 //! message with (sequence number, op name) and fails with both sides' op on a mismatch, instead
@@ -23,8 +24,6 @@ pub trait TpComm: Send {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Every rank's `local` (all the same length), indexed by group rank.
     fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>>;
-    /// `root`'s bytes replace `buf` on every rank.
-    fn broadcast_bytes(&mut self, root: GroupRank, buf: &mut Vec<u8>) -> Result<()>;
 }
 
 /// TP = 1: every collective is the identity.
@@ -44,20 +43,11 @@ impl TpComm for SoloComm {
     fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>> {
         Ok(vec![local.to_vec()])
     }
-    fn broadcast_bytes(&mut self, root: GroupRank, _buf: &mut Vec<u8>) -> Result<()> {
-        if root != GroupRank(0) {
-            return Err(Error::Invariant(format!(
-                "broadcast from {root} in a group of size 1"
-            )));
-        }
-        Ok(())
-    }
 }
 
 enum Payload {
     F32(Vec<f32>),
     U64(Vec<u64>),
-    Bytes(Vec<u8>),
 }
 
 struct Msg {
@@ -219,40 +209,13 @@ impl TpComm for ThreadComm {
         self.seq += 1;
         Ok(out)
     }
-
-    fn broadcast_bytes(&mut self, root: GroupRank, buf: &mut Vec<u8>) -> Result<()> {
-        const OP: &str = "broadcast_bytes";
-        if root.get() >= self.size {
-            return Err(Error::Invariant(format!(
-                "mesh {OP} from {root} but the group has {} ranks",
-                self.size
-            )));
-        }
-        if root.get() == self.rank {
-            for p in self.peers() {
-                self.send(p, OP, Payload::Bytes(buf.clone()))?;
-            }
-        } else {
-            match self.recv(root.get() as usize, OP)? {
-                Payload::Bytes(b) => *buf = b,
-                _ => {
-                    return Err(Error::Invariant(format!(
-                        "mesh {OP} #{}: {root} sent another payload type",
-                        self.seq
-                    )))
-                }
-            }
-        }
-        self.seq += 1;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    type Gathered = (Vec<f32>, Vec<Vec<u64>>, Vec<u8>);
+    type Gathered = (Vec<f32>, Vec<Vec<u64>>);
 
     #[test]
     fn thread_group_collectives_agree() {
@@ -265,17 +228,14 @@ mod tests {
                     let mut v = vec![r as f32, 1.0];
                     c.all_reduce_sum(&mut v)?;
                     let g = c.all_gather_u64(&[u64::from(r) * 10])?;
-                    let mut b = if r == 1 { b"hi".to_vec() } else { Vec::new() };
-                    c.broadcast_bytes(GroupRank(1), &mut b)?;
-                    Ok((v, g, b))
+                    Ok((v, g))
                 })
             })
             .collect();
         for h in handles {
-            let (v, g, b) = h.join().unwrap().unwrap();
+            let (v, g) = h.join().unwrap().unwrap();
             assert_eq!(v, vec![3.0, 3.0]);
             assert_eq!(g, vec![vec![0], vec![10], vec![20]]);
-            assert_eq!(b, b"hi");
         }
     }
 

@@ -1,21 +1,22 @@
 //! Stage 0's loop: plan → preflight → send while the queues have room, receive results while the
-//! decode queue has room, decode and emit in order, NOOP heartbeats when idle, hard cuts on
-//! schedule, SHUTDOWN at the end (drain).
+//! decode queue has room, decode and emit in order, hard cuts on schedule, SHUTDOWN at the end
+//! (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not this loop's.
 //!
 //! Priorities per turn: send (if allowed) → take an available result (if allowed) → decode one →
-//! wait for a result (bounded by the heartbeat interval; a NOOP goes out when nothing was sent
-//! for that long; the whole wait is bounded by `timeout` → `Error::Timeout`). Stage 0 never
-//! accumulates: with a slow Stage 1 it blocks here, bounded, with at most `d_in` in flight.
+//! wait for a result, bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with
+//! a slow Stage 1 it blocks here, bounded, with at most `d_in` in flight.
 use super::decode::{DecodeInput, Decoder};
-use super::envelope::{prepare_infer, unchecked_infer, Action, Envelope, Tensor, NOISE_TENSOR};
-use super::faults::{points, Faults};
+use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
 use super::report::Trace;
 use super::stage0::{InFlight, Offer, QueueConfig, Stage0, Stage0Stats};
 use super::DriverLink;
+use crate::comm::watchdog::diag;
 use crate::digest::fnv64;
+use crate::fault::{self, points};
 use crate::ids::{CallId, ChunkIndex, DRIVER};
 use crate::model::DitConfig;
 use crate::plan::{PlanPolicy, Planner, StateDigest, OVERRIDE_TENSOR};
+use crate::wire::{EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
 use crate::{Error, Result};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ pub struct DriverConfig {
     pub timeout: Duration,
     pub heartbeat: Duration,
     pub noise_seed: u64,
-    pub faults: Faults,
+    pub limits: Limits,
     pub progress: Option<indicatif::ProgressBar>,
 }
 
@@ -43,7 +44,6 @@ pub struct DriverReport {
     pub emit_s: Vec<f64>,
     pub emitted: Vec<(u64, u64)>,
     pub stale: Vec<(u64, u64)>,
-    pub noops: u64,
     pub trace: Trace,
 }
 
@@ -78,15 +78,10 @@ pub fn run_driver(
     let chunk_len = cfg.tokens_per_chunk() * in_dim;
     let mut sent = 0u64;
     let mut sent_in_epoch = 0u64;
-    let mut last_send = Instant::now();
-    let mut last_progress = Instant::now();
+    let mut last_call: Option<CallId> = None;
     // Sink-frame latents of the current epoch: the recompute context.
     let mut anchor: Option<Vec<f32>> = None;
     let mut epoch_first: Option<ChunkIndex> = None;
-    let send_bare = |link: &mut dyn DriverLink, s0: &mut Stage0, action: Action| -> Result<()> {
-        let c = s0.take_call_id();
-        link.send(&Envelope::bare(action, c, ChunkIndex(0), s0.epoch()))
-    };
     loop {
         if sent < dc.chunks && s0.can_send() {
             let t = Instant::now();
@@ -100,48 +95,71 @@ pub fn run_driver(
                 plan.context_frames_override = None;
                 plan.expected_generator_calls = plan.implied_generator_calls();
             }
-            let mut tensors = vec![Tensor {
-                name: NOISE_TENSOR.into(),
-                shape: vec![cfg.tokens_per_chunk(), in_dim],
-                data: noise(dc.noise_seed, epoch.get(), chunk.get(), chunk_len),
-            }];
+            let mut tensors = vec![HostTensor::from_f32(
+                NOISE_TENSOR,
+                vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
+                &noise(dc.noise_seed, epoch.get(), chunk.get(), chunk_len),
+            )];
             if let (Some(r), Some(a)) = (plan.recompute, &anchor) {
                 let n = r.frames as usize * tpf * in_dim;
-                tensors.push(Tensor {
-                    name: OVERRIDE_TENSOR.into(),
-                    shape: vec![r.frames as usize * tpf, in_dim],
-                    data: a.get(..n).map(<[f32]>::to_vec).ok_or_else(|| {
-                        Error::Invariant("anchor latent shorter than the sink frames".into())
-                    })?,
-                });
+                let ctx = a.get(..n).ok_or_else(|| {
+                    Error::Invariant("anchor latent shorter than the sink frames".into())
+                })?;
+                tensors.push(HostTensor::from_f32(
+                    OVERRIDE_TENSOR,
+                    vec![(r.frames as usize * tpf) as u64, in_dim as u64],
+                    ctx,
+                ));
             }
-            if plan.recompute.is_some() && dc.faults.hit(points::OMIT_OVERRIDE, DRIVER) {
+            if plan.recompute.is_some() && fault::hit(points::OMIT_OVERRIDE) {
                 plan.context_frames_override = None;
                 tensors.retain(|t| t.name != OVERRIDE_TENSOR);
             }
-            let mut call_id = s0.take_call_id();
-            if dc.faults.hit(points::CALL_ID_REGRESSION, DRIVER) {
-                call_id = CallId(call_id.get().saturating_sub(2));
-            }
-            let (env, expected) = if dc.faults.hit(points::SKIP_PREFLIGHT, DRIVER) {
-                (
-                    unchecked_infer(&plan, call_id, tensors)?,
-                    StateDigest::from_words(&[0; 6])?,
-                )
+            let skip_preflight = fault::hit(points::SKIP_PREFLIGHT);
+            let regress = fault::hit(points::CALL_ID_REGRESSION);
+            let dup = fault::hit(points::DUP_ENVELOPE);
+            let (call_id, env_copy) = if regress {
+                // D3: an INFER carrying a call_id older than the last one, sent as is.
+                let used = CallId(last_call.map_or(0, |c| c.get().saturating_sub(1)));
+                let ids = EnvelopeIds {
+                    call_id: used,
+                    chunk_index: chunk,
+                    cache_epoch: epoch,
+                };
+                let env = prepare_infer(&plan, ids, tensors, cfg, &dc.limits)?;
+                link.send_again(&env)?;
+                (used, None)
             } else {
-                let env = prepare_infer(&plan, call_id, tensors, cfg)?;
+                let mut copy: Option<PreparedEnvelope> = None;
+                let (plan_ref, limits, copy_ref) = (&plan, &dc.limits, &mut copy);
+                let call_id = link.send_next(Box::new(move |ids| {
+                    let env = if skip_preflight {
+                        unchecked_infer(plan_ref, ids, tensors, limits)?
+                    } else {
+                        prepare_infer(plan_ref, ids, tensors, cfg, limits)?
+                    };
+                    if dup {
+                        *copy_ref = Some(env.clone());
+                    }
+                    Ok(env)
+                }))?;
+                (call_id, copy)
+            };
+            last_call = Some(call_id);
+            if let Some(env) = env_copy {
+                link.send_again(&env)?;
+            }
+            let expected = if skip_preflight {
+                // The mesh must refuse this envelope; nothing will come back to compare.
+                StateDigest::from_words(&[0; 6])?
+            } else {
                 let after = planner.commit(&plan)?;
-                let d = StateDigest::from_ledger(
+                StateDigest::from_ledger(
                     u64::from(plan.expected_generator_calls),
                     &after,
                     dc.graph_count,
-                );
-                (env, d)
+                )
             };
-            link.send(&env)?;
-            if dc.faults.hit(points::DUP_ENVELOPE, DRIVER) {
-                link.send(&env)?;
-            }
             s0.on_sent(InFlight {
                 call_id,
                 chunk_index: chunk,
@@ -155,10 +173,10 @@ pub fn run_driver(
             }
             sent += 1;
             sent_in_epoch += 1;
-            last_send = Instant::now();
-            rep.s0_total += last_send - t;
+            let now = Instant::now();
+            rep.s0_total += now - t;
             rep.trace
-                .span("stage0", &format!("send {chunk} {epoch}"), t, last_send);
+                .span("stage0", &format!("send {chunk} {epoch}"), t, now);
             if dc.hard_cut_every > 0 && sent_in_epoch % dc.hard_cut_every == 0 && sent < dc.chunks {
                 let e = s0.hard_cut();
                 planner.hard_cut();
@@ -172,16 +190,16 @@ pub fn run_driver(
         }
         if s0.can_receive() {
             let wait = if s0.ready_len() == 0 {
-                dc.heartbeat
+                dc.timeout
             } else {
                 Duration::ZERO
             };
             let t = Instant::now();
-            match link.recv_result(wait)? {
-                Some(r) => {
-                    last_progress = Instant::now();
+            match link.recv(wait)? {
+                Some(env) => {
+                    let r = decode_result(&env)?;
                     if s0.ready_len() == 0 {
-                        rep.trace.span("stage0", "wait result", t, last_progress);
+                        rep.trace.span("stage0", "wait result", t, Instant::now());
                     }
                     let (epoch, chunk) = (r.cache_epoch.get(), r.chunk_index.get());
                     let is_anchor =
@@ -197,34 +215,25 @@ pub fn run_driver(
                             }
                         }
                         Offer::DroppedStale => {
-                            eprintln!(
+                            diag(&format!(
                                 "lockstep[{DRIVER}]: dropped stale result chunk_index {chunk} \
                                  cache_epoch {epoch} (current {})",
                                 s0.epoch()
-                            );
+                            ));
                             rep.stale.push((epoch, chunk));
                         }
                     }
                     continue;
                 }
                 None if s0.ready_len() == 0 => {
-                    if last_progress.elapsed() > dc.timeout {
-                        return Err(Error::Timeout(format!(
-                            "stage 0 waited {:?} for a RESULT (expected_next {}, {} outstanding, \
-                             {})",
-                            dc.timeout,
-                            s0.expected_next()
-                                .map_or("none (only cut envelopes)".into(), |c| c.to_string()),
-                            s0.outstanding(),
-                            s0.epoch()
-                        )));
-                    }
-                    if last_send.elapsed() >= dc.heartbeat {
-                        send_bare(link, &mut s0, Action::Noop)?;
-                        rep.noops += 1;
-                        last_send = Instant::now();
-                    }
-                    continue;
+                    return Err(Error::Timeout(format!(
+                        "stage 0 waited {:?} for a RESULT (expected_next {}, {} outstanding, {})",
+                        dc.timeout,
+                        s0.expected_next()
+                            .map_or("none (only cut envelopes)".into(), |c| c.to_string()),
+                        s0.outstanding(),
+                        s0.epoch()
+                    )));
                 }
                 None => {}
             }
@@ -238,7 +247,6 @@ pub fn run_driver(
                 frames: cfg.frames_per_chunk,
             })?;
             let now = Instant::now();
-            last_progress = now;
             rep.s0_total += now - t;
             rep.trace
                 .span("stage0", &format!("decode {}", r.chunk_index), t, now);
@@ -264,7 +272,7 @@ pub fn run_driver(
             dc.chunks
         )));
     }
-    send_bare(link, &mut s0, Action::Shutdown)?;
+    link.shutdown()?;
     rep.stats = s0.stats().clone();
     Ok(rep)
 }

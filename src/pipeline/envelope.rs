@@ -1,72 +1,28 @@
-//! The pipeline's INFER envelope and RESULT, and the preflight that builds one.
+//! The pipeline's content inside the protocol's one framing (`wire`): the INFER envelope (meta =
+//! the phase plan, tensors = the plan's manifest) and the RESULT envelope (meta = state digest +
+//! mesh time, tensor = the clean latent).
 //!
-//! Contract: only `prepare_infer` builds an INFER `Envelope`, and only after the plan validated,
-//! its canonical meta serialized, and every tensor matched the manifest the plan implies
-//! (`noise`: `[tokens_per_chunk, in_dim]`; `context_frames_override`: `[frames · tokens_per_frame,
-//! in_dim]` iff a recompute is planned). `validate_infer` re-runs the same checks on the mesh
-//! leader before any mesh collective, plus header-vs-plan id agreement. The protocol's
-//! `wire::PreparedEnvelope` carries these bytes across processes; here they travel in memory.
-use crate::digest::fnv64;
+//! Contract: only `prepare_infer` builds an INFER, and only after the plan validated and every
+//! tensor matched the manifest the plan implies (`noise`: `[tokens_per_chunk, in_dim]` f32;
+//! `context_frames_override`: `[frames · tokens_per_frame, in_dim]` f32 iff a recompute is
+//! planned) — then `wire::prepare` runs the protocol's preflight, so what comes out is a
+//! `PreparedEnvelope`, the only sendable thing. `validate_infer` re-runs the same checks on the
+//! mesh (leader first, before any mesh collective) plus header-vs-plan id agreement.
+//! Tripwires: F1 (recompute without override: refused before send and on the leader), a tensor
+//! the plan does not declare, a header whose ids disagree with its plan.
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 use crate::model::DitConfig;
 use crate::plan::{PhasePlan, StateDigest, OVERRIDE_TENSOR};
+use crate::wire::{
+    prepare, Action, DType, EnvelopeIds, HostTensor, Limits, PreparedEnvelope, ReceivedEnvelope,
+};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 pub const NOISE_TENSOR: &str = "noise";
+pub const LATENT_TENSOR: &str = "latent";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Action {
-    Infer,
-    Noop,
-    Shutdown,
-}
-
-/// A top-level f32 tensor (row-major).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Envelope {
-    pub action: Action,
-    pub call_id: CallId,
-    pub chunk_index: ChunkIndex,
-    pub cache_epoch: CacheEpoch,
-    /// Canonical plan bytes (empty for NOOP/SHUTDOWN).
-    pub meta: Vec<u8>,
-    pub meta_digest: u64,
-    pub tensors: Vec<Tensor>,
-}
-
-impl Envelope {
-    /// NOOP / SHUTDOWN: no meta, no tensors.
-    pub fn bare(
-        action: Action,
-        call_id: CallId,
-        chunk_index: ChunkIndex,
-        epoch: CacheEpoch,
-    ) -> Self {
-        Self {
-            action,
-            call_id,
-            chunk_index,
-            cache_epoch: epoch,
-            meta: Vec::new(),
-            meta_digest: fnv64(&[]),
-            tensors: Vec::new(),
-        }
-    }
-
-    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.iter().find(|t| t.name == name)
-    }
-}
-
-/// What the mesh leader returns for one INFER.
+/// A decoded RESULT: what the mesh leader returns for one INFER.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChunkResult {
     pub call_id: CallId,
@@ -79,13 +35,25 @@ pub struct ChunkResult {
     pub s1_us: u64,
 }
 
-fn check_manifest(plan: &PhasePlan, tensors: &[Tensor], cfg: &DitConfig) -> Result<()> {
+/// The RESULT's typed meta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultMeta {
+    pub digest: StateDigest,
+    pub s1_us: u64,
+}
+
+fn check_manifest(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> Result<()> {
     let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
     let tpf = cfg.tokens_per_frame();
-    let mut want: Vec<(&str, Vec<usize>)> =
-        vec![(NOISE_TENSOR, vec![plan.frames as usize * tpf, cfg.in_dim()])];
+    let mut want: Vec<(&str, Vec<u64>)> = vec![(
+        NOISE_TENSOR,
+        vec![(plan.frames as usize * tpf) as u64, cfg.in_dim() as u64],
+    )];
     if let Some(o) = &plan.context_frames_override {
-        want.push((OVERRIDE_TENSOR, vec![o.frames as usize * tpf, cfg.in_dim()]));
+        want.push((
+            OVERRIDE_TENSOR,
+            vec![(o.frames as usize * tpf) as u64, cfg.in_dim() as u64],
+        ));
     }
     if plan.frames as usize != cfg.frames_per_chunk {
         return Err(Error::Preflight(format!(
@@ -99,9 +67,11 @@ fn check_manifest(plan: &PhasePlan, tensors: &[Tensor], cfg: &DitConfig) -> Resu
                 "envelope at {at} lacks tensor {name:?} (shape {shape:?}) that its plan requires"
             )));
         };
-        if &t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
+        let n: u64 = shape.iter().product();
+        if &t.shape != shape || t.dtype != DType::F32 || t.data.len() as u64 != n * 4 {
             return Err(Error::Preflight(format!(
-                "tensor {name:?} at {at} has shape {:?} ({} values), the plan requires {shape:?}",
+                "tensor {name:?} at {at} is {} {:?} ({} bytes), the plan requires f32 {shape:?}",
+                t.dtype.name(),
                 t.shape,
                 t.data.len()
             )));
@@ -119,60 +89,55 @@ fn check_manifest(plan: &PhasePlan, tensors: &[Tensor], cfg: &DitConfig) -> Resu
     Ok(())
 }
 
-/// Preflight: validate the plan, serialize meta, check the manifest — then, and only then, an
-/// envelope exists to send.
+fn infer_ids(plan: &PhasePlan, ids: EnvelopeIds) -> EnvelopeIds {
+    EnvelopeIds {
+        call_id: ids.call_id,
+        chunk_index: plan.chunk_index,
+        cache_epoch: plan.cache_epoch,
+    }
+}
+
+/// Preflight: validate the plan, check the manifest, then the protocol's preflight — then, and
+/// only then, an envelope exists to send. `ids.call_id` is the one the rank allocated.
 pub fn prepare_infer(
     plan: &PhasePlan,
-    call_id: CallId,
-    tensors: Vec<Tensor>,
+    ids: EnvelopeIds,
+    tensors: Vec<HostTensor>,
     cfg: &DitConfig,
-) -> Result<Envelope> {
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
     plan.validate()?;
     check_manifest(plan, &tensors, cfg)?;
-    let meta = plan.canonical_bytes()?;
-    Ok(Envelope {
-        action: Action::Infer,
-        call_id,
-        chunk_index: plan.chunk_index,
-        cache_epoch: plan.cache_epoch,
-        meta_digest: fnv64(&meta),
-        meta,
-        tensors,
-    })
+    prepare(Action::Infer, infer_ids(plan, ids), plan, tensors, limits)
 }
 
-/// Builds an INFER without preflight: only the fault `pipeline.skip_preflight` uses it, to
-/// prove the mesh leader's own validation catches what a foreign sender lets through.
+/// An INFER without the pipeline's plan checks (the protocol's preflight still runs): only the
+/// fault `pipeline.skip_preflight` uses it, to prove the mesh leader's own validation catches
+/// what a foreign sender lets through.
 pub fn unchecked_infer(
     plan: &PhasePlan,
-    call_id: CallId,
-    tensors: Vec<Tensor>,
-) -> Result<Envelope> {
-    let meta = plan.canonical_bytes()?;
-    Ok(Envelope {
-        action: Action::Infer,
-        call_id,
-        chunk_index: plan.chunk_index,
-        cache_epoch: plan.cache_epoch,
-        meta_digest: fnv64(&meta),
-        meta,
-        tensors,
-    })
+    ids: EnvelopeIds,
+    tensors: Vec<HostTensor>,
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
+    prepare(Action::Infer, infer_ids(plan, ids), plan, tensors, limits)
 }
 
-/// Mesh leader, before any mesh collective: decode and re-validate.
-pub fn validate_infer(env: &Envelope, cfg: &DitConfig) -> Result<PhasePlan> {
-    if fnv64(&env.meta) != env.meta_digest {
-        return Err(Error::Decode(format!(
-            "meta digest mismatch for {} (meta corrupted in transit)",
-            env.call_id
-        )));
-    }
-    let plan = PhasePlan::from_canonical_bytes(&env.meta)?;
-    if plan.chunk_index != env.chunk_index || plan.cache_epoch != env.cache_epoch {
+/// Mesh side, before any mesh collective: decode the plan from the meta and re-validate.
+pub fn validate_infer(env: &ReceivedEnvelope, cfg: &DitConfig) -> Result<PhasePlan> {
+    let h = &env.header;
+    let meta = env
+        .meta
+        .as_ref()
+        .ok_or_else(|| Error::Decode(format!("INFER {} arrived without meta", h.call_id())))?;
+    let plan: PhasePlan = meta.body_as()?;
+    if plan.chunk_index != h.chunk_index() || plan.cache_epoch != h.cache_epoch() {
         return Err(Error::Invariant(format!(
             "header says {} {} but its plan says {} {}",
-            env.chunk_index, env.cache_epoch, plan.chunk_index, plan.cache_epoch
+            h.chunk_index(),
+            h.cache_epoch(),
+            plan.chunk_index,
+            plan.cache_epoch
         )));
     }
     plan.validate()?;
@@ -180,10 +145,56 @@ pub fn validate_infer(env: &Envelope, cfg: &DitConfig) -> Result<PhasePlan> {
     Ok(plan)
 }
 
+/// The RESULT for the INFER with `ids` (same call_id, chunk_index and cache_epoch).
+pub fn prepare_result(
+    ids: EnvelopeIds,
+    meta: &ResultMeta,
+    latent: &[f32],
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
+    let t = HostTensor::from_f32(LATENT_TENSOR, vec![latent.len() as u64], latent);
+    prepare(Action::Result, ids, meta, vec![t], limits)
+}
+
+/// Rank 0: a received RESULT as a `ChunkResult` (typed errors for anything else).
+pub fn decode_result(env: &ReceivedEnvelope) -> Result<ChunkResult> {
+    let h = &env.header;
+    if env.action() != Action::Result {
+        return Err(Error::Invariant(format!(
+            "stage 0 expected a RESULT from the mesh leader, got {} {}",
+            env.action().name(),
+            h.call_id()
+        )));
+    }
+    let meta: ResultMeta = env
+        .meta
+        .as_ref()
+        .ok_or_else(|| Error::Decode(format!("RESULT {} arrived without meta", h.call_id())))?
+        .body_as()?;
+    let latent = env
+        .tensor(LATENT_TENSOR)
+        .and_then(HostTensor::to_f32)
+        .ok_or_else(|| {
+            Error::Decode(format!(
+                "RESULT {} lacks an f32 tensor {LATENT_TENSOR:?}",
+                h.call_id()
+            ))
+        })?;
+    Ok(ChunkResult {
+        call_id: h.call_id(),
+        chunk_index: h.chunk_index(),
+        cache_epoch: h.cache_epoch(),
+        latent,
+        digest: meta.digest,
+        s1_us: meta.s1_us,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::{PlanPolicy, Planner};
+    use crate::wire::{Header, MetaDoc};
 
     fn setup(recompute_every: u32) -> (DitConfig, Planner) {
         let cfg = DitConfig::tiny();
@@ -200,64 +211,118 @@ mod tests {
         (cfg, p)
     }
 
-    fn noise(cfg: &DitConfig) -> Tensor {
-        Tensor {
-            name: NOISE_TENSOR.into(),
-            shape: vec![cfg.tokens_per_chunk(), cfg.in_dim()],
-            data: vec![0.0; cfg.tokens_per_chunk() * cfg.in_dim()],
+    fn noise(cfg: &DitConfig) -> HostTensor {
+        let n = cfg.tokens_per_chunk() * cfg.in_dim();
+        HostTensor::from_f32(
+            NOISE_TENSOR,
+            vec![cfg.tokens_per_chunk() as u64, cfg.in_dim() as u64],
+            &vec![0.0; n],
+        )
+    }
+
+    fn ids(call: u64) -> EnvelopeIds {
+        EnvelopeIds {
+            call_id: CallId(call),
+            ..Default::default()
+        }
+    }
+
+    /// What the receiving side reconstructs from the bytes a `PreparedEnvelope` puts on the wire.
+    fn received(env: &PreparedEnvelope) -> ReceivedEnvelope {
+        let l = Limits::default();
+        let header = Header::decode(&env.header_bytes()).unwrap();
+        let meta = MetaDoc::decode(
+            env.meta_bytes(),
+            header.meta_digest,
+            header.n_tensors,
+            header.payload_bytes,
+            &l,
+        )
+        .unwrap();
+        ReceivedEnvelope {
+            header,
+            meta: Some(meta),
+            tensors: env.tensors().to_vec(),
         }
     }
 
     #[test]
     fn prepared_infer_validates_on_the_leader() {
         let (cfg, p) = setup(0);
+        let l = Limits::default();
         let plan = p.next_plan(ChunkIndex(0), CacheEpoch(0));
-        let env = prepare_infer(&plan, CallId(0), vec![noise(&cfg)], &cfg).unwrap();
-        assert_eq!(validate_infer(&env, &cfg).unwrap(), plan);
-        let mut bad = env.clone();
-        bad.meta[5] ^= 1;
-        assert!(validate_infer(&bad, &cfg).is_err());
-        let mut bad = env.clone();
-        bad.chunk_index = ChunkIndex(9);
-        assert!(validate_infer(&bad, &cfg)
-            .unwrap_err()
-            .to_string()
-            .contains("header says"));
+        let env = prepare_infer(&plan, ids(1), vec![noise(&cfg)], &cfg, &l).unwrap();
+        assert_eq!(env.header().chunk_index(), plan.chunk_index);
+        assert_eq!(validate_infer(&received(&env), &cfg).unwrap(), plan);
+        let other = p.next_plan(ChunkIndex(9), CacheEpoch(0));
+        let mut bad = received(&env);
+        bad.meta =
+            received(&prepare_infer(&other, ids(1), vec![noise(&cfg)], &cfg, &l).unwrap()).meta;
+        let e = validate_infer(&bad, &cfg).unwrap_err().to_string();
+        assert!(e.contains("header says"), "{e}");
     }
 
     #[test]
     fn manifest_must_match_the_plan() {
         let (cfg, p) = setup(0);
+        let l = Limits::default();
         let plan = p.next_plan(ChunkIndex(0), CacheEpoch(0));
-        let e = prepare_infer(&plan, CallId(0), vec![], &cfg).unwrap_err();
+        let e = prepare_infer(&plan, ids(1), vec![], &cfg, &l).unwrap_err();
         assert!(e.to_string().contains("lacks tensor \"noise\""), "{e}");
         let mut n = noise(&cfg);
         n.shape[0] -= 1;
-        let e = prepare_infer(&plan, CallId(0), vec![n], &cfg).unwrap_err();
-        assert!(e.to_string().contains("has shape"), "{e}");
+        let e = prepare_infer(&plan, ids(1), vec![n], &cfg, &l).unwrap_err();
+        assert!(e.to_string().contains("the plan requires f32"), "{e}");
         let mut extra = noise(&cfg);
         extra.name = "hidden".into();
-        let e = prepare_infer(&plan, CallId(0), vec![noise(&cfg), extra], &cfg).unwrap_err();
+        let e = prepare_infer(&plan, ids(1), vec![noise(&cfg), extra], &cfg, &l).unwrap_err();
         assert!(e.to_string().contains("does not declare"), "{e}");
     }
 
     #[test]
     fn f1_recompute_override_omitted_fails_before_send_and_on_the_leader() {
         let (cfg, mut p) = setup(1);
+        let l = Limits::default();
         let first = p.next_plan(ChunkIndex(0), CacheEpoch(0));
         p.commit(&first).unwrap();
         let mut plan = p.next_plan(ChunkIndex(1), CacheEpoch(0));
         assert!(plan.recompute.is_some());
         // Declared override but tensor missing: the manifest check refuses.
-        let e = prepare_infer(&plan, CallId(1), vec![noise(&cfg)], &cfg).unwrap_err();
+        let e = prepare_infer(&plan, ids(2), vec![noise(&cfg)], &cfg, &l).unwrap_err();
         assert!(e.to_string().contains("context_frames_override"), "{e}");
         // Override dropped from the plan itself: plan validation refuses, before send…
         plan.context_frames_override = None;
-        let e = prepare_infer(&plan, CallId(1), vec![noise(&cfg)], &cfg).unwrap_err();
+        let e = prepare_infer(&plan, ids(2), vec![noise(&cfg)], &cfg, &l).unwrap_err();
         assert!(e.to_string().contains("required, never a fallback"), "{e}");
-        // …and on the leader, for a sender that skipped preflight.
-        let env = unchecked_infer(&plan, CallId(1), vec![noise(&cfg)]).unwrap();
-        let e = validate_infer(&env, &cfg).unwrap_err();
+        // …and on the leader, for a sender that skipped the pipeline's preflight.
+        let env = unchecked_infer(&plan, ids(2), vec![noise(&cfg)], &l).unwrap();
+        let e = validate_infer(&received(&env), &cfg).unwrap_err();
         assert!(e.to_string().contains("required, never a fallback"), "{e}");
+    }
+
+    #[test]
+    fn result_round_trips_through_the_wire_framing() {
+        let l = Limits::default();
+        let ids = EnvelopeIds {
+            call_id: CallId(7),
+            chunk_index: ChunkIndex(3),
+            cache_epoch: CacheEpoch(1),
+        };
+        let digest = StateDigest {
+            calls_made: 5,
+            cache_epoch: 1,
+            cache_start_frame: 0,
+            cache_len_frames: 3,
+            cache_mutations: 2,
+            graph_count: 5,
+        };
+        let meta = ResultMeta { digest, s1_us: 42 };
+        let env = prepare_result(ids, &meta, &[1.0, -2.5], &l).unwrap();
+        let r = decode_result(&received(&env)).unwrap();
+        assert_eq!(
+            (r.call_id, r.chunk_index, r.cache_epoch),
+            (CallId(7), ChunkIndex(3), CacheEpoch(1))
+        );
+        assert_eq!((r.latent, r.digest, r.s1_us), (vec![1.0, -2.5], digest, 42));
     }
 }

@@ -1,40 +1,59 @@
 //! Stage 0 (driver) and Stage 1 (mesh) of the streaming pipeline, and `lockstep run`.
 //!
-//! Contract: `lockstep run` streams chunks through rank 0 + a TP mesh and ends by drain
-//! (SHUTDOWN, exit 0) or by a crash with a diagnosis and the exit code of the failing rank's
-//! error (`exit.rs`). Every wait is bounded by `--timeout`; rank 0 sends NOOP heartbeats when it
-//! has sent nothing for `--heartbeat-ms`.
+//! Contract: `lockstep run` launches rank 0 + a TP mesh as separate local processes (through
+//! the protocol's launcher), each rank bootstraps with `Rank::bootstrap_host` (rendezvous →
+//! parity, with the pipeline's settings in the fingerprint → groups → watchdog), streams chunks,
+//! and the run ends by drain (SHUTDOWN, every rank exits 0) or by a crash with the failing
+//! rank's diagnosis and exit code (`exit.rs`). Every wait is bounded by `--timeout`; rank 0
+//! sends NOOP heartbeats through the protocol when it has sent nothing for `--heartbeat-ms`.
 //!
-//! Transport: this module is written against two small link traits (`DriverLink`,
-//! `LeaderLink`) and the model's `TpComm`. Today `lockstep run` connects them in one process
-//! (`inproc`: one thread per rank, channels); a vanished rank disconnects its channels, so its
-//! peers fail with `PeerLost` at once instead of hanging. The multi-process wiring onto the
-//! protocol core (`comm`, `wire`, `launch`) plugs in behind the same traits.
+//! Transport: the stage code is written against two small link traits (`DriverLink`,
+//! `MeshLink`) and the model's `TpComm`; `ranks` implements them over the protocol's `Rank`
+//! (envelopes = `wire::PreparedEnvelope` on the control plane + `pp` group, relay and TP
+//! collectives on the `mesh` group's guarded, recorded collective wrapper). There is no
+//! in-process transport: the break-it tests, E2 and the soak run the real processes.
 pub mod decode;
 pub mod driver;
 pub mod envelope;
-pub mod faults;
-pub mod inproc;
+pub mod ranks;
 pub mod report;
 pub mod stage0;
 pub mod stage1;
 
+use crate::ids::CallId;
+use crate::wire::{EnvelopeIds, PreparedEnvelope, ReceivedEnvelope};
 use crate::Result;
-use envelope::{ChunkResult, Envelope};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Builds the envelope for the call_id the link allocates.
+pub type MakeEnvelope<'a> = Box<dyn FnOnce(EnvelopeIds) -> Result<PreparedEnvelope> + 'a>;
+
 /// Stage 0's end of the `pp` link.
-pub trait DriverLink: Send {
-    fn send(&mut self, env: &Envelope) -> Result<()>;
-    /// A result, or `None` when none arrived within `timeout` (zero = poll).
-    fn recv_result(&mut self, timeout: Duration) -> Result<Option<ChunkResult>>;
+pub trait DriverLink {
+    /// Sends the envelope `make` prepares for the next call_id (allocated by the link, shared
+    /// with NOOP heartbeats); returns that call_id. A preflight error sends nothing.
+    fn send_next(&mut self, make: MakeEnvelope<'_>) -> Result<CallId>;
+    /// Sends an already prepared envelope as is (fault injection: duplicates, regressions).
+    fn send_again(&mut self, env: &PreparedEnvelope) -> Result<()>;
+    /// The next envelope from the mesh leader, or `None` when none arrived within `timeout`
+    /// (zero = poll).
+    fn recv(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>>;
+    /// Stops heartbeats and sends SHUTDOWN (drain).
+    fn shutdown(&mut self) -> Result<CallId>;
 }
 
-/// The mesh leader's end of the `pp` link.
-pub trait LeaderLink: Send {
-    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<Envelope>>;
-    fn send_result(&mut self, r: ChunkResult) -> Result<()>;
+/// A mesh rank's view of the protocol.
+pub trait MeshLink {
+    /// Leader only: the next envelope rank 0 sent that acceptance let through (duplicates are
+    /// dropped, regressions and gaps are errors), or `None` after `timeout`.
+    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>>;
+    /// Leader only: a RESULT to rank 0.
+    fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()>;
+    /// The leader passes the envelope it accepted; followers pass `None` and get the same one.
+    fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope>;
+    /// Duplicates acceptance dropped so far (leader).
+    fn duplicates_dropped(&self) -> u64;
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,16 +152,13 @@ impl Default for RunArgs {
     }
 }
 
-/// `lockstep run`: returns the process exit code.
+/// `lockstep run`: returns the process exit code. With `RANK` in the environment this process
+/// is one rank of a run (started by the launcher, or by torchrun/Slurm); otherwise it launches
+/// the ranks and reports.
 pub fn main(args: &RunArgs) -> i32 {
-    match inproc::run(args) {
-        Ok(m) => {
-            println!("{}", m.summary());
-            crate::exit::ExitCode::Clean.code()
-        }
-        Err(f) => {
-            eprintln!("{}", f.diagnosis());
-            f.error.exit_code().code()
-        }
+    if std::env::var_os("RANK").is_some() {
+        ranks::rank_main(args)
+    } else {
+        ranks::launch_run(args)
     }
 }

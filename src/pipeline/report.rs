@@ -9,10 +9,10 @@
 //! The trace is Chrome trace-event JSON (`traceEvents`, complete events `ph: "X"` with
 //! pid = global rank, tid = stage lane, ts/dur in µs from the run start, plus process/thread
 //! name metadata), which Perfetto and chrome://tracing load.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Span {
     pub lane: String,
     pub name: String,
@@ -82,7 +82,7 @@ pub fn chrome_trace(traces: &[Trace]) -> serde_json::Value {
 }
 
 /// The run's numbers (also the `--metrics` JSON).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Metrics {
     pub preset: String,
     pub generator: String,

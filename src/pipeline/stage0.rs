@@ -68,7 +68,6 @@ pub struct Stage0Stats {
 pub struct Stage0 {
     q: QueueConfig,
     epoch: CacheEpoch,
-    next_call: CallId,
     in_flight: VecDeque<InFlight>,
     stale_outstanding: VecDeque<CallId>,
     ready: VecDeque<Ready>,
@@ -86,7 +85,6 @@ impl Stage0 {
         Ok(Self {
             q,
             epoch: CacheEpoch(0),
-            next_call: CallId(0),
             in_flight: VecDeque::new(),
             stale_outstanding: VecDeque::new(),
             ready: VecDeque::new(),
@@ -109,13 +107,6 @@ impl Stage0 {
     }
     pub fn expected_next(&self) -> Option<CallId> {
         self.in_flight.front().map(|f| f.call_id)
-    }
-
-    /// Allocates the next call_id (monotonic across INFER, NOOP and SHUTDOWN).
-    pub fn take_call_id(&mut self) -> CallId {
-        let c = self.next_call;
-        self.next_call = c.next();
-        c
     }
 
     pub fn can_send(&self) -> bool {
@@ -213,8 +204,9 @@ mod tests {
         }
     }
 
+    /// The rank allocates call_ids (shared with NOOP heartbeats); here: chunk + 1.
     fn send(s: &mut Stage0, chunk: u64) -> CallId {
-        let c = s.take_call_id();
+        let c = CallId(chunk + 1);
         s.on_sent(InFlight {
             call_id: c,
             chunk_index: ChunkIndex(chunk),
@@ -277,7 +269,7 @@ mod tests {
         let b = send(&mut s, 1);
         let e = s.offer(result(b, 1, 0)).unwrap_err().to_string();
         assert!(
-            e.contains("out of order: expected_next is call_id 0"),
+            e.contains("out of order: expected_next is call_id 1"),
             "{e}"
         );
     }
@@ -348,10 +340,8 @@ mod tests {
     }
 
     #[test]
-    fn call_ids_are_monotonic_and_depth_zero_is_refused() {
-        let mut s = Stage0::new(q(1, true)).unwrap();
-        assert_eq!(s.take_call_id(), CallId(0));
-        assert_eq!(s.take_call_id(), CallId(1));
+    fn depth_zero_is_refused() {
         assert!(Stage0::new(q(0, true)).is_err());
+        assert!(Stage0::new(q(1, true)).is_ok());
     }
 }

@@ -1,87 +1,35 @@
-//! Stage 1 (the mesh): acceptance on the leader, plan broadcast, the plan executor with its
-//! generator-call count and chunk-end state digest, warm-up of the step-graph set.
+//! Stage 1 (the mesh): plan validation on the leader, relay to the mesh, the plan executor with
+//! its generator-call count and chunk-end state digest, warm-up of the step-graph set.
 //!
 //! Contract (SPEC §4, §5, §9):
-//! - The leader accepts `call_id == last + 1`; an exact duplicate (same call_id, epoch and meta
-//!   digest) is DROPPED (no result cache: Stage 0 already has the one result it will accept);
-//!   a regression or a gap crashes at once naming both values. Nothing is broadcast for a
-//!   dropped duplicate.
-//! - The leader validates the envelope (plan, manifest) before any mesh collective, then
-//!   broadcasts the command; every rank executes `PhasePlan::phases()` in order, counts its
-//!   generator calls against `expected_generator_calls`, and all-gathers its `StateDigest` at
-//!   chunk end: any difference crashes with a per-field diff (F3).
-//! - Warm-up captures the step-graph set (the CPU stand-in for CUDA-graph capture) in lockstep
-//!   from a broadcast list, before the first INFER; ranks whose sets differ crash there (G2),
-//!   and a production call whose signature was not captured is an invariant violation.
-use super::envelope::{validate_infer, Action, ChunkResult, Envelope, Tensor, NOISE_TENSOR};
-use super::faults::{points, Faults};
+//! - Acceptance is the protocol's (`Rank::recv_envelope` on the leader): `call_id == last + 1`;
+//!   an exact duplicate (same call_id, epoch and meta digest) is DROPPED after its payload is
+//!   drained (no result cache: Stage 0 already has the one result it will accept); a regression
+//!   or a gap crashes at once naming both values. Nothing is relayed for a dropped duplicate.
+//! - The leader validates the envelope (plan, manifest) before any mesh collective, then relays
+//!   it (header, meta, tensors: the one wire framing) to the mesh; every rank decodes the plan
+//!   from the same canonical meta, executes `PhasePlan::phases()` in order, counts its generator
+//!   calls against `expected_generator_calls`, and all-gathers its `StateDigest` at chunk end:
+//!   any difference crashes with a per-field diff (F3).
+//! - Warm-up captures the step-graph set (the CPU stand-in for CUDA-graph capture) from the
+//!   parity-checked configuration, before the first INFER, and all-gathers its fingerprint: ranks
+//!   whose sets differ crash there (G2); a production call whose signature was not captured is
+//!   an invariant violation.
+use super::envelope::{prepare_result, validate_infer, ResultMeta, NOISE_TENSOR};
 use super::report::Trace;
-use super::LeaderLink;
+use super::MeshLink;
 use crate::cache::{CacheGeometry, KvCache};
-use crate::digest::{fnv64, Fnv64};
-use crate::ids::{CacheEpoch, CallId, GlobalRank, GroupRank};
+use crate::digest::Fnv64;
+use crate::fault::{self, points};
+use crate::ids::{GlobalRank, GroupRank};
 use crate::model::dit::{CacheMode, DitShard, TextKv};
 use crate::model::tp::TpComm;
 use crate::model::DitConfig;
 use crate::plan::{Phase, PhasePlan, StateDigest, OVERRIDE_TENSOR, TIMESTEP_MAX};
+use crate::wire::{Action, EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
 use crate::{Error, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-/// What the leader decided about an incoming envelope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Acceptance {
-    Process,
-    DropDuplicate,
-}
-
-/// The leader's call_id / epoch acceptance rule.
-#[derive(Debug, Default)]
-pub struct Acceptor {
-    last: Option<(CallId, CacheEpoch, u64)>,
-    pub duplicates_dropped: u64,
-}
-
-impl Acceptor {
-    pub fn check(
-        &mut self,
-        call_id: CallId,
-        epoch: CacheEpoch,
-        meta_digest: u64,
-    ) -> Result<Acceptance> {
-        let expected = self.last.map_or(CallId(0), |(c, _, _)| c.next());
-        if let Some((lc, le, ld)) = self.last {
-            if call_id == lc {
-                if epoch == le && meta_digest == ld {
-                    self.duplicates_dropped += 1;
-                    return Ok(Acceptance::DropDuplicate);
-                }
-                return Err(Error::Invariant(format!(
-                    "{call_id} reused with different content: first {le} meta {ld:#018x}, now \
-                     {epoch} meta {meta_digest:#018x}"
-                )));
-            }
-            if call_id < lc {
-                return Err(Error::Invariant(format!(
-                    "call_id regression: got {call_id} after {lc} (expected {expected})"
-                )));
-            }
-            if epoch < le {
-                return Err(Error::Invariant(format!(
-                    "cache_epoch regression: {call_id} carries {epoch} after {le}"
-                )));
-            }
-        }
-        if call_id != expected {
-            return Err(Error::Invariant(format!(
-                "call_id gap: got {call_id}, expected {expected}"
-            )));
-        }
-        self.last = Some((call_id, epoch, meta_digest));
-        Ok(Acceptance::Process)
-    }
-}
 
 /// The set of step graphs a rank captured in warm-up.
 #[derive(Debug, Default, Clone)]
@@ -267,112 +215,6 @@ impl Generator for CalibratedGenerator {
     }
 }
 
-/// What the leader broadcasts to the mesh.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MeshCommand {
-    Warmup {
-        steps: Vec<String>,
-    },
-    Infer {
-        call_id: CallId,
-        plan: PhasePlan,
-        tensors: Vec<Tensor>,
-    },
-    Noop,
-    Shutdown,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CmdHead {
-    kind: String,
-    call_id: u64,
-    steps: Vec<String>,
-    plan: Option<PhasePlan>,
-    tensors: Vec<(String, Vec<usize>)>,
-}
-
-impl MeshCommand {
-    pub fn encode(&self) -> Result<Vec<u8>> {
-        let (kind, call_id, steps, plan, tensors): (
-            &str,
-            u64,
-            Vec<String>,
-            Option<PhasePlan>,
-            &[Tensor],
-        ) = match self {
-            MeshCommand::Warmup { steps } => ("warmup", 0, steps.clone(), None, &[]),
-            MeshCommand::Infer {
-                call_id,
-                plan,
-                tensors,
-            } => (
-                "infer",
-                call_id.get(),
-                Vec::new(),
-                Some(plan.clone()),
-                tensors,
-            ),
-            MeshCommand::Noop => ("noop", 0, Vec::new(), None, &[]),
-            MeshCommand::Shutdown => ("shutdown", 0, Vec::new(), None, &[]),
-        };
-        let head = CmdHead {
-            kind: kind.into(),
-            call_id,
-            steps,
-            plan,
-            tensors: tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.clone()))
-                .collect(),
-        };
-        let h = serde_json::to_vec(&head)
-            .map_err(|e| Error::Preflight(format!("mesh command does not serialize: {e}")))?;
-        let mut out = Vec::with_capacity(4 + h.len());
-        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-        out.extend_from_slice(&h);
-        for t in tensors {
-            out.extend_from_slice(bytemuck::cast_slice(&t.data));
-        }
-        Ok(out)
-    }
-
-    pub fn decode(b: &[u8]) -> Result<Self> {
-        let bad = |m: &str| Error::Decode(format!("mesh command: {m}"));
-        let n = b
-            .get(..4)
-            .and_then(|s| <[u8; 4]>::try_from(s).ok())
-            .map(u32::from_le_bytes)
-            .ok_or_else(|| bad("shorter than its length prefix"))? as usize;
-        let h = b.get(4..4 + n).ok_or_else(|| bad("truncated head"))?;
-        let head: CmdHead = serde_json::from_slice(h).map_err(|e| bad(&e.to_string()))?;
-        let mut off = 4 + n;
-        let mut tensors = Vec::new();
-        for (name, shape) in head.tensors {
-            let len = shape.iter().product::<usize>() * 4;
-            let raw = b
-                .get(off..off + len)
-                .ok_or_else(|| bad("truncated tensor data"))?;
-            let data = raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            off += len;
-            tensors.push(Tensor { name, shape, data });
-        }
-        match head.kind.as_str() {
-            "warmup" => Ok(MeshCommand::Warmup { steps: head.steps }),
-            "infer" => Ok(MeshCommand::Infer {
-                call_id: CallId(head.call_id),
-                plan: head.plan.ok_or_else(|| bad("infer without plan"))?,
-                tensors,
-            }),
-            "noop" => Ok(MeshCommand::Noop),
-            "shutdown" => Ok(MeshCommand::Shutdown),
-            k => Err(bad(&format!("unknown kind {k:?}"))),
-        }
-    }
-}
-
 /// One mesh rank's state across chunks.
 pub struct MeshRank<'a> {
     pub comm: &'a mut dyn TpComm,
@@ -381,7 +223,6 @@ pub struct MeshRank<'a> {
     pub graphs: StepGraphs,
     pub global_rank: GlobalRank,
     pub cfg: DitConfig,
-    pub faults: Faults,
 }
 
 impl<'a> MeshRank<'a> {
@@ -390,7 +231,6 @@ impl<'a> MeshRank<'a> {
         gen: &'a mut dyn Generator,
         global_rank: GlobalRank,
         cfg: &DitConfig,
-        faults: Faults,
     ) -> Result<Self> {
         let cache = KvCache::new(gen.cache_geometry())?;
         Ok(Self {
@@ -400,14 +240,13 @@ impl<'a> MeshRank<'a> {
             graphs: StepGraphs::default(),
             global_rank,
             cfg: cfg.clone(),
-            faults,
         })
     }
 
     /// Captures the broadcast step set and checks that every rank captured the same one.
     pub fn warmup(&mut self, steps: &[String]) -> Result<()> {
         self.graphs.capture(steps);
-        if self.faults.hit(points::GRAPH_SET_SKEW, self.global_rank) {
+        if fault::hit(points::GRAPH_SET_SKEW) {
             self.graphs.capture(&[StepGraphs::signature(
                 "denoise",
                 999,
@@ -451,14 +290,16 @@ impl<'a> MeshRank<'a> {
     pub fn execute(
         &mut self,
         plan: &PhasePlan,
-        tensors: &[Tensor],
+        tensors: &[HostTensor],
     ) -> Result<(Vec<f32>, StateDigest)> {
         let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
-        let tensor = |name: &str| -> Result<&Tensor> {
+        // The manifest was validated (f32, shapes) before any collective; this only decodes.
+        let tensor = |name: &str| -> Result<Vec<f32>> {
             tensors
                 .iter()
                 .find(|t| t.name == name)
-                .ok_or_else(|| Error::Invariant(format!("tensor {name:?} missing at {at}")))
+                .and_then(HostTensor::to_f32)
+                .ok_or_else(|| Error::Invariant(format!("f32 tensor {name:?} missing at {at}")))
         };
         if !plan.cache_actions.reset && self.cache.ledger().epoch() != plan.cache_epoch {
             return Err(Error::Invariant(format!(
@@ -468,13 +309,13 @@ impl<'a> MeshRank<'a> {
         }
         self.gen.set_prompt(self.comm, plan.prompt_seed)?;
         let frames = plan.frames as usize;
-        let mut x = tensor(NOISE_TENSOR)?.data.clone();
+        let mut x = tensor(NOISE_TENSOR)?;
         let mut calls = 0u32;
         for phase in plan.phases() {
             match phase {
                 Phase::CacheReset => self.cache.ledger_mut().reset(plan.cache_epoch)?,
                 Phase::Recompute(r) => {
-                    let ctx = tensor(OVERRIDE_TENSOR)?.data.clone();
+                    let ctx = tensor(OVERRIDE_TENSOR)?;
                     let slots = self
                         .cache
                         .ledger_mut()
@@ -515,7 +356,7 @@ impl<'a> MeshRank<'a> {
                 }
             }
         }
-        if self.faults.hit(points::CACHE_OUT_OF_BAND, self.global_rank) {
+        if fault::hit(points::CACHE_OUT_OF_BAND) {
             // An out-of-band mutation: not in the plan. The digest below must catch it.
             let l = self.cache.ledger_mut();
             if l.window_len() > 0 {
@@ -551,28 +392,24 @@ pub struct MeshReport {
     pub trace: Trace,
 }
 
-/// Leader loop: warm-up, then receive → accept → validate → broadcast → execute → result, until
-/// SHUTDOWN. Every receive is bounded by `timeout`.
+/// Leader loop: warm-up, then receive (accepted by the protocol) → validate → relay → execute →
+/// RESULT, until SHUTDOWN. Every receive is bounded by `timeout` (NOOP heartbeats from rank 0
+/// keep an idle mesh alive).
 pub fn run_leader(
     rank: &mut MeshRank<'_>,
-    link: &mut dyn LeaderLink,
-    steps: Vec<String>,
+    link: &mut dyn MeshLink,
+    steps: &[String],
     timeout: Duration,
+    limits: &Limits,
     mut trace: Trace,
 ) -> Result<MeshReport> {
     let mut report = MeshReport::default();
-    let mut acceptor = Acceptor::default();
-    let warm = MeshCommand::Warmup {
-        steps: steps.clone(),
-    };
-    let mut b = warm.encode()?;
-    rank.comm.broadcast_bytes(GroupRank(0), &mut b)?;
     let t = Instant::now();
-    rank.warmup(&steps)?;
+    rank.warmup(steps)?;
     trace.span("stage1", "warm-up", t, Instant::now());
-    let mut held: Option<ChunkResult> = None;
+    let mut held: Option<PreparedEnvelope> = None;
     loop {
-        let env: Envelope = link.recv_envelope(timeout)?.ok_or_else(|| {
+        let env = link.recv_envelope(timeout)?.ok_or_else(|| {
             Error::Timeout(format!(
                 "mesh leader: no envelope from global-rank 0 (not even a NOOP heartbeat) within \
                  {timeout:?}"
@@ -580,43 +417,28 @@ pub fn run_leader(
         })?;
         let t_recv = Instant::now();
         if let Some(r) = held.take() {
-            link.send_result(r)?;
+            link.send_result(&r)?;
         }
-        if acceptor.check(env.call_id, env.cache_epoch, env.meta_digest)?
-            == Acceptance::DropDuplicate
-        {
-            eprintln!(
-                "lockstep[{}]: dropped duplicate envelope {} {} (dedupe by id + epoch)",
-                rank.global_rank, env.call_id, env.cache_epoch
-            );
-            report.duplicates_dropped = acceptor.duplicates_dropped;
-            continue;
-        }
-        match env.action {
+        match env.action() {
             Action::Noop => {
                 report.noops += 1;
-                let mut b = MeshCommand::Noop.encode()?;
-                rank.comm.broadcast_bytes(GroupRank(0), &mut b)?;
+                link.relay(Some(&env))?;
             }
             Action::Shutdown => {
-                let mut b = MeshCommand::Shutdown.encode()?;
-                rank.comm.broadcast_bytes(GroupRank(0), &mut b)?;
+                link.relay(Some(&env))?;
                 break;
             }
+            Action::Result => {
+                return Err(Error::Invariant(format!(
+                    "mesh leader received a RESULT ({}) from global-rank 0",
+                    env.header.call_id()
+                )))
+            }
             Action::Infer => {
-                // Validate and allocate before any mesh collective.
+                // Validate before any mesh collective; the relay is the first one.
                 let plan = validate_infer(&env, &rank.cfg)?;
-                let cmd = MeshCommand::Infer {
-                    call_id: env.call_id,
-                    plan: plan.clone(),
-                    tensors: env.tensors,
-                };
-                let mut b = cmd.encode()?;
-                rank.comm.broadcast_bytes(GroupRank(0), &mut b)?;
-                let MeshCommand::Infer { tensors, .. } = cmd else {
-                    return Err(Error::Invariant("mesh command changed kind".into()));
-                };
-                let (latent, digest) = rank.execute(&plan, &tensors)?;
+                link.relay(Some(&env))?;
+                let (latent, digest) = rank.execute(&plan, &env.tensors)?;
                 let t_done = Instant::now();
                 trace.span(
                     "stage1",
@@ -625,46 +447,58 @@ pub fn run_leader(
                     t_done,
                 );
                 report.chunks += 1;
-                let r = ChunkResult {
-                    call_id: env.call_id,
+                let ids = EnvelopeIds {
+                    call_id: env.header.call_id(),
                     chunk_index: plan.chunk_index,
                     cache_epoch: plan.cache_epoch,
-                    latent,
+                };
+                let meta = ResultMeta {
                     digest,
                     s1_us: t_done.duration_since(t_recv).as_micros() as u64,
                 };
-                if rank.faults.hit(points::DELAY_RESULT, rank.global_rank) {
+                let r = prepare_result(ids, &meta, &latent, limits)?;
+                if fault::hit(points::DELAY_RESULT) {
                     held = Some(r);
                 } else {
-                    link.send_result(r)?;
+                    link.send_result(&r)?;
                 }
             }
         }
     }
     if let Some(r) = held.take() {
-        link.send_result(r)?;
+        link.send_result(&r)?;
     }
+    report.duplicates_dropped = link.duplicates_dropped();
     report.trace = trace;
     Ok(report)
 }
 
-/// Non-leader loop: follow the leader's broadcasts until SHUTDOWN.
-pub fn run_follower(rank: &mut MeshRank<'_>, mut trace: Trace) -> Result<MeshReport> {
+/// Non-leader loop: warm-up, then follow the leader's relays until SHUTDOWN.
+pub fn run_follower(
+    rank: &mut MeshRank<'_>,
+    link: &mut dyn MeshLink,
+    steps: &[String],
+    mut trace: Trace,
+) -> Result<MeshReport> {
     let mut report = MeshReport::default();
+    let t = Instant::now();
+    rank.warmup(steps)?;
+    trace.span("stage1", "warm-up", t, Instant::now());
     loop {
-        let mut b = Vec::new();
-        rank.comm.broadcast_bytes(GroupRank(0), &mut b)?;
+        let env = link.relay(None)?;
         let t = Instant::now();
-        match MeshCommand::decode(&b)? {
-            MeshCommand::Warmup { steps } => {
-                rank.warmup(&steps)?;
-                trace.span("stage1", "warm-up", t, Instant::now());
+        match env.action() {
+            Action::Noop => report.noops += 1,
+            Action::Shutdown => break,
+            Action::Result => {
+                return Err(Error::Invariant(format!(
+                    "the mesh leader relayed a RESULT ({})",
+                    env.header.call_id()
+                )))
             }
-            MeshCommand::Noop => report.noops += 1,
-            MeshCommand::Shutdown => break,
-            MeshCommand::Infer { plan, tensors, .. } => {
-                plan.validate()?;
-                rank.execute(&plan, &tensors)?;
+            Action::Infer => {
+                let plan = validate_infer(&env, &rank.cfg)?;
+                rank.execute(&plan, &env.tensors)?;
                 trace.span(
                     "stage1",
                     &format!("generate {} {}", plan.chunk_index, plan.cache_epoch),
@@ -679,115 +513,27 @@ pub fn run_follower(rank: &mut MeshRank<'_>, mut trace: Trace) -> Result<MeshRep
     Ok(report)
 }
 
-/// Digest of a step list (for logs).
-pub fn steps_digest(steps: &[String]) -> u64 {
-    fnv64(steps.join(",").as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 
-    #[test]
-    fn d1_exact_duplicate_is_dropped_and_counted() {
-        let mut a = Acceptor::default();
-        assert_eq!(
-            a.check(CallId(0), CacheEpoch(0), 7).unwrap(),
-            Acceptance::Process
-        );
-        assert_eq!(
-            a.check(CallId(0), CacheEpoch(0), 7).unwrap(),
-            Acceptance::DropDuplicate
-        );
-        assert_eq!(a.duplicates_dropped, 1);
-        assert_eq!(
-            a.check(CallId(1), CacheEpoch(0), 8).unwrap(),
-            Acceptance::Process
-        );
-        let e = a
-            .check(CallId(1), CacheEpoch(0), 9)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("reused with different content"), "{e}");
-    }
-
-    #[test]
-    fn d3_call_id_regression_and_gap_crash_with_both_values() {
-        let mut a = Acceptor::default();
-        for c in 0..4 {
-            a.check(CallId(c), CacheEpoch(0), c).unwrap();
-        }
-        let e = a.check(CallId(2), CacheEpoch(0), 2).unwrap_err();
-        assert!(matches!(e, Error::Invariant(_)));
-        assert!(
-            e.to_string()
-                .contains("call_id regression: got call_id 2 after call_id 3 (expected call_id 4)"),
-            "{e}"
-        );
-        let e = a
-            .check(CallId(6), CacheEpoch(0), 6)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("call_id gap: got call_id 6, expected call_id 4"),
-            "{e}"
-        );
-        let e = a.check(CallId(4), CacheEpoch(0), 4);
-        assert!(e.is_ok());
-        let mut b = Acceptor::default();
-        assert!(
-            b.check(CallId(1), CacheEpoch(0), 0).is_err(),
-            "first call must be call_id 0"
-        );
-    }
-
+    /// The protocol's acceptance (which the leader's `MeshLink` uses) never lets an epoch go
+    /// backwards, even with a correct call_id.
     #[test]
     fn epoch_regression_crashes() {
-        let mut a = Acceptor::default();
-        a.check(CallId(0), CacheEpoch(2), 0).unwrap();
-        let e = a
-            .check(CallId(1), CacheEpoch(1), 1)
-            .unwrap_err()
-            .to_string();
+        let h = |call: u64, epoch: u64| {
+            *PreparedEnvelope::noop(EnvelopeIds {
+                call_id: CallId(call),
+                chunk_index: ChunkIndex(0),
+                cache_epoch: CacheEpoch(epoch),
+            })
+            .header()
+        };
+        let mut a = crate::rank::Acceptance::default();
+        a.check(&h(1, 2)).unwrap();
+        let e = a.check(&h(2, 1)).unwrap_err().to_string();
         assert!(e.contains("cache_epoch regression"), "{e}");
-    }
-
-    #[test]
-    fn mesh_command_round_trips() {
-        let cfg = DitConfig::tiny();
-        let plan = crate::plan::Planner::new(crate::plan::PlanPolicy {
-            frames_per_chunk: 3,
-            denoise_timesteps: cfg.denoise_timesteps.clone(),
-            clean_cache_update: true,
-            recompute_every: 0,
-            sink_frames: 3,
-            window_frames: 6,
-            prompt_seed: 1,
-        })
-        .unwrap()
-        .next_plan(crate::ids::ChunkIndex(0), CacheEpoch(0));
-        let cmds = vec![
-            MeshCommand::Warmup {
-                steps: vec!["a".into()],
-            },
-            MeshCommand::Infer {
-                call_id: CallId(3),
-                plan,
-                tensors: vec![Tensor {
-                    name: "noise".into(),
-                    shape: vec![2, 2],
-                    data: vec![1.0, -2.0, 3.5, 0.25],
-                }],
-            },
-            MeshCommand::Noop,
-            MeshCommand::Shutdown,
-        ];
-        for c in cmds {
-            let b = c.encode().unwrap();
-            assert_eq!(MeshCommand::decode(&b).unwrap(), c);
-            assert!(MeshCommand::decode(&b[..b.len() - 3]).is_err());
-        }
-        assert!(MeshCommand::decode(&[1]).is_err());
     }
 
     #[test]

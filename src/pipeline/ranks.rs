@@ -1,0 +1,637 @@
+//! `lockstep run` as processes: the parent launches rank 0 + the TP mesh through the protocol's
+//! launcher (`crate::launch`), each rank bootstraps with `Rank::bootstrap_host` and runs its
+//! stage over adapters onto the protocol, and the parent merges every rank's report into the
+//! summary, the `--metrics` JSON and the `--trace` (one track per rank and stage).
+//!
+//! Contract:
+//! - Everything a rank can get wrong about the configuration is checked in the parent before any
+//!   process starts (bad input → exit 74, nothing launched), and again on each rank; every
+//!   setting that shapes the mesh's work (model geometry, generator, seed, recompute schedule,
+//!   step-graph set, timeouts) joins the parity fingerprint, so ranks started with different
+//!   settings fail at startup with a per-field diff, never mid-stream.
+//! - `DriverLink` over `Rank`: INFERs go out through `Rank::send_next` (the call_id is the rank's,
+//!   shared with its NOOP heartbeats; only a `wire::PreparedEnvelope` is sendable), RESULTs come
+//!   back through `Rank::recv_envelope`. `MeshLink` over `Rank`: the protocol's acceptance on the
+//!   leader, `Rank::relay_to_mesh` for the relay, RESULTs through `Rank::send_envelope`.
+//!   `TpComm` over the `mesh` group's collective wrapper: every TP collective is guarded and
+//!   recorded in the flight recorder.
+//! - Any error on a rank ends it through the protocol's abort path (`Rank::crash`: diagnosis,
+//!   dump, peers told, distinct exit code); the launcher then stops the others and exits with the
+//!   primary failure's code, which is the code `lockstep run` returns.
+//! - Watchdog: `2 × --timeout` unless `LOCKSTEP_WATCHDOG_MS` says otherwise, so the pipeline's
+//!   own bounded waits (a RESULT, an envelope) fire first and name what they waited for.
+//!
+//! Tripwires: a rank that dies (peer lost at once), a hung stage (its bounded wait, then the
+//! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
+use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder};
+use super::driver::{run_driver, DriverConfig, DriverReport};
+use super::report::{chrome_trace, overlap, percentile, steady_period, Metrics, Span, Trace};
+use super::stage0::QueueConfig;
+use super::stage1::{
+    run_follower, run_leader, CalibratedGenerator, DitGenerator, Generator, MeshRank, MeshReport,
+    StepGraphs,
+};
+use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
+use crate::comm::watchdog::{self, diag};
+use crate::comm::HostPlane;
+use crate::exit::ExitCode;
+use crate::ids::{CallId, GlobalRank, GroupRank};
+use crate::model::tp::TpComm;
+use crate::model::DitConfig;
+use crate::plan::PlanPolicy;
+use crate::rank::{Rank, RankEnv, RankOptions};
+use crate::wire::{DType, Limits, PreparedEnvelope, ReceivedEnvelope};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Where the parent wants every rank's report (set by `launch_run`).
+const RUN_DIR_ENV: &str = "LOCKSTEP_RUN_DIR";
+/// The run's common time origin, µs since the Unix epoch, so every rank's timeline lines up.
+const RUN_T0_ENV: &str = "LOCKSTEP_RUN_T0_US";
+
+/// What every rank derives from the arguments (identically: it is parity-checked).
+struct Setup {
+    cfg: DitConfig,
+    tp: u32,
+    steps: Vec<String>,
+    timeout: Duration,
+    heartbeat: Duration,
+    gen_cost: Duration,
+    policy: PlanPolicy,
+    queues: QueueConfig,
+}
+
+fn setup(args: &RunArgs) -> Result<Setup> {
+    let cfg = DitConfig::preset(&args.preset)?;
+    if cfg.name != "tiny" && args.generator == GeneratorKind::Dit {
+        return Err(Error::BadInput(format!(
+            "preset {} is geometry-only on the CPU; run it with --generator calibrated (or on a GPU \
+             build)",
+            cfg.name
+        )));
+    }
+    cfg.check_tp(args.tp)?;
+    let secs = |v: f64, what: &str| -> Result<Duration> {
+        Duration::try_from_secs_f64(v)
+            .map_err(|_| Error::BadInput(format!("{what} must be a non-negative number, got {v}")))
+    };
+    let timeout = secs(args.timeout, "--timeout")?;
+    let gen_cost = secs(args.gen_cost_ms / 1e3, "--gen-cost-ms")?;
+    secs(args.decoder_cost_ms / 1e3, "--decoder-cost-ms")?;
+    let heartbeat = Duration::from_millis(args.heartbeat_ms.max(1));
+    if heartbeat >= timeout {
+        return Err(Error::BadInput(format!(
+            "--heartbeat-ms {} must be well under --timeout {:?}",
+            args.heartbeat_ms, timeout
+        )));
+    }
+    let policy = PlanPolicy {
+        frames_per_chunk: cfg.frames_per_chunk as u32,
+        denoise_timesteps: cfg.denoise_timesteps.clone(),
+        clean_cache_update: true,
+        recompute_every: args.recompute_every,
+        sink_frames: cfg.sink_frames,
+        window_frames: cfg.window_frames,
+        prompt_seed: args.seed ^ 0x5eed,
+    };
+    let queues = QueueConfig {
+        d_in: args.depth_in.unwrap_or(args.depth),
+        d_out: args.depth_out.unwrap_or(args.depth),
+        backpressure: !args.no_backpressure,
+    };
+    if queues.d_in == 0 || queues.d_out == 0 {
+        return Err(Error::BadInput(format!(
+            "queue depths must be ≥ 1 (d_in {}, d_out {})",
+            queues.d_in, queues.d_out
+        )));
+    }
+    let steps = StepGraphs::required(&cfg, args.recompute_every > 0, cfg.sink_frames);
+    Ok(Setup {
+        tp: args.tp,
+        steps,
+        timeout,
+        heartbeat,
+        gen_cost,
+        policy,
+        queues,
+        cfg,
+    })
+}
+
+fn make_decoder(args: &RunArgs, cfg: &DitConfig) -> Result<Box<dyn Decoder>> {
+    let inner: Option<Box<dyn Decoder>> = match &args.frames_out {
+        Some(d) => Some(Box::new(PreviewDecoder::new(d.clone(), cfg)?)),
+        None => None,
+    };
+    if args.decoder_cost_ms > 0.0 {
+        let cost = Duration::try_from_secs_f64(args.decoder_cost_ms / 1e3)
+            .map_err(|_| Error::BadInput("--decoder-cost-ms must be ≥ 0".into()))?;
+        return Ok(Box::new(CalibratedDecoder::new(cost, inner)));
+    }
+    Ok(inner.unwrap_or_else(|| Box::new(NullDecoder)))
+}
+
+/// The pipeline's share of the parity fingerprint: every setting that shapes the mesh's work.
+fn fingerprint(opts: &mut RankOptions, args: &RunArgs, s: &Setup) {
+    let fp = &mut opts.fingerprint;
+    fp.set("pipeline.model", format!("{:?}", s.cfg))
+        .set("pipeline.tp", s.tp)
+        .set("pipeline.generator", format!("{:?}", args.generator))
+        .set("pipeline.gen_cost_us", s.gen_cost.as_micros())
+        .set("pipeline.seed", args.seed)
+        .set("pipeline.recompute_every", args.recompute_every)
+        .set("pipeline.step_graphs", s.steps.join(","))
+        .set("pipeline.timeout_ms", s.timeout.as_millis())
+        .set("pipeline.heartbeat_ms", s.heartbeat.as_millis());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapters onto the protocol.
+
+/// Stage 0's link: envelopes through the rank's envelope endpoint.
+struct RankDriver<'a> {
+    rank: &'a Rank<HostPlane>,
+}
+
+impl DriverLink for RankDriver<'_> {
+    fn send_next(&mut self, make: MakeEnvelope<'_>) -> Result<CallId> {
+        self.rank.send_next(make)
+    }
+    fn send_again(&mut self, env: &PreparedEnvelope) -> Result<()> {
+        self.rank.send_envelope(env)
+    }
+    fn recv(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+        recv_within(self.rank, timeout)
+    }
+    fn shutdown(&mut self) -> Result<CallId> {
+        // No NOOP may follow the SHUTDOWN.
+        self.rank.stop_heartbeats();
+        self.rank
+            .send_next(Box::new(|ids| Ok(PreparedEnvelope::shutdown(ids))))
+    }
+}
+
+/// `Rank::recv_envelope` with "nothing arrived in time" as `None`. The rank reports that case as
+/// a `Timeout` whose message starts with `NO_HEADER`; any other error (including a timeout while
+/// receiving a payload whose header did arrive) stays an error.
+fn recv_within(rank: &Rank<HostPlane>, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+    const NO_HEADER: &str = "no envelope header";
+    match rank.recv_envelope(Some(Instant::now() + timeout)) {
+        Ok(e) => Ok(Some(e)),
+        Err(Error::Timeout(m)) if m.starts_with(NO_HEADER) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A mesh rank's link: acceptance + relay + RESULTs, all the protocol's.
+struct RankMesh<'a> {
+    rank: &'a Rank<HostPlane>,
+}
+
+impl MeshLink for RankMesh<'_> {
+    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+        recv_within(self.rank, timeout)
+    }
+    fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()> {
+        self.rank.send_envelope(env)
+    }
+    fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
+        self.rank.relay_to_mesh(env)
+    }
+    fn duplicates_dropped(&self) -> u64 {
+        self.rank.dropped_duplicates()
+    }
+}
+
+/// The model's TP group: the `mesh` group's collective wrapper (guarded, recorded, bounded).
+struct MeshComm<'a> {
+    rank: &'a Rank<HostPlane>,
+    me: GroupRank,
+    size: u32,
+}
+
+impl<'a> MeshComm<'a> {
+    fn new(rank: &'a Rank<HostPlane>) -> Result<Self> {
+        let mesh = rank.mesh();
+        let me = mesh.me().ok_or_else(|| {
+            Error::Invariant(format!(
+                "{} runs the generator but is not a member of `mesh`",
+                rank.global()
+            ))
+        })?;
+        Ok(Self {
+            rank,
+            me,
+            size: mesh.size(),
+        })
+    }
+}
+
+impl TpComm for MeshComm<'_> {
+    fn rank(&self) -> GroupRank {
+        self.me
+    }
+    fn size(&self) -> u32 {
+        self.size
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let out =
+            self.rank
+                .mesh()
+                .all_reduce_f32(buf, &[buf.len() as u64], self.rank.deadline())?;
+        if out.len() != buf.len() {
+            return Err(Error::Invariant(format!(
+                "mesh all_reduce returned {} values for {}",
+                out.len(),
+                buf.len()
+            )));
+        }
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+    fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>> {
+        let mesh = self.rank.mesh();
+        let plane = mesh.plane();
+        let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let send = crate::comm::DataPlane::upload(plane, &bytes)?;
+        let recv = crate::comm::DataPlane::alloc(plane, bytes.len() * self.size as usize)?;
+        // Counters travel as i64 bit patterns (u64 is not a wire dtype).
+        let t = mesh.all_gather(send, recv, DType::I64, &[local.len() as u64])?;
+        let out = crate::comm::DataPlane::download(plane, &mesh.wait(t, self.rank.deadline())?)?;
+        if out.len() != bytes.len() * self.size as usize {
+            return Err(Error::Invariant(format!(
+                "mesh all_gather returned {} bytes, expected {}",
+                out.len(),
+                bytes.len() * self.size as usize
+            )));
+        }
+        Ok(out
+            .chunks_exact(bytes.len().max(1))
+            .map(|r| {
+                r.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One rank.
+
+/// What a rank hands the parent after a clean run.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RankReport {
+    rank: u32,
+    spans: Vec<Span>,
+    /// Rank 0: the run's numbers (mesh counters filled in by the parent).
+    metrics: Option<Metrics>,
+    chunks: u64,
+    noops: u64,
+    duplicates_dropped: u64,
+}
+
+fn run_t0() -> Instant {
+    let now = Instant::now();
+    let Some(t0_us) = std::env::var(RUN_T0_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return now;
+    };
+    let now_us = unix_us();
+    now.checked_sub(Duration::from_micros(now_us.saturating_sub(t0_us)))
+        .unwrap_or(now)
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn early_exit(rank: &str, e: &Error) -> i32 {
+    let code = e.exit_code();
+    diag(&format!(
+        "lockstep[{rank}]: exit {} ({}): {e}",
+        code.code(),
+        code.name()
+    ));
+    code.code()
+}
+
+/// One rank of `lockstep run` (the environment names it). Returns its exit code; a failure after
+/// bootstrap never returns (the protocol's abort path exits).
+pub fn rank_main(args: &RunArgs) -> i32 {
+    let env = match RankEnv::from_env() {
+        Ok(e) => e,
+        Err(e) => return early_exit("rank ?", &e),
+    };
+    let who = GlobalRank(env.rank).to_string();
+    let s = match setup(args) {
+        Ok(s) => s,
+        Err(e) => return early_exit(&who, &e),
+    };
+    if env.world_size != s.tp + 1 {
+        let e = Error::BadInput(format!(
+            "WORLD_SIZE={} but --tp {} needs rank 0 + {} mesh ranks",
+            env.world_size, s.tp, s.tp
+        ));
+        return early_exit(&who, &e);
+    }
+    let mut opts = match RankOptions::from_env() {
+        Ok(o) => o,
+        Err(e) => return early_exit(&who, &e),
+    };
+    if std::env::var_os("LOCKSTEP_WATCHDOG_MS").is_none() {
+        opts.watchdog = s.timeout * 2;
+        opts.op_timeout = s.timeout * 4;
+    }
+    fingerprint(&mut opts, args, &s);
+    let rank = match Rank::bootstrap_host(&env, opts) {
+        Ok(r) => r,
+        Err(e) => return early_exit(&who, &e),
+    };
+    let t0 = run_t0();
+    let report = match run_rank(&rank, args, &s, t0) {
+        Ok(r) => r,
+        Err(e) => rank.crash(&e),
+    };
+    if let Err(e) = write_report(&report) {
+        rank.crash(&e);
+    }
+    if rank.is_driver() && std::env::var_os(RUN_DIR_ENV).is_none() {
+        // Started without `lockstep run`'s parent (torchrun, Slurm): rank 0 reports itself.
+        if let Some(m) = &report.metrics {
+            println!("{}", m.summary());
+        }
+    }
+    match rank.finish() {
+        Ok(()) => ExitCode::Clean.code(),
+        Err(e) => watchdog::crash(&e, true),
+    }
+}
+
+fn run_rank(rank: &Rank<HostPlane>, args: &RunArgs, s: &Setup, t0: Instant) -> Result<RankReport> {
+    let me = rank.global();
+    let limits: Limits = rank.options().limits;
+    let mut graphs = StepGraphs::default();
+    graphs.capture(&s.steps);
+    if rank.is_driver() {
+        let mut decoder = make_decoder(args, &s.cfg)?;
+        let progress = (!args.quiet).then(|| {
+            let pb = indicatif::ProgressBar::new(args.chunks);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} chunks {pos}/{len} [{bar:30}] {per_sec} eta {eta}",
+            ) {
+                pb.set_style(style);
+            }
+            pb
+        });
+        let dc = DriverConfig {
+            cfg: s.cfg.clone(),
+            chunks: args.chunks,
+            queues: s.queues,
+            hard_cut_every: args.hard_cut_every,
+            policy: s.policy.clone(),
+            graph_count: graphs.count(),
+            timeout: s.timeout,
+            heartbeat: s.heartbeat,
+            noise_seed: args.seed,
+            limits,
+            progress,
+        };
+        rank.start_heartbeats(s.heartbeat)?;
+        let mut link = RankDriver { rank };
+        let d = run_driver(&mut link, decoder.as_mut(), &dc, Trace::new(me.get(), t0));
+        if let Some(pb) = &dc.progress {
+            pb.finish_and_clear();
+        }
+        let d = d?;
+        let m = metrics(args, s, decoder.name(), &d, t0.elapsed());
+        return Ok(RankReport {
+            rank: me.get(),
+            spans: d.trace.spans.clone(),
+            metrics: Some(m),
+            ..Default::default()
+        });
+    }
+    let mut comm = MeshComm::new(rank)?;
+    let mut gen: Box<dyn Generator> = match args.generator {
+        GeneratorKind::Dit => Box::new(DitGenerator::new(&s.cfg, args.seed, comm.rank(), s.tp)?),
+        GeneratorKind::Calibrated => Box::new(CalibratedGenerator::new(&s.cfg, s.gen_cost)),
+    };
+    let mut mesh_rank = MeshRank::new(&mut comm, gen.as_mut(), me, &s.cfg)?;
+    let mut link = RankMesh { rank };
+    let trace = Trace::new(me.get(), t0);
+    let r: MeshReport = if rank.is_mesh_leader() {
+        run_leader(
+            &mut mesh_rank,
+            &mut link,
+            &s.steps,
+            s.timeout,
+            &limits,
+            trace,
+        )?
+    } else {
+        run_follower(&mut mesh_rank, &mut link, &s.steps, trace)?
+    };
+    Ok(RankReport {
+        rank: me.get(),
+        spans: r.trace.spans,
+        metrics: None,
+        chunks: r.chunks,
+        noops: r.noops,
+        duplicates_dropped: r.duplicates_dropped,
+    })
+}
+
+fn report_path(dir: &Path, rank: u32) -> PathBuf {
+    dir.join(format!("rank-{rank}.json"))
+}
+
+fn write_report(r: &RankReport) -> Result<()> {
+    let Some(dir) = std::env::var_os(RUN_DIR_ENV).map(PathBuf::from) else {
+        return Ok(());
+    };
+    let j = serde_json::to_vec(r)
+        .map_err(|e| Error::Invariant(format!("rank report does not serialize: {e}")))?;
+    let p = report_path(&dir, r.rank);
+    std::fs::write(&p, j).map_err(|e| Error::io(format!("writing {}", p.display()), e))
+}
+
+fn metrics(
+    args: &RunArgs,
+    s: &Setup,
+    decoder: String,
+    d: &DriverReport,
+    wall: Duration,
+) -> Metrics {
+    let n = d.emitted.len().max(1) as f64;
+    let s0_ms = d.s0_total.as_secs_f64() * 1e3 / n;
+    let s1_ms = d.s1_us.iter().sum::<u64>() as f64 / 1e3 / n;
+    let period_ms = steady_period(&d.emit_s) * 1e3;
+    let (e, eta) = overlap(s0_ms, s1_ms, period_ms);
+    let mut lat = d.latencies_ms.clone();
+    lat.sort_by(f64::total_cmp);
+    Metrics {
+        preset: s.cfg.name.into(),
+        generator: format!(
+            "{} / decoder {decoder}",
+            match args.generator {
+                GeneratorKind::Dit => "tiny DiT (CPU)".to_string(),
+                GeneratorKind::Calibrated => format!("calibrated {} ms/call", args.gen_cost_ms),
+            }
+        ),
+        tp: s.tp,
+        depth_in: s.queues.d_in,
+        depth_out: s.queues.d_out,
+        backpressure: s.queues.backpressure,
+        chunks_requested: args.chunks,
+        chunks_emitted: d.emitted.len() as u64,
+        s0_ms,
+        s1_ms,
+        period_ms,
+        e,
+        eta,
+        chunks_per_s: if period_ms > 0.0 {
+            1e3 / period_ms
+        } else {
+            0.0
+        },
+        latency_p50_ms: percentile(&lat, 0.5),
+        latency_p99_ms: percentile(&lat, 0.99),
+        stale_dropped: d.stats.stale_dropped,
+        flushed_undecoded: d.stats.flushed_undecoded,
+        duplicates_dropped: 0,
+        hard_cuts: d.stats.hard_cuts,
+        noops_sent: 0,
+        max_in_flight: d.stats.max_in_flight,
+        max_ready: d.stats.max_ready,
+        wall_s: wall.as_secs_f64(),
+        emitted: d.emitted.clone(),
+        stale: d.stale.clone(),
+        frames_dir: args.frames_out.as_ref().map(|p| p.display().to_string()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parent.
+
+/// `LaunchArgs` built through its own parser, so the launcher's defaults apply.
+#[derive(clap::Parser, Debug)]
+struct LaunchCli {
+    #[command(flatten)]
+    launch: crate::launch::LaunchArgs,
+}
+
+/// `lockstep run` without `RANK`: validate, launch rank 0 + the mesh as processes running this
+/// same command line, then merge their reports.
+pub fn launch_run(args: &RunArgs) -> i32 {
+    match launch_and_report(args) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e.exit_code();
+            diag(&format!(
+                "lockstep run: exit {} ({}): {e}",
+                code.code(),
+                code.name()
+            ));
+            code.code()
+        }
+    }
+}
+
+fn launch_and_report(args: &RunArgs) -> Result<i32> {
+    // Refuse what every rank would refuse, before any process exists.
+    let s = setup(args)?;
+    if let Ok(f) = std::env::var("LOCKSTEP_FAULT") {
+        crate::fault::parse(&f)?;
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating this executable", e))?;
+    let dir = std::env::temp_dir().join(format!(
+        "lockstep-run-{}-{:x}",
+        std::process::id(),
+        unix_us()
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    // The ranks inherit these (the parent is still single-threaded here).
+    std::env::set_var(RUN_DIR_ENV, &dir);
+    std::env::set_var(RUN_T0_ENV, unix_us().to_string());
+    let mut argv: Vec<std::ffi::OsString> =
+        vec!["launch".into(), "-n".into(), (s.tp + 1).to_string().into()];
+    if let Some(d) = std::env::var_os("LOCKSTEP_DUMP_DIR") {
+        argv.extend(["--dump-dir".into(), d]);
+    }
+    argv.extend(["--".into(), exe.into_os_string()]);
+    argv.extend(std::env::args_os().skip(1));
+    let cli = <LaunchCli as clap::Parser>::try_parse_from(argv)
+        .map_err(|e| Error::BadInput(format!("launcher arguments: {e}")))?;
+    let t0 = Instant::now();
+    let code = crate::launch::main(&cli.launch);
+    let wall = t0.elapsed();
+    let out = if code == ExitCode::Clean.code() {
+        report(args, &dir, s.tp + 1, wall).map(|()| code)
+    } else {
+        let name = ExitCode::from_code(code).map_or("unknown", ExitCode::name);
+        diag(&format!(
+            "lockstep run failed: exit {code} ({name}); the failing rank's diagnosis is above"
+        ));
+        Ok(code)
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn read_report(dir: &Path, rank: u32) -> Result<RankReport> {
+    let p = report_path(dir, rank);
+    let b = std::fs::read(&p).map_err(|e| {
+        Error::io(
+            format!(
+                "global-rank {rank} exited cleanly but left no report {}",
+                p.display()
+            ),
+            e,
+        )
+    })?;
+    serde_json::from_slice(&b)
+        .map_err(|e| Error::Decode(format!("report of global-rank {rank}: {e}")))
+}
+
+fn report(args: &RunArgs, dir: &Path, world: u32, wall: Duration) -> Result<()> {
+    let reports: Vec<RankReport> = (0..world)
+        .map(|r| read_report(dir, r))
+        .collect::<Result<_>>()?;
+    let mut m = reports
+        .first()
+        .and_then(|r| r.metrics.clone())
+        .ok_or_else(|| Error::Invariant("rank 0's report carries no metrics".into()))?;
+    if let Some(leader) = reports.get(1) {
+        m.duplicates_dropped = leader.duplicates_dropped;
+        m.noops_sent = leader.noops;
+    }
+    m.wall_s = wall.as_secs_f64();
+    println!("{}", m.summary());
+    if let Some(p) = &args.metrics {
+        let j = serde_json::to_vec_pretty(&m)
+            .map_err(|e| Error::Invariant(format!("metrics do not serialize: {e}")))?;
+        std::fs::write(p, j).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+    }
+    if let Some(p) = &args.trace {
+        let traces: Vec<Trace> = reports
+            .into_iter()
+            .map(|r| Trace {
+                rank: r.rank,
+                t0: None,
+                spans: r.spans,
+            })
+            .collect();
+        let j = serde_json::to_vec(&chrome_trace(&traces))
+            .map_err(|e| Error::Invariant(format!("trace does not serialize: {e}")))?;
+        std::fs::write(p, j).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+    }
+    Ok(())
+}
