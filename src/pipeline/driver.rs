@@ -2,9 +2,13 @@
 //! decode queue has room, decode and emit in order, hard cuts on schedule, SHUTDOWN at the end
 //! (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not this loop's.
 //!
-//! Priorities per turn: send (if allowed) → take an available result (if allowed) → decode one →
-//! wait for a result, bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with
-//! a slow Stage 1 it blocks here, bounded, with at most `d_in` in flight.
+//! Priorities per turn: send (if allowed) → decode one (if any is ready) → wait for a result,
+//! bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with a slow Stage 1 it
+//! blocks here, bounded, with at most `d_in` in flight. Only with backpressure off (the E1
+//! experiment) does it also take results that are already there before decoding, which is what
+//! lets the decode backlog grow. (With backpressure on, taking results early gains nothing: a
+//! result waits as well in the lane as in the queue, and a "zero" wait on a socket costs up to a
+//! scheduler tick on Linux when nothing is there.)
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
 use super::report::Trace;
@@ -188,7 +192,7 @@ pub fn run_driver(
             }
             continue;
         }
-        if s0.can_receive() {
+        if s0.can_receive() && (s0.ready_len() == 0 || !dc.queues.backpressure) {
             let wait = if s0.ready_len() == 0 {
                 dc.timeout
             } else {
