@@ -20,6 +20,7 @@ pub fn main(args: &BenchArgs) -> i32 {
     match args.what.as_str() {
         "wire" => wire(args),
         "echo-peer" => echo_peer(args),
+        "transport" => crate::comm::nccl::bench::main(&args.rest),
         other => {
             eprintln!("bench: unknown benchmark {other:?}");
             crate::exit::ExitCode::BadInput.code()

@@ -1,1 +1,0 @@
-//! NCCL data plane (raw NCCL through cudarc's sys bindings, loaded dynamically).
