@@ -11,6 +11,9 @@ pub struct BenchArgs {
 }
 
 pub fn main(args: &BenchArgs) -> i32 {
+    if args.what == "kernels" {
+        return crate::cuda::bench::main(&args.rest);
+    }
     eprintln!("bench: unknown benchmark {:?}", args.what);
     crate::exit::ExitCode::BadInput.code()
 }

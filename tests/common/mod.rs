@@ -15,7 +15,9 @@ pub fn lockstep_bin() -> PathBuf {
 /// silently: the reason is printed (run with `--nocapture` to see it).
 pub fn skip_without_gpu(test: &str) -> bool {
     if !lockstep::cuda::embedded::has_kernels() {
-        println!("SKIP {test}: built without kernels (run tools/install-cuda-toolchain.sh and rebuild)");
+        println!(
+            "SKIP {test}: built without kernels (run tools/install-cuda-toolchain.sh and rebuild)"
+        );
         return true;
     }
     if !lockstep::cuda::probe::gpu_available() {
