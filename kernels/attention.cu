@@ -13,8 +13,9 @@
 // - Softmax statistics (running max, running sum) and the O accumulator are fp32; P is rounded
 //   to bf16 for the P·V product (as FA2 does).
 //
-// Tripwires: changing BM/BN/WARPS changes the smem size the host passes (kSmemBytes, mirrored
-// in attention.rs); the XOR swizzle assumes 256-byte rows (head dim 128).
+// Tripwires: changing BM/BN/WARPS changes the smem size and block the host passes (V1_* in
+// attention.rs); the XOR swizzle and the XOR-stepped ldmatrix addresses assume 256-byte rows
+// (head dim 128) and row offsets that are multiples of 8 rows; SUB = 64 spills (measured).
 #include "common.cuh"
 
 struct AttnParams {
@@ -37,35 +38,47 @@ static_assert(sizeof(AttnParams) == 88, "AttnParams mirror in src/cuda/attention
 
 namespace attn_v1 {
 constexpr int D = 128;
-constexpr int BM = 128;  // query rows per block: 8 warps x one m16 MMA tile each
-constexpr int BN = 64;   // keys per tile: 64 keeps S at 32 fp32 regs per thread
-constexpr int WARPS = 8;
+constexpr int MT = 2;     // m16 MMA tiles per warp: each K/V fragment read from smem feeds MT
+                          // MMAs, so smem reads per FLOP drop 1.6x against MT = 1 (MT = 1 with
+                          // 8 warps: 262 TFLOP/s on H200, see BENCHMARKS.md); costs 128 regs.
+constexpr int WARPS = 4;  // 128 threads at <= 255 regs: 2 blocks per SM, whose softmax and MMA
+                          // phases overlap (one block alone stalls the tensor cores at every sync).
+constexpr int BM = WARPS * MT * 16;  // 128 query rows per block
+constexpr int BN = 64;               // keys per smem tile (one cp.async stage, one barrier)
+constexpr int SUB = 32;              // keys per softmax step inside a tile
+constexpr int NSUB = SUB / 8;        // n8 subtiles per step
 constexpr int THREADS = WARPS * 32;
-constexpr int CHUNKS = D / 8;           // 16-byte chunks per row
-constexpr int ROW_BYTES = D * 2;        // 256
-constexpr int SMEM_Q = BM * ROW_BYTES;  // 32 KB
-constexpr int SMEM_KV = BN * ROW_BYTES; // 16 KB per K or V tile
-constexpr int SMEM = SMEM_Q + 4 * SMEM_KV;  // Q + 2 stages x (K, V) = 96 KB
+constexpr int CHUNKS = D / 8;               // 16-byte chunks per row
+constexpr int ROW_BYTES = D * 2;            // 256
+constexpr int SMEM_Q = BM * ROW_BYTES;      // 32 KB
+constexpr int SMEM_KV = BN * ROW_BYTES;     // 16 KB per K or V tile
+constexpr int SMEM = SMEM_Q + 4 * SMEM_KV;  // Q + 2 stages x (K, V) = 96 KB: 2 blocks per SM
 }  // namespace attn_v1
 
 // Byte offset of 16-byte chunk `c` of row `r` in a 256-byte-row tile. XOR with the row's low 3
 // bits puts the 8 rows an ldmatrix phase reads into 8 distinct bank groups.
 LS_DEVICE uint32_t attn_swz(int r, int c) { return r * 256 + ((c ^ (r & 7)) << 4); }
 
+// Thread t copies chunk t % 16 of rows t / 16 + 8 i: with 128 threads and 16 chunks per row the
+// row's low 3 bits, and so the swizzled chunk, are the same for all of a thread's rows, which
+// keeps the address arithmetic (and register pressure) of the copy loop to one add per row.
 template <int ROWS>
 LS_DEVICE void attn_load_rows(uint32_t smem, const __nv_bfloat16* g, uint64_t stride, int row0,
                               int nvalid, int tid) {
     using namespace attn_v1;
+    static_assert(THREADS % CHUNKS == 0 && (THREADS / CHUNKS) % 8 == 0, "row step keeps r & 7");
+    constexpr int STEP = THREADS / CHUNKS;
+    const int c = tid % CHUNKS, r0 = tid / CHUNKS;
+    const uint32_t s0 = smem + attn_swz(r0, c);
+    const __nv_bfloat16* g0 = g + (uint64_t)(row0 + r0) * stride + c * 8;
 #pragma unroll
-    for (int i = tid; i < ROWS * CHUNKS; i += THREADS) {
-        const int r = i / CHUNKS, c = i % CHUNKS;
-        const bool ok = row0 + r < nvalid;
-        const __nv_bfloat16* src = g + (uint64_t)(ok ? row0 + r : 0) * stride + c * 8;
-        ls_cp_async16(smem + attn_swz(r, c), src, ok);
+    for (int i = 0; i < ROWS / STEP; ++i) {
+        const bool ok = row0 + r0 + i * STEP < nvalid;
+        ls_cp_async16(s0 + i * STEP * ROW_BYTES, ok ? g0 + (uint64_t)i * STEP * stride : g, ok);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 1)
+extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 2)
     attention_fwd_v1_bf16(const AttnParams p) {
     using namespace attn_v1;
     extern __shared__ __align__(128) uint8_t smem[];
@@ -88,24 +101,32 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 1)
 
     const int ntiles = (lk + BN - 1) / BN;
     const float sl = p.scale_log2;
-    uint32_t qf[8][4];
-    float o[16][4];
+    float o[MT][16][4];
 #pragma unroll
-    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float mrow[2] = {-INFINITY, -INFINITY};  // running max of raw scores (unscaled)
-    float lrow[2] = {0.f, 0.f};              // this thread's share of the running sum
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int d = 0; d < 16; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+    float mrow[MT][2], lrow[MT][2];  // running max of raw scores; this thread's share of the sum
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        mrow[mt][0] = mrow[mt][1] = -INFINITY;
+        lrow[mt][0] = lrow[mt][1] = 0.f;
+    }
+    const int wrow = warp * MT * 16;  // this warp's first row in the block
+    // ldmatrix addresses. Every row an ldmatrix phase reads has r & 7 == lane & 7, so the
+    // swizzled chunk (2*ks + hi) ^ (lane & 7) equals (2*ks) ^ (hi ^ (lane & 7)): the per-lane
+    // part goes into a base address once, and step ks is one XOR with ks << 5 (row offsets are
+    // multiples of 256 and never carry into the chunk bits). Keeps ~80 hoisted addresses out of
+    // the register file.
+    const int l7 = lane & 7;
+    const uint32_t qB = sQ + (wrow + l7 + 8 * ((lane >> 3) & 1)) * ROW_BYTES +
+                        (((lane >> 4) ^ l7) << 4);
+    const uint32_t kLane = (l7 + 8 * (lane >> 4)) * ROW_BYTES + ((((lane >> 3) & 1) ^ l7) << 4);
+    const uint32_t vLane = (l7 + 8 * ((lane >> 3) & 1)) * ROW_BYTES + (((lane >> 4) ^ l7) << 4);
 
     for (int j = 0; j < ntiles; ++j) {
         ls_cp_async_wait<0>();
         __syncthreads();  // tile j visible to all; every warp is done reading stage (j+1)&1
-        if (j == 0) {
-#pragma unroll
-            for (int ks = 0; ks < 8; ++ks) {
-                const int r = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-                const int c = 2 * ks + (lane >> 4);
-                ls_ldmatrix_x4(qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3], sQ + attn_swz(r, c));
-            }
-        }
         if (j + 1 < ntiles) {
             const uint32_t nk = sK0 + ((j + 1) & 1) * 2 * SMEM_KV;
             attn_load_rows<BN>(nk, kg, p.kv_row_stride, (j + 1) * BN, lk, tid);
@@ -113,73 +134,105 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 1)
         }
         ls_cp_async_commit();
         const uint32_t kb = sK0 + (j & 1) * 2 * SMEM_KV;
-        const uint32_t vb = kb + SMEM_KV;
+        const uint32_t kB = kb + kLane;
+        const uint32_t vB = kb + SMEM_KV + vLane;
 
-        // S = Q K^T for this warp's 16 rows x 64 keys.
-        float s[8][4];
+        // The 64-key tile is consumed in two halves of SUB keys: S then needs MT*16 fp32 regs
+        // instead of MT*32, which keeps the kernel at <= 255 regs without spills (the full tile
+        // spilled 48 bytes); the cost is one more max/rescale round per tile.
 #pragma unroll
-        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int half = 0; half < BN / SUB; ++half) {
+            const int key0 = j * BN + half * SUB;
+            if (key0 >= lk) break;  // uniform: the rest of the last tile is past Lk
+            float s[MT][NSUB][4];
 #pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b0, b1, b2, b3;
-                const int r = np * 16 + (lane & 7) + 8 * (lane >> 4);
-                const int c = 2 * ks + ((lane >> 3) & 1);
-                ls_ldmatrix_x4(b0, b1, b2, b3, kb + attn_swz(r, c));
-                ls_mma_bf16_16816(s[2 * np], qf[ks], b0, b1);
-                ls_mma_bf16_16816(s[2 * np + 1], qf[ks], b2, b3);
+                for (int n = 0; n < NSUB; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks) {
+                uint32_t qa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ls_ldmatrix_x4(qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3],
+                                   (qB + mt * 16 * ROW_BYTES) ^ (ks << 5));
+                }
+#pragma unroll
+                for (int np = 0; np < NSUB / 2; ++np) {
+                    uint32_t b0, b1, b2, b3;
+                    ls_ldmatrix_x4(b0, b1, b2, b3,
+                                   (kB + (half * SUB + np * 16) * ROW_BYTES) ^ (ks << 5));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        ls_mma_bf16_16816(s[mt][2 * np], qa[mt], b0, b1);
+                        ls_mma_bf16_16816(s[mt][2 * np + 1], qa[mt], b2, b3);
+                    }
+                }
             }
-        }
-        if ((j + 1) * BN > lk) {  // only the last tile can reach past Lk
+            if (key0 + SUB > lk) {  // only the last tile can reach past Lk
 #pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const int col = j * BN + n * 8 + 2 * (lane & 3);
-                if (col >= lk) s[n][0] = s[n][2] = -INFINITY;
-                if (col + 1 >= lk) s[n][1] = s[n][3] = -INFINITY;
+                for (int n = 0; n < NSUB; ++n) {
+                    const int col = key0 + n * 8 + 2 * (lane & 3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        if (col >= lk) s[mt][n][0] = s[mt][n][2] = -INFINITY;
+                        if (col + 1 >= lk) s[mt][n][1] = s[mt][n][3] = -INFINITY;
+                    }
+                }
             }
-        }
-        // Online softmax; row r of this thread is lane/4 (+8 for r = 1).
+            // Online softmax; row r of m-tile mt of this thread is lane/4 (+8 for r = 1). Key 0
+            // is always valid, so the running max is finite from the first half on.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = mrow[r];
+            for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float corr = exp2f((mrow[r] - mx) * sl);  // 0 on the first tile (-inf)
-            mrow[r] = mx;
-            const float msl = mx * sl;
-            float sum = 0.f;
+                for (int r = 0; r < 2; ++r) {
+                    float mx = mrow[mt][r];
 #pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                s[n][2 * r] = exp2f(fmaf(s[n][2 * r], sl, -msl));
-                s[n][2 * r + 1] = exp2f(fmaf(s[n][2 * r + 1], sl, -msl));
-                sum += s[n][2 * r] + s[n][2 * r + 1];
+                    for (int n = 0; n < NSUB; ++n)
+                        mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float corr = exp2f((mrow[mt][r] - mx) * sl);  // 0 the first time (-inf)
+                    mrow[mt][r] = mx;
+                    const float msl = mx * sl;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < NSUB; ++n) {
+                        s[mt][n][2 * r] = exp2f(fmaf(s[mt][n][2 * r], sl, -msl));
+                        s[mt][n][2 * r + 1] = exp2f(fmaf(s[mt][n][2 * r + 1], sl, -msl));
+                        sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
+                    }
+                    lrow[mt][r] = lrow[mt][r] * corr + sum;
+#pragma unroll
+                    for (int d = 0; d < 16; ++d) {
+                        o[mt][d][2 * r] *= corr;
+                        o[mt][d][2 * r + 1] *= corr;
+                    }
+                }
             }
-            lrow[r] = lrow[r] * corr + sum;
+            // O += P V: the S accumulators of key subtiles 2kk, 2kk+1 are the A fragment of
+            // k-step kk (P rounded to bf16, as FA2 does).
 #pragma unroll
-            for (int d = 0; d < 16; ++d) {
-                o[d][2 * r] *= corr;
-                o[d][2 * r + 1] *= corr;
-            }
-        }
-        // O += P V: the S accumulators of key subtiles 2kk, 2kk+1 are the A fragment of k-step kk.
+            for (int kk = 0; kk < NSUB / 2; ++kk) {
+                uint32_t a[MT][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            a[0] = ls_pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = ls_pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = ls_pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = ls_pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = ls_pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    a[mt][1] = ls_pack_bf16x2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    a[mt][2] = ls_pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    a[mt][3] = ls_pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
-            for (int dp = 0; dp < 8; ++dp) {
-                uint32_t b0, b1, b2, b3;
-                const int r = kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-                const int c = 2 * dp + (lane >> 4);
-                ls_ldmatrix_x4_trans(b0, b1, b2, b3, vb + attn_swz(r, c));
-                ls_mma_bf16_16816(o[2 * dp], a, b0, b1);
-                ls_mma_bf16_16816(o[2 * dp + 1], a, b2, b3);
+                for (int dp = 0; dp < 8; ++dp) {
+                    uint32_t b0, b1, b2, b3;
+                    ls_ldmatrix_x4_trans(b0, b1, b2, b3,
+                                         (vB + (half * SUB + kk * 16) * ROW_BYTES) ^ (dp << 5));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        ls_mma_bf16_16816(o[mt][2 * dp], a[mt], b0, b1);
+                        ls_mma_bf16_16816(o[mt][2 * dp + 1], a[mt], b2, b3);
+                    }
+                }
             }
         }
     }
@@ -187,22 +240,26 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 1)
 
     // Epilogue: finish the row sums across the quad, normalise, store bf16 (and the LSE).
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = lrow[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-        if (row < lq) {
-            const float inv = 1.f / l;
-            __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int d = 0; d < 16; ++d) {
-                const int col = d * 8 + 2 * (lane & 3);
-                *reinterpret_cast<uint32_t*>(og + col) =
-                    ls_pack_bf16x2(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
-            }
-            if (p.lse != nullptr && (lane & 3) == 0) {
-                p.lse[(uint64_t)row * p.heads + h] = (mrow[r] * sl + __log2f(l)) * 0.69314718055994531f;
+        for (int r = 0; r < 2; ++r) {
+            float l = lrow[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int row = m0 + wrow + mt * 16 + (lane >> 2) + 8 * r;
+            if (row < lq) {
+                const float inv = 1.f / l;
+                __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D;
+#pragma unroll
+                for (int d = 0; d < 16; ++d) {
+                    const int col = d * 8 + 2 * (lane & 3);
+                    *reinterpret_cast<uint32_t*>(og + col) =
+                        ls_pack_bf16x2(o[mt][d][2 * r] * inv, o[mt][d][2 * r + 1] * inv);
+                }
+                if (p.lse != nullptr && (lane & 3) == 0) {
+                    p.lse[(uint64_t)row * p.heads + h] =
+                        (mrow[mt][r] * sl + __log2f(l)) * 0.69314718055994531f;
+                }
             }
         }
     }

@@ -540,7 +540,7 @@ fn check_dit_ops(d: &Dev, rng: &mut Rng, rows: usize, dim: usize, tpf: usize) {
         "sum of squares",
         &d.host_f32(&ss),
         &ops::sum_squares(&xh, rows, dim),
-        1e-5,
+        1e-4, // fp32 sums of up to 8192 terms in a different order than the CPU's
     );
 
     // Distributed RMSNorm: two shards of dim/2 (when that is a multiple of 8), partial sums

@@ -66,7 +66,7 @@ impl AttentionVariant {
 
 pub const HEAD_DIM: usize = 128;
 const V1_BM: u32 = 128;
-const V1_THREADS: u32 = 256;
+const V1_THREADS: u32 = 128;
 const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
 
 /// Geometry of one attention call.
