@@ -182,6 +182,8 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 2)
             }
             // Online softmax; row r of m-tile mt of this thread is lane/4 (+8 for r = 1). Key 0
             // is always valid, so the running max is finite from the first half on.
+            float corr[MT][2];
+            bool grew = false;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -192,7 +194,8 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 2)
                         mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float corr = exp2f((mrow[mt][r] - mx) * sl);  // 0 the first time (-inf)
+                    grew |= mx > mrow[mt][r];
+                    corr[mt][r] = exp2f((mrow[mt][r] - mx) * sl);  // 0 the first time (-inf)
                     mrow[mt][r] = mx;
                     const float msl = mx * sl;
                     float sum = 0.f;
@@ -202,13 +205,21 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 2)
                         s[mt][n][2 * r + 1] = exp2f(fmaf(s[mt][n][2 * r + 1], sl, -msl));
                         sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
                     }
-                    lrow[mt][r] = lrow[mt][r] * corr + sum;
+                    lrow[mt][r] = lrow[mt][r] * corr[mt][r] + sum;
+                }
+            }
+            // Once the running max settles (after the first few tiles on real data) no row of
+            // the warp grows and the 128 multiplies of the O rescale are skipped (warp-uniform).
+            if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int d = 0; d < 16; ++d) {
-                        o[mt][d][2 * r] *= corr;
-                        o[mt][d][2 * r + 1] *= corr;
+                        o[mt][d][0] *= corr[mt][0];
+                        o[mt][d][1] *= corr[mt][0];
+                        o[mt][d][2] *= corr[mt][1];
+                        o[mt][d][3] *= corr[mt][1];
                     }
-                }
             }
             // O += P V: the S accumulators of key subtiles 2kk, 2kk+1 are the A fragment of
             // k-step kk (P rounded to bf16, as FA2 does).
