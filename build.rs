@@ -20,7 +20,6 @@ const NVCC_FLAGS: &[&str] = &[
     "-O3",
     "-std=c++17",
     "--use_fast_math",
-    "-lineinfo",
     "-Xptxas",
     "-v",
     "--expt-relaxed-constexpr",
@@ -63,7 +62,13 @@ fn main() {
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for var in ["NVCC", "CUDA_HOME", "PATH", "LOCKSTEP_NO_KERNELS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "PATH",
+        "LOCKSTEP_NO_KERNELS",
+        "LOCKSTEP_NVCC_LINEINFO",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=kernels");
@@ -104,7 +109,13 @@ fn main() {
                 .and_then(|o| String::from_utf8(o.stdout).ok())
                 .and_then(|s| s.lines().find(|l| l.contains("release")).map(str::to_owned))
                 .unwrap_or_default();
-            for f in NVCC_FLAGS {
+            // -lineinfo embeds the checkout's absolute path in the cubin, which would make the
+            // build id depend on where the tree lives; opt in for profiling only.
+            let mut flags: Vec<&str> = NVCC_FLAGS.to_vec();
+            if env::var("LOCKSTEP_NVCC_LINEINFO").is_ok_and(|v| v == "1") {
+                flags.push("-lineinfo");
+            }
+            for f in &flags {
                 build_id = fnv1a64(build_id, f.as_bytes());
             }
             for src in &sources {
@@ -117,12 +128,17 @@ fn main() {
                 let output = Command::new(nvcc)
                     .arg("-cubin")
                     .arg(format!("-arch={ARCH}"))
-                    .args(NVCC_FLAGS)
+                    .args(&flags)
+                    // Relative source paths from the manifest dir: -lineinfo embeds them in the
+                    // cubin, and the build id must not depend on where the checkout lives.
+                    .current_dir(&manifest)
                     .arg("-I")
-                    .arg(&kdir)
+                    .arg("kernels")
                     .arg("-o")
                     .arg(&cubin)
-                    .arg(src)
+                    .arg(
+                        Path::new("kernels").join(src.file_name().expect("kernel file has a name")),
+                    )
                     .output()
                     .unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
                 let stderr = String::from_utf8_lossy(&output.stderr);

@@ -50,6 +50,9 @@ pub enum Error {
     /// A GPU path was asked for but the binary was built without kernels.
     #[error("built without kernels: {0} (install the toolchain: tools/install-cuda-toolchain.sh, then rebuild)")]
     NoKernels(String),
+    /// Terminated by a signal (SIGTERM/SIGINT), after dumping.
+    #[error("terminated by signal: {0}")]
+    Signal(String),
 }
 
 impl Error {
@@ -72,6 +75,7 @@ impl Error {
             Error::LibraryMissing(_) | Error::Cuda(_) | Error::Nccl(_) | Error::NoKernels(_) => {
                 ExitCode::DeviceError
             }
+            Error::Signal(_) => ExitCode::Signal,
         }
     }
 }

@@ -1,2 +1,180 @@
-//! Fault injection (SPEC §12): `LOCKSTEP_FAULT=point[@rank][#nth]`, compiled in with the
-//! `fault-injection` feature.
+//! Fault injection (SPEC §12): `LOCKSTEP_FAULT=point[@rank][#nth]`, comma-separated, compiled in
+//! with the `fault-injection` feature (on by default).
+//!
+//! Contract: a point fires only where the code calls [`hit`] with its name, only on the named
+//! global rank (all ranks when `@rank` is absent), and only on its `nth` hit (every hit when
+//! `#nth` is absent; hits count from 1 per point and process). An unknown point name is a
+//! startup error, never a silent no-op. Without the feature, [`hit`] is always false.
+//! Faults alter inputs or timing of the real code paths; they never replace production code.
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Every fault point, by name. Documented in docs/manual/03-graceful-shutdown.md.
+pub mod points {
+    /// Harness rank 0: put a NaN into the typed meta of the next INFER (A1).
+    pub const META_NAN: &str = "wire.meta_nan";
+    /// Harness rank 0: add a bool tensor to the next INFER (A2).
+    pub const DTYPE_BOOL: &str = "wire.dtype_bool";
+    /// Harness rank 0: hide a tensor inside untyped meta of the next INFER (A3).
+    pub const NESTED_TENSOR: &str = "wire.nested_tensor";
+    /// Collective wrapper: skip the membership/role guard (B1's unguarded half).
+    pub const GUARD_OFF: &str = "guard.off";
+    /// Harness mesh rank: issue the TP all_reduce on `world` instead of `mesh` (B1).
+    pub const TP_ON_WORLD: &str = "harness.tp_on_world";
+    /// Harness rank 0 (non-member): issue a `mesh` collective (B1 guard).
+    pub const NON_MEMBER_COLLECTIVE: &str = "harness.non_member_collective";
+    /// Harness mesh rank: make one generator call more than the plan says (B2).
+    pub const EXTRA_GENERATOR_CALL: &str = "harness.extra_generator_call";
+    /// Harness mesh rank: make one generator call fewer than the plan says (B2).
+    pub const SKIP_GENERATOR_CALL: &str = "harness.skip_generator_call";
+    /// Rank bootstrap: create the groups in another order (B3).
+    pub const GROUPS_REORDER: &str = "groups.reorder";
+    /// Harness rank 0: SIGKILL itself while the mesh waits for the next header (C1).
+    pub const KILL_DRIVER: &str = "harness.kill_driver";
+    /// Envelope send: SIGKILL the sender after the header and half the payload (C2).
+    pub const KILL_MID_PAYLOAD: &str = "send.kill_mid_payload";
+    /// Teardown: block forever where communicators are destroyed (C5).
+    pub const TEARDOWN_HANG: &str = "teardown.hang";
+    /// Parity fingerprint: flip the CUDA-graphs execution flag on this rank (G1).
+    pub const FLIP_GRAPHS: &str = "parity.flip_graphs";
+    /// Harness mesh rank: expect a different latent shape than the envelope carries (G3).
+    pub const SHAPE_SKEW: &str = "harness.shape_skew";
+    /// Harness mesh rank: issue the generator all_reduce in bf16 instead of f32 (fr analyze demo).
+    pub const DTYPE_SKEW: &str = "harness.dtype_skew";
+
+    pub const ALL: [&str; 15] = [
+        META_NAN,
+        DTYPE_BOOL,
+        NESTED_TENSOR,
+        GUARD_OFF,
+        TP_ON_WORLD,
+        NON_MEMBER_COLLECTIVE,
+        EXTRA_GENERATOR_CALL,
+        SKIP_GENERATOR_CALL,
+        GROUPS_REORDER,
+        KILL_DRIVER,
+        KILL_MID_PAYLOAD,
+        TEARDOWN_HANG,
+        FLIP_GRAPHS,
+        SHAPE_SKEW,
+        DTYPE_SKEW,
+    ];
+}
+
+/// One parsed `point[@rank][#nth]`.
+#[derive(Debug)]
+pub struct FaultSpec {
+    pub point: String,
+    pub rank: Option<u32>,
+    pub nth: Option<u64>,
+    hits: AtomicU64,
+}
+
+/// Parses a `LOCKSTEP_FAULT` value.
+pub fn parse(s: &str) -> Result<Vec<FaultSpec>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (rest, nth) = match item.split_once('#') {
+            Some((r, n)) => (
+                r,
+                Some(n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    Error::BadInput(format!("LOCKSTEP_FAULT: bad #nth in {item:?}"))
+                })?),
+            ),
+            None => (item, None),
+        };
+        let (point, rank) = match rest.split_once('@') {
+            Some((p, r)) => (
+                p,
+                Some(r.parse::<u32>().map_err(|_| {
+                    Error::BadInput(format!("LOCKSTEP_FAULT: bad @rank in {item:?}"))
+                })?),
+            ),
+            None => (rest, None),
+        };
+        if !points::ALL.contains(&point) {
+            return Err(Error::BadInput(format!(
+                "LOCKSTEP_FAULT: unknown point {point:?} (known: {})",
+                points::ALL.join(", ")
+            )));
+        }
+        out.push(FaultSpec {
+            point: point.to_owned(),
+            rank,
+            nth,
+            hits: AtomicU64::new(0),
+        });
+    }
+    Ok(out)
+}
+
+struct Armed {
+    rank: u32,
+    specs: Vec<FaultSpec>,
+}
+
+static ARMED: OnceLock<Armed> = OnceLock::new();
+
+/// Reads `LOCKSTEP_FAULT` for this rank. Call once at rank start; later calls are ignored.
+pub fn init(rank: u32) -> Result<()> {
+    let specs = match std::env::var("LOCKSTEP_FAULT") {
+        Ok(s) => parse(&s)?,
+        Err(_) => Vec::new(),
+    };
+    if !specs.is_empty() && !cfg!(feature = "fault-injection") {
+        return Err(Error::BadInput(
+            "LOCKSTEP_FAULT is set but this build has no fault-injection feature".into(),
+        ));
+    }
+    let _ = ARMED.set(Armed { rank, specs });
+    Ok(())
+}
+
+/// True when `point` fires now on this rank.
+pub fn hit(point: &str) -> bool {
+    if !cfg!(feature = "fault-injection") {
+        return false;
+    }
+    let Some(armed) = ARMED.get() else {
+        return false;
+    };
+    let mut fire = false;
+    for s in armed.specs.iter().filter(|s| s.point == point) {
+        if s.rank.is_some_and(|r| r != armed.rank) {
+            continue;
+        }
+        let n = s.hits.fetch_add(1, Ordering::SeqCst) + 1;
+        if s.nth.is_none_or(|want| want == n) {
+            fire = true;
+        }
+    }
+    if fire {
+        eprintln!(
+            "lockstep[global-rank {}]: fault injected: {point}",
+            armed.rank
+        );
+    }
+    fire
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_spec_parses_rank_and_nth() {
+        let v = parse("guard.off@2#3, teardown.hang").unwrap();
+        assert_eq!(v[0].point, "guard.off");
+        assert_eq!(v[0].rank, Some(2));
+        assert_eq!(v[0].nth, Some(3));
+        assert_eq!(v[1].rank, None);
+        assert_eq!(v[1].nth, None);
+    }
+
+    #[test]
+    fn unknown_fault_point_is_refused() {
+        let err = parse("guard.of").unwrap_err().to_string();
+        assert!(err.contains("unknown point \"guard.of\""), "{err}");
+    }
+}

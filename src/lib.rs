@@ -19,6 +19,7 @@ pub mod launch;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod rank;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,0 +1,95 @@
+//! The data-plane trait: one interface, two backends (`host` here, `nccl` in `nccl.rs`).
+//!
+//! Contract (shaped after NCCL so that backend fits without contortions):
+//! - Buffers are backend-owned (`Buffer`: host `Vec<u8>`, NCCL device memory). An op takes its
+//!   buffer **by value** and `wait` hands it back: no aliasing while an op is in flight.
+//! - Ops are **asynchronous**: they return a `Pending` at once (enqueued, like NCCL on a stream)
+//!   and complete in issue order per communicator; `wait(pending, deadline)` bounds the wait.
+//! - `group_start`/`group_end` bracket ops that must progress together (a send and a recv between
+//!   the same pair, several tensors of one envelope).
+//! - Matching is NCCL's: members must issue the same collectives in the same order with the same
+//!   dtype/size/root. A mismatch **hangs** (the host backend parks until aborted); the
+//!   collective wrapper's guards and the watchdog are what turn that into a crash.
+//! - [`AbortHandle`] is `Send + Sync` and callable from the watchdog thread while another thread
+//!   is blocked in `wait`; after an abort every pending and later op fails.
+use super::group::{GroupSpec, PeerTable};
+use crate::error::Result;
+use crate::ids::GroupRank;
+use crate::wire::DType;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Aborts a data plane from any thread (watchdog, signal thread, peer-failure reader).
+#[derive(Clone)]
+pub struct AbortHandle(Arc<dyn Fn() + Send + Sync>);
+
+impl AbortHandle {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        AbortHandle(Arc::new(f))
+    }
+    pub fn abort(&self) {
+        (self.0)()
+    }
+}
+
+pub trait DataPlane: Send + Sync + 'static {
+    /// Memory an op reads/writes (host: `Vec<u8>`; NCCL: device allocation).
+    type Buffer: Send + 'static;
+    /// One communicator (one per group this rank belongs to).
+    type Comm: Send + Sync + 'static;
+    /// An enqueued op.
+    type Pending: Send + 'static;
+
+    fn name(&self) -> &'static str;
+    /// Called on world rank 0 for every group in creation order; the rendezvous ships the blob to
+    /// every member (NCCL: the unique id; host: empty).
+    fn bootstrap_blob(&self, spec: &GroupSpec) -> Result<Vec<u8>>;
+    /// Creates this rank's communicator for `spec`; `deadline` bounds the wait for peers.
+    fn create_comm(
+        &self,
+        spec: &GroupSpec,
+        me: GroupRank,
+        blob: &[u8],
+        peers: &PeerTable,
+        deadline: Instant,
+    ) -> Result<Self::Comm>;
+    /// Destroys a communicator (may hang on NCCL: the watchdog stays armed around it).
+    fn destroy_comm(&self, comm: Self::Comm) -> Result<()>;
+
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
+    fn upload(&self, host: &[u8]) -> Result<Self::Buffer>;
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    fn buffer_len(&self, buf: &Self::Buffer) -> usize;
+
+    fn send(&self, comm: &Self::Comm, buf: Self::Buffer, peer: GroupRank) -> Result<Self::Pending>;
+    fn recv(&self, comm: &Self::Comm, buf: Self::Buffer, peer: GroupRank) -> Result<Self::Pending>;
+    fn all_reduce_sum(
+        &self,
+        comm: &Self::Comm,
+        buf: Self::Buffer,
+        dtype: DType,
+    ) -> Result<Self::Pending>;
+    fn broadcast(
+        &self,
+        comm: &Self::Comm,
+        buf: Self::Buffer,
+        root: GroupRank,
+    ) -> Result<Self::Pending>;
+    /// `recv` must hold `group size × len(send)` bytes; completes with `recv`.
+    fn all_gather(
+        &self,
+        comm: &Self::Comm,
+        send: Self::Buffer,
+        recv: Self::Buffer,
+    ) -> Result<Self::Pending>;
+
+    fn group_start(&self, comm: &Self::Comm) -> Result<()>;
+    fn group_end(&self, comm: &Self::Comm) -> Result<()>;
+
+    /// True when the op has completed (or failed: then `wait` returns the error).
+    fn poll(&self, pending: &Self::Pending) -> bool;
+    /// Waits until the op completes or `deadline` passes (→ `Error::Timeout`).
+    fn wait(&self, pending: Self::Pending, deadline: Instant) -> Result<Self::Buffer>;
+
+    fn abort_handle(&self) -> AbortHandle;
+}

@@ -1,0 +1,1303 @@
+//! One rank's life: environment → rendezvous → parity → groups → watchdog, then the envelope
+//! endpoint (send/receive with manifest-driven allocation, call_id acceptance, heartbeats, relay
+//! to the mesh) and the two ways out: `finish` (drain) and `crash` (abort).
+//!
+//! Contract:
+//! - The environment follows torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//!   `MASTER_PORT`) plus `LOCKSTEP_JOB_TOKEN` (falls back to torchrun's `TORCHELASTIC_RUN_ID`),
+//!   `LOCKSTEP_DUMP_DIR`, `LOCKSTEP_WATCHDOG_MS`, `LOCKSTEP_DEBUG_COLLECTIVES`, `LOCKSTEP_FAULT`.
+//! - Rank 0 hosts the rendezvous. A connection without the job token, with garbage or truncated
+//!   bytes, or from a duplicate rank is refused and logged; the job goes on. Every wait in
+//!   bootstrap is bounded by the rendezvous timeout.
+//! - Parity runs on the control plane **before** any communicator exists: a mismatch ends every
+//!   rank with `ParityMismatch` and the per-field diff (B3, G1).
+//! - Mesh-side acceptance (SPEC §4): `call_id == last + 1` is accepted; an exact duplicate (same
+//!   call_id, cache_epoch and meta digest) is **dropped** after its payload is drained (the
+//!   header is a commitment), and counted; a regression, a gap, or a reused call_id with other
+//!   content is an invariant violation naming both values. `chunk_index` strictly increases
+//!   across INFERs; `cache_epoch` never decreases.
+//! - Control-connection loss without a goodbye is `PeerLost` at once (C1); a peer's failure
+//!   notice makes every rank dump and exit `PeerFailed`.
+use crate::comm::control::{
+    from_json, read_frame, to_json, write_frame, FailedNotice, FrameKind, Hello, Welcome,
+    PROTOCOL_VERSION,
+};
+use crate::comm::group::{standard_groups, Group, PeerTable};
+use crate::comm::parity::{parity_diff, Fingerprint};
+use crate::comm::plane::DataPlane;
+use crate::comm::recorder::{OpContext, OpDesc, Recorder};
+use crate::comm::{watchdog, HostPlane};
+use crate::digest::fnv64;
+use crate::error::{Error, Result};
+use crate::fault;
+use crate::ids::{CacheEpoch, CallId, ChunkIndex, GlobalRank, GroupRank};
+use crate::wire::{
+    Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc, PreparedEnvelope, ReceivedEnvelope,
+    HEADER_LEN,
+};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a rank learns from its environment.
+#[derive(Clone, Debug)]
+pub struct RankEnv {
+    pub rank: u32,
+    pub world_size: u32,
+    pub local_rank: u32,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub token: String,
+    pub dump_dir: PathBuf,
+}
+
+fn env_var(name: &str) -> Result<String> {
+    std::env::var(name)
+        .map_err(|_| Error::BadInput(format!("environment variable {name} is not set")))
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Result<T> {
+    let v = env_var(name)?;
+    v.parse()
+        .map_err(|_| Error::BadInput(format!("environment variable {name}={v:?} is not valid")))
+}
+
+impl RankEnv {
+    pub fn from_env() -> Result<RankEnv> {
+        let rank: u32 = env_parse("RANK")?;
+        let world_size: u32 = env_parse("WORLD_SIZE")?;
+        if world_size < 2 || rank >= world_size {
+            return Err(Error::BadInput(format!(
+                "RANK={rank} WORLD_SIZE={world_size}: need WORLD_SIZE >= 2 (rank 0 + a mesh) and RANK < WORLD_SIZE"
+            )));
+        }
+        let token = match (std::env::var("LOCKSTEP_JOB_TOKEN"), std::env::var("TORCHELASTIC_RUN_ID")) {
+            (Ok(t), _) if !t.is_empty() => t,
+            (_, Ok(t)) if !t.is_empty() => format!("torchelastic-{t}"),
+            _ => {
+                return Err(Error::BadInput(
+                    "LOCKSTEP_JOB_TOKEN is not set (the same secret on every rank; `lockstep launch` sets it)".into(),
+                ))
+            }
+        };
+        let job = format!("{:08x}", fnv64(token.as_bytes()) as u32);
+        let dump_dir = std::env::var_os("LOCKSTEP_DUMP_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("lockstep-dumps").join(job));
+        Ok(RankEnv {
+            rank,
+            world_size,
+            local_rank: std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(rank),
+            master_addr: env_var("MASTER_ADDR")?,
+            master_port: env_parse("MASTER_PORT")?,
+            token,
+            dump_dir,
+        })
+    }
+}
+
+/// Tunables; every collective-gating one is also a parity field.
+#[derive(Clone, Debug)]
+pub struct RankOptions {
+    /// No progress for this long → dump, abort, exit `WatchdogTimeout`.
+    pub watchdog: Duration,
+    /// Bound on every single blocking wait (defaults to 2 × watchdog, so the watchdog names it).
+    pub op_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    pub debug_collectives: bool,
+    pub limits: Limits,
+    /// Extra parity fields (model geometry, dtype, execution flags, plan settings).
+    pub fingerprint: Fingerprint,
+    pub recorder_capacity: usize,
+}
+
+impl Default for RankOptions {
+    fn default() -> Self {
+        RankOptions {
+            watchdog: Duration::from_secs(30),
+            op_timeout: Duration::from_secs(60),
+            rendezvous_timeout: Duration::from_secs(30),
+            debug_collectives: false,
+            limits: Limits::default(),
+            fingerprint: Fingerprint::default(),
+            recorder_capacity: 4096,
+        }
+    }
+}
+
+impl RankOptions {
+    /// Defaults overridden by `LOCKSTEP_WATCHDOG_MS`, `LOCKSTEP_RENDEZVOUS_MS` and
+    /// `LOCKSTEP_DEBUG_COLLECTIVES=1`; execution flags `LOCKSTEP_CUDA_GRAPHS`,
+    /// `LOCKSTEP_KERNEL_VARIANT` join the fingerprint.
+    pub fn from_env() -> Result<RankOptions> {
+        let mut o = RankOptions::default();
+        if let Ok(v) = std::env::var("LOCKSTEP_WATCHDOG_MS") {
+            let ms: u64 = v.parse().map_err(|_| {
+                Error::BadInput(format!("LOCKSTEP_WATCHDOG_MS={v:?} is not a number"))
+            })?;
+            o.watchdog = Duration::from_millis(ms.max(1));
+            o.op_timeout = o.watchdog * 2;
+        }
+        if let Ok(v) = std::env::var("LOCKSTEP_RENDEZVOUS_MS") {
+            let ms: u64 = v.parse().map_err(|_| {
+                Error::BadInput(format!("LOCKSTEP_RENDEZVOUS_MS={v:?} is not a number"))
+            })?;
+            o.rendezvous_timeout = Duration::from_millis(ms.max(1));
+        }
+        o.debug_collectives = std::env::var("LOCKSTEP_DEBUG_COLLECTIVES").is_ok_and(|v| v == "1");
+        o.fingerprint.set(
+            "exec.cuda_graphs",
+            std::env::var("LOCKSTEP_CUDA_GRAPHS").unwrap_or_else(|_| "off".into()),
+        );
+        o.fingerprint.set(
+            "exec.kernel_variant",
+            std::env::var("LOCKSTEP_KERNEL_VARIANT").unwrap_or_else(|_| "default".into()),
+        );
+        Ok(o)
+    }
+}
+
+/// Mesh-side acceptance of incoming envelopes (SPEC §4).
+#[derive(Debug, Default)]
+pub struct Acceptance {
+    last: Option<(CallId, CacheEpoch, u64)>,
+    last_infer_chunk: Option<ChunkIndex>,
+    dropped_duplicates: u64,
+}
+
+/// What acceptance decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Same call_id, cache_epoch and meta digest as the last accepted envelope: dropped.
+    DuplicateDropped,
+}
+
+impl Acceptance {
+    pub fn check(&mut self, h: &Header) -> Result<Verdict> {
+        let (id, epoch, digest) = (h.call_id(), h.cache_epoch(), h.meta_digest);
+        let expected = self.last.map_or(CallId(1), |(c, _, _)| c.next());
+        if let Some((lc, le, ld)) = self.last {
+            if id == lc {
+                if epoch == le && digest == ld {
+                    self.dropped_duplicates += 1;
+                    return Ok(Verdict::DuplicateDropped);
+                }
+                return Err(Error::Invariant(format!(
+                    "{id} reused with different content: last accepted cache_epoch {} meta digest {ld:#x}, got cache_epoch {} meta digest {digest:#x}",
+                    le.0, epoch.0
+                )));
+            }
+            if epoch < le {
+                return Err(Error::Invariant(format!(
+                    "cache_epoch regression: got cache_epoch {} after cache_epoch {} ({id})",
+                    epoch.0, le.0
+                )));
+            }
+        }
+        if id != expected {
+            let kind = if id < expected { "regression" } else { "gap" };
+            let last = self
+                .last
+                .map_or("none".to_string(), |(c, _, _)| c.0.to_string());
+            return Err(Error::Invariant(format!(
+                "call_id {kind}: got call_id {} but expected call_id {} (last accepted call_id {last})",
+                id.0, expected.0
+            )));
+        }
+        if h.action() == Action::Infer {
+            if let Some(prev) = self.last_infer_chunk {
+                if h.chunk_index() <= prev {
+                    return Err(Error::Invariant(format!(
+                        "chunk_index not increasing: got chunk_index {} after chunk_index {} ({id})",
+                        h.chunk_index().0,
+                        prev.0
+                    )));
+                }
+            }
+            self.last_infer_chunk = Some(h.chunk_index());
+        }
+        self.last = Some((id, epoch, digest));
+        Ok(Verdict::Accept)
+    }
+    pub fn dropped_duplicates(&self) -> u64 {
+        self.dropped_duplicates
+    }
+}
+
+struct Inbound {
+    header: Header,
+    meta: Option<MetaDoc>,
+}
+
+struct SendState {
+    next_call_id: u64,
+    last_ids: EnvelopeIds,
+    last_send: Instant,
+}
+
+/// The control connection to the envelope peer (rank 0 ↔ mesh leader).
+struct Outbox {
+    ctrl: Mutex<TcpStream>,
+    state: Mutex<SendState>,
+    peer: GlobalRank,
+}
+
+/// A bootstrapped rank.
+pub struct Rank<D: DataPlane = HostPlane> {
+    env: RankEnv,
+    opts: RankOptions,
+    me: GlobalRank,
+    groups: Vec<Group<D>>,
+    recorder: Arc<Recorder>,
+    outbox: Option<Arc<Outbox>>,
+    inbox: Option<Mutex<mpsc::Receiver<Inbound>>>,
+    acceptance: Mutex<Acceptance>,
+    recv_progress: Arc<Mutex<Option<String>>>,
+    hb_stop: Arc<AtomicBool>,
+    ctrl_all: Vec<(u32, TcpStream)>,
+    plane: Arc<D>,
+}
+
+fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
+    (addr, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolve MASTER_ADDR {addr}:{port}"), e))?
+        .next()
+        .ok_or_else(|| Error::BadInput(format!("MASTER_ADDR {addr}:{port} resolves to nothing")))
+}
+
+const HELLO_MAX: u32 = 1 << 20;
+
+impl Rank<HostPlane> {
+    /// Bootstraps a rank on the host data plane.
+    pub fn bootstrap_host(env: &RankEnv, opts: RankOptions) -> Result<Rank<HostPlane>> {
+        Rank::bootstrap_with(env, opts, |ip, token_digest| {
+            let p = HostPlane::bind(ip, token_digest)?;
+            let addr = p.addr().to_string();
+            Ok((p, addr))
+        })
+    }
+}
+
+impl<D: DataPlane> Rank<D> {
+    /// Bootstraps a rank; `make_plane(local_ip, token_digest)` builds the data plane and returns
+    /// the address it advertises (empty when it needs none).
+    pub fn bootstrap_with(
+        env: &RankEnv,
+        opts: RankOptions,
+        make_plane: impl FnOnce(IpAddr, u64) -> Result<(D, String)>,
+    ) -> Result<Rank<D>> {
+        let me = GlobalRank(env.rank);
+        let recorder = Arc::new(Recorder::new(
+            env.rank,
+            env.world_size,
+            opts.recorder_capacity,
+            env.dump_dir.clone(),
+        ));
+        // Signals first, so every thread spawned later inherits the blocked mask.
+        watchdog::install_signal_thread(recorder.clone())
+            .map_err(|e| Error::io("signal thread", e))?;
+        fault::init(env.rank)?;
+        watchdog::install(env.rank, recorder.clone());
+        let deadline = Instant::now() + opts.rendezvous_timeout;
+        let token_digest = fnv64(env.token.as_bytes());
+        let master = resolve(&env.master_addr, env.master_port)?;
+        let my_groups = standard_groups(env.world_size);
+
+        let mut fp = Fingerprint::default();
+        fp.set("protocol.version", PROTOCOL_VERSION)
+            .set("envelope.version", crate::wire::ENVELOPE_VERSION)
+            .set("world.size", env.world_size)
+            .set("tp.size", env.world_size - 1)
+            .set(
+                "groups.creation_order",
+                Fingerprint::group_table(&my_groups),
+            )
+            .set("kernel.build_id", crate::cuda::embedded::KERNEL_BUILD_ID)
+            .set("debug.collectives", opts.debug_collectives)
+            .set("limits", format!("{:?}", opts.limits));
+        fp.extend(&opts.fingerprint);
+        if fault::hit(fault::points::FLIP_GRAPHS) {
+            let flipped = if fp.get("exec.cuda_graphs") == Some("on") {
+                "off"
+            } else {
+                "on"
+            };
+            fp.set("exec.cuda_graphs", flipped);
+        }
+
+        let (plane, welcome, conns) = if env.rank == 0 {
+            let listener = TcpListener::bind(master).map_err(|e| {
+                Error::io(
+                    format!("rendezvous: bind MASTER_ADDR:MASTER_PORT {master}"),
+                    e,
+                )
+            })?;
+            let (plane, data_addr) = make_plane(master.ip(), token_digest)?;
+            fp.set("data_plane.backend", plane.name());
+            let hellos = rendezvous_host(listener, env, deadline)?;
+            let mut fps = vec![(me, fp.clone())];
+            let mut addrs = vec![String::new(); env.world_size as usize];
+            addrs[0] = data_addr;
+            for (h, _) in &hellos {
+                fps.push((GlobalRank(h.rank), h.fingerprint.clone()));
+                if let Some(a) = addrs.get_mut(h.rank as usize) {
+                    a.clone_from(&h.data_addr);
+                }
+            }
+            fps.sort_by_key(|(r, _)| *r);
+            let diff = parity_diff(&fps);
+            let mut blobs = Vec::new();
+            for g in &my_groups {
+                blobs.push(plane.bootstrap_blob(g)?);
+            }
+            let welcome = Welcome {
+                parity_ok: diff.is_none(),
+                parity_diff: diff.unwrap_or_default(),
+                groups: my_groups.clone(),
+                peers: PeerTable {
+                    data_addrs: addrs,
+                    token_digest,
+                },
+                blobs,
+            };
+            let body = to_json(&welcome)?;
+            let mut conns = Vec::new();
+            for (h, mut s) in hellos {
+                write_frame(&mut s, FrameKind::Welcome, &[&body]).map_err(|e| {
+                    Error::PeerLost(format!("rendezvous: global-rank {}: {e}", h.rank))
+                })?;
+                conns.push((h.rank, s));
+            }
+            (plane, welcome, conns)
+        } else {
+            let mut s = connect_until(master, deadline)?;
+            let local_ip = s
+                .local_addr()
+                .map_err(|e| Error::io("control socket address", e))?
+                .ip();
+            let (plane, data_addr) = make_plane(local_ip, token_digest)?;
+            fp.set("data_plane.backend", plane.name());
+            let hello = Hello {
+                protocol_version: PROTOCOL_VERSION,
+                token: env.token.clone(),
+                rank: env.rank,
+                world_size: env.world_size,
+                local_rank: env.local_rank,
+                data_addr,
+                pid: std::process::id(),
+                fingerprint: fp.clone(),
+            };
+            write_frame(&mut s, FrameKind::Hello, &[&to_json(&hello)?]).map_err(|e| {
+                Error::PeerLost(format!("rendezvous: send hello to global-rank 0: {e}"))
+            })?;
+            let _ = s.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ));
+            let welcome: Welcome = match read_frame(&mut s, 16 << 20, "rendezvous (global-rank 0)")? {
+                Some((FrameKind::Welcome, body)) => from_json(&body, "welcome")?,
+                Some((FrameKind::Failed, body)) => {
+                    let n: FailedNotice = from_json(&body, "failure notice")?;
+                    return Err(Error::PeerFailed(format!("global-rank {} failed during rendezvous: {}", n.origin, n.message)));
+                }
+                Some((k, _)) => return Err(Error::Decode(format!("rendezvous: expected a welcome, got {k:?}"))),
+                None => {
+                    return Err(Error::PeerLost(
+                        "rendezvous: global-rank 0 closed the connection before the welcome (wrong job token, or rank 0 failed)".into(),
+                    ))
+                }
+            };
+            let _ = s.set_read_timeout(None);
+            (plane, welcome, vec![(0u32, s)])
+        };
+
+        if !welcome.parity_ok {
+            let err = Error::Parity(format!(
+                "startup parity handshake failed before inference; per field:\n{}",
+                welcome.parity_diff
+            ));
+            watchdog::crash(&err, false);
+        }
+        let plane = Arc::new(plane);
+        recorder.set_groups(
+            welcome
+                .groups
+                .iter()
+                .map(|g| (g.name.clone(), g.members.iter().map(|m| m.0).collect()))
+                .collect(),
+        );
+        watchdog::add_abort(plane.abort_handle());
+        for (r, s) in &conns {
+            watchdog::add_notify(*r, s);
+        }
+
+        // Communicators, in the one creation order.
+        let mut groups = Vec::new();
+        for (i, spec) in welcome.groups.iter().enumerate() {
+            let comm = match spec.group_rank_of(me) {
+                Some(gr) => {
+                    let blob = welcome.blobs.get(i).map(Vec::as_slice).unwrap_or(&[]);
+                    Some(plane.create_comm(spec, gr, blob, &welcome.peers, deadline)?)
+                }
+                None => None,
+            };
+            groups.push(Group::new(
+                spec.clone(),
+                me,
+                comm,
+                plane.clone(),
+                recorder.clone(),
+                opts.debug_collectives,
+            ));
+        }
+
+        // Control readers: peer loss at once, failure notices, envelopes.
+        let envelope_peer = match env.rank {
+            0 => Some(GlobalRank(1)),
+            1 => Some(GlobalRank(0)),
+            _ => None,
+        };
+        let recv_progress = Arc::new(Mutex::new(None));
+        let mut inbox = None;
+        let mut outbox = None;
+        let mut ctrl_all = Vec::new();
+        for (r, s) in conns {
+            let is_env_peer = envelope_peer == Some(GlobalRank(r));
+            let tx = if is_env_peer {
+                let (tx, rx) = mpsc::channel();
+                inbox = Some(Mutex::new(rx));
+                Some(tx)
+            } else {
+                None
+            };
+            let read = s
+                .try_clone()
+                .map_err(|e| Error::io("clone control socket", e))?;
+            let ctx = ReaderCtx {
+                from: r,
+                me: env.rank,
+                tx,
+                limits: opts.limits,
+                recorder: recorder.clone(),
+                recv_progress: recv_progress.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("lockstep-ctrl-{r}"))
+                .spawn(move || reader_loop(read, ctx))
+                .map_err(|e| Error::io("spawn control reader", e))?;
+            let _ = s.set_nodelay(true);
+            let _ = s.set_write_timeout(Some(opts.op_timeout));
+            if is_env_peer {
+                let w = s
+                    .try_clone()
+                    .map_err(|e| Error::io("clone control socket", e))?;
+                outbox = Some(Arc::new(Outbox {
+                    ctrl: Mutex::new(w),
+                    state: Mutex::new(SendState {
+                        next_call_id: 1,
+                        last_ids: EnvelopeIds::default(),
+                        last_send: Instant::now(),
+                    }),
+                    peer: GlobalRank(r),
+                }));
+            }
+            ctrl_all.push((r, s));
+        }
+        recorder.progress();
+        watchdog::spawn_watchdog(recorder.clone(), opts.watchdog, env.rank)
+            .map_err(|e| Error::io("spawn watchdog", e))?;
+        Ok(Rank {
+            env: env.clone(),
+            opts,
+            me,
+            groups,
+            recorder,
+            outbox,
+            inbox,
+            acceptance: Mutex::new(Acceptance::default()),
+            recv_progress,
+            hb_stop: Arc::new(AtomicBool::new(false)),
+            ctrl_all,
+            plane,
+        })
+    }
+
+    pub fn global(&self) -> GlobalRank {
+        self.me
+    }
+    pub fn world_size(&self) -> u32 {
+        self.env.world_size
+    }
+    pub fn tp_size(&self) -> u32 {
+        self.env.world_size - 1
+    }
+    pub fn env(&self) -> &RankEnv {
+        &self.env
+    }
+    pub fn options(&self) -> &RankOptions {
+        &self.opts
+    }
+    pub fn is_driver(&self) -> bool {
+        self.me.0 == 0
+    }
+    pub fn is_mesh_leader(&self) -> bool {
+        self.me.0 == 1
+    }
+    pub fn is_mesh(&self) -> bool {
+        self.me.0 >= 1
+    }
+    pub fn plane(&self) -> &D {
+        &self.plane
+    }
+    /// Groups in creation order.
+    pub fn groups(&self) -> &[Group<D>] {
+        &self.groups
+    }
+    fn group(&self, name: &str) -> &Group<D> {
+        // The table always holds world, pp and mesh (parity guarantees every rank agrees).
+        self.groups
+            .iter()
+            .find(|g| g.name() == name)
+            .unwrap_or(&self.groups[0])
+    }
+    pub fn world(&self) -> &Group<D> {
+        self.group("world")
+    }
+    pub fn pp(&self) -> &Group<D> {
+        self.group("pp")
+    }
+    pub fn mesh(&self) -> &Group<D> {
+        self.group("mesh")
+    }
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+    /// The bound for one blocking wait started now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.opts.op_timeout
+    }
+    /// Marks progress for the watchdog (a compute step finished).
+    pub fn progress(&self) {
+        self.recorder.progress();
+    }
+    pub fn set_context(&self, ctx: OpContext) {
+        self.recorder.set_context(ctx);
+    }
+    pub fn dropped_duplicates(&self) -> u64 {
+        self.acceptance.lock().map_or(0, |a| a.dropped_duplicates())
+    }
+    /// Ends this rank through the abort path (dump, notify, exit with the error's code).
+    pub fn crash(&self, err: &Error) -> ! {
+        watchdog::crash(err, true)
+    }
+
+    fn outbox(&self) -> Result<&Arc<Outbox>> {
+        self.outbox.as_ref().ok_or_else(|| {
+            Error::Invariant(format!(
+                "{} has no envelope peer (only rank 0 and the mesh leader exchange envelopes)",
+                self.me
+            ))
+        })
+    }
+
+    /// Sends the envelope `make(ids)` returns, with `ids.call_id` the next call_id (allocated
+    /// under the send lock, so heartbeats and envelopes share one monotonic sequence). Preflight
+    /// errors consume no call_id and send nothing.
+    pub fn send_next(
+        &self,
+        make: impl FnOnce(EnvelopeIds) -> Result<PreparedEnvelope>,
+    ) -> Result<CallId> {
+        let ob = self.outbox()?.clone();
+        let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = EnvelopeIds {
+            call_id: CallId(st.next_call_id),
+            ..st.last_ids
+        };
+        let env = make(ids)?;
+        if env.header().call_id() != ids.call_id {
+            return Err(Error::Invariant(format!(
+                "send_next: envelope carries {} but {} was allocated",
+                env.header().call_id(),
+                ids.call_id
+            )));
+        }
+        self.send_locked(&ob, &mut st, &env)?;
+        Ok(ids.call_id)
+    }
+
+    /// Sends a prepared envelope as is (tests use it to send duplicates and regressions).
+    pub fn send_envelope(&self, env: &PreparedEnvelope) -> Result<()> {
+        let ob = self.outbox()?.clone();
+        let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.send_locked(&ob, &mut st, env)
+    }
+
+    fn send_locked(&self, ob: &Outbox, st: &mut SendState, env: &PreparedEnvelope) -> Result<()> {
+        let h = env.header();
+        let rec = self.recorder.enqueue(OpDesc {
+            group: "control".into(),
+            seq: h.call_id,
+            op: format!("send_header {}", h.action().name()),
+            peer: Some(ob.peer.0),
+            bytes: (HEADER_LEN + env.meta_bytes().len()) as u64,
+            ..Default::default()
+        });
+        self.recorder.start(rec);
+        {
+            let mut c = ob.ctrl.lock().unwrap_or_else(|p| p.into_inner());
+            write_frame(
+                &mut *c,
+                FrameKind::Envelope,
+                &[&env.header_bytes(), env.meta_bytes()],
+            )
+            .map_err(|e| {
+                Error::PeerLost(format!(
+                    "control: send {} header to {}: {e}",
+                    h.action().name(),
+                    ob.peer
+                ))
+            })?;
+        }
+        self.recorder.complete(rec);
+        st.next_call_id = st.next_call_id.max(h.call_id + 1);
+        st.last_ids = EnvelopeIds {
+            call_id: h.call_id(),
+            chunk_index: h.chunk_index(),
+            cache_epoch: h.cache_epoch(),
+        };
+        st.last_send = Instant::now();
+        if env.tensors().is_empty() {
+            return Ok(());
+        }
+        let pp = self.pp();
+        let peer = GroupRank(if self.is_driver() { 1 } else { 0 });
+        if fault::hit(fault::points::KILL_MID_PAYLOAD) {
+            // C2: the header and the first tensor are out; die before the rest.
+            if let Some(t) = env.tensors().first() {
+                let tk = pp.send(self.plane.upload(&t.data)?, peer, t.dtype, &t.shape)?;
+                pp.wait(tk, self.deadline())?;
+            }
+            eprintln!(
+                "lockstep[{}]: fault: SIGKILL after the header and 1 of {} tensors",
+                self.me,
+                env.tensors().len()
+            );
+            // SAFETY: sending a signal to our own pid.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        pp.group_start()?;
+        let mut tickets = Vec::new();
+        for t in env.tensors() {
+            match pp.send(self.plane.upload(&t.data)?, peer, t.dtype, &t.shape) {
+                Ok(tk) => tickets.push(tk),
+                Err(e) => {
+                    let _ = pp.group_end();
+                    return Err(e);
+                }
+            }
+        }
+        pp.group_end()?;
+        for tk in tickets {
+            pp.wait(tk, self.deadline())?;
+        }
+        Ok(())
+    }
+
+    /// Starts rank 0's heartbeat thread: a NOOP whenever nothing was sent for `interval`.
+    pub fn start_heartbeats(&self, interval: Duration) -> Result<()> {
+        let ob = self.outbox()?.clone();
+        let stop = self.hb_stop.clone();
+        let rec = self.recorder.clone();
+        let tick = (interval / 4).max(Duration::from_millis(1));
+        std::thread::Builder::new()
+            .name("lockstep-heartbeat".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(tick);
+                    let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if stop.load(Ordering::SeqCst) || st.last_send.elapsed() < interval {
+                        continue;
+                    }
+                    let ids = EnvelopeIds {
+                        call_id: CallId(st.next_call_id),
+                        ..st.last_ids
+                    };
+                    let env = PreparedEnvelope::noop(ids);
+                    let id = rec.enqueue(OpDesc {
+                        group: "control".into(),
+                        seq: ids.call_id.0,
+                        op: "send_header NOOP".into(),
+                        peer: Some(ob.peer.0),
+                        bytes: HEADER_LEN as u64,
+                        ..Default::default()
+                    });
+                    let r = {
+                        let mut c = ob.ctrl.lock().unwrap_or_else(|p| p.into_inner());
+                        write_frame(&mut *c, FrameKind::Envelope, &[&env.header_bytes()])
+                    };
+                    if let Err(e) = r {
+                        watchdog::crash(
+                            &Error::PeerLost(format!("heartbeat to {}: {e}", ob.peer)),
+                            true,
+                        );
+                    }
+                    rec.complete(id);
+                    st.next_call_id += 1;
+                    st.last_ids.call_id = ids.call_id;
+                    st.last_send = Instant::now();
+                }
+            })
+            .map_err(|e| Error::io("spawn heartbeat", e))?;
+        Ok(())
+    }
+
+    pub fn stop_heartbeats(&self) {
+        self.hb_stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Receives the next envelope from the envelope peer. On the mesh leader, acceptance runs
+    /// first (duplicates are drained and dropped); tensors are allocated strictly from the
+    /// manifest. `deadline` None waits without a local bound (the watchdog still applies).
+    pub fn recv_envelope(&self, deadline: Option<Instant>) -> Result<ReceivedEnvelope> {
+        let inbox = self
+            .inbox
+            .as_ref()
+            .ok_or_else(|| Error::Invariant(format!("{} has no envelope peer", self.me)))?;
+        let rx = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let rec = self.recorder.enqueue(OpDesc {
+                group: "control".into(),
+                op: "recv_header".into(),
+                peer: self.outbox.as_ref().map(|o| o.peer.0),
+                ..Default::default()
+            });
+            self.recorder.start(rec);
+            let got = match deadline {
+                Some(d) => rx
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                    .map_err(|e| match e {
+                        mpsc::RecvTimeoutError::Timeout => {
+                            Error::Timeout("no envelope header before the deadline".into())
+                        }
+                        mpsc::RecvTimeoutError::Disconnected => {
+                            Error::PeerLost("envelope peer said goodbye; no more envelopes".into())
+                        }
+                    }),
+                None => rx.recv().map_err(|_| {
+                    Error::PeerLost("envelope peer said goodbye; no more envelopes".into())
+                }),
+            };
+            let inb = match got {
+                Ok(i) => i,
+                Err(e) => {
+                    self.recorder.fail(rec, &e.to_string());
+                    return Err(e);
+                }
+            };
+            let h = inb.header;
+            self.recorder
+                .note(rec, &format!("{} call_id {}", h.action().name(), h.call_id));
+            self.recorder.complete(rec);
+            let verdict = if self.is_mesh_leader() {
+                self.acceptance
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .check(&h)?
+            } else {
+                Verdict::Accept
+            };
+            self.recorder.set_context(OpContext {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+                action: h.action().name().into(),
+                phase: "recv".into(),
+            });
+            let tensors = self.recv_payload(&h, inb.meta.as_ref())?;
+            match verdict {
+                Verdict::Accept => {
+                    return Ok(ReceivedEnvelope {
+                        header: h,
+                        meta: inb.meta,
+                        tensors,
+                    })
+                }
+                Verdict::DuplicateDropped => {
+                    eprintln!(
+                        "lockstep[{}]: dropped duplicate envelope call_id {} cache_epoch {} (payload drained)",
+                        self.me, h.call_id, h.cache_epoch
+                    );
+                }
+            }
+        }
+    }
+
+    fn recv_payload(&self, h: &Header, meta: Option<&MetaDoc>) -> Result<Vec<HostTensor>> {
+        let Some(meta) = meta.filter(|m| !m.tensor_specs.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let pp = self.pp();
+        let peer = GroupRank(if self.is_driver() { 1 } else { 0 });
+        let n = meta.tensor_specs.len();
+        let set = |i: usize| {
+            if let Ok(mut p) = self.recv_progress.lock() {
+                *p = Some(format!(
+                    "receiving the payload of {} call_id {}: {i} of {n} tensors complete",
+                    h.action().name(),
+                    h.call_id
+                ));
+            }
+        };
+        set(0);
+        let mut tensors = Vec::with_capacity(n);
+        for (i, spec) in meta.tensor_specs.iter().enumerate() {
+            // Limits were checked when the meta was decoded; allocation follows the manifest only.
+            let buf = self.plane.alloc(spec.byte_len as usize)?;
+            let tk = pp.recv(buf, peer, spec.dtype, &spec.shape)?;
+            let data = self.plane.download(&pp.wait(tk, self.deadline())?)?;
+            tensors.push(HostTensor::new(
+                spec.name.clone(),
+                spec.dtype,
+                spec.shape.clone(),
+                data,
+            ));
+            set(i + 1);
+        }
+        if let Ok(mut p) = self.recv_progress.lock() {
+            *p = None;
+        }
+        Ok(tensors)
+    }
+
+    /// Leader: broadcast `env` (header, meta, tensors) to the whole mesh; followers pass None and
+    /// get the same envelope, validated by the same decoder. NOOP and SHUTDOWN relay as a header
+    /// only. Followers check limits before allocating.
+    pub fn relay_to_mesh(&self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
+        let mesh = self.mesh();
+        let root = GroupRank(0);
+        let leader = mesh.me() == Some(root);
+        let d = self.deadline();
+        let head = match (leader, env) {
+            (true, Some(e)) => e.header.encode().to_vec(),
+            (true, None) => {
+                return Err(Error::Invariant(
+                    "relay_to_mesh: the leader must pass the envelope".into(),
+                ))
+            }
+            (false, _) => vec![0u8; HEADER_LEN],
+        };
+        let head = mesh.broadcast_bytes(&head, root, d)?;
+        let h = Header::decode(&head)?;
+        if !h.action().has_payload() {
+            return Ok(ReceivedEnvelope {
+                header: h,
+                meta: None,
+                tensors: Vec::new(),
+            });
+        }
+        if h.meta_len > self.opts.limits.max_meta_bytes {
+            return Err(Error::Decode(format!(
+                "relayed meta of {} bytes exceeds the limit of {}",
+                h.meta_len, self.opts.limits.max_meta_bytes
+            )));
+        }
+        let meta_bytes = match env.and_then(|e| e.meta.as_ref()) {
+            Some(m) if leader => m.encode()?,
+            _ => vec![0u8; h.meta_len as usize],
+        };
+        let meta_bytes = mesh.broadcast_bytes(&meta_bytes, root, d)?;
+        let meta = MetaDoc::decode(
+            &meta_bytes,
+            h.meta_digest,
+            h.n_tensors,
+            h.payload_bytes,
+            &self.opts.limits,
+        )?;
+        let mut tensors = Vec::new();
+        for (i, spec) in meta.tensor_specs.iter().enumerate() {
+            let buf = match env.and_then(|e| e.tensors.get(i)) {
+                Some(t) if leader => self.plane.upload(&t.data)?,
+                _ => self.plane.alloc(spec.byte_len as usize)?,
+            };
+            let tk = mesh.broadcast(buf, root, spec.dtype, &spec.shape)?;
+            let data = self.plane.download(&mesh.wait(tk, d)?)?;
+            tensors.push(HostTensor::new(
+                spec.name.clone(),
+                spec.dtype,
+                spec.shape.clone(),
+                data,
+            ));
+        }
+        Ok(ReceivedEnvelope {
+            header: h,
+            meta: Some(meta),
+            tensors,
+        })
+    }
+
+    /// Drain path, last step: say goodbye on the control plane, destroy communicators. The
+    /// watchdog stays armed, so a hanging teardown still ends in a hard exit (C5).
+    pub fn finish(mut self) -> Result<()> {
+        self.stop_heartbeats();
+        let rec = self.recorder.enqueue(OpDesc {
+            group: "control".into(),
+            op: "teardown".into(),
+            ..Default::default()
+        });
+        self.recorder.start(rec);
+        self.recorder.set_phase("teardown");
+        for (_, s) in self.ctrl_all.iter_mut() {
+            let _ = write_frame(s, FrameKind::Bye, &[]);
+        }
+        if fault::hit(fault::points::TEARDOWN_HANG) {
+            // Stands in for an ncclCommDestroy that never returns.
+            loop {
+                std::thread::park();
+            }
+        }
+        for g in self.groups.iter_mut() {
+            if let Some(c) = g.take_comm() {
+                self.plane.destroy_comm(c)?;
+            }
+        }
+        self.recorder.complete(rec);
+        Ok(())
+    }
+}
+
+struct ReaderCtx {
+    from: u32,
+    me: u32,
+    tx: Option<mpsc::Sender<Inbound>>,
+    limits: Limits,
+    recorder: Arc<Recorder>,
+    recv_progress: Arc<Mutex<Option<String>>>,
+}
+
+fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
+    let from = format!("control connection to global-rank {}", ctx.from);
+    let max = HEADER_LEN as u64 + ctx.limits.max_meta_bytes;
+    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    let mut bye = false;
+    let lost = |what: String| -> ! {
+        let during = ctx
+            .recv_progress
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .map_or(String::new(), |p| format!(" ({p})"));
+        let who = if ctx.from == 0 {
+            "global-rank 0 (driver)"
+        } else {
+            "a mesh rank"
+        };
+        watchdog::crash(
+            &Error::PeerLost(format!("global-rank {} ({who}) {what}{during}", ctx.from)),
+            ctx.me == 0,
+        )
+    };
+    loop {
+        match read_frame(&mut s, max, &from) {
+            Ok(None) if bye => {
+                drop(ctx.tx);
+                return;
+            }
+            Ok(None) => lost("closed its control connection without a goodbye".into()),
+            Err(Error::PeerLost(m)) if !bye => lost(format!("was lost: {m}")),
+            Err(_) if bye => return,
+            Err(e) => watchdog::crash(&e, true),
+            Ok(Some((FrameKind::Envelope, body))) => {
+                let r = decode_envelope_frame(&body, &ctx.limits);
+                match (r, &ctx.tx) {
+                    (Ok(inb), Some(tx)) => {
+                        if tx.send(inb).is_err() {
+                            return;
+                        }
+                    }
+                    (Ok(_), None) => watchdog::crash(
+                        &Error::Invariant(format!(
+                            "unexpected envelope from global-rank {}",
+                            ctx.from
+                        )),
+                        true,
+                    ),
+                    (Err(e), _) => watchdog::crash(&e, true),
+                }
+            }
+            Ok(Some((FrameKind::Failed, body))) => {
+                let n: FailedNotice = match from_json(&body, "failure notice") {
+                    Ok(n) => n,
+                    Err(e) => watchdog::crash(&e, true),
+                };
+                let err = Error::PeerFailed(format!(
+                    "global-rank {} failed with exit {} ({}): {}",
+                    n.origin, n.code, n.name, n.message
+                ));
+                watchdog::crash_with_origin(&err, ctx.me == 0, Some(&n));
+            }
+            Ok(Some((FrameKind::Dump, _))) => {
+                let _ = ctx.recorder.dump("dump requested by a peer", None);
+            }
+            Ok(Some((FrameKind::Bye, _))) => {
+                bye = true;
+            }
+            Ok(Some((k, _))) => watchdog::crash(
+                &Error::Decode(format!("{from}: unexpected {k:?} frame after rendezvous")),
+                true,
+            ),
+        }
+    }
+}
+
+fn decode_envelope_frame(body: &[u8], limits: &Limits) -> Result<Inbound> {
+    if body.len() < HEADER_LEN {
+        return Err(Error::Decode(format!(
+            "envelope frame of {} bytes is shorter than a header",
+            body.len()
+        )));
+    }
+    let header = Header::decode(&body[..HEADER_LEN])?;
+    let meta_bytes = &body[HEADER_LEN..];
+    if meta_bytes.len() as u64 != header.meta_len {
+        return Err(Error::Decode(format!(
+            "header announces meta_len {} but the frame carries {} meta bytes",
+            header.meta_len,
+            meta_bytes.len()
+        )));
+    }
+    let meta = if header.action().has_payload() {
+        Some(MetaDoc::decode(
+            meta_bytes,
+            header.meta_digest,
+            header.n_tensors,
+            header.payload_bytes,
+            limits,
+        )?)
+    } else {
+        None
+    };
+    Ok(Inbound { header, meta })
+}
+
+/// Rank 0's side of the rendezvous: accept until every rank registered or the deadline passes.
+/// Each connection's hello is read on its own thread under a 2 s deadline, so a silent or
+/// garbage-sending client never stalls the others.
+fn rendezvous_host(
+    listener: TcpListener,
+    env: &RankEnv,
+    deadline: Instant,
+) -> Result<Vec<(Hello, TcpStream)>> {
+    let (tx, rx) = mpsc::channel::<(Hello, TcpStream)>();
+    let token = env.token.clone();
+    let world = env.world_size;
+    let closed = Arc::new(AtomicBool::new(false));
+    let closed2 = closed.clone();
+    let refused = Arc::new(AtomicU64::new(0));
+    std::thread::Builder::new()
+        .name("lockstep-rendezvous".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+                if closed2.load(Ordering::SeqCst) {
+                    eprintln!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: rendezvous is closed");
+                    continue;
+                }
+                let tx = tx.clone();
+                let token = token.clone();
+                let refused = refused.clone();
+                let _ = std::thread::Builder::new().name("lockstep-hello".into()).spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let refuse = |why: String| {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: {why}");
+                    };
+                    let hello: Hello = match read_frame(&mut s, HELLO_MAX, &format!("rendezvous client {peer}")) {
+                        Ok(Some((FrameKind::Hello, body))) => match from_json(&body, "hello") {
+                            Ok(h) => h,
+                            Err(e) => return refuse(e.to_string()),
+                        },
+                        Ok(Some((k, _))) => return refuse(format!("expected a hello, got {k:?}")),
+                        Ok(None) => return refuse("closed before a hello".into()),
+                        Err(e) => return refuse(e.to_string()),
+                    };
+                    if hello.token != token {
+                        return refuse("bad job token".into());
+                    }
+                    if hello.protocol_version != PROTOCOL_VERSION {
+                        return refuse(format!(
+                            "protocol version {} (this rank speaks {PROTOCOL_VERSION})",
+                            hello.protocol_version
+                        ));
+                    }
+                    if hello.rank == 0 || hello.rank >= world {
+                        return refuse(format!("rank {} out of range for WORLD_SIZE {world}", hello.rank));
+                    }
+                    let _ = s.set_read_timeout(None);
+                    let _ = tx.send((hello, s));
+                });
+            }
+        })
+        .map_err(|e| Error::io("spawn rendezvous", e))?;
+    let mut got: Vec<(Hello, TcpStream)> = Vec::new();
+    while got.len() + 1 < world as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((h, s)) => {
+                if got.iter().any(|(g, _)| g.rank == h.rank) {
+                    eprintln!(
+                        "lockstep[global-rank 0]: rendezvous: refused a second registration for rank {}",
+                        h.rank
+                    );
+                    continue;
+                }
+                got.push((h, s));
+            }
+            Err(_) => {
+                closed.store(true, Ordering::SeqCst);
+                let have: Vec<u32> = got.iter().map(|(h, _)| h.rank).collect();
+                let missing: Vec<u32> = (1..world).filter(|r| !have.contains(r)).collect();
+                return Err(Error::Timeout(format!(
+                    "rendezvous: ranks {missing:?} did not register within the rendezvous timeout"
+                )));
+            }
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+    got.sort_by_key(|(h, _)| h.rank);
+    Ok(got)
+}
+
+fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::Timeout(format!(
+                    "rendezvous: could not reach global-rank 0 at {addr} before the deadline: {e}"
+                )))
+            }
+            // Rank 0 may still be starting: bounded retry.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{prepare, Action, Limits};
+
+    fn header(call: u64, chunk: u64, epoch: u64, action: Action) -> Header {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct M {
+            x: u32,
+        }
+        let ids = EnvelopeIds {
+            call_id: CallId(call),
+            chunk_index: ChunkIndex(chunk),
+            cache_epoch: CacheEpoch(epoch),
+        };
+        match action {
+            Action::Noop => *PreparedEnvelope::noop(ids).header(),
+            _ => *prepare(
+                action,
+                ids,
+                &M { x: chunk as u32 },
+                vec![],
+                &Limits::default(),
+            )
+            .unwrap()
+            .header(),
+        }
+    }
+
+    #[test]
+    fn acceptance_takes_last_plus_one() {
+        let mut a = Acceptance::default();
+        assert_eq!(
+            a.check(&header(1, 0, 0, Action::Infer)).unwrap(),
+            Verdict::Accept
+        );
+        assert_eq!(
+            a.check(&header(2, 0, 0, Action::Noop)).unwrap(),
+            Verdict::Accept
+        );
+        assert_eq!(
+            a.check(&header(3, 1, 0, Action::Infer)).unwrap(),
+            Verdict::Accept
+        );
+    }
+
+    #[test]
+    fn acceptance_drops_exact_duplicate() {
+        let mut a = Acceptance::default();
+        let h = header(1, 0, 0, Action::Infer);
+        a.check(&h).unwrap();
+        assert_eq!(a.check(&h).unwrap(), Verdict::DuplicateDropped);
+        assert_eq!(a.dropped_duplicates(), 1);
+    }
+
+    #[test]
+    fn acceptance_crashes_on_call_id_regression_with_both_values() {
+        let mut a = Acceptance::default();
+        for c in 1..=5 {
+            a.check(&header(c, c, 0, Action::Infer)).unwrap();
+        }
+        let err = a
+            .check(&header(3, 9, 0, Action::Infer))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("call_id regression: got call_id 3 but expected call_id 6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn acceptance_crashes_on_call_id_gap() {
+        let mut a = Acceptance::default();
+        a.check(&header(1, 0, 0, Action::Infer)).unwrap();
+        let err = a
+            .check(&header(3, 1, 0, Action::Infer))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("call_id gap: got call_id 3 but expected call_id 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn acceptance_refuses_reused_call_id_with_other_content() {
+        let mut a = Acceptance::default();
+        a.check(&header(1, 0, 0, Action::Infer)).unwrap();
+        let err = a
+            .check(&header(1, 0, 1, Action::Infer))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reused with different content"), "{err}");
+    }
+
+    #[test]
+    fn acceptance_refuses_non_increasing_chunk_index() {
+        let mut a = Acceptance::default();
+        a.check(&header(1, 4, 0, Action::Infer)).unwrap();
+        let err = a
+            .check(&header(2, 4, 0, Action::Infer))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chunk_index not increasing"), "{err}");
+    }
+}

@@ -1,0 +1,337 @@
+//! Preflight and the two envelope types: [`PreparedEnvelope`] (the only sendable thing) and
+//! [`ReceivedEnvelope`] (what a receive loop hands up).
+//!
+//! Contract: `prepare` does every check that could fail (meta serialization and round trip,
+//! specs, dtype allowlist, sizes against [`Limits`], tensor bytes vs specs) and only then builds
+//! the header. `PreparedEnvelope` has private fields, so no code path can emit a header for an
+//! envelope that did not pass preflight (SPEC §3 anti-stranding, break-it C2).
+use super::header::{Action, Header, HEADER_LEN};
+use super::meta::{canonical_json, untyped_meta_from_json, DType, Limits, MetaDoc, TensorSpec};
+use crate::digest::fnv64;
+use crate::error::{Error, Result};
+use crate::ids::{CacheEpoch, CallId, ChunkIndex};
+
+/// A tensor in host memory, ready to travel as a top-level envelope entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl HostTensor {
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Self {
+        HostTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        }
+    }
+    pub fn from_f32(name: impl Into<String>, shape: Vec<u64>, values: &[f32]) -> Self {
+        Self::new(
+            name,
+            DType::F32,
+            shape,
+            bytemuck::cast_slice(values).to_vec(),
+        )
+    }
+    /// Zero-filled tensor of `spec` (the receiver's allocation, strictly from the manifest).
+    pub fn zeros(spec: &TensorSpec) -> Result<Self> {
+        let len = usize::try_from(spec.byte_len).map_err(|_| {
+            Error::Decode(format!("tensor `{}` too large for this host", spec.name))
+        })?;
+        Ok(Self::new(
+            spec.name.clone(),
+            spec.dtype,
+            spec.shape.clone(),
+            vec![0u8; len],
+        ))
+    }
+    /// The values as f32 (copying, so alignment never matters). `None` unless dtype is f32.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+    pub fn spec(&self) -> TensorSpec {
+        TensorSpec {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            byte_len: self.data.len() as u64,
+        }
+    }
+}
+
+/// The three ids every envelope carries (SPEC §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EnvelopeIds {
+    pub call_id: CallId,
+    pub chunk_index: ChunkIndex,
+    pub cache_epoch: CacheEpoch,
+}
+
+impl EnvelopeIds {
+    pub fn with_chunk(self, chunk_index: u64) -> Self {
+        EnvelopeIds {
+            chunk_index: ChunkIndex(chunk_index),
+            ..self
+        }
+    }
+    pub fn with_epoch(self, cache_epoch: u64) -> Self {
+        EnvelopeIds {
+            cache_epoch: CacheEpoch(cache_epoch),
+            ..self
+        }
+    }
+}
+
+/// An envelope that passed preflight: header, canonical meta bytes and materialized tensors.
+/// Fields are private: only [`prepare`], [`prepare_untyped`], [`PreparedEnvelope::noop`] and
+/// [`PreparedEnvelope::shutdown`] make one.
+#[derive(Clone, Debug)]
+pub struct PreparedEnvelope {
+    header: Header,
+    meta: Vec<u8>,
+    tensors: Vec<HostTensor>,
+}
+
+impl PreparedEnvelope {
+    /// A NOOP (heartbeat): no meta, no tensors.
+    pub fn noop(ids: EnvelopeIds) -> Self {
+        Self::bare(Action::Noop, ids)
+    }
+    /// A SHUTDOWN: no meta, no tensors.
+    pub fn shutdown(ids: EnvelopeIds) -> Self {
+        Self::bare(Action::Shutdown, ids)
+    }
+    fn bare(action: Action, ids: EnvelopeIds) -> Self {
+        PreparedEnvelope {
+            header: Header::new(
+                action,
+                ids.call_id,
+                ids.chunk_index,
+                ids.cache_epoch,
+                0,
+                0,
+                0,
+                0,
+            ),
+            meta: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn header_bytes(&self) -> [u8; HEADER_LEN] {
+        self.header.encode()
+    }
+    pub fn meta_bytes(&self) -> &[u8] {
+        &self.meta
+    }
+    pub fn tensors(&self) -> &[HostTensor] {
+        &self.tensors
+    }
+    pub fn action(&self) -> Action {
+        self.header.action()
+    }
+}
+
+/// Preflight for typed meta: everything that can fail happens here, before a header exists.
+pub fn prepare<T: serde::Serialize + serde::de::DeserializeOwned>(
+    action: Action,
+    ids: EnvelopeIds,
+    meta: &T,
+    tensors: Vec<HostTensor>,
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
+    let body = canonical_json(meta)?;
+    finish(action, ids, body, tensors, limits)
+}
+
+/// Preflight for untyped meta (JSON text, the C ABI's entry point): hidden tensors and values
+/// that do not round-trip are refused.
+pub fn prepare_untyped(
+    action: Action,
+    ids: EnvelopeIds,
+    meta_json: &str,
+    tensors: Vec<HostTensor>,
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
+    let body = untyped_meta_from_json(meta_json, limits)?;
+    finish(action, ids, body, tensors, limits)
+}
+
+fn finish(
+    action: Action,
+    ids: EnvelopeIds,
+    body: serde_json::Value,
+    tensors: Vec<HostTensor>,
+    limits: &Limits,
+) -> Result<PreparedEnvelope> {
+    if !action.has_payload() {
+        return Err(Error::Preflight(format!(
+            "{} carries no payload; use PreparedEnvelope::{}",
+            action.name(),
+            action.name().to_ascii_lowercase()
+        )));
+    }
+    let doc = MetaDoc {
+        tensor_specs: tensors.iter().map(HostTensor::spec).collect(),
+        body,
+    };
+    let total = doc.validate_specs(limits).map_err(Error::Preflight)?;
+    for t in &tensors {
+        // `spec()` takes byte_len from the data, so a data/shape disagreement shows up here.
+        t.spec().validate(limits).map_err(Error::Preflight)?;
+    }
+    let meta = doc.encode()?;
+    if meta.len() as u64 > limits.max_meta_bytes {
+        return Err(Error::Preflight(format!(
+            "meta of {} bytes exceeds the limit of {}",
+            meta.len(),
+            limits.max_meta_bytes
+        )));
+    }
+    let header = Header::new(
+        action,
+        ids.call_id,
+        ids.chunk_index,
+        ids.cache_epoch,
+        meta.len() as u64,
+        tensors.len() as u32,
+        total,
+        fnv64(&meta),
+    );
+    Ok(PreparedEnvelope {
+        header,
+        meta,
+        tensors,
+    })
+}
+
+/// An envelope as a receive loop hands it up: validated header, decoded meta (None for NOOP and
+/// SHUTDOWN), tensors allocated strictly from the manifest.
+#[derive(Clone, Debug)]
+pub struct ReceivedEnvelope {
+    pub header: Header,
+    pub meta: Option<MetaDoc>,
+    pub tensors: Vec<HostTensor>,
+}
+
+impl ReceivedEnvelope {
+    pub fn action(&self) -> Action {
+        self.header.action()
+    }
+    pub fn tensor(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Plan {
+        steps: u32,
+        guidance: f32,
+    }
+
+    #[test]
+    fn prepared_envelope_round_trips_through_decode() {
+        let t = HostTensor::from_f32("latents", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let ids = EnvelopeIds {
+            call_id: CallId(1),
+            ..Default::default()
+        };
+        let env = prepare(
+            Action::Infer,
+            ids,
+            &Plan {
+                steps: 4,
+                guidance: 5.0,
+            },
+            vec![t],
+            &Limits::default(),
+        )
+        .unwrap();
+        let h = Header::decode(&env.header_bytes()).unwrap();
+        let doc = MetaDoc::decode(
+            env.meta_bytes(),
+            h.meta_digest,
+            h.n_tensors,
+            h.payload_bytes,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(doc.tensor_specs[0].shape, vec![2, 2]);
+        assert_eq!(doc.body_as::<Plan>().unwrap().steps, 4);
+    }
+
+    #[test]
+    fn bool_tensor_fails_preflight() {
+        let t = HostTensor::new("mask", DType::Bool, vec![4], vec![1, 0, 1, 0]);
+        let err = prepare(
+            Action::Infer,
+            EnvelopeIds::default(),
+            &Plan {
+                steps: 1,
+                guidance: 1.0,
+            },
+            vec![t],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("dtype bool is not in the wire allowlist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tensor_data_not_matching_shape_fails_preflight() {
+        let mut t = HostTensor::from_f32("x", vec![3], &[1.0, 2.0, 3.0]);
+        t.data.pop();
+        let err = prepare(
+            Action::Infer,
+            EnvelopeIds::default(),
+            &Plan {
+                steps: 1,
+                guidance: 1.0,
+            },
+            vec![t],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("byte_len 11"), "{err}");
+    }
+
+    #[test]
+    fn manifest_over_the_limit_fails_before_allocation() {
+        let limits = Limits {
+            max_total_bytes: 8,
+            ..Limits::default()
+        };
+        let t = HostTensor::from_f32("x", vec![3], &[1.0, 2.0, 3.0]);
+        let err = prepare(
+            Action::Infer,
+            EnvelopeIds::default(),
+            &Plan {
+                steps: 1,
+                guidance: 1.0,
+            },
+            vec![t],
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit of 8"), "{err}");
+    }
+}

@@ -1,0 +1,399 @@
+//! Break-it tests D1–D3, E1–E3, F1–F3, G2 (SPEC §12) against `lockstep run`: each asserts the
+//! exit code and the diagnosis, and ends in bounded time (a run that outlives its bound is
+//! killed and the test fails).
+mod common;
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+struct Run {
+    code: i32,
+    stderr: String,
+    metrics: Option<Value>,
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lockstep-breakit-{}-{name}", std::process::id()))
+}
+
+/// Runs `lockstep run --quiet <args>` with `LOCKSTEP_FAULT=fault`, bounded by `bound`.
+fn run(name: &str, args: &[&str], fault: Option<&str>, bound: Duration) -> Run {
+    let metrics = tmp(&format!("{name}.json"));
+    let _ = std::fs::remove_file(&metrics);
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.arg("run")
+        .arg("--quiet")
+        .args(args)
+        .arg("--metrics")
+        .arg(&metrics);
+    cmd.env_remove("LOCKSTEP_FAULT");
+    if let Some(f) = fault {
+        cmd.env("LOCKSTEP_FAULT", f);
+    }
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lockstep");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(bound) {
+        Ok(o) => o.expect("wait for lockstep"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{name}: lockstep run did not finish within {bound:?} (a hang)");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let metrics = std::fs::read(&metrics)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr,
+        metrics,
+    }
+}
+
+const FAST: &[&str] = &[
+    "--generator",
+    "calibrated",
+    "--gen-cost-ms",
+    "1",
+    "--timeout",
+    "5",
+];
+const BOUND: Duration = Duration::from_secs(10);
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = FAST.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+fn pairs(m: &Value, key: &str) -> Vec<(u64, u64)> {
+    m[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
+    let r = run(
+        "d1",
+        &args(&["--chunks", "6"]),
+        Some("pipeline.dup_envelope@0#3"),
+        BOUND,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("dropped duplicate envelope call_id 2 cache_epoch 0"),
+        "{}",
+        r.stderr
+    );
+    let m = r.metrics.expect("metrics");
+    assert_eq!(m["duplicates_dropped"], 1);
+    let emitted = pairs(&m, "emitted");
+    assert_eq!(emitted.len(), 6);
+    assert_eq!(
+        emitted.iter().collect::<HashSet<_>>().len(),
+        6,
+        "each output once"
+    );
+}
+
+#[test]
+fn d2_result_delayed_past_hard_cut_is_dropped_never_decoded() {
+    // The 3rd result (chunk 2) is held by the mesh leader until the next envelope arrives; a
+    // hard cut happens right after chunk 2 is sent, so it comes back from a dead epoch.
+    let r = run(
+        "d2",
+        &args(&["--chunks", "8", "--hard-cut-every", "3"]),
+        Some("pipeline.delay_result@1#3"),
+        BOUND,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("dropped stale result chunk_index 2 cache_epoch 0 (current cache_epoch 1)"),
+        "{}",
+        r.stderr
+    );
+    let m = r.metrics.expect("metrics");
+    let stale = pairs(&m, "stale");
+    let emitted = pairs(&m, "emitted");
+    assert!(stale.contains(&(0, 2)), "{stale:?}");
+    assert!(
+        !emitted.contains(&(0, 2)),
+        "stale result was decoded: {emitted:?}"
+    );
+    assert!(emitted.iter().all(|e| !stale.contains(e)));
+}
+
+#[test]
+fn d3_call_id_regression_crashes_receiver_immediately() {
+    let r = run(
+        "d3",
+        &args(&["--chunks", "8"]),
+        Some("pipeline.call_id_regression@0#4"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("global-rank 1 exited 70 (invariant-violation): invariant violated: call_id regression: got call_id 1 after"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn e1_backpressure_disabled_queue_grows_bounded_when_enabled() {
+    let slow_decode = [
+        "--chunks",
+        "30",
+        "--decoder-cost-ms",
+        "8",
+        "--recompute-every",
+        "0",
+    ];
+    let off = run(
+        "e1-off",
+        &args(&[&slow_decode[..], &["--no-backpressure"]].concat()),
+        None,
+        BOUND,
+    );
+    let on = run("e1-on", &args(&slow_decode), None, BOUND);
+    assert_eq!(off.code, 0, "{}", off.stderr);
+    assert_eq!(on.code, 0, "{}", on.stderr);
+    let (mo, mn) = (off.metrics.expect("metrics"), on.metrics.expect("metrics"));
+    let (grown, bounded) = (
+        mo["max_ready"].as_u64().unwrap_or(0),
+        mn["max_ready"].as_u64().unwrap_or(99),
+    );
+    println!(
+        "E1: decode queue high-water mark: backpressure off {grown}, on {bounded} (D_out = 2)"
+    );
+    // 30 chunks, decode ~3× slower than the mesh: the backlog grows with the run (≥ 3 × D_out
+    // here, and it keeps growing with more chunks) instead of staying at D_out.
+    assert!(
+        grown >= 6,
+        "without backpressure the decode queue should grow, got {grown}"
+    );
+    assert!(
+        bounded <= 2,
+        "with backpressure the decode queue is bounded by D_out, got {bounded}"
+    );
+}
+
+#[test]
+fn e2_depth_sweep_d1_collapses_overlap_d2_is_stable() {
+    // S1 = 5 calls × 5 ms (waited out like device time), S0 = 25 ms busy decode: equal stages,
+    // so serial execution gives period ≈ 50 ms (η ≈ 0) and overlap gives ≈ 25 ms (η ≈ 1).
+    let mut table = Vec::new();
+    for d in ["1", "2", "3", "4"] {
+        let r = run(
+            &format!("e2-{d}"),
+            &[
+                "--generator",
+                "calibrated",
+                "--gen-cost-ms",
+                "5",
+                "--decoder-cost-ms",
+                "25",
+                "--chunks",
+                "16",
+                "--tp",
+                "1",
+                "--recompute-every",
+                "0",
+                "--depth",
+                d,
+                "--timeout",
+                "5",
+            ],
+            None,
+            BOUND,
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let m = r.metrics.expect("metrics");
+        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+        table.push((d, f("s0_ms"), f("s1_ms"), f("period_ms"), f("e"), f("eta")));
+    }
+    println!("E2 depth sweep:\n  D   S0 ms   S1 ms   period ms   E      η");
+    for (d, s0, s1, p, e, eta) in &table {
+        println!("  {d}  {s0:6.1}  {s1:6.1}  {p:8.1}   {e:.3}  {eta:.3}");
+    }
+    let (_, _, _, _, _, eta1) = table[0];
+    let (_, _, _, _, e2, eta2) = table[1];
+    assert!(eta1 < 0.35, "D=1 must collapse overlap, η = {eta1}");
+    assert!(
+        eta2 > 0.6 && e2 > 0.75,
+        "D=2 must overlap stably, E = {e2}, η = {eta2}"
+    );
+}
+
+#[test]
+fn e3_stage1_slowed_stage0_blocks_bounded_without_accumulating() {
+    let r = run(
+        "e3",
+        &[
+            "--generator",
+            "calibrated",
+            "--gen-cost-ms",
+            "6",
+            "--chunks",
+            "10",
+            "--timeout",
+            "5",
+            "--recompute-every",
+            "0",
+        ],
+        None,
+        BOUND,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = r.metrics.expect("metrics");
+    assert!(m["max_in_flight"].as_u64() <= Some(2), "{m}");
+    assert!(m["max_ready"].as_u64() <= Some(2), "{m}");
+    // Slowed beyond the wait bound: Stage 0 gives up with a diagnosis instead of waiting forever.
+    let r = run(
+        "e3-stuck",
+        &[
+            "--generator",
+            "calibrated",
+            "--gen-cost-ms",
+            "3000",
+            "--chunks",
+            "2",
+            "--timeout",
+            "0.5",
+            "--heartbeat-ms",
+            "100",
+        ],
+        None,
+        BOUND,
+    );
+    assert_eq!(r.code, 71, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("global-rank 0 exited 71 (watchdog-timeout)")
+            && r.stderr
+                .contains("stage 0 waited 500ms for a RESULT (expected_next call_id 0"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn f1_recompute_without_override_fails_before_send() {
+    let r = run(
+        "f1",
+        &args(&["--chunks", "6", "--recompute-every", "2"]),
+        Some("pipeline.omit_override"),
+        BOUND,
+    );
+    assert_eq!(r.code, 74, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "global-rank 0 exited 74 (bad-input): preflight rejected envelope (nothing was sent)"
+        ) && r
+            .stderr
+            .contains("context_frames_override is missing: it is required, never a fallback"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn f1_mesh_leader_refuses_missing_override_before_any_collective() {
+    let r = run(
+        "f1-leader",
+        &args(&["--chunks", "6", "--recompute-every", "2"]),
+        Some("pipeline.omit_override,pipeline.skip_preflight#3"),
+        BOUND,
+    );
+    assert_eq!(r.code, 74, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("global-rank 1 exited 74 (bad-input)")
+            && r.stderr.contains("required, never a fallback"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run() {
+    let r = run(
+        "f2",
+        &args(&["--chunks", "9", "--hard-cut-every", "3"]),
+        None,
+        BOUND,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = r.metrics.expect("metrics");
+    let stale = pairs(&m, "stale");
+    let emitted = pairs(&m, "emitted");
+    assert_eq!(m["hard_cuts"], 2);
+    assert!(
+        !stale.is_empty(),
+        "every hard cut leaves a result in flight"
+    );
+    assert!(
+        emitted.iter().all(|e| !stale.contains(e)),
+        "a stale result was decoded"
+    );
+    assert!(r.stderr.contains("dropped stale result"), "{}", r.stderr);
+}
+
+#[test]
+fn f3_out_of_band_cache_mutation_trips_digest_within_one_chunk() {
+    let r = run(
+        "f3",
+        &args(&["--chunks", "8"]),
+        Some("pipeline.cache_out_of_band@2#4"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("state digest drift across the mesh after chunk_index 3 cache_epoch 0")
+            && r.stderr
+                .contains("cache_len_frames: group-rank 0=9 group-rank 1=8"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn g2_graph_set_skew_fails_in_warmup_not_in_production() {
+    let r = run(
+        "g2",
+        &args(&["--chunks", "4"]),
+        Some("pipeline.graph_set_skew@2"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("captured step-graph sets differ in warm-up (before the first INFER)")
+            && r.stderr.contains("group-rank 1: 7 graphs"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("generate"), "{}", r.stderr);
+}
