@@ -17,6 +17,7 @@
 // attention.rs); the XOR swizzle and the XOR-stepped ldmatrix addresses assume 256-byte rows
 // (head dim 128) and row offsets that are multiples of 8 rows; SUB = 64 spills (measured).
 #include "common.cuh"
+#include "wgmma.cuh"
 
 struct AttnParams {
     const __nv_bfloat16* q;
@@ -54,6 +55,7 @@ constexpr int SMEM_Q = BM * ROW_BYTES;      // 32 KB
 constexpr int SMEM_KV = BN * ROW_BYTES;     // 16 KB per K or V tile
 constexpr int SMEM = SMEM_Q + 4 * SMEM_KV;  // Q + 2 stages x (K, V) = 96 KB: 2 blocks per SM
 }  // namespace attn_v1
+static_assert(attn_v1::SMEM == 96 * 1024, "V1_SMEM_BYTES in src/cuda/attention.rs");
 
 // Byte offset of 16-byte chunk `c` of row `r` in a 256-byte-row tile. XOR with the row's low 3
 // bits puts the 8 rows an ldmatrix phase reads into 8 distinct bank groups.
@@ -271,6 +273,182 @@ extern "C" __global__ void __launch_bounds__(attn_v1::THREADS, 2)
                     p.lse[(uint64_t)row * p.heads + h] =
                         (mrow[mt][r] * sl + __log2f(l)) * 0.69314718055994531f;
                 }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 2, step 1 (Hopper): wgmma. Two consumer warpgroups of 64 query rows each (BM = 128);
+// S = Q K^T with both operands from shared memory (m64n64k16, K-major), O += P V with P from
+// registers and V read transposed from shared memory (m64n128k16, MN-major). K/V still arrive by
+// cp.async double buffering with one barrier per tile (no TMA, no warp specialization yet).
+// Same contract as v1 (shapes, any Lq/Lk >= 1, lse [Lq, H], zero-filled tails).
+//
+// Shared layout: every tile is stored as two column halves (head dims 0-63, 64-127), each
+// [rows][128 B] in the 128-byte swizzle wgmma expects (16-byte chunk c of row r at c ^ (r & 7)),
+// each region 1024-byte aligned.
+namespace attn_v2 {
+constexpr int D = 128;
+constexpr int BM = 128;  // two warpgroups x 64 rows
+constexpr int BN = 64;
+constexpr int THREADS = 256;  // 128 regs (launch bound 2): two blocks = four warpgroups per SM
+constexpr int Q_HALF = BM * 128;    // 16 KB: one column half of Q
+constexpr int KV_HALF = BN * 128;   // 8 KB: one column half of a K or V tile
+constexpr int SMEM_Q = 2 * Q_HALF;  // 32 KB
+constexpr int SMEM_KV = 2 * KV_HALF;  // 16 KB
+constexpr int SMEM = SMEM_Q + 4 * SMEM_KV + 1024;  // + alignment slack = 97 KB
+}  // namespace attn_v2
+static_assert(attn_v2::SMEM == 97 * 1024, "V2_SMEM_BYTES in src/cuda/attention.rs");
+
+// Thread t copies 16-byte chunk t % 16 of rows t / 16 + 16 i into the half-split SW128 layout.
+template <int ROWS>
+LS_DEVICE void attn2_load_rows(uint32_t smem, const __nv_bfloat16* g, uint64_t stride, int row0,
+                               int nvalid, int tid) {
+    using namespace attn_v2;
+    constexpr int STEP = THREADS / 16;
+    const int c = tid % 16, r0 = tid / 16;
+    const uint32_t s0 = smem + (c / 8) * (ROWS * 128) + r0 * 128 + (((c % 8) ^ (r0 & 7)) << 4);
+    const __nv_bfloat16* g0 = g + (uint64_t)(row0 + r0) * stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; ++i) {
+        const bool ok = row0 + r0 + i * STEP < nvalid;
+        ls_cp_async16(s0 + i * STEP * 128, ok ? g0 + (uint64_t)i * STEP * stride : g, ok);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(attn_v2::THREADS, 2)
+    attention_fwd_v2_bf16(const AttnParams p) {
+    using namespace attn_v2;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int h = blockIdx.y;
+    const int m0 = blockIdx.x * BM;
+    const int lq = (int)p.lq, lk = (int)p.lk;
+
+    const uint32_t base = (ls_smem_addr(smem_raw) + 1023u) & ~1023u;
+    const uint32_t sQ = base;
+    const uint32_t sK0 = sQ + SMEM_Q;  // stage s: K at sK0 + s * 2 * SMEM_KV, V after it
+    const __nv_bfloat16* qg = p.q + (uint64_t)h * D;
+    const __nv_bfloat16* kg = p.k + (uint64_t)h * D;
+    const __nv_bfloat16* vg = p.v + (uint64_t)h * D;
+
+    attn2_load_rows<BM>(sQ, qg, p.q_row_stride, m0, lq, tid);
+    attn2_load_rows<BN>(sK0, kg, p.kv_row_stride, 0, lk, tid);
+    attn2_load_rows<BN>(sK0 + SMEM_KV, vg, p.kv_row_stride, 0, lk, tid);
+    ls_cp_async_commit();
+
+    const int ntiles = (lk + BN - 1) / BN;
+    const float sl = p.scale_log2;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float mrow[2] = {-INFINITY, -INFINITY};
+    float lrow[2] = {0.f, 0.f};
+    const uint32_t qWg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows inside each Q half
+
+    for (int j = 0; j < ntiles; ++j) {
+        ls_cp_async_wait<0>();
+        ls_fence_proxy_async_smem();  // cp.async writes -> visible to wgmma's async proxy
+        __syncthreads();
+        if (j + 1 < ntiles) {
+            const uint32_t nk = sK0 + ((j + 1) & 1) * 2 * SMEM_KV;
+            attn2_load_rows<BN>(nk, kg, p.kv_row_stride, (j + 1) * BN, lk, tid);
+            attn2_load_rows<BN>(nk + SMEM_KV, vg, p.kv_row_stride, (j + 1) * BN, lk, tid);
+        }
+        ls_cp_async_commit();
+        const uint32_t kb = sK0 + (j & 1) * 2 * SMEM_KV;
+        const uint32_t vb = kb + SMEM_KV;
+
+        float s[32];
+        ls_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            const uint64_t da = ls_gmma_desc_sw128(qWg + (ks / 4) * Q_HALF + (ks % 4) * 32, 0, 1024);
+            const uint64_t db = ls_gmma_desc_sw128(kb + (ks / 4) * KV_HALF + (ks % 4) * 32, 0, 1024);
+            ls_wgmma_m64n64k16_ss(s, da, db, ks > 0);
+        }
+        ls_wgmma_commit();
+        ls_wgmma_wait<0>();
+
+        // Accumulator layout: s[4i + {0,1}] row warp*16 + lane/4, keys 8i + 2(lane%4) + {0,1};
+        // s[4i + {2,3}] the row 8 below.
+        if ((j + 1) * BN > lk) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int col = j * BN + i * 8 + 2 * (lane & 3);
+                if (col >= lk) s[4 * i] = s[4 * i + 2] = -INFINITY;
+                if (col + 1 >= lk) s[4 * i + 1] = s[4 * i + 3] = -INFINITY;
+            }
+        }
+        float corr[2];
+        bool grew = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = mrow[r];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            grew |= mx > mrow[r];
+            corr[r] = exp2f((mrow[r] - mx) * sl);
+            mrow[r] = mx;
+            const float msl = mx * sl;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                s[4 * i + 2 * r] = exp2f(fmaf(s[4 * i + 2 * r], sl, -msl));
+                s[4 * i + 2 * r + 1] = exp2f(fmaf(s[4 * i + 2 * r + 1], sl, -msl));
+                sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
+            }
+            lrow[r] = lrow[r] * corr[r] + sum;
+        }
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                o[4 * i] *= corr[0];
+                o[4 * i + 1] *= corr[0];
+                o[4 * i + 2] *= corr[1];
+                o[4 * i + 3] *= corr[1];
+            }
+        }
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            pa[kk][0] = ls_pack_bf16x2(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = ls_pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = ls_pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = ls_pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        ls_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            // 16 keys = two 8-row groups (SBO 1024); dims 64-127 are the other half (LBO).
+            const uint64_t db = ls_gmma_desc_sw128(vb + kk * 16 * 128, KV_HALF, 1024);
+            ls_wgmma_m64n128k16_rs_tb(o, pa[kk], db);
+        }
+        ls_wgmma_commit();
+        ls_wgmma_wait<0>();
+    }
+    ls_cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * r;
+        if (row < lq) {
+            const float inv = 1.f / l;
+            __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int col = i * 8 + 2 * (lane & 3);
+                *reinterpret_cast<uint32_t*>(og + col) =
+                    ls_pack_bf16x2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                p.lse[(uint64_t)row * p.heads + h] = (mrow[r] * sl + __log2f(l)) * 0.69314718055994531f;
             }
         }
     }

@@ -7,7 +7,7 @@ mod common;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use lockstep::cuda::attention::{attention_fwd, AttentionVariant, AttnShape};
+use lockstep::cuda::attention::{attention_fwd, AttentionVariant, AttnShape, ALL_VARIANTS};
 use lockstep::cuda::context::{fill_bf16, Fill, Gpu, BF16_NAN_BITS};
 use lockstep::cuda::dit_ops::{self, RowShape};
 use lockstep::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
@@ -144,6 +144,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
 fn check_attention(
     d: &Dev,
     rng: &mut Rng,
+    variant: AttentionVariant,
     lq: usize,
     lk: usize,
     heads: usize,
@@ -168,7 +169,7 @@ fn check_attention(
     attention_fwd(
         &d.gpu,
         &d.stream,
-        AttentionVariant::V1Fa2,
+        variant,
         shape,
         scale,
         &q,
@@ -197,7 +198,8 @@ fn check_attention(
         .flat_map(|&r| lh[r * heads..(r + 1) * heads].to_vec())
         .collect();
     println!(
-        "attention Lq={lq} Lk={lk} H={heads}: {} of {lq} query rows checked",
+        "attention {} Lq={lq} Lk={lk} H={heads}: {} of {lq} query rows checked",
+        variant.as_str(),
         rows.len()
     );
     assert_close("o", &go, &ro, BF16_TOL);
@@ -205,8 +207,8 @@ fn check_attention(
 }
 
 #[test]
-fn attention_v1_matches_cpu_reference_at_odd_shapes() {
-    let Some(d) = dev("attention_v1_matches_cpu_reference_at_odd_shapes") else {
+fn attention_matches_cpu_reference_at_odd_shapes() {
+    let Some(d) = dev("attention_matches_cpu_reference_at_odd_shapes") else {
         return;
     };
     let mut rng = fresh_rng("attention odd shapes");
@@ -220,13 +222,15 @@ fn attention_v1_matches_cpu_reference_at_odd_shapes() {
         (33, 1000, 2),
         (1, 4097, 1),
     ] {
-        check_attention(&d, &mut rng, lq, lk, h, None);
+        for variant in ALL_VARIANTS {
+            check_attention(&d, &mut rng, variant, lq, lk, h, None);
+        }
     }
 }
 
 #[test]
-fn attention_v1_matches_cpu_reference_at_benchmark_shapes() {
-    let Some(d) = dev("attention_v1_matches_cpu_reference_at_benchmark_shapes") else {
+fn attention_matches_cpu_reference_at_benchmark_shapes() {
+    let Some(d) = dev("attention_matches_cpu_reference_at_benchmark_shapes") else {
         return;
     };
     let mut rng = fresh_rng("attention benchmark shapes");
@@ -235,7 +239,9 @@ fn attention_v1_matches_cpu_reference_at_benchmark_shapes() {
             let lq = 4680;
             // The CPU cannot do all rows: first, last, one inside a later block, one random.
             let rows = vec![0, 4679, 128 * 17 + 5, rng.below(lq)];
-            check_attention(&d, &mut rng, lq, lk, heads, Some(rows));
+            for variant in ALL_VARIANTS {
+                check_attention(&d, &mut rng, variant, lq, lk, heads, Some(rows.clone()));
+            }
         }
     }
 }
@@ -389,7 +395,6 @@ fn kv_append_rope_matches_cpu_through_ring_wraparound_with_sinks_and_attention_r
     // order) equals attention over the same rows on the CPU.
     let lq = 50;
     let (q, qh) = d.rand(lq * row, 1.0, &mut rng);
-    let mut o = d.poisoned(lq * row);
     let shape = AttnShape {
         lq,
         lk: cap,
@@ -397,21 +402,20 @@ fn kv_append_rope_matches_cpu_through_ring_wraparound_with_sinks_and_attention_r
         head_dim: 128,
     };
     let scale = 1.0 / (128f32).sqrt();
-    attention_fwd(
-        &d.gpu,
-        &d.stream,
-        AttentionVariant::V1Fa2,
-        shape,
-        scale,
-        &q,
-        &kc,
-        &vc,
-        &mut o,
-        None,
-    )
-    .unwrap_or_else(|e| panic!("attention launch: {e}"));
     let (ro, _) = ops::attention(&qh, &kg, &vg, lq, cap, heads, 128, scale);
-    assert_close("attention over the ring", &d.host(&o), &ro, BF16_TOL);
+    for variant in ALL_VARIANTS {
+        let mut o = d.poisoned(lq * row);
+        attention_fwd(
+            &d.gpu, &d.stream, variant, shape, scale, &q, &kc, &vc, &mut o, None,
+        )
+        .unwrap_or_else(|e| panic!("attention launch: {e}"));
+        assert_close(
+            &format!("attention {} over the ring", variant.as_str()),
+            &d.host(&o),
+            &ro,
+            BF16_TOL,
+        );
+    }
 }
 
 #[test]

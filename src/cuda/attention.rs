@@ -11,7 +11,8 @@
 //! - `AttentionVariant` is part of the execution flags the parity handshake compares: two ranks
 //!   running different variants must not pass startup.
 //!
-//! Tripwire: `V1_SMEM_BYTES` mirrors `attn_v1::SMEM` in the kernel.
+//! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES` mirror `attn_v1::SMEM`/`attn_v2::SMEM` (asserted in
+//! the kernel); both variants use 128-row blocks (`V1_BM`).
 use crate::cuda::context::{check_aligned16, check_len, dptr, dptr_mut, Gpu, LaunchCfg};
 use crate::{Error, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
@@ -39,11 +40,18 @@ pub struct AttnParams {
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
+pub const ALL_VARIANTS: [AttentionVariant; 2] =
+    [AttentionVariant::V1Fa2, AttentionVariant::V2Wgmma];
+
+/// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionVariant {
     /// FA2-style: mma.sync m16n8k16, ldmatrix, cp.async double buffering (any sm_80+ part).
     #[default]
     V1Fa2,
+    /// Hopper step 1: wgmma (QKᵀ from shared memory, PV with P in registers), cp.async double
+    /// buffering, no TMA and no warp specialization yet.
+    V2Wgmma,
 }
 
 impl AttentionVariant {
@@ -51,14 +59,16 @@ impl AttentionVariant {
     pub fn as_str(self) -> &'static str {
         match self {
             AttentionVariant::V1Fa2 => "v1-fa2-mma-sync",
+            AttentionVariant::V2Wgmma => "v2-wgmma-cp-async",
         }
     }
 
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "v1" | "v1-fa2-mma-sync" => Ok(AttentionVariant::V1Fa2),
+            "v2" | "v2-wgmma-cp-async" => Ok(AttentionVariant::V2Wgmma),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async)"
             ))),
         }
     }
@@ -68,6 +78,8 @@ pub const HEAD_DIM: usize = 128;
 const V1_BM: u32 = 128;
 const V1_THREADS: u32 = 128;
 const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
+const V2_THREADS: u32 = 256;
+const V2_SMEM_BYTES: u32 = 97 * 1024;
 
 /// Geometry of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,9 +150,12 @@ pub fn attention_fwd(
     check_len("attention k", k.len(), shape.lk * row, &sk)?;
     check_len("attention v", v.len(), shape.lk * row, &sk)?;
     check_len("attention o", o.len(), shape.lq * row, &sq)?;
-    let AttentionVariant::V1Fa2 = variant;
-    let kern = gpu.kernel("attention", "attention_fwd_v1_bf16")?;
-    gpu.set_max_dynamic_smem(&kern, V1_SMEM_BYTES)?;
+    let (func, threads, smem) = match variant {
+        AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
+        AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
+    };
+    let kern = gpu.kernel("attention", func)?;
+    gpu.set_max_dynamic_smem(&kern, smem)?;
     let (qp, _gq) = dptr(q, stream);
     let (kp, _gk) = dptr(k, stream);
     let (vp, _gv) = dptr(v, stream);
@@ -183,8 +198,8 @@ pub fn attention_fwd(
             shape.heads as u32,
             1,
         ),
-        block: (V1_THREADS, 1, 1),
-        smem_bytes: V1_SMEM_BYTES,
+        block: (threads, 1, 1),
+        smem_bytes: smem,
     };
     // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment were
     // checked above against the shape the kernel indexes; the guards live until after enqueue.
@@ -213,8 +228,9 @@ mod tests {
 
     #[test]
     fn attention_variant_names_round_trip_for_the_parity_fingerprint() {
-        let v = AttentionVariant::V1Fa2;
-        assert_eq!(AttentionVariant::parse(v.as_str()).ok(), Some(v));
+        for v in [AttentionVariant::V1Fa2, AttentionVariant::V2Wgmma] {
+            assert_eq!(AttentionVariant::parse(v.as_str()).ok(), Some(v));
+        }
         assert!(AttentionVariant::parse("v9").is_err());
     }
 

@@ -6,7 +6,7 @@
 //! inputs rotated across several buffer sets when one set would sit in L2, random data (never
 //! zeros). The PyTorch baselines (benches/baselines/attention_torch.py) run in the same device
 //! command; BENCHMARKS.md pairs the figures.
-use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape};
+use crate::cuda::attention::{attention_fwd, AttnShape, ALL_VARIANTS};
 use crate::cuda::context::{fill_bf16, EventTimer, Fill, Gpu};
 use crate::cuda::dit_ops::{self, RowShape};
 use crate::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
@@ -135,29 +135,22 @@ fn run(rest: &[String]) -> Result<()> {
                 os.push(alloc(&stream, qn)?);
             }
             let scale = 1.0 / (128f32).sqrt();
-            let ms = time_median(&gpu, &stream, 3, iters, |i| {
-                let s = i % sets;
-                let (q, k, v) = (&qs[s], &ks[s], &vs[s]);
-                attention_fwd(
-                    &gpu,
-                    &stream,
-                    AttentionVariant::V1Fa2,
-                    shape,
-                    scale,
-                    q,
-                    k,
-                    v,
-                    &mut os[s],
-                    None,
-                )
-            })?;
-            let tflops = shape.flops() / (ms * 1e-3) / 1e12;
-            rows.push(Row {
-                what: format!("attention v1 H={heads} Lq={lq} Lk={lk} D=128"),
-                ms,
-                figure: format!("{tflops:.1} TFLOP/s"),
-            });
-            json.push(serde_json::json!({"bench": "attention", "variant": AttentionVariant::V1Fa2.as_str(), "heads": heads, "lq": lq, "lk": lk, "ms": ms, "tflops": tflops}));
+            for variant in ALL_VARIANTS {
+                let ms = time_median(&gpu, &stream, 3, iters, |i| {
+                    let s = i % sets;
+                    let (q, k, v) = (&qs[s], &ks[s], &vs[s]);
+                    attention_fwd(
+                        &gpu, &stream, variant, shape, scale, q, k, v, &mut os[s], None,
+                    )
+                })?;
+                let tflops = shape.flops() / (ms * 1e-3) / 1e12;
+                rows.push(Row {
+                    what: format!("attention {} H={heads} Lk={lk}", variant.as_str()),
+                    ms,
+                    figure: format!("{tflops:.1} TFLOP/s"),
+                });
+                json.push(serde_json::json!({"bench": "attention", "variant": variant.as_str(), "heads": heads, "lq": lq, "lk": lk, "ms": ms, "tflops": tflops}));
+            }
         }
     }
 
