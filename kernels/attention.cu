@@ -1,5 +1,7 @@
-// Attention forward, version 1 (FA2-style): mma.sync m16n8k16 bf16, ldmatrix, cp.async double
+// Attention forward. Version 1 (FA2-style): mma.sync m16n8k16 bf16, ldmatrix, cp.async double
 // buffering, online softmax in fp32 with exp2 and the softmax scale folded into one FMA.
+// Version 2 (Hopper, first step, at the end of this file): wgmma from 128B-swizzled shared memory.
+// Both share AttnParams and the contract below; the host picks one (AttentionVariant).
 //
 // Contract (mirrored by src/cuda/attention.rs, which checks it before every launch):
 // - q [Lq, H, 128], k/v [Lk, H, 128], o [Lq, H, 128], all bf16, token-major; the row stride
