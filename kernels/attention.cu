@@ -1,7 +1,9 @@
 // Attention forward. Version 1 (FA2-style): mma.sync m16n8k16 bf16, ldmatrix, cp.async double
 // buffering, online softmax in fp32 with exp2 and the softmax scale folded into one FMA.
-// Version 2 (Hopper, first step, at the end of this file): wgmma from 128B-swizzled shared memory.
-// Both share AttnParams and the contract below; the host picks one (AttentionVariant).
+// Version 2 (Hopper, first step, after v1): wgmma from 128B-swizzled shared memory. Version 2b
+// (at the end): v2 + intra-warpgroup overlap, 128-key tiles; correct but slower than v2 at one
+// block per SM (BENCHMARKS.md), kept as the base for the TMA/warp-specialized step.
+// All share AttnParams and the contract below; the host picks one (AttentionVariant).
 //
 // Contract (mirrored by src/cuda/attention.rs, which checks it before every launch):
 // - q [Lq, H, 128], k/v [Lk, H, 128], o [Lq, H, 128], all bf16, token-major; the row stride
@@ -363,6 +365,7 @@ extern "C" __global__ void __launch_bounds__(attn_v2::THREADS, 2)
         const uint32_t vb = kb + SMEM_KV;
 
         float s[32];
+        ls_fence_regs(o);
         ls_wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 8; ++ks) {
@@ -372,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(attn_v2::THREADS, 2)
         }
         ls_wgmma_commit();
         ls_wgmma_wait<0>();
+        ls_fence_regs(s);
 
         // Accumulator layout: s[4i + {0,1}] row warp*16 + lane/4, keys 8i + 2(lane%4) + {0,1};
         // s[4i + {2,3}] the row 8 below.
@@ -431,8 +435,194 @@ extern "C" __global__ void __launch_bounds__(attn_v2::THREADS, 2)
         }
         ls_wgmma_commit();
         ls_wgmma_wait<0>();
+        ls_fence_regs(o);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) ls_fence_regs_u32(pa[kk]);  // A registers read async
     }
     ls_cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * r;
+        if (row < lq) {
+            const float inv = 1.f / l;
+            __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int col = i * 8 + 2 * (lane & 3);
+                *reinterpret_cast<uint32_t*>(og + col) =
+                    ls_pack_bf16x2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                p.lse[(uint64_t)row * p.heads + h] = (mrow[r] * sl + __log2f(l)) * 0.69314718055994531f;
+            }
+        }
+    }
+}
+
+// Version 2b (Hopper): v2 plus FA3's intra-warpgroup overlap and 128-key tiles. In iteration j
+// the tensor cores run S_j = Q K_j and O += P_{j-1} V_{j-1} back to back and the softmax of S_j
+// runs while the P V product is in flight. Needs o (64) + S (64) + P (32) registers live at once,
+// so one block (two warpgroups) per SM with up to 255 registers; smem Q 32 KB + K 2x32 KB + V
+// 2x32 KB. Same contract and layouts as v2.
+namespace attn_v2b {
+constexpr int D = 128;
+constexpr int BM = 128;
+constexpr int BN = 128;
+constexpr int THREADS = 256;
+constexpr int Q_HALF = BM * 128;
+constexpr int KV_HALF = BN * 128;     // 16 KB
+constexpr int SMEM_Q = 2 * Q_HALF;    // 32 KB
+constexpr int SMEM_KV = 2 * KV_HALF;  // 32 KB
+constexpr int SMEM = SMEM_Q + 4 * SMEM_KV + 1024;  // 161 KB
+}  // namespace attn_v2b
+static_assert(attn_v2b::SMEM == 161 * 1024, "V2B_SMEM_BYTES in src/cuda/attention.rs");
+
+extern "C" __global__ void __launch_bounds__(attn_v2b::THREADS, 1)
+    attention_fwd_v2b_bf16(const AttnParams p) {
+    using namespace attn_v2b;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int h = blockIdx.y;
+    const int m0 = blockIdx.x * BM;
+    const int lq = (int)p.lq, lk = (int)p.lk;
+
+    // BN = 128 keys per tile. K and V have separate two-stage rings, V one tile behind K: in iteration j the tensor
+    // cores run S_j = Q K_j and O += P_{j-1} V_{j-1} back to back, and the softmax of S_j runs
+    // while the P V product is still in flight (FA3's intra-warpgroup overlap). K_{j+1} and V_j
+    // are loaded during iteration j into the stages that iteration j-1 finished with.
+    const uint32_t base = (ls_smem_addr(smem_raw) + 1023u) & ~1023u;
+    const uint32_t sQ = base;
+    const uint32_t sK = sQ + SMEM_Q;       // K stage s at sK + s * SMEM_KV
+    const uint32_t sV = sK + 2 * SMEM_KV;  // V stage s at sV + s * SMEM_KV
+    const __nv_bfloat16* qg = p.q + (uint64_t)h * D;
+    const __nv_bfloat16* kg = p.k + (uint64_t)h * D;
+    const __nv_bfloat16* vg = p.v + (uint64_t)h * D;
+
+    attn2_load_rows<BM>(sQ, qg, p.q_row_stride, m0, lq, tid);
+    attn2_load_rows<BN>(sK, kg, p.kv_row_stride, 0, lk, tid);
+    ls_cp_async_commit();
+
+    const int ntiles = (lk + BN - 1) / BN;
+    const float sl = p.scale_log2;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float mrow[2] = {-INFINITY, -INFINITY};
+    float lrow[2] = {0.f, 0.f};
+    uint32_t pa[8][4];  // P of the previous tile, bf16, A-fragment layout
+    const uint32_t qWg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows inside each Q half
+
+    for (int j = 0; j < ntiles; ++j) {
+        ls_cp_async_wait<0>();        // K_j and V_{j-1}
+        ls_fence_proxy_async_smem();  // cp.async writes -> visible to wgmma's async proxy
+        __syncthreads();              // ... to every warp; all are done with iteration j-1
+        if (j + 1 < ntiles) attn2_load_rows<BN>(sK + ((j + 1) & 1) * SMEM_KV, kg, p.kv_row_stride, (j + 1) * BN, lk, tid);
+        attn2_load_rows<BN>(sV + (j & 1) * SMEM_KV, vg, p.kv_row_stride, j * BN, lk, tid);
+        ls_cp_async_commit();
+        const uint32_t kb = sK + (j & 1) * SMEM_KV;
+
+        float s[64];
+        ls_fence_regs(o);
+        ls_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            const uint64_t da = ls_gmma_desc_sw128(qWg + (ks / 4) * Q_HALF + (ks % 4) * 32, 0, 1024);
+            const uint64_t db = ls_gmma_desc_sw128(kb + (ks / 4) * KV_HALF + (ks % 4) * 32, 0, 1024);
+            ls_wgmma_m64n128k16_ss(s, da, db, ks > 0);
+        }
+        ls_wgmma_commit();
+        if (j > 0) {
+            const uint32_t vb = sV + ((j - 1) & 1) * SMEM_KV;
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+                // 16 keys = two 8-row groups (SBO 1024); dims 64-127 are the other half (LBO).
+                const uint64_t db = ls_gmma_desc_sw128(vb + kk * 16 * 128, KV_HALF, 1024);
+                ls_wgmma_m64n128k16_rs_tb(o, pa[kk], db);
+            }
+            ls_wgmma_commit();
+            ls_wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
+        } else {
+            ls_wgmma_wait<0>();
+        }
+        ls_fence_regs(s);
+
+        // Accumulator layout: s[4i + {0,1}] row warp*16 + lane/4, keys 8i + 2(lane%4) + {0,1};
+        // s[4i + {2,3}] the row 8 below.
+        if ((j + 1) * BN > lk) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int col = j * BN + i * 8 + 2 * (lane & 3);
+                if (col >= lk) s[4 * i] = s[4 * i + 2] = -INFINITY;
+                if (col + 1 >= lk) s[4 * i + 1] = s[4 * i + 3] = -INFINITY;
+            }
+        }
+        float corr[2];
+        bool grew = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = mrow[r];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            grew |= mx > mrow[r];
+            corr[r] = exp2f((mrow[r] - mx) * sl);
+            mrow[r] = mx;
+            const float msl = mx * sl;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                s[4 * i + 2 * r] = exp2f(fmaf(s[4 * i + 2 * r], sl, -msl));
+                s[4 * i + 2 * r + 1] = exp2f(fmaf(s[4 * i + 2 * r + 1], sl, -msl));
+                sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
+            }
+            lrow[r] = lrow[r] * corr[r] + sum;
+        }
+        ls_wgmma_wait<0>();  // P_{j-1} V_{j-1} done: O holds tiles < j, pa is free
+        ls_fence_regs(o);
+        // pa was read asynchronously by that wgmma: keep its registers untouched until here.
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) ls_fence_regs_u32(pa[kk]);
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                o[4 * i] *= corr[0];
+                o[4 * i + 1] *= corr[0];
+                o[4 * i + 2] *= corr[1];
+                o[4 * i + 3] *= corr[1];
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            pa[kk][0] = ls_pack_bf16x2(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = ls_pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = ls_pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = ls_pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    }
+    // The last tile's P V.
+    ls_cp_async_wait<0>();
+    ls_fence_proxy_async_smem();
+    __syncthreads();
+    {
+        const uint32_t vb = sV + ((ntiles - 1) & 1) * SMEM_KV;
+        ls_fence_regs(o);
+        ls_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            const uint64_t db = ls_gmma_desc_sw128(vb + kk * 16 * 128, KV_HALF, 1024);
+            ls_wgmma_m64n128k16_rs_tb(o, pa[kk], db);
+        }
+        ls_wgmma_commit();
+        ls_wgmma_wait<0>();
+        ls_fence_regs(o);
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) ls_fence_regs_u32(pa[kk]);
+    }
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

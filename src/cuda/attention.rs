@@ -40,8 +40,11 @@ pub struct AttnParams {
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 2] =
-    [AttentionVariant::V1Fa2, AttentionVariant::V2Wgmma];
+pub const ALL_VARIANTS: [AttentionVariant; 3] = [
+    AttentionVariant::V1Fa2,
+    AttentionVariant::V2Wgmma,
+    AttentionVariant::V2bWgmmaOverlap,
+];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -52,6 +55,9 @@ pub enum AttentionVariant {
     /// Hopper step 1: wgmma (QKᵀ from shared memory, PV with P in registers), cp.async double
     /// buffering, no TMA and no warp specialization yet.
     V2Wgmma,
+    /// Hopper step 2: v2 plus FA3's intra-warpgroup overlap (the softmax of tile j runs while
+    /// P·V of tile j−1 is on the tensor cores), 128-key tiles, one block of two warpgroups per SM.
+    V2bWgmmaOverlap,
 }
 
 impl AttentionVariant {
@@ -60,6 +66,7 @@ impl AttentionVariant {
         match self {
             AttentionVariant::V1Fa2 => "v1-fa2-mma-sync",
             AttentionVariant::V2Wgmma => "v2-wgmma-cp-async",
+            AttentionVariant::V2bWgmmaOverlap => "v2b-wgmma-overlap",
         }
     }
 
@@ -67,8 +74,9 @@ impl AttentionVariant {
         match s {
             "v1" | "v1-fa2-mma-sync" => Ok(AttentionVariant::V1Fa2),
             "v2" | "v2-wgmma-cp-async" => Ok(AttentionVariant::V2Wgmma),
+            "v2b" | "v2b-wgmma-overlap" => Ok(AttentionVariant::V2bWgmmaOverlap),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap)"
             ))),
         }
     }
@@ -80,6 +88,7 @@ const V1_THREADS: u32 = 128;
 const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
 const V2_THREADS: u32 = 256;
 const V2_SMEM_BYTES: u32 = 97 * 1024;
+const V2B_SMEM_BYTES: u32 = 161 * 1024;
 
 /// Geometry of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +162,7 @@ pub fn attention_fwd(
     let (func, threads, smem) = match variant {
         AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
         AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
+        AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
     };
     let kern = gpu.kernel("attention", func)?;
     gpu.set_max_dynamic_smem(&kern, smem)?;
@@ -228,7 +238,7 @@ mod tests {
 
     #[test]
     fn attention_variant_names_round_trip_for_the_parity_fingerprint() {
-        for v in [AttentionVariant::V1Fa2, AttentionVariant::V2Wgmma] {
+        for v in ALL_VARIANTS {
             assert_eq!(AttentionVariant::parse(v.as_str()).ok(), Some(v));
         }
         assert!(AttentionVariant::parse("v9").is_err());
