@@ -21,6 +21,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         "wire" => wire(args),
         "echo-peer" => echo_peer(args),
         "transport" => crate::comm::nccl::bench::main(&args.rest),
+        "kernels" => crate::cuda::bench::main(&args.rest),
         other => {
             eprintln!("bench: unknown benchmark {other:?}");
             crate::exit::ExitCode::BadInput.code()

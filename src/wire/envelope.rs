@@ -94,6 +94,11 @@ impl EnvelopeIds {
 /// An envelope that passed preflight: header, canonical meta bytes and materialized tensors.
 /// Fields are private: only [`prepare`], [`prepare_untyped`], [`PreparedEnvelope::noop`] and
 /// [`PreparedEnvelope::shutdown`] make one.
+///
+/// Break-it C2 ("sender fails after the header") cannot be written: this does not compile.
+/// ```compile_fail
+/// let _ = lockstep::wire::PreparedEnvelope { header: unimplemented!(), meta: Vec::new(), tensors: Vec::new() };
+/// ```
 #[derive(Clone, Debug)]
 pub struct PreparedEnvelope {
     header: Header,

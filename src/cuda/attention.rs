@@ -1,0 +1,260 @@
+//! Typed launch of the attention forward kernels (kernels/attention.cu).
+//!
+//! Contract:
+//! - `q [Lq, H, 128]`, `k, v [Lk, H, 128]`, `o [Lq, H, 128]` bf16, contiguous token-major; no
+//!   mask; any `Lq, Lk >= 1`. K/V rows may be in any order (attention is a set operation): a ring
+//!   cache is passed as the contiguous view of its occupied slots, sinks and window alike.
+//! - `lse` (optional) is fp32 `[Lq, H]`, the natural log-sum-exp of the scaled scores, the same
+//!   layout as `ops::attention`'s second output.
+//! - Shapes, buffer lengths and 16-byte alignment are checked before the launch; the launch is
+//!   enqueued on the caller's stream (see context.rs for what `Ok` means).
+//! - `AttentionVariant` is part of the execution flags the parity handshake compares: two ranks
+//!   running different variants must not pass startup.
+//!
+//! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES` mirror `attn_v1::SMEM`/`attn_v2::SMEM` (asserted in
+//! the kernel); both variants use 128-row blocks (`V1_BM`).
+use crate::cuda::context::{check_aligned16, check_len, dptr, dptr_mut, Gpu, LaunchCfg};
+use crate::{Error, Result};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+/// Mirror of `AttnParams` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub lq: u32,
+    pub lk: u32,
+    pub heads: u32,
+    pub _pad0: u32,
+    pub q_row_stride: u64,
+    pub kv_row_stride: u64,
+    pub o_row_stride: u64,
+    pub scale_log2: f32,
+    pub _pad1: u32,
+}
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
+
+/// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
+pub const ALL_VARIANTS: [AttentionVariant; 3] = [
+    AttentionVariant::V1Fa2,
+    AttentionVariant::V2Wgmma,
+    AttentionVariant::V2bWgmmaOverlap,
+];
+
+/// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionVariant {
+    /// FA2-style: mma.sync m16n8k16, ldmatrix, cp.async double buffering (any sm_80+ part).
+    #[default]
+    V1Fa2,
+    /// Hopper step 1: wgmma (QKᵀ from shared memory, PV with P in registers), cp.async double
+    /// buffering, no TMA and no warp specialization yet.
+    V2Wgmma,
+    /// Hopper step 2: v2 plus FA3's intra-warpgroup overlap (the softmax of tile j runs while
+    /// P·V of tile j−1 is on the tensor cores), 128-key tiles, one block of two warpgroups per SM.
+    V2bWgmmaOverlap,
+}
+
+impl AttentionVariant {
+    /// Stable name for the parity handshake and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttentionVariant::V1Fa2 => "v1-fa2-mma-sync",
+            AttentionVariant::V2Wgmma => "v2-wgmma-cp-async",
+            AttentionVariant::V2bWgmmaOverlap => "v2b-wgmma-overlap",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "v1" | "v1-fa2-mma-sync" => Ok(AttentionVariant::V1Fa2),
+            "v2" | "v2-wgmma-cp-async" => Ok(AttentionVariant::V2Wgmma),
+            "v2b" | "v2b-wgmma-overlap" => Ok(AttentionVariant::V2bWgmmaOverlap),
+            other => Err(Error::BadInput(format!(
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap)"
+            ))),
+        }
+    }
+}
+
+pub const HEAD_DIM: usize = 128;
+const V1_BM: u32 = 128;
+const V1_THREADS: u32 = 128;
+const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
+const V2_THREADS: u32 = 256;
+const V2_SMEM_BYTES: u32 = 97 * 1024;
+const V2B_SMEM_BYTES: u32 = 161 * 1024;
+
+/// Geometry of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub lq: usize,
+    pub lk: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Matrix FLOPs of the forward pass (QKᵀ and PV), the figure benchmarks divide by time.
+    pub fn flops(&self) -> f64 {
+        4.0 * self.lq as f64 * self.lk as f64 * self.heads as f64 * self.head_dim as f64
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.head_dim != HEAD_DIM {
+            return Err(Error::BadInput(format!(
+                "attention: head dim {} unsupported (kernel is built for {HEAD_DIM})",
+                self.head_dim
+            )));
+        }
+        if self.lq == 0 || self.lk == 0 || self.heads == 0 {
+            return Err(Error::BadInput(format!(
+                "attention: empty shape {self:?} (Lq, Lk and H must be >= 1)"
+            )));
+        }
+        if self.heads > 65_535 || self.lq.div_ceil(V1_BM as usize) > i32::MAX as usize {
+            return Err(Error::BadInput(format!(
+                "attention: shape {self:?} exceeds the launch grid"
+            )));
+        }
+        if u32::try_from(self.lq).is_err() || u32::try_from(self.lk).is_err() {
+            return Err(Error::BadInput(format!(
+                "attention: Lq/Lk of {self:?} exceed u32"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Enqueues `o = softmax(q kᵀ · scale) v` (and the LSE when asked) on `stream`.
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+pub fn attention_fwd(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    variant: AttentionVariant,
+    shape: AttnShape,
+    scale: f32,
+    q: &impl DevicePtr<bf16>,
+    k: &impl DevicePtr<bf16>,
+    v: &impl DevicePtr<bf16>,
+    o: &mut impl DevicePtrMut<bf16>,
+    lse: Option<&mut dyn LseOut>,
+) -> Result<()> {
+    shape.check()?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::BadInput(format!(
+            "attention: softmax scale {scale} must be finite and > 0"
+        )));
+    }
+    let row = shape.heads * shape.head_dim;
+    let sq = format!("[{}, {}, {}]", shape.lq, shape.heads, shape.head_dim);
+    let sk = format!("[{}, {}, {}]", shape.lk, shape.heads, shape.head_dim);
+    check_len("attention q", q.len(), shape.lq * row, &sq)?;
+    check_len("attention k", k.len(), shape.lk * row, &sk)?;
+    check_len("attention v", v.len(), shape.lk * row, &sk)?;
+    check_len("attention o", o.len(), shape.lq * row, &sq)?;
+    let (func, threads, smem) = match variant {
+        AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
+        AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
+        AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
+    };
+    let kern = gpu.kernel("attention", func)?;
+    gpu.set_max_dynamic_smem(&kern, smem)?;
+    let (qp, _gq) = dptr(q, stream);
+    let (kp, _gk) = dptr(k, stream);
+    let (vp, _gv) = dptr(v, stream);
+    let (op, _go) = dptr_mut(o, stream);
+    let (lp, _gl) = match lse {
+        Some(l) => {
+            check_len(
+                "attention lse",
+                l.elems(),
+                shape.lq * shape.heads,
+                &format!("[{}, {}]", shape.lq, shape.heads),
+            )?;
+            let (p, g) = l.ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    for (what, p) in [("q", qp), ("k", kp), ("v", vp), ("o", op)] {
+        check_aligned16(what, p)?;
+    }
+    let params = AttnParams {
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        lse: lp,
+        lq: shape.lq as u32,
+        lk: shape.lk as u32,
+        heads: shape.heads as u32,
+        _pad0: 0,
+        q_row_stride: row as u64,
+        kv_row_stride: row as u64,
+        o_row_stride: row as u64,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        _pad1: 0,
+    };
+    let cfg = LaunchCfg {
+        grid: (
+            shape.lq.div_ceil(V1_BM as usize) as u32,
+            shape.heads as u32,
+            1,
+        ),
+        block: (threads, 1, 1),
+        smem_bytes: smem,
+    };
+    // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment were
+    // checked above against the shape the kernel indexes; the guards live until after enqueue.
+    unsafe { gpu.launch(&kern, cfg, stream, &params) }
+}
+
+/// An fp32 buffer that can take the LSE (object-safe so `Option<&mut dyn LseOut>` works for
+/// any cudarc slice or view).
+pub trait LseOut {
+    fn elems(&self) -> usize;
+    fn ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>);
+}
+
+impl<T: DevicePtrMut<f32>> LseOut for T {
+    fn elems(&self) -> usize {
+        self.len()
+    }
+    fn ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+        self.device_ptr_mut(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_variant_names_round_trip_for_the_parity_fingerprint() {
+        for v in ALL_VARIANTS {
+            assert_eq!(AttentionVariant::parse(v.as_str()).ok(), Some(v));
+        }
+        assert!(AttentionVariant::parse("v9").is_err());
+    }
+
+    #[test]
+    fn attention_shape_rejects_empty_and_wrong_head_dim() {
+        let ok = AttnShape {
+            lq: 1,
+            lk: 1,
+            heads: 1,
+            head_dim: 128,
+        };
+        assert!(ok.check().is_ok());
+        assert!(AttnShape { lk: 0, ..ok }.check().is_err());
+        assert!(AttnShape { head_dim: 64, ..ok }.check().is_err());
+        assert_eq!(ok.flops(), 512.0);
+    }
+}
