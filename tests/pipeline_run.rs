@@ -123,3 +123,41 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
     );
     assert!(!stderr.contains("generate"), "{stderr}");
 }
+
+#[test]
+fn run_started_by_a_plain_launcher_reports_from_rank0() {
+    // torchrun/Slurm style: something else starts the ranks with the torchrun environment; each
+    // is `lockstep run` in rank mode, and rank 0 prints the summary and writes the metrics.
+    let metrics = tmp("plain-metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    let bin = common::lockstep_bin();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["launch", "-n", "3", "--dump-dir"])
+        .arg(tmp("plain-dumps"))
+        .arg("--")
+        .arg(&bin)
+        .args([
+            "run",
+            "--quiet",
+            "--chunks",
+            "3",
+            "--generator",
+            "calibrated",
+        ])
+        .arg("--metrics")
+        .arg(&metrics)
+        .env_remove("LOCKSTEP_FAULT");
+    let out = bounded(cmd, "lockstep launch", Duration::from_secs(10));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("chunks emitted             3 / 3"),
+        "{stdout}"
+    );
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(&metrics).expect("metrics")).expect("json");
+    assert_eq!(m["chunks_emitted"], 3);
+}

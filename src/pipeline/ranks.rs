@@ -363,9 +363,17 @@ pub fn rank_main(args: &RunArgs) -> i32 {
         rank.crash(&e);
     }
     if rank.is_driver() && std::env::var_os(RUN_DIR_ENV).is_none() {
-        // Started without `lockstep run`'s parent (torchrun, Slurm): rank 0 reports itself.
-        if let Some(m) = &report.metrics {
-            println!("{}", m.summary());
+        // Started without `lockstep run`'s parent (torchrun, Slurm): rank 0 reports what it has
+        // (its own timeline; the mesh's counters stay 0).
+        if let Some(m) = report.metrics.clone() {
+            let own = Trace {
+                rank: report.rank,
+                t0: None,
+                spans: report.spans.clone(),
+            };
+            if let Err(e) = publish(args, &m, &[own]) {
+                rank.crash(&e);
+            }
         }
     }
     match rank.finish() {
@@ -614,22 +622,27 @@ fn report(args: &RunArgs, dir: &Path, world: u32, wall: Duration) -> Result<()> 
         m.noops_sent = leader.noops;
     }
     m.wall_s = wall.as_secs_f64();
+    let traces: Vec<Trace> = reports
+        .into_iter()
+        .map(|r| Trace {
+            rank: r.rank,
+            t0: None,
+            spans: r.spans,
+        })
+        .collect();
+    publish(args, &m, &traces)
+}
+
+/// Summary on stdout, `--metrics` and `--trace` files.
+fn publish(args: &RunArgs, m: &Metrics, traces: &[Trace]) -> Result<()> {
     println!("{}", m.summary());
     if let Some(p) = &args.metrics {
-        let j = serde_json::to_vec_pretty(&m)
+        let j = serde_json::to_vec_pretty(m)
             .map_err(|e| Error::Invariant(format!("metrics do not serialize: {e}")))?;
         std::fs::write(p, j).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
     }
     if let Some(p) = &args.trace {
-        let traces: Vec<Trace> = reports
-            .into_iter()
-            .map(|r| Trace {
-                rank: r.rank,
-                t0: None,
-                spans: r.spans,
-            })
-            .collect();
-        let j = serde_json::to_vec(&chrome_trace(&traces))
+        let j = serde_json::to_vec(&chrome_trace(traces))
             .map_err(|e| Error::Invariant(format!("trace does not serialize: {e}")))?;
         std::fs::write(p, j).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
     }
