@@ -161,3 +161,103 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
         serde_json::from_slice(&std::fs::read(&metrics).expect("metrics")).expect("json");
     assert_eq!(m["chunks_emitted"], 3);
 }
+
+#[test]
+fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
+    use std::io::{BufRead, BufReader};
+    let frames = tmp("kill-frames");
+    let _ = std::fs::remove_dir_all(&frames);
+    let mut child = Command::new(common::lockstep_bin())
+        .args([
+            "run",
+            "--quiet",
+            "--chunks",
+            "400",
+            "--generator",
+            "calibrated",
+            "--gen-cost-ms",
+            "2",
+        ])
+        .arg("--frames-out")
+        .arg(&frames)
+        .env_remove("LOCKSTEP_FAULT")
+        .env("LOCKSTEP_DUMP_DIR", tmp("kill-dumps"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lockstep");
+    let Some(stderr) = child.stderr.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no stderr pipe");
+    };
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut victim = None;
+    while victim.is_none() {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the launcher did not name global-rank 2's pid: {seen:?}");
+        };
+        victim = line
+            .strip_prefix("launch: global-rank 2 pid ")
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        seen.push(line);
+    }
+    // Mid-stream = rank 0 has decoded a chunk (its frames are on disk); then SIGKILL the mesh
+    // follower (no goodbye, no dump).
+    let t = std::time::Instant::now();
+    while std::fs::read_dir(&frames).map_or(0, |d| d.count()) < 3 {
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no frame decoded within 10 s: {seen:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed_at = std::time::Instant::now();
+    // SAFETY: kill(2) on a rank pid the launcher just printed; it is our grandchild.
+    unsafe { libc::kill(victim.unwrap_or(0), libc::SIGKILL) };
+    let mut code = None;
+    while killed_at.elapsed() < Duration::from_secs(10) {
+        match child.try_wait() {
+            Ok(Some(s)) => {
+                code = s.code();
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("try_wait: {e}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = killed_at.elapsed();
+    if code.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("lockstep run still alive 10 s after a mesh rank died (a hang)");
+    }
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+        seen.push(l);
+    }
+    let all = seen.join("\n");
+    // The launcher reports the killed rank as the primary failure (128 + SIGKILL).
+    assert_eq!(code, Some(137), "{all}");
+    assert!(
+        all.contains("launch: global-rank 2 killed by signal 9 (SIGKILL)")
+            && all
+                .contains("lockstep[global-rank 0]: exit 72 (peer-lost): peer lost: global-rank 2"),
+        "{all}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}\n{all}");
+    println!("killed mid-stream; lockstep run exited {elapsed:?} later:\n{all}");
+}

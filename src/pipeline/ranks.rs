@@ -584,7 +584,11 @@ fn launch_and_report(args: &RunArgs) -> Result<i32> {
     let out = if code == ExitCode::Clean.code() {
         report(args, &dir, s.tp + 1, wall).map(|()| code)
     } else {
-        let name = ExitCode::from_code(code).map_or("unknown", ExitCode::name);
+        let name = match ExitCode::from_code(code) {
+            Some(c) => c.name().to_string(),
+            None if code > 128 => format!("a rank was killed by signal {}", code - 128),
+            None => "unknown".into(),
+        };
         diag(&format!(
             "lockstep run failed: exit {code} ({name}); the failing rank's diagnosis is above"
         ));
