@@ -33,7 +33,6 @@ pub struct DriverConfig {
     /// Step graphs the mesh captures in warm-up (part of the expected digest).
     pub graph_count: u64,
     pub timeout: Duration,
-    pub heartbeat: Duration,
     pub noise_seed: u64,
     pub limits: Limits,
     pub progress: Option<indicatif::ProgressBar>,

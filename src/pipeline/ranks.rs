@@ -406,7 +406,6 @@ fn run_rank(rank: &Rank<HostPlane>, args: &RunArgs, s: &Setup, t0: Instant) -> R
             policy: s.policy.clone(),
             graph_count: graphs.count(),
             timeout: s.timeout,
-            heartbeat: s.heartbeat,
             noise_seed: args.seed,
             limits,
             progress,

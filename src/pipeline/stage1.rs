@@ -243,7 +243,8 @@ impl<'a> MeshRank<'a> {
         })
     }
 
-    /// Captures the broadcast step set and checks that every rank captured the same one.
+    /// Captures the step set (derived from the parity-checked configuration) and checks, with a
+    /// mesh all-gather, that every rank captured the same one.
     pub fn warmup(&mut self, steps: &[String]) -> Result<()> {
         self.graphs.capture(steps);
         if fault::hit(points::GRAPH_SET_SKEW) {
