@@ -150,9 +150,18 @@ pub fn prepare_result(
     ids: EnvelopeIds,
     meta: &ResultMeta,
     latent: &[f32],
+    cfg: &DitConfig,
     limits: &Limits,
 ) -> Result<PreparedEnvelope> {
-    let t = HostTensor::from_f32(LATENT_TENSOR, vec![latent.len() as u64], latent);
+    let shape = vec![cfg.tokens_per_chunk() as u64, cfg.in_dim() as u64];
+    if latent.len() as u64 != shape.iter().product::<u64>() {
+        return Err(Error::Invariant(format!(
+            "RESULT {} latent has {} values, the model's chunk is {shape:?}",
+            ids.call_id,
+            latent.len()
+        )));
+    }
+    let t = HostTensor::from_f32(LATENT_TENSOR, shape, latent);
     prepare(Action::Result, ids, meta, vec![t], limits)
 }
 
@@ -317,12 +326,21 @@ mod tests {
             graph_count: 5,
         };
         let meta = ResultMeta { digest, s1_us: 42 };
-        let env = prepare_result(ids, &meta, &[1.0, -2.5], &l).unwrap();
+        let cfg = DitConfig::tiny();
+        let latent: Vec<f32> = (0..cfg.tokens_per_chunk() * cfg.in_dim())
+            .map(|i| i as f32 * 0.5)
+            .collect();
+        let env = prepare_result(ids, &meta, &latent, &cfg, &l).unwrap();
+        assert_eq!(
+            env.tensors()[0].shape,
+            vec![cfg.tokens_per_chunk() as u64, cfg.in_dim() as u64]
+        );
         let r = decode_result(&received(&env)).unwrap();
         assert_eq!(
             (r.call_id, r.chunk_index, r.cache_epoch),
             (CallId(7), ChunkIndex(3), CacheEpoch(1))
         );
-        assert_eq!((r.latent, r.digest, r.s1_us), (vec![1.0, -2.5], digest, 42));
+        assert_eq!((r.latent, r.digest, r.s1_us), (latent, digest, 42));
+        assert!(prepare_result(ids, &meta, &[1.0], &cfg, &l).is_err());
     }
 }

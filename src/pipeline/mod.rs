@@ -54,6 +54,8 @@ pub trait MeshLink {
     fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope>;
     /// Duplicates acceptance dropped so far (leader).
     fn duplicates_dropped(&self) -> u64;
+    /// Names the phase the next ops belong to (flight-recorder context).
+    fn set_phase(&mut self, _phase: &str) {}
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]

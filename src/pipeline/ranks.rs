@@ -33,7 +33,7 @@ use super::stage1::{
 };
 use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
 use crate::comm::watchdog::{self, diag};
-use crate::comm::HostPlane;
+use crate::comm::{HostPlane, OpContext};
 use crate::exit::ExitCode;
 use crate::ids::{CallId, GlobalRank, GroupRank};
 use crate::model::tp::TpComm;
@@ -157,9 +157,15 @@ struct RankDriver<'a> {
 
 impl DriverLink for RankDriver<'_> {
     fn send_next(&mut self, make: MakeEnvelope<'_>) -> Result<CallId> {
-        self.rank.send_next(make)
+        let rank = self.rank;
+        rank.send_next(move |ids| {
+            let env = make(ids)?;
+            note_send(rank, &env);
+            Ok(env)
+        })
     }
     fn send_again(&mut self, env: &PreparedEnvelope) -> Result<()> {
+        note_send(self.rank, env);
         self.rank.send_envelope(env)
     }
     fn recv(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
@@ -171,6 +177,19 @@ impl DriverLink for RankDriver<'_> {
         self.rank
             .send_next(Box::new(|ids| Ok(PreparedEnvelope::shutdown(ids))))
     }
+}
+
+/// Flight-recorder context for the envelope about to go out, so its header and payload ops carry
+/// its ids in a dump.
+fn note_send(rank: &Rank<HostPlane>, env: &PreparedEnvelope) {
+    let h = env.header();
+    rank.set_context(OpContext {
+        call_id: h.call_id(),
+        chunk_index: h.chunk_index(),
+        cache_epoch: h.cache_epoch(),
+        action: h.action().name().into(),
+        phase: "send".into(),
+    });
 }
 
 /// `Rank::recv_envelope` with "nothing arrived in time" as `None`. The rank reports that case as
@@ -195,6 +214,7 @@ impl MeshLink for RankMesh<'_> {
         recv_within(self.rank, timeout)
     }
     fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()> {
+        note_send(self.rank, env);
         self.rank.send_envelope(env)
     }
     fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
@@ -202,6 +222,9 @@ impl MeshLink for RankMesh<'_> {
     }
     fn duplicates_dropped(&self) -> u64 {
         self.rank.dropped_duplicates()
+    }
+    fn set_phase(&mut self, phase: &str) {
+        self.rank.recorder().set_phase(phase);
     }
 }
 

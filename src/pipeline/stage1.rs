@@ -439,6 +439,7 @@ pub fn run_leader(
                 // Validate before any mesh collective; the relay is the first one.
                 let plan = validate_infer(&env, &rank.cfg)?;
                 link.relay(Some(&env))?;
+                link.set_phase("generate");
                 let (latent, digest) = rank.execute(&plan, &env.tensors)?;
                 let t_done = Instant::now();
                 trace.span(
@@ -457,7 +458,7 @@ pub fn run_leader(
                     digest,
                     s1_us: t_done.duration_since(t_recv).as_micros() as u64,
                 };
-                let r = prepare_result(ids, &meta, &latent, limits)?;
+                let r = prepare_result(ids, &meta, &latent, &rank.cfg, limits)?;
                 if fault::hit(points::DELAY_RESULT) {
                     held = Some(r);
                 } else {
@@ -499,6 +500,7 @@ pub fn run_follower(
             }
             Action::Infer => {
                 let plan = validate_infer(&env, &rank.cfg)?;
+                link.set_phase("generate");
                 rank.execute(&plan, &env.tensors)?;
                 trace.span(
                     "stage1",
