@@ -781,6 +781,26 @@ impl<D: DataPlane> Rank<D> {
     /// first (duplicates are drained and dropped); tensors are allocated strictly from the
     /// manifest. `deadline` None waits without a local bound (the watchdog still applies).
     pub fn recv_envelope(&self, deadline: Option<Instant>) -> Result<ReceivedEnvelope> {
+        match self.recv_envelope_inner(deadline)? {
+            Some(e) => Ok(e),
+            None => {
+                let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
+                Err(Error::Timeout(format!(
+                    "no envelope header from global-rank {peer} before the deadline"
+                )))
+            }
+        }
+    }
+
+    /// Like [`Rank::recv_envelope`], but "no header started to arrive within `timeout`" is
+    /// `Ok(None)`. The timeout only applies before the first byte of a frame: once a header has
+    /// started, the frame is read to its end under the rank's op deadline, so a timeout never
+    /// consumes half a frame and desynchronizes the lane.
+    pub fn try_recv_envelope(&self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+        self.recv_envelope_inner(Some(Instant::now() + timeout))
+    }
+
+    fn recv_envelope_inner(&self, deadline: Option<Instant>) -> Result<Option<ReceivedEnvelope>> {
         let inbox = self
             .inbox
             .as_ref()
@@ -797,12 +817,41 @@ impl<D: DataPlane> Rank<D> {
                 ..Default::default()
             });
             self.recorder.start(rec);
-            let timeout = deadline.map(|d| {
-                d.saturating_duration_since(Instant::now())
-                    .max(Duration::from_micros(1))
-            });
-            let _ = lane.set_read_timeout(timeout);
             let what = format!("envelope lane from global-rank {peer}");
+            if let Some(d) = deadline {
+                // Wait for the first byte without consuming anything; only this wait may time
+                // out quietly.
+                let wait = d
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(1));
+                let _ = lane.set_read_timeout(Some(wait));
+                let mut probe = [0u8; 1];
+                let peeked = loop {
+                    match lane.peek(&mut probe) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                match peeked {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        self.recorder.note(rec, "no header before the deadline");
+                        self.recorder.complete(rec);
+                        return Ok(None);
+                    }
+                    // Data, EOF or an error: read_frame below reports it precisely.
+                    _ => {}
+                }
+                // The rest of the frame is bounded by the op deadline (a peer that stalls
+                // mid-frame is an error, not "nothing arrived").
+                let _ = lane.set_read_timeout(Some(self.opts.op_timeout));
+            } else {
+                let _ = lane.set_read_timeout(None);
+            }
             let got = match read_frame(&mut *lane, max, &what) {
                 Ok(Some((FrameKind::Envelope, body))) => decode_envelope_frame(&body, &self.opts.limits),
                 Ok(Some((k, _))) => Err(Error::Decode(format!("{what}: unexpected {k:?} frame"))),
@@ -811,7 +860,8 @@ impl<D: DataPlane> Rank<D> {
                     if peer == 0 { " (driver)" } else { "" }
                 ))),
                 Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
-                    "no envelope header from global-rank {peer} before the deadline"
+                    "{what}: a frame started but did not complete within the op timeout ({:?}); the peer stalled mid-frame",
+                    self.opts.op_timeout
                 ))),
                 Err(e) => Err(e),
             };
@@ -844,11 +894,11 @@ impl<D: DataPlane> Rank<D> {
             let tensors = self.recv_payload(&h, inb.meta.as_ref())?;
             match verdict {
                 Verdict::Accept => {
-                    return Ok(ReceivedEnvelope {
+                    return Ok(Some(ReceivedEnvelope {
                         header: h,
                         meta: inb.meta,
                         tensors,
-                    })
+                    }))
                 }
                 Verdict::DuplicateDropped => {
                     eprintln!(

@@ -95,6 +95,7 @@ fn pairs(m: &Value, key: &str) -> Vec<(u64, u64)> {
 
 #[test]
 fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
+    let _serial = common::serial();
     let r = run(
         "d1",
         &args(&["--chunks", "6"]),
@@ -124,6 +125,7 @@ fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
 
 #[test]
 fn d2_result_delayed_past_hard_cut_is_dropped_never_decoded() {
+    let _serial = common::serial();
     // The 3rd result (chunk 2) is held by the mesh leader until the next envelope arrives; a
     // hard cut happens right after chunk 2 is sent, so it comes back from a dead epoch.
     let r = run(
@@ -154,6 +156,7 @@ fn d2_result_delayed_past_hard_cut_is_dropped_never_decoded() {
 
 #[test]
 fn d3_call_id_regression_crashes_receiver_immediately() {
+    let _serial = common::serial();
     let r = run(
         "d3",
         &args(&["--chunks", "8"]),
@@ -173,6 +176,7 @@ fn d3_call_id_regression_crashes_receiver_immediately() {
 
 #[test]
 fn e1_backpressure_disabled_queue_grows_bounded_when_enabled() {
+    let _serial = common::serial();
     let slow_decode = [
         "--chunks",
         "30",
@@ -212,6 +216,7 @@ fn e1_backpressure_disabled_queue_grows_bounded_when_enabled() {
 
 #[test]
 fn e2_depth_sweep_d1_collapses_overlap_d2_is_stable() {
+    let _serial = common::serial();
     // S1 = 5 calls × 5 ms (waited out like device time), S0 = 25 ms busy decode: equal stages,
     // so serial execution gives period ≈ 50 ms (η ≈ 0) and overlap gives ≈ 25 ms (η ≈ 1).
     let mut table = Vec::new();
@@ -259,6 +264,7 @@ fn e2_depth_sweep_d1_collapses_overlap_d2_is_stable() {
 
 #[test]
 fn e3_stage1_slowed_stage0_blocks_bounded_without_accumulating() {
+    let _serial = common::serial();
     let r = run(
         "e3",
         &[
@@ -311,6 +317,7 @@ fn e3_stage1_slowed_stage0_blocks_bounded_without_accumulating() {
 
 #[test]
 fn f1_recompute_without_override_fails_before_send() {
+    let _serial = common::serial();
     let r = run(
         "f1",
         &args(&["--chunks", "6", "--recompute-every", "2"]),
@@ -332,6 +339,7 @@ fn f1_recompute_without_override_fails_before_send() {
 
 #[test]
 fn f1_mesh_leader_refuses_missing_override_before_any_collective() {
+    let _serial = common::serial();
     let r = run(
         "f1-leader",
         &args(&["--chunks", "6", "--recompute-every", "2"]),
@@ -352,6 +360,7 @@ fn f1_mesh_leader_refuses_missing_override_before_any_collective() {
 
 #[test]
 fn f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run() {
+    let _serial = common::serial();
     let r = run(
         "f2",
         &args(&["--chunks", "9", "--hard-cut-every", "3"]),
@@ -376,6 +385,7 @@ fn f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run() {
 
 #[test]
 fn f3_out_of_band_cache_mutation_trips_digest_within_one_chunk() {
+    let _serial = common::serial();
     let r = run(
         "f3",
         &args(&["--chunks", "8"]),
@@ -395,6 +405,7 @@ fn f3_out_of_band_cache_mutation_trips_digest_within_one_chunk() {
 
 #[test]
 fn g2_graph_set_skew_fails_in_warmup_not_in_production() {
+    let _serial = common::serial();
     let r = run(
         "g2",
         &args(&["--chunks", "4"]),

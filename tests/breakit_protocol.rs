@@ -110,6 +110,7 @@ fn launch(name: &str, n: u32, fault: &str, env: &[(&str, &str)], args: &[&str]) 
 
 #[test]
 fn a1_meta_unserializable_fails_before_header() {
+    let _serial = common::serial();
     let o = launch("a1", 3, "wire.meta_nan@0", &[], &[]);
     o.assert(
         74,
@@ -136,6 +137,7 @@ fn a1_meta_unserializable_fails_before_header() {
 
 #[test]
 fn a2_unsupported_dtype_fails_before_header() {
+    let _serial = common::serial();
     let o = launch("a2", 3, "wire.dtype_bool@0", &[], &[]);
     o.assert(
         74,
@@ -146,6 +148,7 @@ fn a2_unsupported_dtype_fails_before_header() {
 
 #[test]
 fn a3_tensor_hidden_in_meta_is_rejected() {
+    let _serial = common::serial();
     let o = launch("a3", 3, "wire.nested_tensor@0", &[], &[]);
     o.assert(
         74,
@@ -156,6 +159,7 @@ fn a3_tensor_hidden_in_meta_is_rejected() {
 
 #[test]
 fn b1_tp_collective_on_world_guard_fails_before_call() {
+    let _serial = common::serial();
     let o = launch("b1g", 3, "harness.tp_on_world@2", &[], &[]);
     o.assert(
         70,
@@ -170,6 +174,7 @@ fn b1_tp_collective_on_world_guard_fails_before_call() {
 
 #[test]
 fn b1_non_member_collective_guard_fails_before_call() {
+    let _serial = common::serial();
     let o = launch("b1n", 3, "harness.non_member_collective@0", &[], &[]);
     o.assert(
         70,
@@ -179,6 +184,7 @@ fn b1_non_member_collective_guard_fails_before_call() {
 
 #[test]
 fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
+    let _serial = common::serial();
     let o = launch("b1u", 3, "harness.tp_on_world,guard.off", &[], &[]);
     o.assert(
         71,
@@ -214,6 +220,7 @@ fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
 
 #[test]
 fn b2_plan_extra_generator_call_crashes_before_collective() {
+    let _serial = common::serial();
     let o = launch("b2x", 3, "harness.extra_generator_call@2", &[], &[]);
     o.assert(
         70,
@@ -224,6 +231,7 @@ fn b2_plan_extra_generator_call_crashes_before_collective() {
 
 #[test]
 fn b2_plan_missing_generator_call_crashes_before_chunk_end() {
+    let _serial = common::serial();
     let o = launch("b2m", 3, "harness.skip_generator_call@2", &[], &[]);
     o.assert(
         70,
@@ -234,6 +242,7 @@ fn b2_plan_missing_generator_call_crashes_before_chunk_end() {
 
 #[test]
 fn b3_group_creation_order_mismatch_fails_at_startup() {
+    let _serial = common::serial();
     let o = launch("b3", 3, "groups.reorder@2", &[], &[]);
     o.assert(
         73,
@@ -301,6 +310,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, bound: Duration) {
 
 #[test]
 fn c1_driver_killed_worker_exits_with_peer_lost() {
+    let _serial = common::serial();
     let dumps = tmp_dir("c1");
     let port = free_port();
     let args = ["--hold", "--heartbeat-ms", "100"];
@@ -340,6 +350,7 @@ fn c1_driver_killed_worker_exits_with_peer_lost() {
 
 #[test]
 fn c2_sender_killed_mid_payload_detected_by_receiver() {
+    let _serial = common::serial();
     let o = launch("c2", 3, "send.kill_mid_payload@0", &[], &[]);
     o.assert(
         137,
@@ -353,6 +364,7 @@ fn c2_sender_killed_mid_payload_detected_by_receiver() {
 
 #[test]
 fn c3_sigterm_to_launcher_reaches_every_rank() {
+    let _serial = common::serial();
     let dumps = tmp_dir("c3");
     let bin = common::lockstep_bin();
     let mut child = Command::new(&bin)
@@ -424,6 +436,7 @@ fn c3_sigterm_to_launcher_reaches_every_rank() {
 
 #[test]
 fn c4_idle_gap_with_heartbeats_no_false_alarm() {
+    let _serial = common::serial();
     let o = launch(
         "c4on",
         3,
@@ -436,6 +449,7 @@ fn c4_idle_gap_with_heartbeats_no_false_alarm() {
 
 #[test]
 fn c4_idle_gap_without_heartbeats_watchdog_fires() {
+    let _serial = common::serial();
     let o = launch(
         "c4off",
         3,
@@ -452,6 +466,7 @@ fn c4_idle_gap_without_heartbeats_watchdog_fires() {
 
 #[test]
 fn c5_teardown_hang_still_hard_exits() {
+    let _serial = common::serial();
     let o = launch("c5", 3, "teardown.hang@1", &[], &[]);
     o.assert(
         71,
@@ -465,6 +480,7 @@ fn c5_teardown_hang_still_hard_exits() {
 
 #[test]
 fn g1_execution_flags_differ_parity_fails_at_startup() {
+    let _serial = common::serial();
     let o = launch("g1", 3, "parity.flip_graphs@2", &[], &[]);
     o.assert(
         73,
@@ -478,6 +494,7 @@ fn g1_execution_flags_differ_parity_fails_at_startup() {
 
 #[test]
 fn g3_shape_skew_caught_before_forward() {
+    let _serial = common::serial();
     let o = launch("g3", 3, "harness.shape_skew@2", &[], &[]);
     o.assert(
         70,
@@ -492,6 +509,7 @@ fn g3_shape_skew_caught_before_forward() {
 
 #[test]
 fn debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff() {
+    let _serial = common::serial();
     let o = launch(
         "dbg",
         3,
@@ -511,6 +529,7 @@ fn debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff() {
 
 #[test]
 fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
+    let _serial = common::serial();
     let o = launch("newuser", 4, "harness.dtype_skew@2#2", &[], &[]);
     o.assert(
         71,
@@ -537,6 +556,7 @@ fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
 
 #[test]
 fn rendezvous_refuses_wrong_token_and_survives_garbage() {
+    let _serial = common::serial();
     use std::io::Write;
     let dumps = tmp_dir("rdv");
     let port = free_port();

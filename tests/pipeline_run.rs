@@ -38,6 +38,7 @@ fn bounded(mut cmd: Command, what: &str, bound: Duration) -> Output {
 
 #[test]
 fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
+    let _serial = common::serial();
     let (frames, trace, metrics) = (tmp("frames"), tmp("trace.json"), tmp("metrics.json"));
     let _ = std::fs::remove_dir_all(&frames);
     let mut cmd = Command::new(common::lockstep_bin());
@@ -99,6 +100,7 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
 
 #[test]
 fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
+    let _serial = common::serial();
     // Launch the ranks by hand so that global-rank 2 gets another weight seed.
     let bin = common::lockstep_bin();
     let script = format!(
@@ -126,6 +128,7 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
 
 #[test]
 fn run_started_by_a_plain_launcher_reports_from_rank0() {
+    let _serial = common::serial();
     // torchrun/Slurm style: something else starts the ranks with the torchrun environment; each
     // is `lockstep run` in rank mode, and rank 0 prints the summary and writes the metrics.
     let metrics = tmp("plain-metrics.json");
@@ -164,6 +167,7 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
 
 #[test]
 fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
+    let _serial = common::serial();
     use std::io::{BufRead, BufReader};
     let frames = tmp("kill-frames");
     let _ = std::fs::remove_dir_all(&frames);

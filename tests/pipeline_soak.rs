@@ -13,6 +13,7 @@ use std::time::Duration;
 
 #[test]
 fn soak_500_chunks_with_cuts_duplicates_and_delays_emits_each_output_once() {
+    let _serial = common::serial();
     // Fixed-seed pseudo-random fault positions (reproducible).
     let mut s = 0x2545_f491_4f6c_dd1du64;
     let mut next = |m: u64| {

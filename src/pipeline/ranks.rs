@@ -192,16 +192,10 @@ fn note_send(rank: &Rank<HostPlane>, env: &PreparedEnvelope) {
     });
 }
 
-/// `Rank::recv_envelope` with "nothing arrived in time" as `None`. The rank reports that case as
-/// a `Timeout` whose message starts with `NO_HEADER`; any other error (including a timeout while
-/// receiving a payload whose header did arrive) stays an error.
+/// `Rank::try_recv_envelope`: `None` when no header started to arrive within `timeout`; a
+/// frame that started is always read whole (a stall mid-frame is an error).
 fn recv_within(rank: &Rank<HostPlane>, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
-    const NO_HEADER: &str = "no envelope header";
-    match rank.recv_envelope(Some(Instant::now() + timeout)) {
-        Ok(e) => Ok(Some(e)),
-        Err(Error::Timeout(m)) if m.starts_with(NO_HEADER) => Ok(None),
-        Err(e) => Err(e),
-    }
+    rank.try_recv_envelope(timeout)
 }
 
 /// A mesh rank's link: acceptance + relay + RESULTs, all the protocol's.

@@ -26,3 +26,11 @@ pub fn skip_without_gpu(test: &str) -> bool {
     }
     false
 }
+
+/// Serializes the multi-process tests of one test binary. Each spawns 3–4 rank processes with
+/// sub-second watchdogs; running a dozen at once on a 2-core CI machine starves them into
+/// timeouts the test did not ask for. Hold the guard for the whole test.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
