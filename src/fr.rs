@@ -133,6 +133,22 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
             d.head.reason.lines().next().unwrap_or("")
         ));
     }
+    // The primary failure: the earliest dump whose exit is not a consequence of another rank's
+    // (peer-lost, peer-failed, signal). An op "missing" on that rank afterwards is the effect
+    // of its crash, not the cause.
+    let consequence = |n: &str| matches!(n, "peer-lost" | "peer-failed" | "signal");
+    if let Some((r, d)) = dumps
+        .iter()
+        .filter(|(_, d)| d.head.exit_name.as_deref().is_some_and(|n| !consequence(n)))
+        .min_by_key(|(_, d)| d.head.time_us)
+    {
+        out.push_str(&format!(
+            "first failure: global-rank {r} exit {} ({}) — {}\n",
+            d.head.exit_code.unwrap_or(0),
+            d.head.exit_name.as_deref().unwrap_or(""),
+            d.head.reason.lines().next().unwrap_or("")
+        ));
+    }
     let missing: Vec<u32> = (0..world).filter(|r| !dumps.contains_key(r)).collect();
     if !missing.is_empty() {
         out.push_str(&format!(
@@ -151,33 +167,73 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
         if present.len() < 2 {
             continue;
         }
-        let per: BTreeMap<u32, BTreeMap<u64, &OpRecord>> = present
+        // Ops are matched by key: collectives by the group's sequence number, point-to-point
+        // ops by (direction, per-direction sequence number): see `Group::issue`.
+        let key_of = |m: u32, o: &OpRecord| -> (String, u64) {
+            match (o.op.as_str(), o.peer) {
+                ("send", Some(p)) => (format!("p2p {m}->{p}"), o.seq),
+                ("recv", Some(p)) => (format!("p2p {p}->{m}"), o.seq),
+                _ => (String::new(), o.seq),
+            }
+        };
+        let per: BTreeMap<u32, BTreeMap<(String, u64), &OpRecord>> = present
             .iter()
             .map(|m| {
                 let ops = dumps[m]
                     .ops
                     .iter()
                     .filter(|o| &o.group == gname)
-                    .map(|o| (o.seq, o))
+                    .map(|o| (key_of(*m, o), o))
                     .collect();
                 (*m, ops)
             })
             .collect();
-        // Only compare the window every rank still holds (rings wrap).
-        let lo = per
+        // Which ranks take part in a key's op: every member for a collective, the two ends for
+        // a point-to-point channel.
+        let parties = |chan: &str| -> Vec<u32> {
+            match chan.strip_prefix("p2p ").and_then(|c| c.split_once("->")) {
+                Some((a, b)) => present
+                    .iter()
+                    .copied()
+                    .filter(|m| m.to_string() == a || m.to_string() == b)
+                    .collect(),
+                None => present.clone(),
+            }
+        };
+        // Only compare the window every party still holds (rings wrap), per channel.
+        let chans: BTreeSet<String> = per
             .values()
-            .filter_map(|o| o.keys().next().copied())
-            .max()
-            .unwrap_or(1);
-        let seqs: BTreeSet<u64> = per
-            .values()
-            .flat_map(|o| o.keys().copied())
-            .filter(|&s| s >= lo)
+            .flat_map(|o| o.keys().map(|(c, _)| c.clone()))
             .collect();
-        for s in seqs {
-            let views: Vec<(u32, Option<&OpRecord>)> = present
+        let mut keys: Vec<(String, u64)> = Vec::new();
+        for c in &chans {
+            let ps = parties(c);
+            let lo = ps
                 .iter()
-                .map(|m| (*m, per[m].get(&s).copied()))
+                .filter_map(|m| per[m].keys().find(|(k, _)| k == c).map(|(_, s)| *s))
+                .max()
+                .unwrap_or(1);
+            let seqs: BTreeSet<u64> = ps
+                .iter()
+                .flat_map(|m| per[m].keys().filter(|(k, _)| k == c).map(|(_, s)| *s))
+                .filter(|&s| s >= lo)
+                .collect();
+            keys.extend(seqs.into_iter().map(|s| (c.clone(), s)));
+        }
+        // Earliest first, so the first disagreement found is the earliest in time.
+        let t_of = |k: &(String, u64)| {
+            present
+                .iter()
+                .filter_map(|m| per[m].get(k).map(|o| o.t_enqueued_us))
+                .min()
+                .unwrap_or(u64::MAX)
+        };
+        keys.sort_by_key(|k| (t_of(k), k.1));
+        for key in keys {
+            let s = key.1;
+            let views: Vec<(u32, Option<&OpRecord>)> = parties(&key.0)
+                .iter()
+                .map(|m| (*m, per[m].get(&key).copied()))
                 .collect();
             let sig = |o: &OpRecord| {
                 let op = if o.op == "send" || o.op == "recv" {
@@ -246,7 +302,12 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                 .map(|(_, o)| o.t_enqueued_us)
                 .min()
                 .unwrap_or(first.t_enqueued_us);
-            let mut text = format!("first disagreement: group `{gname}` seq {s}:\n");
+            let chan = if key.0.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", key.0)
+            };
+            let mut text = format!("first disagreement: group `{gname}`{chan} seq {s}:\n");
             for f in &fields {
                 text.push_str(&format!("  {f}\n"));
             }
@@ -283,4 +344,81 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(id: u64, seq: u64, op: &str, peer: u32, shape: &[u64], t: u64) -> String {
+        format!(
+            r#"{{"action":"INFER","bytes":{b},"cache_epoch":0,"call_id":1,"chunk_index":0,"dtype":"f32","group":"pp","id":{id},"kind":"op","note":null,"op":"{op}","peer":{peer},"phase":"","root":null,"seq":{seq},"shape":{shape:?},"state":"completed","t_completed_us":{t},"t_enqueued_us":{t},"t_started_us":{t}}}"#,
+            b = shape.iter().product::<u64>() * 4
+        )
+    }
+
+    fn write(dir: &Path, rank: u32, ops: &[String]) {
+        let head = format!(
+            r#"{{"kind":"rank","global_rank":{rank},"world_size":2,"reason":"test","exit_code":null,"exit_name":null,"groups":[["pp",[0,1]]],"time_us":0}}"#
+        );
+        let body = std::iter::once(head)
+            .chain(ops.iter().cloned())
+            .collect::<Vec<_>>();
+        std::fs::write(dir.join(format!("rank-{rank}.jsonl")), body.join("\n")).unwrap();
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lockstep-fr-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn pipelined_p2p_in_both_directions_is_not_a_disagreement() {
+        // Rank 0 sends two INFER payloads, then receives a RESULT; rank 1 receives the first,
+        // sends its RESULT, then receives the second: different interleavings, same channels.
+        let d = tmp("pipelined");
+        write(
+            &d,
+            0,
+            &[
+                op(1, 1, "send", 1, &[4], 10),
+                op(2, 2, "send", 1, &[4], 11),
+                op(3, 1, "recv", 1, &[2], 12),
+            ],
+        );
+        write(
+            &d,
+            1,
+            &[
+                op(1, 1, "recv", 0, &[4], 10),
+                op(2, 1, "send", 0, &[2], 11),
+                op(3, 2, "recv", 0, &[4], 12),
+            ],
+        );
+        let r = analyze(&d).unwrap();
+        assert!(r.contains("no disagreement"), "{r}");
+    }
+
+    #[test]
+    fn p2p_shape_mismatch_is_named_on_its_channel() {
+        let d = tmp("p2p-shape");
+        write(
+            &d,
+            0,
+            &[op(1, 1, "send", 1, &[4], 10), op(2, 2, "send", 1, &[8], 11)],
+        );
+        write(
+            &d,
+            1,
+            &[op(1, 1, "recv", 0, &[4], 10), op(2, 2, "recv", 0, &[4], 12)],
+        );
+        let r = analyze(&d).unwrap();
+        assert!(
+            r.contains("first disagreement: group `pp` (p2p 0->1) seq 2"),
+            "{r}"
+        );
+        assert!(r.contains("shape mismatch"), "{r}");
+    }
 }

@@ -158,6 +158,8 @@ pub struct Group<D: DataPlane> {
     comm: Option<D::Comm>,
     plane: Arc<D>,
     seq: AtomicU64,
+    /// Point-to-point numbering per (is_send, peer group rank).
+    p2p_seq: std::sync::Mutex<std::collections::HashMap<(bool, u32), u64>>,
     recorder: Arc<Recorder>,
     debug: bool,
 }
@@ -179,6 +181,7 @@ impl<D: DataPlane> Group<D> {
             comm,
             plane,
             seq: AtomicU64::new(0),
+            p2p_seq: std::sync::Mutex::new(std::collections::HashMap::new()),
             recorder,
             debug,
         }
@@ -273,8 +276,20 @@ impl<D: DataPlane> Group<D> {
     ) -> Result<Ticket<D>> {
         self.guard(op, other)?;
         let comm = self.comm(op)?;
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let other_global = other.and_then(|r| self.spec.global_rank_of(r)).map(|g| g.0);
+        // Collectives are numbered by the group's sequence (every member issues the same ones in
+        // the same order). Point-to-point ops are numbered per direction and peer: a pipelined
+        // send and the opposite direction's receive may interleave differently on the two ranks,
+        // yet the k-th send A→B always matches the k-th receive at B from A.
+        let seq = match (op, other) {
+            (OpKind::Send, Some(p)) | (OpKind::Recv, Some(p)) => {
+                let mut m = self.p2p_seq.lock().unwrap_or_else(|e| e.into_inner());
+                let c = m.entry((matches!(op, OpKind::Send), p.0)).or_insert(0);
+                *c += 1;
+                *c
+            }
+            _ => self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+        };
         let (peer, root) = match op {
             OpKind::Send | OpKind::Recv => (other_global, None),
             OpKind::Broadcast => (None, other_global),

@@ -45,7 +45,9 @@ pub struct OpContext {
 pub struct OpRecord {
     pub id: u64,
     pub group: String,
-    /// The group's sequence number (ops on one group are numbered identically on every member).
+    /// Collectives: the group's sequence number (numbered identically on every member).
+    /// Send/recv: the sequence number per direction and peer (the k-th send A→B matches the k-th
+    /// recv at B from A), see `Group::issue`.
     pub seq: u64,
     pub op: String,
     /// Peer (p2p) or root (broadcast) as a global rank, if any.
