@@ -645,3 +645,4 @@ extern "C" __global__ void __launch_bounds__(attn_v2b::THREADS, 1)
         }
     }
 }
+#include "attention_v3.cuh"
