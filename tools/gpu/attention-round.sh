@@ -16,15 +16,16 @@ T="$S/tests/gpu_kernels"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | tee "$O/doctor.log"
 good="$OLD"
 for v in ${NEW//,/ }; do
-  LOCKSTEP_ATTN_VARIANTS=$v timeout 60 "$T" --test-threads=1 --nocapture attention_matches > "$O/test-$v.log" 2>&1
+  LOCKSTEP_ATTN_VARIANTS=$v timeout 60 "$T" --test-threads=1 --nocapture attention_matches > "$O/t.log" 2>&1
   rc=$?
-  grep -E "rel L2|panicked|test result" "$O/test-$v.log" | tail -n 6
+  { echo "== $v rc=$rc"; cat "$O/t.log"; } >> "$O/tests.log"
+  grep -E "rel L2|panicked|test result" "$O/t.log" | tail -n 3
   if [[ $rc == 0 ]]; then good="$good,$v"; else echo "VARIANT $v FAILED rc=$rc (left out of the bench)"; fi
 done
 timeout 60 "$T" --test-threads=1 --nocapture ring_wraparound 2>&1 | grep -E "over the ring|panicked|test result" | tee "$O/ring.log"
 timeout 200 "$S/lockstep" bench kernels --json "$O/bench.json" --variants "$good" > "$O/bench.log" 2>&1
 timeout 150 python3 "$S/baselines/attention_torch.py" --json "$O/torch.json" > "$O/torch.log" 2>&1
-rm -f "$O/doctor.log" "$O/ring.log"  # the device returns at most 8 files
+rm -f "$O/doctor.log" "$O/ring.log" "$O/t.log"  # the device returns at most 8 files
 grep -E "attention|copy" "$O/bench.log" | grep -v "^$"; grep -E "sdpa|copy" "$O/torch.log"
 for tool in memcheck racecheck; do
   LOCKSTEP_ATTN_VARIANTS="$NEW" timeout 60 "$CS" --tool $tool --error-exitcode 9 "$T" --test-threads=1 odd_shapes > "$O/san-$tool.log" 2>&1
