@@ -29,22 +29,30 @@
 namespace attn_v3 {
 constexpr int D = 128;
 constexpr int BM = 128;      // two consumer warpgroups x 64 rows (wgmma M is 64 per warpgroup)
-constexpr int BN = 128;      // keys per stage: S is m64n128 per consumer (64 fp32 regs), long
-                             // enough that the softmax of one tile hides under P V of the last
-constexpr int STAGES = 2;    // K and V rings: Q 32 KB + 2 x (32 + 32) KB = 160 KB of 227 KB
+// Keys per stage (BN) is a template parameter of the kernel: 128 (v3, v3p: S is m64n128, 64
+// fp32 regs) or 176 (v3w, v3pw: FA3's choice for head dim 128; S 88 + P 44 + O 64 regs still fit
+// 240, and the per-tile fixed costs - row max/sum shuffles, barrier round trips - are spread
+// over 1.375x more keys).
+constexpr int STAGES = 2;    // K and V rings: Q 32 KB + 2 x 2 x BN x 256 B = 160 KB (BN 128) or
+                             // 208 KB (BN 176) of 227 KB
 constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups
 constexpr int CONSUMER_WARPS = 8;  // arrivals that empty a stage (one per consumer warp)
 constexpr int PRODUCER_REGS = 24;  // one thread issues TMA; 24 is the floor FA3 uses
 constexpr int CONSUMER_REGS = 240;  // 24 * 128 + 240 * 256 = 64512 <= 65536 registers per SM;
                                     // o 64 + S 64 + P 32 + softmax state fit without spills
 constexpr int BAR_PP_BASE = 1;  // named barriers 1 and 2: "consumer c may issue its GEMMs"
-constexpr int Q_HALF = BM * 128;      // 16 KB: one TMA box {64 dims, 128 rows}
-constexpr int KV_HALF = BN * 128;     // 16 KB
+constexpr int Q_HALF = BM * 128;      // 16 KB: one TMA box {64 dims, 1 head, 128 rows}
 constexpr int SMEM_Q = 2 * Q_HALF;    // 32 KB
-constexpr int SMEM_KV = 2 * KV_HALF;  // 32 KB per K or V stage
-constexpr int SMEM = SMEM_Q + 2 * STAGES * SMEM_KV + 1024;  // + 1024-byte alignment slack
+template <int BN>
+struct Tile {
+    static constexpr int KV_HALF = BN * 128;     // one TMA box {64 dims, 1 head, BN rows}
+    static constexpr int SMEM_KV = 2 * KV_HALF;  // one K or V stage
+    static constexpr int SMEM = SMEM_Q + 2 * STAGES * SMEM_KV + 1024;  // + alignment slack
+    static_assert(KV_HALF % 1024 == 0, "swizzle atoms need 1024-byte aligned halves");
+};
 }  // namespace attn_v3
-static_assert(attn_v3::SMEM == 161 * 1024, "V3_SMEM_BYTES in src/cuda/attention.rs");
+static_assert(attn_v3::Tile<128>::SMEM == 161 * 1024, "V3_SMEM_BYTES in src/cuda/attention.rs");
+static_assert(attn_v3::Tile<176>::SMEM == 209 * 1024, "V3W_SMEM_BYTES in src/cuda/attention.rs");
 
 // The driver's CUtensorMap (128 bytes, opaque); passed by value inside the __grid_constant__
 // params so its address is a param-space address TMA can read.
@@ -66,9 +74,12 @@ static_assert(sizeof(AttnV3Params) == 512, "AttnV3Params mirror in src/cuda/atte
 // persistent launch uses one block per SM, and the producer then loads the next tile's Q and
 // first K/V while the consumers finish the current one). K/V stages and their phases run on
 // across tiles (global K/V tile counter), Q's full/empty phases flip once per work tile.
-template <bool PINGPONG>
+template <bool PINGPONG, int BN>
 LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     using namespace attn_v3;
+    constexpr int KV_HALF = Tile<BN>::KV_HALF, SMEM_KV = Tile<BN>::SMEM_KV;
+    constexpr int NI = BN / 8;    // n8 column groups of S per thread row pair
+    constexpr int KK = BN / 16;   // k16 steps of P V
     extern __shared__ __align__(1024) uint8_t smem_v3[];
     // [0] Q full, then per stage s: K full, K empty, V full, V empty; last: Q empty.
     __shared__ __align__(8) uint64_t bars[2 + 4 * STAGES];
@@ -145,7 +156,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     const uint32_t qWg = sQ + cw * 64 * 128;
     float o[64];
     float mrow[2], lrow[2];
-    uint32_t pa[8][4];  // P of the previous tile, bf16, A-fragment layout
+    uint32_t pa[KK][4];  // P of the previous tile, bf16, A-fragment layout
     // Ping-pong: round r of consumer c waits on barrier BAR_PP_BASE + c and then lets the other
     // consumer go. Consumer 1 starts by releasing consumer 0. Both run ntiles + 1 rounds per work
     // tile on the same work tiles, and consumer 1 skips its very last release (last round of
@@ -166,12 +177,12 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
 
     // Softmax of S (scores of tile j, raw) in place into probabilities; returns the O rescale
     // factors and whether any row max of this warp grew.
-    auto softmax = [&](float (&s)[64], int j, float (&corr)[2]) -> bool {
+    auto softmax = [&](float (&s)[BN / 2], int j, float (&corr)[2]) -> bool {
         // Accumulator layout: s[4i + {0,1}] row warp*16 + lane/4, keys 8i + 2(lane%4) + {0,1};
         // s[4i + {2,3}] the row 8 below. Only the last tile reaches past Lk.
         if ((j + 1) * BN > lk) {
 #pragma unroll
-            for (int i = 0; i < 16; ++i) {
+            for (int i = 0; i < NI; ++i) {
                 const int col = j * BN + i * 8 + 2 * (lane & 3);
                 if (col >= lk) s[4 * i] = s[4 * i + 2] = -INFINITY;
                 if (col + 1 >= lk) s[4 * i + 1] = s[4 * i + 3] = -INFINITY;
@@ -182,7 +193,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         for (int r = 0; r < 2; ++r) {
             float mx = mrow[r];
 #pragma unroll
-            for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+            for (int i = 0; i < NI; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             grew |= mx > mrow[r];
@@ -191,7 +202,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
             const float msl = mx * sl;
             float sum = 0.f;
 #pragma unroll
-            for (int i = 0; i < 16; ++i) {
+            for (int i = 0; i < NI; ++i) {
                 s[4 * i + 2 * r] = exp2f(fmaf(s[4 * i + 2 * r], sl, -msl));
                 s[4 * i + 2 * r + 1] = exp2f(fmaf(s[4 * i + 2 * r + 1], sl, -msl));
                 sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
@@ -200,26 +211,26 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         }
         return __any_sync(0xffffffffu, grew);
     };
-    auto pack_p = [&](const float (&s)[64]) {
+    auto pack_p = [&](const float (&s)[BN / 2]) {
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
+        for (int kk = 0; kk < KK; ++kk) {
             pa[kk][0] = ls_pack_bf16x2(s[8 * kk], s[8 * kk + 1]);
             pa[kk][1] = ls_pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
             pa[kk][2] = ls_pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
             pa[kk][3] = ls_pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
         }
     };
-    auto issue_s = [&](float (&s)[64], uint32_t kb) {
+    auto issue_s = [&](float (&s)[BN / 2], uint32_t kb) {
 #pragma unroll
         for (int ks = 0; ks < 8; ++ks) {
             const uint64_t da = ls_gmma_desc_sw128(qWg + (ks / 4) * Q_HALF + (ks % 4) * 32, 0, 1024);
             const uint64_t db = ls_gmma_desc_sw128(kb + (ks / 4) * KV_HALF + (ks % 4) * 32, 0, 1024);
-            ls_wgmma_m64n128k16_ss(s, da, db, ks > 0);
+            ls_wgmma_m64nNk16_ss<BN>(s, da, db, ks > 0);
         }
     };
     auto issue_pv = [&](uint32_t vb) {
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
+        for (int kk = 0; kk < KK; ++kk) {
             // 16 keys = two 8-row groups (SBO 1024); dims 64-127 are the other half (LBO).
             const uint64_t db = ls_gmma_desc_sw128(vb + kk * 16 * 128, KV_HALF, 1024);
             ls_wgmma_m64n128k16_rs_tb(o, pa[kk], db);
@@ -245,7 +256,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     {
         const int st = it % STAGES;
         ls_mbar_wait(fullK(st), (uint32_t)(it / STAGES) & 1u);
-        float s[64];
+        float s[BN / 2];
         pp_begin();
         ls_wgmma_fence();
         issue_s(s, sK + st * SMEM_KV);
@@ -265,7 +276,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         const uint32_t ph = (uint32_t)(g / STAGES) & 1u, php = (uint32_t)((g - 1) / STAGES) & 1u;
         ls_mbar_wait(fullK(st), ph);
         ls_mbar_wait(fullV(sp), php);
-        float s[64];
+        float s[BN / 2];
         pp_begin();
         ls_fence_regs(o);
         ls_wgmma_fence();
@@ -283,7 +294,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         ls_wgmma_wait<0>();  // P_{j-1} V_{j-1} done: O holds tiles < j, pa is free
         ls_fence_regs(o);
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) ls_fence_regs_u32(pa[kk]);  // read asynchronously until here
+        for (int kk = 0; kk < KK; ++kk) ls_fence_regs_u32(pa[kk]);  // read asynchronously until here
         release(emptyV(sp));
         if (grew) {
 #pragma unroll
@@ -309,7 +320,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         ls_wgmma_wait<0>();
         ls_fence_regs(o);
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) ls_fence_regs_u32(pa[kk]);
+        for (int kk = 0; kk < KK; ++kk) ls_fence_regs_u32(pa[kk]);
         release(emptyV(sp));
     }
 
@@ -340,10 +351,21 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
 // (AttentionVariant::V3*Persistent) passes min(work tiles, SMs) blocks.
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<false>(P);
+    attention_fwd_v3_body<false, 128>(P);
 }
 
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3p_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<true>(P);
+    attention_fwd_v3_body<true, 128>(P);
+}
+
+// 176-key tiles (K/V tensor maps with 176-row boxes).
+extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
+    attention_fwd_v3w_bf16(const __grid_constant__ AttnV3Params P) {
+    attention_fwd_v3_body<false, 176>(P);
+}
+
+extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
+    attention_fwd_v3pw_bf16(const __grid_constant__ AttnV3Params P) {
+    attention_fwd_v3_body<true, 176>(P);
 }

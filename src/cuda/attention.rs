@@ -45,7 +45,7 @@ pub struct AttnParams {
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 7] = [
+pub const ALL_VARIANTS: [AttentionVariant; 9] = [
     AttentionVariant::V1Fa2,
     AttentionVariant::V2Wgmma,
     AttentionVariant::V2bWgmmaOverlap,
@@ -53,6 +53,8 @@ pub const ALL_VARIANTS: [AttentionVariant; 7] = [
     AttentionVariant::V3TmaPingPong,
     AttentionVariant::V3TmaPersistent,
     AttentionVariant::V3TmaPingPongPersistent,
+    AttentionVariant::V3TmaWide,
+    AttentionVariant::V3TmaPingPongWide,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
@@ -79,6 +81,10 @@ pub enum AttentionVariant {
     V3TmaPersistent,
     /// v3p launched persistent.
     V3TmaPingPongPersistent,
+    /// v3 with 176-key tiles (FA3's tile for head dim 128; 209 KB of shared memory).
+    V3TmaWide,
+    /// v3p with 176-key tiles.
+    V3TmaPingPongWide,
 }
 
 impl AttentionVariant {
@@ -92,6 +98,8 @@ impl AttentionVariant {
             AttentionVariant::V3TmaPingPong => "v3p-tma-ws-pingpong",
             AttentionVariant::V3TmaPersistent => "v3s-tma-ws-persistent",
             AttentionVariant::V3TmaPingPongPersistent => "v3ps-tma-ws-pingpong-persistent",
+            AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
+            AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
         }
     }
 
@@ -106,8 +114,10 @@ impl AttentionVariant {
             "v3ps" | "v3ps-tma-ws-pingpong-persistent" => {
                 Ok(AttentionVariant::V3TmaPingPongPersistent)
             }
+            "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
+            "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176)"
             ))),
         }
     }
@@ -122,8 +132,11 @@ const V2_SMEM_BYTES: u32 = 97 * 1024;
 const V2B_SMEM_BYTES: u32 = 161 * 1024;
 const V3_THREADS: u32 = 384;
 const V3_SMEM_BYTES: u32 = 161 * 1024;
-/// Rows per TMA box (`attn_v3::BM` = `attn_v3::BN`) and head dims per box (one 128-byte row).
+const V3W_SMEM_BYTES: u32 = 209 * 1024;
+/// Rows per TMA box: Q tiles (`attn_v3::BM`) and K/V tiles of v3/v3p (BN 128) and of v3w/v3pw
+/// (BN 176); head dims per box: 64 (one 128-byte swizzled row).
 const V3_BOX_ROWS: u32 = 128;
+const V3W_BOX_ROWS: u32 = 176;
 const V3_BOX_DIMS: u32 = 64;
 
 /// Mirror of `AttnV3Params` in kernels/attention_v3.cuh: three tensor maps, then the v1 params.
@@ -147,12 +160,13 @@ fn encode_tmap(
     rows: usize,
     heads: usize,
     row_stride: usize,
+    box_rows: u32,
 ) -> Result<sys::CUtensorMap> {
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     let dims: [u64; 3] = [HEAD_DIM as u64, heads as u64, rows as u64];
     // Byte strides of dims 1 and 2 (dim 0 is contiguous): heads, then tokens.
     let strides: [u64; 2] = [(HEAD_DIM * 2) as u64, (row_stride * 2) as u64];
-    let boxd: [u32; 3] = [V3_BOX_DIMS, 1, V3_BOX_ROWS];
+    let boxd: [u32; 3] = [V3_BOX_DIMS, 1, box_rows];
     let estr: [u32; 3] = [1, 1, 1];
     // SAFETY: all arrays live across the call and have the rank (3) the call is told; ptr is a
     // 16-byte aligned device address of a buffer whose length the caller checked; the call only
@@ -261,6 +275,10 @@ pub fn attention_fwd(
         AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
             ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
         }
+        AttentionVariant::V3TmaWide => ("attention_fwd_v3w_bf16", V3_THREADS, V3W_SMEM_BYTES),
+        AttentionVariant::V3TmaPingPongWide => {
+            ("attention_fwd_v3pw_bf16", V3_THREADS, V3W_SMEM_BYTES)
+        }
     };
     let kern = gpu.kernel("attention", func)?;
     gpu.set_max_dynamic_smem(&kern, smem)?;
@@ -309,6 +327,10 @@ pub fn attention_fwd(
         block: (threads, 1, 1),
         smem_bytes: smem,
     };
+    let wide = matches!(
+        variant,
+        AttentionVariant::V3TmaWide | AttentionVariant::V3TmaPingPongWide
+    );
     let persistent = matches!(
         variant,
         AttentionVariant::V3TmaPersistent | AttentionVariant::V3TmaPingPongPersistent
@@ -317,7 +339,9 @@ pub fn attention_fwd(
         AttentionVariant::V3Tma
         | AttentionVariant::V3TmaPingPong
         | AttentionVariant::V3TmaPersistent
-        | AttentionVariant::V3TmaPingPongPersistent => {
+        | AttentionVariant::V3TmaPingPongPersistent
+        | AttentionVariant::V3TmaWide
+        | AttentionVariant::V3TmaPingPongWide => {
             // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
             let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
             if tiles > i32::MAX as usize {
@@ -334,14 +358,15 @@ pub fn attention_fwd(
             } else {
                 tiles
             };
+            let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
             let cfg = LaunchCfg {
                 grid: (blocks as u32, 1, 1),
                 ..cfg
             };
             let p3 = AttnV3Params {
-                tq: encode_tmap("q", qp, shape.lq, shape.heads, row)?,
-                tk: encode_tmap("k", kp, shape.lk, shape.heads, row)?,
-                tv: encode_tmap("v", vp, shape.lk, shape.heads, row)?,
+                tq: encode_tmap("q", qp, shape.lq, shape.heads, row, V3_BOX_ROWS)?,
+                tk: encode_tmap("k", kp, shape.lk, shape.heads, row, kv_box)?,
+                tv: encode_tmap("v", vp, shape.lk, shape.heads, row, kv_box)?,
                 p: params,
             };
             // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both sides);
