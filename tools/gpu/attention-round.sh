@@ -22,6 +22,7 @@ for v in ${NEW//,/ }; do
   grep -E "rel L2|panicked|test result" "$O/t.log" | tail -n 3
   if [[ $rc == 0 ]]; then good="$good,$v"; else echo "VARIANT $v FAILED rc=$rc (left out of the bench)"; fi
 done
+good="${good#,}"
 timeout 60 "$T" --test-threads=1 --nocapture ring_wraparound 2>&1 | grep -E "over the ring|panicked|test result" | tee "$O/ring.log"
 timeout 200 "$S/lockstep" bench kernels --json "$O/bench.json" --variants "$good" > "$O/bench.log" 2>&1
 timeout 150 python3 "$S/baselines/attention_torch.py" --json "$O/torch.json" > "$O/torch.log" 2>&1
