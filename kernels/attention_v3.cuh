@@ -68,6 +68,7 @@ struct AttnV3Params {
     AttnParams p;  // pointers for the epilogue, shapes, scale
 };
 static_assert(sizeof(AttnV3Params) == 512, "AttnV3Params mirror in src/cuda/attention.rs");
+static_assert(offsetof(AttnV3Params, p) == 384, "AttnV3Params mirror in src/cuda/attention.rs");
 
 // Work tiles are (query block, head) pairs numbered query block fastest; block b runs tiles b,
 // b + gridDim.x, ... (one tile per block when the host launches one block per tile; a

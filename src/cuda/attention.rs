@@ -16,7 +16,8 @@
 //!   3-D tensors `{128, L, H}`; rows past `L` are zero-filled by the copy engine.
 //!
 //! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES`/`V3_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
-//! in the kernel); every variant uses 128-row blocks (`V1_BM`); the v3 tensor-map box
+//! in the kernel); every variant uses 128-row query blocks (`V1_BM`; v3 numbers its (query block,
+//! head) work tiles in a 1-D grid); the v3 tensor-map box
 //! `{64, 1, 128}` with 128-byte swizzle is what kernels/attention_v3.cuh expects byte for byte.
 use crate::cuda::context::{check_aligned16, check_len, cuda_err, dptr, dptr_mut, Gpu, LaunchCfg};
 use crate::{Error, Result};
@@ -149,6 +150,8 @@ struct AttnV3Params {
     p: AttnParams,
 }
 const _: () = assert!(std::mem::size_of::<AttnV3Params>() == 512);
+// A reordered field keeps the size; the offset of the plain params catches that.
+const _: () = assert!(std::mem::offset_of!(AttnV3Params, p) == 384);
 
 /// Encodes the TMA descriptor of one `[rows, heads, 128]` bf16 tensor (row stride `row_stride`
 /// elements) as the 3-D tensor `{128, heads, rows}` (strides increasing, as the driver documents)
