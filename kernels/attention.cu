@@ -3,6 +3,9 @@
 // Version 2 (Hopper, first step, after v1): wgmma from 128B-swizzled shared memory. Version 2b
 // (at the end): v2 + intra-warpgroup overlap, 128-key tiles; correct but slower than v2 at one
 // block per SM (BENCHMARKS.md), kept as the base for the TMA/warp-specialized step.
+// Version 3 (attention_v3.cuh, included at the end): TMA producer warpgroup, mbarrier K/V rings,
+// setmaxnreg, two wgmma consumer warpgroups with intra-warpgroup overlap (+ ping-pong, 176-key
+// and persistent variants).
 // All share AttnParams and the contract below; the host picks one (AttentionVariant).
 //
 // Contract (mirrored by src/cuda/attention.rs, which checks it before every launch):
@@ -645,3 +648,5 @@ extern "C" __global__ void __launch_bounds__(attn_v2b::THREADS, 1)
         }
     }
 }
+// Version 3 lives in its own header (roles, tile sizes and barrier ids in one place).
+#include "attention_v3.cuh"

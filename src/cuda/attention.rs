@@ -11,11 +11,17 @@
 //! - `AttentionVariant` is part of the execution flags the parity handshake compares: two ranks
 //!   running different variants must not pass startup.
 //!
-//! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES` mirror `attn_v1::SMEM`/`attn_v2::SMEM` (asserted in
-//! the kernel); both variants use 128-row blocks (`V1_BM`).
-use crate::cuda::context::{check_aligned16, check_len, dptr, dptr_mut, Gpu, LaunchCfg};
+//! - v3 (`V3Tma*`) loads through TMA: three `CUtensorMap`s are encoded on the host per launch
+//!   (`cuTensorMapEncodeTiled`, a CPU-only driver call) over the same `[L, H, 128]` memory as
+//!   3-D tensors `{128, L, H}`; rows past `L` are zero-filled by the copy engine.
+//!
+//! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES`/`V3_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
+//! in the kernel); every variant uses 128-row query blocks (`V1_BM`; v3 numbers its (query block,
+//! head) work tiles in a 1-D grid); the v3 tensor-map box
+//! `{64, 1, 128}` with 128-byte swizzle is what kernels/attention_v3.cuh expects byte for byte.
+use crate::cuda::context::{check_aligned16, check_len, cuda_err, dptr, dptr_mut, Gpu, LaunchCfg};
 use crate::{Error, Result};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 /// Mirror of `AttnParams` in kernels/attention.cu.
@@ -40,10 +46,16 @@ pub struct AttnParams {
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 3] = [
+pub const ALL_VARIANTS: [AttentionVariant; 9] = [
     AttentionVariant::V1Fa2,
     AttentionVariant::V2Wgmma,
     AttentionVariant::V2bWgmmaOverlap,
+    AttentionVariant::V3Tma,
+    AttentionVariant::V3TmaPingPong,
+    AttentionVariant::V3TmaPersistent,
+    AttentionVariant::V3TmaPingPongPersistent,
+    AttentionVariant::V3TmaWide,
+    AttentionVariant::V3TmaPingPongWide,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
@@ -58,6 +70,22 @@ pub enum AttentionVariant {
     /// Hopper step 2: v2 plus FA3's intra-warpgroup overlap (the softmax of tile j runs while
     /// P·V of tile j−1 is on the tensor cores), 128-key tiles, one block of two warpgroups per SM.
     V2bWgmmaOverlap,
+    /// Hopper step 3 (FA3-style): a producer warpgroup issues TMA loads into 2-stage K/V rings
+    /// with full/empty mbarriers; two consumer warpgroups (setmaxnreg 240) run both GEMMs as
+    /// wgmma with intra-warpgroup overlap; no block-wide barrier in the main loop.
+    V3Tma,
+    /// v3 plus ping-pong: named barriers alternate the two consumers' GEMM issue so one
+    /// warpgroup's softmax runs under the other's GEMMs.
+    V3TmaPingPong,
+    /// v3 launched persistent: one block per SM walks the work tiles, so the producer loads the
+    /// next tile's Q and first K/V under the current tile's last P·V and epilogue.
+    V3TmaPersistent,
+    /// v3p launched persistent.
+    V3TmaPingPongPersistent,
+    /// v3 with 176-key tiles (FA3's tile for head dim 128; 209 KB of shared memory).
+    V3TmaWide,
+    /// v3p with 176-key tiles.
+    V3TmaPingPongWide,
 }
 
 impl AttentionVariant {
@@ -67,6 +95,12 @@ impl AttentionVariant {
             AttentionVariant::V1Fa2 => "v1-fa2-mma-sync",
             AttentionVariant::V2Wgmma => "v2-wgmma-cp-async",
             AttentionVariant::V2bWgmmaOverlap => "v2b-wgmma-overlap",
+            AttentionVariant::V3Tma => "v3-tma-ws",
+            AttentionVariant::V3TmaPingPong => "v3p-tma-ws-pingpong",
+            AttentionVariant::V3TmaPersistent => "v3s-tma-ws-persistent",
+            AttentionVariant::V3TmaPingPongPersistent => "v3ps-tma-ws-pingpong-persistent",
+            AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
+            AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
         }
     }
 
@@ -75,8 +109,16 @@ impl AttentionVariant {
             "v1" | "v1-fa2-mma-sync" => Ok(AttentionVariant::V1Fa2),
             "v2" | "v2-wgmma-cp-async" => Ok(AttentionVariant::V2Wgmma),
             "v2b" | "v2b-wgmma-overlap" => Ok(AttentionVariant::V2bWgmmaOverlap),
+            "v3" | "v3-tma-ws" => Ok(AttentionVariant::V3Tma),
+            "v3p" | "v3p-tma-ws-pingpong" => Ok(AttentionVariant::V3TmaPingPong),
+            "v3s" | "v3s-tma-ws-persistent" => Ok(AttentionVariant::V3TmaPersistent),
+            "v3ps" | "v3ps-tma-ws-pingpong-persistent" => {
+                Ok(AttentionVariant::V3TmaPingPongPersistent)
+            }
+            "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
+            "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176)"
             ))),
         }
     }
@@ -89,6 +131,73 @@ const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
 const V2_THREADS: u32 = 256;
 const V2_SMEM_BYTES: u32 = 97 * 1024;
 const V2B_SMEM_BYTES: u32 = 161 * 1024;
+const V3_THREADS: u32 = 384;
+const V3_SMEM_BYTES: u32 = 161 * 1024;
+const V3W_SMEM_BYTES: u32 = 209 * 1024;
+/// Rows per TMA box: Q tiles (`attn_v3::BM`) and K/V tiles of v3/v3p (BN 128) and of v3w/v3pw
+/// (BN 176); head dims per box: 64 (one 128-byte swizzled row).
+const V3_BOX_ROWS: u32 = 128;
+const V3W_BOX_ROWS: u32 = 176;
+const V3_BOX_DIMS: u32 = 64;
+
+/// Mirror of `AttnV3Params` in kernels/attention_v3.cuh: three tensor maps, then the v1 params.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct AttnV3Params {
+    tq: sys::CUtensorMap,
+    tk: sys::CUtensorMap,
+    tv: sys::CUtensorMap,
+    p: AttnParams,
+}
+const _: () = assert!(std::mem::size_of::<AttnV3Params>() == 512);
+// A reordered field keeps the size; the offset of the plain params catches that.
+const _: () = assert!(std::mem::offset_of!(AttnV3Params, p) == 384);
+
+/// Encodes the TMA descriptor of one `[rows, heads, 128]` bf16 tensor (row stride `row_stride`
+/// elements) as the 3-D tensor `{128, heads, rows}` (strides increasing, as the driver documents)
+/// read in `{64, 1, 128}` boxes with the 128-byte swizzle: one box = 128 token rows of 128 bytes
+/// of one head. Out-of-bounds rows read as zero (OOB fill NONE means zeros).
+fn encode_tmap(
+    what: &str,
+    ptr: u64,
+    rows: usize,
+    heads: usize,
+    row_stride: usize,
+    box_rows: u32,
+) -> Result<sys::CUtensorMap> {
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims: [u64; 3] = [HEAD_DIM as u64, heads as u64, rows as u64];
+    // Byte strides of dims 1 and 2 (dim 0 is contiguous): heads, then tokens.
+    let strides: [u64; 2] = [(HEAD_DIM * 2) as u64, (row_stride * 2) as u64];
+    let boxd: [u32; 3] = [V3_BOX_DIMS, 1, box_rows];
+    let estr: [u32; 3] = [1, 1, 1];
+    // SAFETY: all arrays live across the call and have the rank (3) the call is told; ptr is a
+    // 16-byte aligned device address of a buffer whose length the caller checked; the call only
+    // writes `map`.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().map_err(|e| {
+        cuda_err(
+            format!("cuTensorMapEncodeTiled({what}: {rows} x {heads} x {HEAD_DIM})"),
+            e,
+        )
+    })?;
+    Ok(map)
+}
 
 /// Geometry of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +272,16 @@ pub fn attention_fwd(
         AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
         AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
         AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
+        AttentionVariant::V3Tma | AttentionVariant::V3TmaPersistent => {
+            ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES)
+        }
+        AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
+            ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
+        }
+        AttentionVariant::V3TmaWide => ("attention_fwd_v3w_bf16", V3_THREADS, V3W_SMEM_BYTES),
+        AttentionVariant::V3TmaPingPongWide => {
+            ("attention_fwd_v3pw_bf16", V3_THREADS, V3W_SMEM_BYTES)
+        }
     };
     let kern = gpu.kernel("attention", func)?;
     gpu.set_max_dynamic_smem(&kern, smem)?;
@@ -211,9 +330,57 @@ pub fn attention_fwd(
         block: (threads, 1, 1),
         smem_bytes: smem,
     };
-    // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment were
-    // checked above against the shape the kernel indexes; the guards live until after enqueue.
-    unsafe { gpu.launch(&kern, cfg, stream, &params) }
+    let wide = matches!(
+        variant,
+        AttentionVariant::V3TmaWide | AttentionVariant::V3TmaPingPongWide
+    );
+    let persistent = matches!(
+        variant,
+        AttentionVariant::V3TmaPersistent | AttentionVariant::V3TmaPingPongPersistent
+    );
+    match variant {
+        AttentionVariant::V3Tma
+        | AttentionVariant::V3TmaPingPong
+        | AttentionVariant::V3TmaPersistent
+        | AttentionVariant::V3TmaPingPongPersistent
+        | AttentionVariant::V3TmaWide
+        | AttentionVariant::V3TmaPingPongWide => {
+            // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
+            let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
+            if tiles > i32::MAX as usize {
+                return Err(Error::BadInput(format!(
+                    "attention: shape {shape:?} has {tiles} work tiles, more than v3 indexes"
+                )));
+            }
+            let blocks = if persistent {
+                let sms = gpu
+                    .context()
+                    .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .map_err(|e| cuda_err("cuDeviceGetAttribute(multiprocessor count)", e))?;
+                tiles.min(sms.max(1) as usize)
+            } else {
+                tiles
+            };
+            let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
+            let cfg = LaunchCfg {
+                grid: (blocks as u32, 1, 1),
+                ..cfg
+            };
+            let p3 = AttnV3Params {
+                tq: encode_tmap("q", qp, shape.lq, shape.heads, row, V3_BOX_ROWS)?,
+                tk: encode_tmap("k", kp, shape.lk, shape.heads, row, kv_box)?,
+                tv: encode_tmap("v", vp, shape.lk, shape.heads, row, kv_box)?,
+                p: params,
+            };
+            // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both sides);
+            // the tensor maps cover exactly the checked q/k/v buffers; guards live past enqueue.
+            unsafe { gpu.launch(&kern, cfg, stream, &p3) }
+        }
+        // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment
+        // were checked above against the shape the kernel indexes; the guards live until after
+        // enqueue.
+        _ => unsafe { gpu.launch(&kern, cfg, stream, &params) },
+    }
 }
 
 /// An fp32 buffer that can take the LSE (object-safe so `Option<&mut dyn LseOut>` works for

@@ -6,7 +6,7 @@
 //! inputs rotated across several buffer sets when one set would sit in L2, random data (never
 //! zeros). The PyTorch baselines (benches/baselines/attention_torch.py) run in the same device
 //! command; BENCHMARKS.md pairs the figures.
-use crate::cuda::attention::{attention_fwd, AttnShape, ALL_VARIANTS};
+use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape, ALL_VARIANTS};
 use crate::cuda::context::{fill_bf16, EventTimer, Fill, Gpu};
 use crate::cuda::dit_ops::{self, RowShape};
 use crate::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
@@ -59,7 +59,8 @@ struct Row {
     figure: String,
 }
 
-/// Entry point: `lockstep bench kernels [--quick] [--json PATH]`.
+/// Entry point: `lockstep bench kernels [--quick] [--json PATH] [--variants v1,v3,...]`
+/// (`--variants` restricts the attention kernels timed; default all, in `ALL_VARIANTS` order).
 pub fn main(rest: &[String]) -> i32 {
     match run(rest) {
         Ok(()) => 0,
@@ -77,6 +78,17 @@ fn run(rest: &[String]) -> Result<()> {
         .position(|a| a == "--json")
         .and_then(|i| rest.get(i + 1))
         .cloned();
+    let variants: Vec<AttentionVariant> = match rest
+        .iter()
+        .position(|a| a == "--variants")
+        .and_then(|i| rest.get(i + 1))
+    {
+        Some(list) => list
+            .split(',')
+            .map(AttentionVariant::parse)
+            .collect::<Result<_>>()?,
+        None => ALL_VARIANTS.to_vec(),
+    };
     let iters = if quick { 5 } else { 30 };
     let gpu = Gpu::open(0)?;
     let stream = gpu.new_stream()?;
@@ -135,7 +147,7 @@ fn run(rest: &[String]) -> Result<()> {
                 os.push(alloc(&stream, qn)?);
             }
             let scale = 1.0 / (128f32).sqrt();
-            for variant in ALL_VARIANTS {
+            for &variant in &variants {
                 let ms = time_median(&gpu, &stream, 3, iters, |i| {
                     let s = i % sets;
                     let (q, k, v) = (&qs[s], &ks[s], &vs[s]);
