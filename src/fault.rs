@@ -22,6 +22,9 @@ pub mod points {
     pub const GUARD_OFF: &str = "guard.off";
     /// Harness mesh rank: issue the TP all_reduce on `world` instead of `mesh` (B1).
     pub const TP_ON_WORLD: &str = "harness.tp_on_world";
+    /// Harness mesh leader: issue the TP all_reduce on `pp` instead of `mesh` (B1; unlike `world`,
+    /// `pp` has an NCCL communicator, so the unguarded call really hangs on both backends).
+    pub const TP_ON_PP: &str = "harness.tp_on_pp";
     /// Harness rank 0 (non-member): issue a `mesh` collective (B1 guard).
     pub const NON_MEMBER_COLLECTIVE: &str = "harness.non_member_collective";
     /// Harness mesh rank: make one generator call more than the plan says (B2).
@@ -43,7 +46,7 @@ pub mod points {
     /// Harness mesh rank: issue the generator all_reduce in bf16 instead of f32 (fr analyze demo).
     pub const DTYPE_SKEW: &str = "harness.dtype_skew";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         META_NAN,
         DTYPE_BOOL,
         NESTED_TENSOR,
@@ -59,6 +62,7 @@ pub mod points {
         FLIP_GRAPHS,
         SHAPE_SKEW,
         DTYPE_SKEW,
+        TP_ON_PP,
     ];
 }
 

@@ -101,6 +101,39 @@ impl RankEnv {
     }
 }
 
+/// Which data plane a rank runs on: `LOCKSTEP_BACKEND=host|nccl` (default `host`). The plane's
+/// name joins the parity fingerprint (`data_plane.backend`), so ranks that disagree fail at
+/// startup with the parity code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Host,
+    Nccl,
+}
+
+impl Backend {
+    pub fn from_env() -> Result<Backend> {
+        match std::env::var("LOCKSTEP_BACKEND") {
+            Err(_) => Ok(Backend::Host),
+            Ok(v) => Backend::parse(&v),
+        }
+    }
+    pub fn parse(v: &str) -> Result<Backend> {
+        match v {
+            "" | "host" => Ok(Backend::Host),
+            "nccl" => Ok(Backend::Nccl),
+            other => Err(Error::BadInput(format!(
+                "LOCKSTEP_BACKEND={other:?} is not a data plane (host or nccl)"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Host => "host",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
 /// Tunables; every collective-gating one is also a parity field.
 #[derive(Clone, Debug)]
 pub struct RankOptions {
@@ -1267,6 +1300,18 @@ mod tests {
             .unwrap()
             .header(),
         }
+    }
+
+    #[test]
+    fn backend_parses_host_and_nccl_and_refuses_the_rest() {
+        assert_eq!(Backend::parse("").ok(), Some(Backend::Host));
+        assert_eq!(Backend::parse("host").ok(), Some(Backend::Host));
+        assert_eq!(Backend::parse("nccl").ok(), Some(Backend::Nccl));
+        let err = Backend::parse("gloo").unwrap_err().to_string();
+        assert!(
+            err.contains("LOCKSTEP_BACKEND=\"gloo\" is not a data plane"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -361,10 +361,18 @@ impl DataPlane for NcclPlane {
 
     fn abort_handle(&self) -> PlaneAbort {
         PlaneAbort::new(|| {
-            abort_all_live(
+            let t = Instant::now();
+            let n = abort_all_live(
                 "data plane aborted (watchdog or crash path)",
                 ExitCode::WatchdogTimeout,
             );
+            // One line the break-it tests (C1) and operators can read: the communicators were
+            // aborted, not left alive at exit.
+            crate::comm::watchdog::diag(&format!(
+                "lockstep: nccl data plane: aborted {n} communicator(s) in {} ms (pid {})",
+                t.elapsed().as_millis(),
+                std::process::id()
+            ));
         })
     }
 }
