@@ -910,11 +910,27 @@ impl<D: DataPlane> Rank<D> {
             }
         };
         set(0);
+        // Limits were checked when the meta was decoded; allocation follows the manifest only.
+        let mut bufs = Vec::with_capacity(n);
+        for spec in &meta.tensor_specs {
+            bufs.push(self.plane.alloc(spec.byte_len as usize)?);
+        }
+        // All receives in one group, as the sender groups its sends: one launch and one
+        // host-visible completion per envelope instead of one per tensor.
+        pp.group_start()?;
+        let mut tickets = Vec::with_capacity(n);
+        for (spec, buf) in meta.tensor_specs.iter().zip(bufs) {
+            match pp.recv(buf, peer, spec.dtype, &spec.shape) {
+                Ok(tk) => tickets.push(tk),
+                Err(e) => {
+                    let _ = pp.group_end();
+                    return Err(e);
+                }
+            }
+        }
+        pp.group_end()?;
         let mut tensors = Vec::with_capacity(n);
-        for (i, spec) in meta.tensor_specs.iter().enumerate() {
-            // Limits were checked when the meta was decoded; allocation follows the manifest only.
-            let buf = self.plane.alloc(spec.byte_len as usize)?;
-            let tk = pp.recv(buf, peer, spec.dtype, &spec.shape)?;
+        for (i, (spec, tk)) in meta.tensor_specs.iter().zip(tickets).enumerate() {
             let data = self.plane.download(&pp.wait(tk, self.deadline())?)?;
             tensors.push(HostTensor::new(
                 spec.name.clone(),
