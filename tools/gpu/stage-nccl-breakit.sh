@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 stage=${STAGE:-/work/main/.gpu-stage-nccl2}
-UNGROUPED_REV=${UNGROUPED_REV:-59283fb}
+UNGROUPED_REV=${UNGROUPED_REV-59283fb}
 rm -rf "$stage"; mkdir -p "$stage/tests"
 if [ -n "${UNGROUPED_REV}" ] && git diff --quiet -- src/rank.rs; then
   git show "$UNGROUPED_REV:src/rank.rs" > src/rank.rs
