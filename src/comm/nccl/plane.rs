@@ -7,7 +7,7 @@
 //!   **`world` gets none** (rank 0 may share a GPU with a mesh rank, which NCCL refuses inside one
 //!   communicator): any op on `world` fails with a clear error instead.
 //! - Communicators are non-blocking by default (init, connection setup and finalize stay
-//!   abortable; see `docs/manual/nccl-verified.md`); `LOCKSTEP_NCCL_BLOCKING=1` selects blocking
+//!   abortable; see `docs/manual/nccl-api.md`); `LOCKSTEP_NCCL_BLOCKING=1` selects blocking
 //!   ones, and the choice is part of the backend name, hence of the startup parity check.
 //! - An op returns once NCCL enqueued it; its `Pending` carries a host-flag ticket marked on the
 //!   stream right after it (inside an open group: after `group_end`, when NCCL really launches).
