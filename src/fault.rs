@@ -22,6 +22,9 @@ pub mod points {
     pub const GUARD_OFF: &str = "guard.off";
     /// Harness mesh rank: issue the TP all_reduce on `world` instead of `mesh` (B1).
     pub const TP_ON_WORLD: &str = "harness.tp_on_world";
+    /// Harness mesh leader: issue the TP all_reduce on `pp` instead of `mesh` (B1; unlike `world`,
+    /// `pp` has an NCCL communicator, so the unguarded call really hangs on both backends).
+    pub const TP_ON_PP: &str = "harness.tp_on_pp";
     /// Harness rank 0 (non-member): issue a `mesh` collective (B1 guard).
     pub const NON_MEMBER_COLLECTIVE: &str = "harness.non_member_collective";
     /// Harness mesh rank: make one generator call more than the plan says (B2).
@@ -57,7 +60,7 @@ pub mod points {
     /// Pipeline mesh rank: capture one extra step graph during warm-up (G2).
     pub const GRAPH_SET_SKEW: &str = "pipeline.graph_set_skew";
 
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         META_NAN,
         DTYPE_BOOL,
         NESTED_TENSOR,
@@ -80,6 +83,7 @@ pub mod points {
         DELAY_RESULT,
         CACHE_OUT_OF_BAND,
         GRAPH_SET_SKEW,
+        TP_ON_PP,
     ];
 }
 

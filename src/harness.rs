@@ -8,18 +8,29 @@
 //! drains (SHUTDOWN, goodbye, exit 0). The mesh leader accepts, relays to the mesh; every mesh
 //! rank validates shapes before any forward, counts generator calls against the plan before
 //! each call and before the chunk-end collective; the leader answers with a RESULT.
+//!
+//! Backend: `LOCKSTEP_BACKEND=host|nccl` (default host; `Backend::from_env`). Every scenario is
+//! generic over the data plane, so the break-it suite runs unchanged on NCCL. The backend's name
+//! is a parity field, so ranks that disagree fail at startup.
+//!
+//! Scenario `envelope` (2 ranks): the issue-6 envelope (INFER with a 600 KB latent and a 4 MB
+//! conditioning tensor, RESULT with a 600 KB tensor) through `Rank`, then the same bytes as raw
+//! data-plane ops on the same `pp` communicator, then rank 0's host staging copies alone — all in
+//! one run, so `protocol overhead = Rank round trip − raw round trip` uses one baseline.
 use crate::comm::DataPlane;
 use crate::error::{Error, Result};
 use crate::fault::{self, points};
 
-use crate::rank::{Rank, RankEnv, RankOptions};
+use crate::ids::GroupRank;
+use crate::rank::{Backend, Rank, RankEnv, RankOptions};
 use crate::wire::{prepare, prepare_untyped, Action, DType, HostTensor, Limits};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HarnessArgs {
-    /// Scenario: stream.
+    /// Scenario: stream, bench (header + one-tensor envelope round trips), envelope (issue-6
+    /// envelope through `Rank` vs raw data-plane ops; see the module doc).
     #[arg(default_value = "stream")]
     pub scenario: String,
     #[arg(long, default_value_t = 3)]
@@ -48,6 +59,13 @@ pub struct HarnessArgs {
     /// Latent frames per chunk (the `latents` tensor is [frames, 4, 8]).
     #[arg(long, default_value_t = 3)]
     pub frames: u64,
+    /// envelope: bytes of the latent, conditioning and result tensors.
+    #[arg(long, default_value_t = 600 * 1024)]
+    pub latent_bytes: u64,
+    #[arg(long, default_value_t = 4 << 20)]
+    pub cond_bytes: u64,
+    #[arg(long, default_value_t = 600 * 1024)]
+    pub result_bytes: u64,
 }
 
 /// The harness's typed meta (stands in for the phase plan).
@@ -59,11 +77,11 @@ struct ChunkPlan {
 }
 
 pub fn main(args: &HarnessArgs) -> i32 {
-    if args.scenario != "stream" && args.scenario != "bench" {
+    if !["stream", "bench", "envelope"].contains(&args.scenario.as_str()) {
         eprintln!("harness: unknown scenario {:?}", args.scenario);
         return crate::exit::ExitCode::BadInput.code();
     }
-    let setup = || -> Result<(RankEnv, RankOptions)> {
+    let setup = || -> Result<(RankEnv, RankOptions, Backend)> {
         let env = RankEnv::from_env()?;
         let mut opts = RankOptions::from_env()?;
         if let Some(ms) = args.watchdog_ms {
@@ -72,16 +90,23 @@ pub fn main(args: &HarnessArgs) -> i32 {
         }
         opts.fingerprint
             .set("harness.generator_calls", args.generator_calls);
-        Ok((env, opts))
+        Ok((env, opts, Backend::from_env()?))
     };
-    let (env, opts) = match setup() {
+    let (env, opts, backend) = match setup() {
         Ok(v) => v,
         Err(e) => {
             eprintln!("harness: {e}");
             return e.exit_code().code();
         }
     };
-    let rank = match Rank::bootstrap_host(&env, opts) {
+    match backend {
+        Backend::Host => run(Rank::bootstrap_host(&env, opts), &env, args),
+        Backend::Nccl => run(crate::comm::nccl::bootstrap_nccl(&env, opts), &env, args),
+    }
+}
+
+fn run<D: DataPlane>(rank: Result<Rank<D>>, env: &RankEnv, args: &HarnessArgs) -> i32 {
+    let rank = match rank {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
@@ -96,6 +121,8 @@ pub fn main(args: &HarnessArgs) -> i32 {
     let r = match (args.scenario.as_str(), rank.is_driver()) {
         ("bench", true) => bench_driver(&rank, args),
         ("bench", false) => bench_mesh(&rank),
+        ("envelope", true) => envelope_driver(&rank, args),
+        ("envelope", false) => envelope_mesh(&rank, args),
         (_, true) => driver(&rank, args),
         (_, false) => mesh(&rank, args),
     };
@@ -112,7 +139,7 @@ fn latent_shape(args: &HarnessArgs) -> Vec<u64> {
     vec![args.frames, 4, 8]
 }
 
-fn driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
     if args.heartbeat_ms > 0 {
         rank.start_heartbeats(Duration::from_millis(args.heartbeat_ms))?;
     }
@@ -204,7 +231,7 @@ fn driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
     Ok(())
 }
 
-fn mesh(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
     let me = rank
         .mesh()
         .me()
@@ -325,13 +352,16 @@ fn mesh(rank: &Rank, args: &HarnessArgs) -> Result<()> {
     }
 }
 
-/// One stand-in generator call: one TP all_reduce on `mesh` (or, under faults, on `world` or
-/// in another dtype).
-fn generator_call(rank: &Rank, contrib: &[f32]) -> Result<Vec<f32>> {
+/// One stand-in generator call: one TP all_reduce on `mesh` (or, under faults, on `world`, on
+/// `pp`, or in another dtype).
+fn generator_call<D: DataPlane>(rank: &Rank<D>, contrib: &[f32]) -> Result<Vec<f32>> {
     let shape = [contrib.len() as u64];
     let d = Instant::now() + rank.options().op_timeout;
     if fault::hit(points::TP_ON_WORLD) {
         return rank.world().all_reduce_f32(contrib, &shape, d);
+    }
+    if fault::hit(points::TP_ON_PP) {
+        return rank.pp().all_reduce_f32(contrib, &shape, d);
     }
     if fault::hit(points::DTYPE_SKEW) {
         let bf: Vec<u8> = contrib
@@ -365,7 +395,7 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 /// bench (rank 0): header round trips (NOOP → RESULT header), then envelope round trips carrying
 /// `payload_bytes` of tensors to the leader (answered by a header-only RESULT).
-fn bench_driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
+fn bench_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
     #[derive(Serialize, Deserialize)]
     struct Empty {}
     let mut header_us = Vec::new();
@@ -415,7 +445,7 @@ fn bench_driver(rank: &Rank, args: &HarnessArgs) -> Result<()> {
 }
 
 /// bench (mesh): the leader answers every envelope with a header-only RESULT.
-fn bench_mesh(rank: &Rank) -> Result<()> {
+fn bench_mesh<D: DataPlane>(rank: &Rank<D>) -> Result<()> {
     #[derive(Serialize, Deserialize)]
     struct Empty {}
     if !rank.is_mesh_leader() {
@@ -439,4 +469,216 @@ fn bench_mesh(rank: &Rank) -> Result<()> {
             &Limits::default(),
         )?)?;
     }
+}
+
+/// Deterministic bytes for a tensor of `n` bytes (checked once at the far end).
+fn pattern(n: u64, salt: u64) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + salt) % 251) as u8).collect()
+}
+
+fn u8_tensor(name: &str, n: u64, salt: u64) -> HostTensor {
+    HostTensor::new(name, DType::U8, vec![n], pattern(n, salt))
+}
+
+const ENVELOPE_WARMUP: u64 = 10;
+
+fn json_row(bench: &str, backend: &str, bytes: u64, samples: Vec<f64>) -> (f64, String) {
+    let n = samples.len();
+    let mut v = samples;
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let p50 = at(0.5);
+    (
+        p50,
+        format!(
+            "{{\"bench\":\"{bench}\",\"backend\":\"{backend}\",\"bytes\":{bytes},\"iters\":{n},\"p50_us\":{p50:.2},\"p10_us\":{:.2},\"p90_us\":{:.2}}}",
+            at(0.1),
+            at(0.9)
+        ),
+    )
+}
+
+/// envelope (rank 0): see the module doc. Prints `RESULT {json}` lines.
+fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    let iters = args.iters.max(1);
+    let total = ENVELOPE_WARMUP + iters;
+    let backend = rank.plane().name();
+    let latent = u8_tensor("latents", args.latent_bytes, 2);
+    let cond = u8_tensor("cond", args.cond_bytes, 3);
+    let want = pattern(args.result_bytes, 4);
+    let bytes = args.latent_bytes + args.cond_bytes + args.result_bytes;
+
+    // 1. Through the protocol: preflight, header + meta on the lane, tensors on `pp`, acceptance
+    // and manifest-driven receive on the leader, the RESULT back the same way.
+    let mut through_rank = Vec::new();
+    for i in 0..total {
+        // The caller hands its tensors over (no copy inside the timed region).
+        let tensors = vec![latent.clone(), cond.clone()];
+        let t = Instant::now();
+        rank.send_next(|ids| {
+            prepare(
+                Action::Infer,
+                ids.with_chunk(i),
+                &Empty {},
+                tensors,
+                &Limits::default(),
+            )
+        })?;
+        let res = rank.recv_envelope(Some(rank.deadline()))?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if i == 0 && res.tensor("out").map(|t| &t.data) != Some(&want) {
+            return Err(Error::Invariant(
+                "envelope bench: RESULT bytes differ from what the leader sent".into(),
+            ));
+        }
+        if i >= ENVELOPE_WARMUP {
+            through_rank.push(us);
+        }
+    }
+
+    // 2. The same bytes as raw data-plane ops on the same `pp` communicator (no header, no
+    // recorder, no staging): the transfer floor this run can reach.
+    let plane = rank.plane();
+    let comm = rank.pp().raw_comm().ok_or_else(|| {
+        Error::Invariant("envelope bench: rank 0 holds no `pp` communicator".into())
+    })?;
+    let peer = GroupRank(1);
+    let mut l = plane.upload(&latent.data)?;
+    let mut c = plane.upload(&cond.data)?;
+    let mut r = plane.alloc(args.result_bytes as usize)?;
+    let mut raw = Vec::new();
+    for i in 0..total {
+        let d = rank.deadline();
+        let t = Instant::now();
+        plane.group_start(comm)?;
+        let a = plane.send(comm, l, peer);
+        let b = plane.send(comm, c, peer);
+        plane.group_end(comm)?;
+        l = plane.wait(a?, d)?;
+        c = plane.wait(b?, d)?;
+        r = plane.wait(plane.recv(comm, r, peer)?, d)?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if i == 0 && plane.download(&r)? != want {
+            return Err(Error::Invariant(
+                "envelope bench: raw result bytes differ from what the leader sent".into(),
+            ));
+        }
+        if i >= ENVELOPE_WARMUP {
+            raw.push(us);
+        }
+        rank.progress();
+    }
+
+    // 3. The host staging copies the host-tensor API implies for one round trip (both sides'
+    // uploads and downloads, done here on this rank's device).
+    let mut staging = Vec::new();
+    for i in 0..total {
+        let t = Instant::now();
+        let a = plane.upload(&latent.data)?;
+        let b = plane.upload(&cond.data)?;
+        let _ = plane.download(&a)?;
+        let _ = plane.download(&b)?;
+        let o = plane.upload(&want)?;
+        let _ = plane.download(&o)?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if i >= ENVELOPE_WARMUP {
+            staging.push(us);
+        }
+    }
+    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+
+    let (p_rank, row_rank) = json_row("envelope.rank", backend, bytes, through_rank);
+    let (p_raw, row_raw) = json_row("envelope.raw", backend, bytes, raw);
+    let (p_stage, row_stage) = json_row("envelope.staging", backend, bytes, staging);
+    println!("RESULT {row_rank}");
+    println!("RESULT {row_raw}");
+    println!("RESULT {row_stage}");
+    println!(
+        "RESULT {{\"bench\":\"envelope.overhead\",\"backend\":\"{backend}\",\"rank_minus_raw_p50_us\":{:.2},\"rank_minus_raw_minus_staging_p50_us\":{:.2}}}",
+        p_rank - p_raw,
+        p_rank - p_raw - p_stage
+    );
+    Ok(())
+}
+
+/// envelope (mesh leader): answers each INFER with a RESULT, then mirrors the raw round trips,
+/// then waits for SHUTDOWN. Other mesh ranks have nothing to do.
+fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    if !rank.is_mesh_leader() {
+        return Ok(());
+    }
+    let total = ENVELOPE_WARMUP + args.iters.max(1);
+    let out = u8_tensor("out", args.result_bytes, 4);
+    let want_l = pattern(args.latent_bytes, 2);
+    let want_c = pattern(args.cond_bytes, 3);
+    for i in 0..total {
+        let reply = vec![out.clone()];
+        let env = rank.recv_envelope(None)?;
+        if env.action() != Action::Infer {
+            return Err(Error::Invariant(format!(
+                "envelope bench: expected INFER {i}, got {}",
+                env.action().name()
+            )));
+        }
+        if i == 0
+            && (env.tensor("latents").map(|t| &t.data) != Some(&want_l)
+                || env.tensor("cond").map(|t| &t.data) != Some(&want_c))
+        {
+            return Err(Error::Invariant(
+                "envelope bench: INFER bytes differ from what rank 0 sent".into(),
+            ));
+        }
+        let h = env.header;
+        rank.send_envelope(&prepare(
+            Action::Result,
+            crate::wire::EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            },
+            &Empty {},
+            reply,
+            &Limits::default(),
+        )?)?;
+    }
+    let plane = rank.plane();
+    let comm = rank.pp().raw_comm().ok_or_else(|| {
+        Error::Invariant("envelope bench: the leader holds no `pp` communicator".into())
+    })?;
+    let peer = GroupRank(0);
+    let mut l = plane.alloc(args.latent_bytes as usize)?;
+    let mut c = plane.alloc(args.cond_bytes as usize)?;
+    let mut r = plane.upload(&out.data)?;
+    for i in 0..total {
+        let d = rank.deadline();
+        plane.group_start(comm)?;
+        let a = plane.recv(comm, l, peer);
+        let b = plane.recv(comm, c, peer);
+        plane.group_end(comm)?;
+        l = plane.wait(a?, d)?;
+        c = plane.wait(b?, d)?;
+        if i == 0 && (plane.download(&l)? != want_l || plane.download(&c)? != want_c) {
+            return Err(Error::Invariant(
+                "envelope bench: raw INFER bytes differ from what rank 0 sent".into(),
+            ));
+        }
+        r = plane.wait(plane.send(comm, r, peer)?, d)?;
+        rank.progress();
+    }
+    let env = rank.recv_envelope(None)?;
+    if env.action() != Action::Shutdown {
+        return Err(Error::Invariant(format!(
+            "envelope bench: expected SHUTDOWN, got {}",
+            env.action().name()
+        )));
+    }
+    Ok(())
 }

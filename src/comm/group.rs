@@ -208,6 +208,12 @@ impl<D: DataPlane> Group<D> {
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::SeqCst)
     }
+    /// This rank's communicator, bypassing the guard and the flight recorder: only for
+    /// benchmarks that measure the raw transfer floor beside the protocol (harness `envelope`).
+    #[doc(hidden)]
+    pub fn raw_comm(&self) -> Option<&D::Comm> {
+        self.comm.as_ref()
+    }
     pub(crate) fn take_comm(&mut self) -> Option<D::Comm> {
         self.comm.take()
     }

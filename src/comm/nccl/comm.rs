@@ -15,8 +15,12 @@
 //! - Blocking init and teardown are bounded by a `Tripwire` timer thread that hard-exits with a
 //!   diagnosis if NCCL does not return (SPEC C5: teardown hangs, the exit still fires).
 //! - `Drop` never panics and never leaves a live communicator: finalize + destroy under a deadline
-//!   when healthy, abort when a wait or call failed. An `atexit` hook aborts any communicator still
-//!   alive when the process exits (exiting with one alive segfaulted on the GPU host).
+//!   when healthy, abort when a wait or call failed. A thread inside `close` counts as inside
+//!   NCCL (finalize is collective: it finishes only when every member finalizes), so an abort
+//!   from another thread meanwhile waits `ABORT_GRACE` and then hard-exits rather than letting
+//!   the process `exit` under a running finalize (that segfaulted: C5 on NCCL, 2026-11-26).
+//!   An `atexit` hook aborts any communicator still alive when the process exits (exiting with
+//!   one alive segfaulted on the GPU host).
 //!
 //! - Hot-path ops can be captured once into a CUDA graph (`capture` → `CapturedOps`) and replayed
 //!   with no NCCL call; a group can also stay open across calls (`begin_group` / `in_group` /
@@ -212,6 +216,10 @@ struct Shared {
     state: AtomicU32,
     /// A call or wait failed: close by abort, never by finalize (which could wait forever).
     poisoned: AtomicBool,
+    /// A thread is inside `close` (finalize + destroy): it counts as inside NCCL until done, and
+    /// the communicator stays registered, so a crash meanwhile hard-exits instead of running
+    /// `exit` under it (that segfaulted on the GPU host: break-it C5 on NCCL).
+    closing: AtomicBool,
     blocking: bool,
     label: String,
     ctx: Arc<CudaContext>,
@@ -359,7 +367,27 @@ impl Shared {
         let t0 = Instant::now();
         let prev = self.state.fetch_or(ABORT_BIT, Ordering::AcqRel);
         if prev & ABORT_BIT != 0 {
-            // Another thread is closing or aborting: give it the same bound, then report.
+            // Another thread is closing: finalize is collective (it completes only when every
+            // member finalizes), so it may never return. Give it the grace, then hard-exit:
+            // returning would let the caller `exit` while that thread is inside NCCL.
+            if self.closing.load(Ordering::Acquire) {
+                while !self.comm.load(Ordering::Acquire).is_null() {
+                    if t0.elapsed() > grace {
+                        hard_exit(
+                            code,
+                            &format!(
+                                "cannot abort {}: another thread is still closing it \
+                                 (finalize/destroy in progress) after {} ms; reason for abort: {reason}",
+                                self.label,
+                                grace.as_millis()
+                            ),
+                        );
+                    }
+                    std::thread::yield_now();
+                }
+                return Ok(Duration::ZERO);
+            }
+            // Another thread is aborting: give it the same bound, then report.
             while !self.comm.load(Ordering::Acquire).is_null() {
                 if t0.elapsed() > grace + Duration::from_secs(5) {
                     return Err(Error::Timeout(format!(
@@ -428,8 +456,12 @@ impl Shared {
                 )
                 .map(|_| t0.elapsed());
         }
+        // `closing` before the abort bit: an abort that sees the bit must know a close owns it.
+        self.closing.store(true, Ordering::Release);
         let prev = self.state.fetch_or(ABORT_BIT, Ordering::AcqRel);
         if prev & ABORT_BIT != 0 {
+            // An abort got there first and owns the teardown.
+            self.closing.store(false, Ordering::Release);
             return Ok(Duration::ZERO);
         }
         if let Ok(mut g) = self.reason.lock() {
@@ -447,7 +479,11 @@ impl Shared {
             }
             std::thread::yield_now();
         }
-        let comm = self.comm.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        // This thread is inside NCCL until the communicator is gone; the pointer stays published
+        // (and registered) until then, so an abort from another thread waits or hard-exits.
+        self.state.fetch_add(1, Ordering::AcqRel);
+        let _inside = InNccl(self);
+        let comm = self.comm.load(Ordering::Acquire);
         if comm.is_null() {
             return Ok(Duration::ZERO);
         }
@@ -502,11 +538,13 @@ impl Shared {
         if result.is_err() {
             // SAFETY: comm is live; abort frees it.
             unsafe { (self.api.comm_abort)(comm) };
+            self.comm.store(std::ptr::null_mut(), Ordering::Release);
             unregister(self);
             return result.map(|_| t0.elapsed());
         }
         // SAFETY: comm finalized; destroy frees it and it is not used again.
         let rc = unsafe { (self.api.comm_destroy)(comm) };
+        self.comm.store(std::ptr::null_mut(), Ordering::Release);
         unregister(self);
         if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
             return Err(api::nccl_error(
@@ -698,6 +736,7 @@ impl Communicator {
             comm: AtomicPtr::new(comm),
             state: AtomicU32::new(0),
             poisoned: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             blocking: opts.blocking,
             label,
             ctx: gpu.context().clone(),

@@ -7,7 +7,7 @@
 //!   **`world` gets none** (rank 0 may share a GPU with a mesh rank, which NCCL refuses inside one
 //!   communicator): any op on `world` fails with a clear error instead.
 //! - Communicators are non-blocking by default (init, connection setup and finalize stay
-//!   abortable; see `docs/manual/nccl-verified.md`); `LOCKSTEP_NCCL_BLOCKING=1` selects blocking
+//!   abortable; see `docs/manual/nccl-api.md`); `LOCKSTEP_NCCL_BLOCKING=1` selects blocking
 //!   ones, and the choice is part of the backend name, hence of the startup parity check.
 //! - An op returns once NCCL enqueued it; its `Pending` carries a host-flag ticket marked on the
 //!   stream right after it (inside an open group: after `group_end`, when NCCL really launches).
@@ -361,10 +361,18 @@ impl DataPlane for NcclPlane {
 
     fn abort_handle(&self) -> PlaneAbort {
         PlaneAbort::new(|| {
-            abort_all_live(
+            let t = Instant::now();
+            let n = abort_all_live(
                 "data plane aborted (watchdog or crash path)",
                 ExitCode::WatchdogTimeout,
             );
+            // One line the break-it tests (C1) and operators can read: the communicators were
+            // aborted, not left alive at exit.
+            crate::comm::watchdog::diag(&format!(
+                "lockstep: nccl data plane: aborted {n} communicator(s) in {} ms (pid {})",
+                t.elapsed().as_millis(),
+                std::process::id()
+            ));
         })
     }
 }
