@@ -18,6 +18,15 @@
 //!   across INFERs; `cache_epoch` never decreases.
 //! - Control-connection loss without a goodbye is `PeerLost` at once (C1); a peer's failure
 //!   notice makes every rank dump and exit `PeerFailed`.
+//! - `pp` payloads never cross (SPEC §8; `docs/manual/02-deadlock-patterns.md`): rank 0 sends
+//!   its INFER payloads at will, but the mesh leader sends a RESULT payload only after rank 0's
+//!   `ClearToSend` for that call_id, which rank 0 writes from its receive path right before it
+//!   posts the matching receives. Envelopes that arrive while the leader waits for the CTS are
+//!   received whole (acceptance + payload) and queued for its next `recv_envelope`. So rank 0
+//!   is never inside an INFER payload send while the leader is inside a RESULT payload send —
+//!   two blocking sends in opposite directions on one NCCL communicator (and one stream per
+//!   rank) that would wait for each other forever. Tripwire: rank 0 issues `pp` payload ops from
+//!   one thread at a time (the driver's); heartbeats carry no payload.
 use crate::comm::control::{
     from_json, read_frame, to_json, write_frame, FailedNotice, FrameKind, Hello, Welcome,
     PROTOCOL_VERSION,
@@ -35,6 +44,7 @@ use crate::wire::{
     Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc, PreparedEnvelope, ReceivedEnvelope,
     HEADER_LEN,
 };
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -291,6 +301,8 @@ pub struct Rank<D: DataPlane = HostPlane> {
     outbox: Option<Arc<Outbox>>,
     /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
     inbox: Option<Mutex<TcpStream>>,
+    /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order.
+    stash: Mutex<VecDeque<ReceivedEnvelope>>,
     acceptance: Mutex<Acceptance>,
     recv_progress: Arc<Mutex<Option<String>>>,
     hb_stop: Arc<AtomicBool>,
@@ -569,6 +581,7 @@ impl<D: DataPlane> Rank<D> {
             recorder,
             outbox,
             inbox,
+            stash: Mutex::new(VecDeque::new()),
             acceptance: Mutex::new(Acceptance::default()),
             recv_progress,
             hb_stop: Arc::new(AtomicBool::new(false)),
@@ -724,6 +737,10 @@ impl<D: DataPlane> Rank<D> {
         if env.tensors().is_empty() {
             return Ok(());
         }
+        if !self.is_driver() {
+            // Leader → rank 0: only once rank 0 is known to be receiving (module contract).
+            self.await_clear_to_send(h.call_id)?;
+        }
         let pp = self.pp();
         let peer = GroupRank(if self.is_driver() { 1 } else { 0 });
         if fault::hit(fault::points::KILL_MID_PAYLOAD) {
@@ -834,111 +851,251 @@ impl<D: DataPlane> Rank<D> {
     }
 
     fn recv_envelope_inner(&self, deadline: Option<Instant>) -> Result<Option<ReceivedEnvelope>> {
+        if let Some(e) = self
+            .stash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+        {
+            return Ok(Some(e));
+        }
         let inbox = self
             .inbox
             .as_ref()
             .ok_or_else(|| Error::Invariant(format!("{} has no envelope peer", self.me)))?;
         let mut lane = inbox.lock().unwrap_or_else(|p| p.into_inner());
-        let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
-        let max =
-            u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
         loop {
-            let rec = self.recorder.enqueue(OpDesc {
-                group: "control".into(),
-                op: "recv_header".into(),
-                peer: Some(peer),
-                ..Default::default()
-            });
-            self.recorder.start(rec);
-            let what = format!("envelope lane from global-rank {peer}");
-            if let Some(d) = deadline {
-                // Wait for the first byte without consuming anything; only this wait may time
-                // out quietly.
-                let wait = d
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_micros(1));
-                let _ = lane.set_read_timeout(Some(wait));
-                let mut probe = [0u8; 1];
-                let peeked = loop {
-                    match lane.peek(&mut probe) {
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        other => break other,
-                    }
-                };
-                match peeked {
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        self.recorder.note(rec, "no header before the deadline");
-                        self.recorder.complete(rec);
-                        return Ok(None);
-                    }
-                    // Data, EOF or an error: read_frame below reports it precisely.
-                    _ => {}
+            match self.read_lane(&mut lane, deadline)? {
+                None => return Ok(None),
+                Some(LaneFrame::ClearToSend(id)) => {
+                    return Err(Error::Invariant(format!(
+                        "{}: ClearToSend for call_id {id} while no RESULT payload waits for one",
+                        self.me
+                    )))
                 }
-                // The rest of the frame is bounded by the op deadline (a peer that stalls
-                // mid-frame is an error, not "nothing arrived").
-                let _ = lane.set_read_timeout(Some(self.opts.op_timeout));
-            } else {
-                let _ = lane.set_read_timeout(None);
+                Some(LaneFrame::Envelope(body)) => {
+                    if let Some(e) = self.accept_frame(&body)? {
+                        return Ok(Some(e));
+                    }
+                }
             }
-            let got = match read_frame(&mut *lane, max, &what) {
-                Ok(Some((FrameKind::Envelope, body))) => decode_envelope_frame(&body, &self.opts.limits),
-                Ok(Some((k, _))) => Err(Error::Decode(format!("{what}: unexpected {k:?} frame"))),
-                Ok(None) => Err(Error::PeerLost(format!(
-                    "global-rank {peer}{} closed its envelope lane without a goodbye (it died, or left while this rank still waits for envelopes)",
-                    if peer == 0 { " (driver)" } else { "" }
-                ))),
-                Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
-                    "{what}: a frame started but did not complete within the op timeout ({:?}); the peer stalled mid-frame",
-                    self.opts.op_timeout
-                ))),
-                Err(e) => Err(e),
-            };
-            let inb = match got {
-                Ok(i) => i,
+        }
+    }
+
+    /// Leader, RESULT header sent: reads the lane until rank 0's `ClearToSend` for `call_id`,
+    /// receiving every envelope that comes first whole (acceptance, payload) into the stash, so
+    /// rank 0's INFER sends complete. Bounded by the op deadline.
+    fn await_clear_to_send(&self, call_id: u64) -> Result<()> {
+        let inbox = self
+            .inbox
+            .as_ref()
+            .ok_or_else(|| Error::Invariant(format!("{} has no envelope peer", self.me)))?;
+        let mut lane = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = self.deadline();
+        let rec = self.recorder.enqueue(OpDesc {
+            group: "control".into(),
+            seq: call_id,
+            op: "await_clear_to_send".into(),
+            peer: Some(0),
+            ..Default::default()
+        });
+        self.recorder.start(rec);
+        loop {
+            let got = match self.read_lane(&mut lane, Some(deadline)) {
+                Ok(g) => g,
                 Err(e) => {
                     self.recorder.fail(rec, &e.to_string());
                     return Err(e);
                 }
             };
-            let h = inb.header;
-            self.recorder
-                .note(rec, &format!("{} call_id {}", h.action().name(), h.call_id));
-            self.recorder.complete(rec);
-            let verdict = if self.is_mesh_leader() {
-                self.acceptance
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .check(&h)?
-            } else {
-                Verdict::Accept
+            match got {
+                None => {
+                    let e = Error::Timeout(format!(
+                        "RESULT call_id {call_id}: global-rank 0 did not clear its payload to \
+                         send (no ClearToSend) within the op timeout ({:?})",
+                        self.opts.op_timeout
+                    ));
+                    self.recorder.fail(rec, &e.to_string());
+                    return Err(e);
+                }
+                Some(LaneFrame::ClearToSend(id)) if id == call_id => {
+                    self.recorder.complete(rec);
+                    return Ok(());
+                }
+                Some(LaneFrame::ClearToSend(id)) => {
+                    let e = Error::Invariant(format!(
+                        "ClearToSend for call_id {id} while RESULT call_id {call_id} waits for one"
+                    ));
+                    self.recorder.fail(rec, &e.to_string());
+                    return Err(e);
+                }
+                Some(LaneFrame::Envelope(body)) => {
+                    if let Some(e) = self.accept_frame(&body)? {
+                        self.stash
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back(e);
+                    }
+                    // Receiving is progress: rank 0 may send several envelopes before it reads
+                    // our RESULT header.
+                    self.recorder.progress();
+                }
+            }
+        }
+    }
+
+    /// Rank 0, RESULT header read: tells the leader to send the payload now (this thread posts
+    /// the receives next and issues no other `pp` op before they complete).
+    fn clear_to_send(&self, call_id: u64) -> Result<()> {
+        let ob = self.outbox()?;
+        let mut c = ob.ctrl.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *c, FrameKind::ClearToSend, &[&call_id.to_le_bytes()]).map_err(|e| {
+            Error::PeerLost(format!(
+                "control: send ClearToSend for call_id {call_id} to {}: {e}",
+                ob.peer
+            ))
+        })
+    }
+
+    /// Reads the next frame of the envelope lane. `None`: no frame started before `deadline`.
+    fn read_lane(
+        &self,
+        lane: &mut TcpStream,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LaneFrame>> {
+        let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
+        let max =
+            u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
+        let rec = self.recorder.enqueue(OpDesc {
+            group: "control".into(),
+            op: "recv_header".into(),
+            peer: Some(peer),
+            ..Default::default()
+        });
+        self.recorder.start(rec);
+        let what = format!("envelope lane from global-rank {peer}");
+        if let Some(d) = deadline {
+            // Wait for the first byte without consuming anything; only this wait may time
+            // out quietly.
+            let wait = d
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_micros(1));
+            let _ = lane.set_read_timeout(Some(wait));
+            let mut probe = [0u8; 1];
+            let peeked = loop {
+                match lane.peek(&mut probe) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
             };
-            self.recorder.set_context(OpContext {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-                action: h.action().name().into(),
-                phase: "recv".into(),
-            });
-            let tensors = self.recv_payload(&h, inb.meta.as_ref())?;
-            match verdict {
-                Verdict::Accept => {
-                    return Ok(Some(ReceivedEnvelope {
-                        header: h,
-                        meta: inb.meta,
-                        tensors,
-                    }))
+            match peeked {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.recorder.note(rec, "no header before the deadline");
+                    self.recorder.complete(rec);
+                    return Ok(None);
                 }
-                Verdict::DuplicateDropped => {
-                    eprintln!(
-                        "lockstep[{}]: dropped duplicate envelope call_id {} cache_epoch {} (payload drained)",
-                        self.me, h.call_id, h.cache_epoch
-                    );
+                // Data, EOF or an error: read_frame below reports it precisely.
+                _ => {}
+            }
+            // The rest of the frame is bounded by the op deadline (a peer that stalls
+            // mid-frame is an error, not "nothing arrived").
+            let _ = lane.set_read_timeout(Some(self.opts.op_timeout));
+        } else {
+            let _ = lane.set_read_timeout(None);
+        }
+        let got = match read_frame(&mut *lane, max, &what) {
+            Ok(Some((FrameKind::Envelope, body))) => Ok(LaneFrame::Envelope(EnvelopeFrame { body, rec })),
+            Ok(Some((FrameKind::ClearToSend, body))) => match <[u8; 8]>::try_from(body.as_slice()) {
+                Ok(b) if !self.is_driver() => Ok(LaneFrame::ClearToSend(u64::from_le_bytes(b))),
+                _ => Err(Error::Decode(format!(
+                    "{what}: malformed or misdirected ClearToSend frame ({} bytes)",
+                    body.len()
+                ))),
+            },
+            Ok(Some((k, _))) => Err(Error::Decode(format!("{what}: unexpected {k:?} frame"))),
+            Ok(None) => Err(Error::PeerLost(format!(
+                "global-rank {peer}{} closed its envelope lane without a goodbye (it died, or left while this rank still waits for envelopes)",
+                if peer == 0 { " (driver)" } else { "" }
+            ))),
+            Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
+                "{what}: a frame started but did not complete within the op timeout ({:?}); the peer stalled mid-frame",
+                self.opts.op_timeout
+            ))),
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(f) => {
+                if let LaneFrame::ClearToSend(id) = &f {
+                    self.recorder
+                        .note(rec, &format!("ClearToSend call_id {id}"));
+                    self.recorder.complete(rec);
                 }
+                // Envelope frames: `accept_frame` notes and completes the op.
+                Ok(Some(f))
+            }
+            Err(e) => {
+                self.recorder.fail(rec, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// One envelope frame: decode, acceptance (leader), payload receive. `None`: a duplicate,
+    /// drained and dropped.
+    fn accept_frame(&self, frame: &EnvelopeFrame) -> Result<Option<ReceivedEnvelope>> {
+        let rec = frame.rec;
+        let inb = match decode_envelope_frame(&frame.body, &self.opts.limits) {
+            Ok(i) => i,
+            Err(e) => {
+                self.recorder.fail(rec, &e.to_string());
+                return Err(e);
+            }
+        };
+        let h = inb.header;
+        self.recorder
+            .note(rec, &format!("{} call_id {}", h.action().name(), h.call_id));
+        self.recorder.complete(rec);
+        let verdict = if self.is_mesh_leader() {
+            self.acceptance
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .check(&h)?
+        } else {
+            Verdict::Accept
+        };
+        self.recorder.set_context(OpContext {
+            call_id: h.call_id(),
+            chunk_index: h.chunk_index(),
+            cache_epoch: h.cache_epoch(),
+            action: h.action().name().into(),
+            phase: "recv".into(),
+        });
+        if self.is_driver()
+            && inb
+                .meta
+                .as_ref()
+                .is_some_and(|m| !m.tensor_specs.is_empty())
+        {
+            self.clear_to_send(h.call_id)?;
+        }
+        let tensors = self.recv_payload(&h, inb.meta.as_ref())?;
+        match verdict {
+            Verdict::Accept => Ok(Some(ReceivedEnvelope {
+                header: h,
+                meta: inb.meta,
+                tensors,
+            })),
+            Verdict::DuplicateDropped => {
+                eprintln!(
+                    "lockstep[{}]: dropped duplicate envelope call_id {} cache_epoch {} (payload drained)",
+                    self.me, h.call_id, h.cache_epoch
+                );
+                Ok(None)
             }
         }
     }
@@ -1100,6 +1257,18 @@ impl<D: DataPlane> Rank<D> {
         self.recorder.complete(rec);
         Ok(())
     }
+}
+
+/// One frame read from the envelope lane.
+enum LaneFrame {
+    Envelope(EnvelopeFrame),
+    ClearToSend(u64),
+}
+
+/// An envelope frame's bytes and its still-open `recv_header` flight-recorder op.
+struct EnvelopeFrame {
+    body: Vec<u8>,
+    rec: u64,
 }
 
 struct ReaderCtx {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Protocol version of the control plane (part of the parity fingerprint).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -21,6 +21,9 @@ pub enum FrameKind {
     Failed = 4,
     Dump = 5,
     Bye = 6,
+    /// Rank 0 → mesh leader on the envelope lane: "post your RESULT payload for call_id N now,
+    /// my receives are going up" (body: the call_id, u64 LE). See `Rank::await_clear_to_send`.
+    ClearToSend = 7,
 }
 
 impl FrameKind {
@@ -32,6 +35,7 @@ impl FrameKind {
             4 => FrameKind::Failed,
             5 => FrameKind::Dump,
             6 => FrameKind::Bye,
+            7 => FrameKind::ClearToSend,
             _ => return None,
         })
     }
