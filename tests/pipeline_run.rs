@@ -1,6 +1,8 @@
 //! `lockstep run` end to end over real processes: the default job (tiny DiT, rank 0 + TP=2 on the
 //! host plane) streams, writes frames a viewer opens and a trace with one track per rank, and
 //! ranks started with different pipeline settings fail the parity handshake before inference.
+//! Backend: whatever `LOCKSTEP_BACKEND` names (host by default; on nccl without 2 GPUs every test
+//! prints `SKIP <test>: …` and returns).
 mod common;
 
 use serde_json::Value;
@@ -39,6 +41,11 @@ fn bounded(mut cmd: Command, what: &str, bound: Duration) -> Output {
 #[test]
 fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
     let _serial = common::serial();
+    if common::skip_backend_unrunnable(
+        "run_streams_tiny_dit_over_rank_processes_with_frames_and_trace",
+    ) {
+        return;
+    }
     let (frames, trace, metrics) = (tmp("frames"), tmp("trace.json"), tmp("metrics.json"));
     let _ = std::fs::remove_dir_all(&frames);
     let mut cmd = Command::new(common::lockstep_bin());
@@ -59,6 +66,11 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("generator tiny DiT (CPU)") && stdout.contains("rank 0 + TP=2 mesh"),
+        "{stdout}"
+    );
+    // The summary names the data plane the ranks really bootstrapped on.
+    assert!(
+        stdout.contains(&format!("data plane {}", common::backend())),
         "{stdout}"
     );
     assert!(
@@ -101,6 +113,11 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
 #[test]
 fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
     let _serial = common::serial();
+    if common::skip_backend_unrunnable(
+        "pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference",
+    ) {
+        return;
+    }
     // Launch the ranks by hand so that global-rank 2 gets another weight seed.
     let bin = common::lockstep_bin();
     let script = format!(
@@ -129,6 +146,9 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
 #[test]
 fn run_started_by_a_plain_launcher_reports_from_rank0() {
     let _serial = common::serial();
+    if common::skip_backend_unrunnable("run_started_by_a_plain_launcher_reports_from_rank0") {
+        return;
+    }
     // torchrun/Slurm style: something else starts the ranks with the torchrun environment; each
     // is `lockstep run` in rank mode, and rank 0 prints the summary and writes the metrics.
     let metrics = tmp("plain-metrics.json");
@@ -168,6 +188,11 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
 #[test]
 fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
     let _serial = common::serial();
+    if common::skip_backend_unrunnable(
+        "c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis",
+    ) {
+        return;
+    }
     use std::io::{BufRead, BufReader};
     let frames = tmp("kill-frames");
     let _ = std::fs::remove_dir_all(&frames);
@@ -264,4 +289,20 @@ fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
     );
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}\n{all}");
     println!("killed mid-stream; lockstep run exited {elapsed:?} later:\n{all}");
+}
+
+#[test]
+fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])
+        .env_remove("LOCKSTEP_FAULT");
+    let out = bounded(cmd, "lockstep run --backend gloo", Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("lockstep run: exit 74 (bad-input)") && stderr.contains("gloo"),
+        "{stderr}"
+    );
+    // Refused in the parent: no rank was launched.
+    assert!(!stderr.contains("launch: global-rank"), "{stderr}");
 }

@@ -126,6 +126,9 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Data plane of the ranks: host or nccl (default: `LOCKSTEP_BACKEND`, else host).
+    #[arg(long)]
+    pub backend: Option<String>,
 }
 
 impl Default for RunArgs {
@@ -150,6 +153,7 @@ impl Default for RunArgs {
             timeout: 10.0,
             heartbeat_ms: 200,
             quiet: false,
+            backend: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `lockstep run` as processes: the parent launches rank 0 + the TP mesh through the protocol's
-//! launcher (`crate::launch`), each rank bootstraps with `Rank::bootstrap_host` and runs its
-//! stage over adapters onto the protocol, and the parent merges every rank's report into the
-//! summary, the `--metrics` JSON and the `--trace` (one track per rank and stage).
+//! launcher (`crate::launch`), each rank bootstraps on the data plane `--backend` /
+//! `LOCKSTEP_BACKEND` names (`host`, the default, or `nccl`) and runs its stage over adapters onto
+//! the protocol, and the parent merges every rank's report into the summary, the `--metrics` JSON
+//! and the `--trace` (one track per rank and stage).
 //!
 //! Contract:
 //! - Everything a rank can get wrong about the configuration is checked in the parent before any
@@ -21,6 +22,15 @@
 //! - Watchdog: `2 × --timeout` unless `LOCKSTEP_WATCHDOG_MS` says otherwise, so the pipeline's
 //!   own bounded waits (a RESULT, an envelope) fire first and name what they waited for.
 //!
+//! - Backend: everything below is generic over `D: DataPlane`; the parent exports
+//!   `LOCKSTEP_BACKEND` from `--backend` before launching, so every rank picks the same plane (and
+//!   `data_plane.backend` is a parity field, so a rank that picks another fails at startup). On
+//!   `nccl` the tiny model still runs on the CPU: envelope payloads and every TP collective travel
+//!   over NCCL (`pp`, `mesh`), each collective uploading its host buffer and downloading the
+//!   result. That staging costs two small copies per all-reduce — fine for the tiny preset, whose
+//!   point is the protocol on real communicators, not speed; a GPU generator keeps its
+//!   activations on the device instead.
+//!
 //! Tripwires: a rank that dies (peer lost at once), a hung stage (its bounded wait, then the
 //! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
 use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder};
@@ -33,13 +43,13 @@ use super::stage1::{
 };
 use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
 use crate::comm::watchdog::{self, diag};
-use crate::comm::{HostPlane, OpContext};
+use crate::comm::{DataPlane, OpContext};
 use crate::exit::ExitCode;
 use crate::ids::{CallId, GlobalRank, GroupRank};
 use crate::model::tp::TpComm;
 use crate::model::DitConfig;
 use crate::plan::PlanPolicy;
-use crate::rank::{Rank, RankEnv, RankOptions};
+use crate::rank::{Backend, Rank, RankEnv, RankOptions};
 use crate::wire::{DType, Limits, PreparedEnvelope, ReceivedEnvelope};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -151,11 +161,11 @@ fn fingerprint(opts: &mut RankOptions, args: &RunArgs, s: &Setup) {
 // Adapters onto the protocol.
 
 /// Stage 0's link: envelopes through the rank's envelope endpoint.
-struct RankDriver<'a> {
-    rank: &'a Rank<HostPlane>,
+struct RankDriver<'a, D: DataPlane> {
+    rank: &'a Rank<D>,
 }
 
-impl DriverLink for RankDriver<'_> {
+impl<D: DataPlane> DriverLink for RankDriver<'_, D> {
     fn send_next(&mut self, make: MakeEnvelope<'_>) -> Result<CallId> {
         let rank = self.rank;
         rank.send_next(move |ids| {
@@ -181,7 +191,7 @@ impl DriverLink for RankDriver<'_> {
 
 /// Flight-recorder context for the envelope about to go out, so its header and payload ops carry
 /// its ids in a dump.
-fn note_send(rank: &Rank<HostPlane>, env: &PreparedEnvelope) {
+fn note_send<D: DataPlane>(rank: &Rank<D>, env: &PreparedEnvelope) {
     let h = env.header();
     rank.set_context(OpContext {
         call_id: h.call_id(),
@@ -194,16 +204,19 @@ fn note_send(rank: &Rank<HostPlane>, env: &PreparedEnvelope) {
 
 /// `Rank::try_recv_envelope`: `None` when no header started to arrive within `timeout`; a
 /// frame that started is always read whole (a stall mid-frame is an error).
-fn recv_within(rank: &Rank<HostPlane>, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+fn recv_within<D: DataPlane>(
+    rank: &Rank<D>,
+    timeout: Duration,
+) -> Result<Option<ReceivedEnvelope>> {
     rank.try_recv_envelope(timeout)
 }
 
 /// A mesh rank's link: acceptance + relay + RESULTs, all the protocol's.
-struct RankMesh<'a> {
-    rank: &'a Rank<HostPlane>,
+struct RankMesh<'a, D: DataPlane> {
+    rank: &'a Rank<D>,
 }
 
-impl MeshLink for RankMesh<'_> {
+impl<D: DataPlane> MeshLink for RankMesh<'_, D> {
     fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
         recv_within(self.rank, timeout)
     }
@@ -223,14 +236,14 @@ impl MeshLink for RankMesh<'_> {
 }
 
 /// The model's TP group: the `mesh` group's collective wrapper (guarded, recorded, bounded).
-struct MeshComm<'a> {
-    rank: &'a Rank<HostPlane>,
+struct MeshComm<'a, D: DataPlane> {
+    rank: &'a Rank<D>,
     me: GroupRank,
     size: u32,
 }
 
-impl<'a> MeshComm<'a> {
-    fn new(rank: &'a Rank<HostPlane>) -> Result<Self> {
+impl<'a, D: DataPlane> MeshComm<'a, D> {
+    fn new(rank: &'a Rank<D>) -> Result<Self> {
         let mesh = rank.mesh();
         let me = mesh.me().ok_or_else(|| {
             Error::Invariant(format!(
@@ -246,7 +259,7 @@ impl<'a> MeshComm<'a> {
     }
 }
 
-impl TpComm for MeshComm<'_> {
+impl<D: DataPlane> TpComm for MeshComm<'_, D> {
     fn rank(&self) -> GroupRank {
         self.me
     }
@@ -367,12 +380,41 @@ pub fn rank_main(args: &RunArgs) -> i32 {
         opts.op_timeout = s.timeout * 4;
     }
     fingerprint(&mut opts, args, &s);
-    let rank = match Rank::bootstrap_host(&env, opts) {
-        Ok(r) => r,
+    let backend = match backend_of(args) {
+        Ok(b) => b,
         Err(e) => return early_exit(&who, &e),
     };
+    match backend {
+        Backend::Host => serve(Rank::bootstrap_host(&env, opts), &who, args, &s),
+        Backend::Nccl => serve(
+            crate::comm::nccl::bootstrap_nccl(&env, opts),
+            &who,
+            args,
+            &s,
+        ),
+    }
+}
+
+/// `--backend` when given, else `LOCKSTEP_BACKEND` (default host).
+fn backend_of(args: &RunArgs) -> Result<Backend> {
+    match &args.backend {
+        Some(b) => Backend::parse(b).map_err(|_| {
+            Error::BadInput(format!(
+                "--backend {b:?} is not a data plane (host or nccl)"
+            ))
+        }),
+        None => Backend::from_env(),
+    }
+}
+
+/// One bootstrapped rank's run, on whichever data plane.
+fn serve<D: DataPlane>(rank: Result<Rank<D>>, who: &str, args: &RunArgs, s: &Setup) -> i32 {
+    let rank = match rank {
+        Ok(r) => r,
+        Err(e) => return early_exit(who, &e),
+    };
     let t0 = run_t0();
-    let report = match run_rank(&rank, args, &s, t0) {
+    let report = match run_rank(&rank, args, s, t0) {
         Ok(r) => r,
         Err(e) => rank.crash(&e),
     };
@@ -399,7 +441,12 @@ pub fn rank_main(args: &RunArgs) -> i32 {
     }
 }
 
-fn run_rank(rank: &Rank<HostPlane>, args: &RunArgs, s: &Setup, t0: Instant) -> Result<RankReport> {
+fn run_rank<D: DataPlane>(
+    rank: &Rank<D>,
+    args: &RunArgs,
+    s: &Setup,
+    t0: Instant,
+) -> Result<RankReport> {
     let me = rank.global();
     let limits: Limits = rank.options().limits;
     let mut graphs = StepGraphs::default();
@@ -434,7 +481,9 @@ fn run_rank(rank: &Rank<HostPlane>, args: &RunArgs, s: &Setup, t0: Instant) -> R
             pb.finish_and_clear();
         }
         let d = d?;
-        let m = metrics(args, s, decoder.name(), &d, t0.elapsed());
+        // The data plane joins the summary's first line, so a log says which backend it measured.
+        let what = format!("{} / data plane {}", decoder.name(), rank.plane().name());
+        let m = metrics(args, s, what, &d, t0.elapsed());
         return Ok(RankReport {
             rank: me.get(),
             spans: d.trace.spans.clone(),
@@ -571,6 +620,7 @@ pub fn launch_run(args: &RunArgs) -> i32 {
 fn launch_and_report(args: &RunArgs) -> Result<i32> {
     // Refuse what every rank would refuse, before any process exists.
     let s = setup(args)?;
+    let backend = backend_of(args)?;
     if let Ok(f) = std::env::var("LOCKSTEP_FAULT") {
         crate::fault::parse(&f)?;
     }
@@ -585,6 +635,7 @@ fn launch_and_report(args: &RunArgs) -> Result<i32> {
     // The ranks inherit these (the parent is still single-threaded here).
     std::env::set_var(RUN_DIR_ENV, &dir);
     std::env::set_var(RUN_T0_ENV, unix_us().to_string());
+    std::env::set_var("LOCKSTEP_BACKEND", backend.name());
     let mut argv: Vec<std::ffi::OsString> =
         vec!["launch".into(), "-n".into(), (s.tp + 1).to_string().into()];
     if let Some(d) = std::env::var_os("LOCKSTEP_DUMP_DIR") {

@@ -34,3 +34,30 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The data plane the ranks run on: `LOCKSTEP_BACKEND` (they inherit it), `host` by default.
+pub fn backend() -> String {
+    std::env::var("LOCKSTEP_BACKEND").unwrap_or_else(|_| "host".into())
+}
+
+/// True (after printing why) when the selected backend cannot run here: `nccl` without 2 GPUs
+/// or a usable NCCL. Never a silent pass.
+pub fn skip_backend_unrunnable(test: &str) -> bool {
+    if backend() == "nccl" {
+        if let Some(why) = lockstep::comm::nccl::unavailable_reason(2) {
+            println!("SKIP {test}: LOCKSTEP_BACKEND=nccl but {why}");
+            return true;
+        }
+    }
+    false
+}
+
+/// True (after printing why) when the backend is NCCL and the test does not apply there, or the
+/// backend cannot run here.
+pub fn skip_on_nccl(test: &str, why: &str) -> bool {
+    if backend() == "nccl" {
+        println!("SKIP {test} on nccl: {why}");
+        return true;
+    }
+    skip_backend_unrunnable(test)
+}
