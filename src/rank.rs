@@ -303,6 +303,8 @@ pub struct Rank<D: DataPlane = HostPlane> {
     inbox: Option<Mutex<TcpStream>>,
     /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order.
     stash: Mutex<VecDeque<ReceivedEnvelope>>,
+    /// How many envelopes went into `stash` (the crossing the CTS rule defused).
+    stashed: AtomicU64,
     acceptance: Mutex<Acceptance>,
     recv_progress: Arc<Mutex<Option<String>>>,
     hb_stop: Arc<AtomicBool>,
@@ -582,6 +584,7 @@ impl<D: DataPlane> Rank<D> {
             outbox,
             inbox,
             stash: Mutex::new(VecDeque::new()),
+            stashed: AtomicU64::new(0),
             acceptance: Mutex::new(Acceptance::default()),
             recv_progress,
             hb_stop: Arc::new(AtomicBool::new(false)),
@@ -651,6 +654,12 @@ impl<D: DataPlane> Rank<D> {
     pub fn set_context(&self, ctx: OpContext) {
         self.recorder.set_context(ctx);
     }
+    /// Leader: envelopes rank 0 sent while a RESULT payload waited for its `ClearToSend` (each
+    /// one a send that, without the rule, would have crossed the RESULT on `pp`).
+    pub fn envelopes_received_awaiting_cts(&self) -> u64 {
+        self.stashed.load(Ordering::Relaxed)
+    }
+
     pub fn dropped_duplicates(&self) -> u64 {
         self.acceptance.lock().map_or(0, |a| a.dropped_duplicates())
     }
@@ -931,6 +940,7 @@ impl<D: DataPlane> Rank<D> {
                 }
                 Some(LaneFrame::Envelope(body)) => {
                     if let Some(e) = self.accept_frame(&body)? {
+                        self.stashed.fetch_add(1, Ordering::Relaxed);
                         self.stash
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

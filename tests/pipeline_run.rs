@@ -306,3 +306,57 @@ fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     // Refused in the parent: no rank was launched.
     assert!(!stderr.contains("launch: global-rank"), "{stderr}");
 }
+
+#[test]
+fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable(
+        "pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving",
+    ) {
+        return;
+    }
+    // D_in = 2: rank 0 sends INFER k+1 while the mesh still generates chunk k (20 ms a call), so
+    // RESULT k and INFER k+1 want `pp` at the same time. On NCCL two opposite blocking sends on
+    // one communicator wait for each other forever; the rule: the leader holds the RESULT
+    // payload until rank 0's ClearToSend, receiving the INFERs that arrive meanwhile whole.
+    let metrics = tmp("cts-metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args([
+        "run",
+        "--quiet",
+        "--chunks",
+        "8",
+        "--depth",
+        "2",
+        "--generator",
+        "calibrated",
+        "--gen-cost-ms",
+        "20",
+        "--recompute-every",
+        "0",
+        "--timeout",
+        "5",
+    ])
+    .arg("--metrics")
+    .arg(&metrics)
+    .env_remove("LOCKSTEP_FAULT")
+    .env("LOCKSTEP_DUMP_DIR", tmp("cts-dumps"));
+    let out = bounded(cmd, "lockstep run (crossing)", Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let m: Value = serde_json::from_slice(&std::fs::read(&metrics).expect("metrics written"))
+        .expect("metrics JSON");
+    assert_eq!(m["chunks_emitted"], 8, "{m}");
+    let crossed = m["envelopes_awaiting_cts"].as_u64().unwrap_or(0);
+    println!("envelopes received while a RESULT awaited ClearToSend: {crossed} of 8 chunks");
+    assert!(
+        crossed >= 1,
+        "the crossing never happened, so this run proves nothing about it: {m}"
+    );
+    let emitted: Vec<u64> = m["emitted"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p[1].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(emitted, (0..8).collect::<Vec<_>>(), "in order, each once");
+}

@@ -321,6 +321,8 @@ struct RankReport {
     chunks: u64,
     noops: u64,
     duplicates_dropped: u64,
+    #[serde(default)]
+    envelopes_awaiting_cts: u64,
 }
 
 fn run_t0() -> Instant {
@@ -518,6 +520,7 @@ fn run_rank<D: DataPlane>(
         chunks: r.chunks,
         noops: r.noops,
         duplicates_dropped: r.duplicates_dropped,
+        envelopes_awaiting_cts: rank.envelopes_received_awaiting_cts(),
     })
 }
 
@@ -579,6 +582,7 @@ fn metrics(
         stale_dropped: d.stats.stale_dropped,
         flushed_undecoded: d.stats.flushed_undecoded,
         duplicates_dropped: 0,
+        envelopes_awaiting_cts: 0,
         hard_cuts: d.stats.hard_cuts,
         noops_sent: 0,
         max_in_flight: d.stats.max_in_flight,
@@ -690,6 +694,7 @@ fn report(args: &RunArgs, dir: &Path, world: u32, wall: Duration) -> Result<()> 
         .ok_or_else(|| Error::Invariant("rank 0's report carries no metrics".into()))?;
     if let Some(leader) = reports.get(1) {
         m.duplicates_dropped = leader.duplicates_dropped;
+        m.envelopes_awaiting_cts = leader.envelopes_awaiting_cts;
         m.noops_sent = leader.noops;
     }
     m.wall_s = wall.as_secs_f64();

@@ -103,6 +103,9 @@ pub struct Metrics {
     pub stale_dropped: u64,
     pub flushed_undecoded: u64,
     pub duplicates_dropped: u64,
+    /// Envelopes the leader received while a RESULT payload waited for rank 0's ClearToSend.
+    #[serde(default)]
+    pub envelopes_awaiting_cts: u64,
     pub hard_cuts: u64,
     pub noops_sent: u64,
     pub max_in_flight: usize,
@@ -213,6 +216,11 @@ impl Metrics {
             &mut s,
             "duplicates dropped",
             format!("{}", self.duplicates_dropped),
+        );
+        row(
+            &mut s,
+            "envelopes during CTS wait",
+            format!("{}", self.envelopes_awaiting_cts),
         );
         row(&mut s, "hard cuts", format!("{}", self.hard_cuts));
         row(
