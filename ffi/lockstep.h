@@ -178,9 +178,10 @@ int32_t lockstep_envelope_prepare(int32_t action, uint64_t call_id, uint64_t chu
  * env == NULL gives NULL and *len = 0. */
 const uint8_t *lockstep_envelope_header_bytes(const lockstep_envelope *env, size_t *len);
 
-/* The canonical meta bytes that would be sent after the header ({"body":...,"tensor_specs":[...]},
- * sorted keys, compact; empty for NOOP/SHUTDOWN). Then come the tensors' bytes, in the order
- * they were passed. Same ownership as lockstep_envelope_header_bytes. */
+/* The canonical meta bytes that would be sent after the header
+ * ({"tensor_specs":[...],"body":...}: fixed key order, body keys sorted, compact; empty for
+ * NOOP/SHUTDOWN). Then come the tensors' bytes, in the order they were passed.
+ * Same ownership as lockstep_envelope_header_bytes. */
 const uint8_t *lockstep_envelope_meta_bytes(const lockstep_envelope *env, size_t *len);
 
 /* Frees an envelope. NULL is a no-op. Free each envelope once, after every reader is done. */
