@@ -196,7 +196,7 @@ void lockstep_envelope_free(lockstep_envelope *env);
  *  LOCKSTEP_ERR_HEADER_BAD_CHECKSUM  checksum mismatch
  *  LOCKSTEP_ERR_INVARIANT_VIOLATION  unknown action or flag bits, reserved != 0, or a
  *                                    NOOP/SHUTDOWN that declares a payload
- *  LOCKSTEP_ERR_BAD_INPUT            out is NULL
+ *  LOCKSTEP_ERR_BAD_INPUT            out is NULL, or bytes is NULL with len > 0
  * *out (caller-owned) is written only on LOCKSTEP_OK.
  */
 int32_t lockstep_header_decode(const uint8_t *bytes, size_t len, lockstep_header *out);
