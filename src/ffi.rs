@@ -745,6 +745,10 @@ mod tests {
         );
         assert_eq!(st, ExitCode::BadInput.code());
         assert!(last_error().contains("byte_len 11"), "{}", last_error());
+        // Duplicate names are refused by the manifest check, before any byte is copied.
+        let (st, _) = prepare(1, None, &[latents(), latents()]);
+        assert_eq!(st, ExitCode::BadInput.code());
+        assert!(last_error().contains("appears twice"), "{}", last_error());
         // A garbage ndim is refused before `shape` is read.
         let d = latents();
         let mut raw = d.raw();
