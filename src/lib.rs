@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod error;
 pub mod exit;
 pub mod fault;
+pub mod ffi;
 pub mod fr;
 #[doc(hidden)]
 pub mod harness;

@@ -1,0 +1,212 @@
+/*
+ * lockstep.h — the C ABI of the lockstep crate (written by hand; `tools/check-ffi.sh` checks
+ * that every exported `lockstep_*` symbol of the cdylib is declared here and vice versa, and
+ * `src/ffi.rs` tests that every code below matches the Rust side).
+ *
+ * What it is for: a server that is not written in Rust builds envelopes with exactly the Rust
+ * preflight (SPEC §3: preflight before header, dtype allowlist, top-level tensors only) and
+ * decodes headers it received, without ever getting a header for an envelope that failed.
+ *
+ * Link:   cc app.c -I ffi -L target/release -llockstep
+ *
+ * Conventions that hold for every function below:
+ *  - No function aborts or unwinds into C. A lockstep bug caught at the boundary returns
+ *    LOCKSTEP_ERR_PANIC (or NULL) with its message in lockstep_last_error().
+ *  - Functions returning `int32_t` return LOCKSTEP_OK (0) or a lockstep_status code, and set
+ *    (on failure) or clear (on success) the calling thread's last error.
+ *  - Thread safety: every function may be called from any thread concurrently. The last error
+ *    is per thread. A lockstep_envelope is immutable once made: several threads may read it at
+ *    once, but lockstep_envelope_free must not race with any use of that envelope.
+ *  - Input pointers are borrowed only for the duration of the call (lockstep copies what it
+ *    keeps). Output pointers state their owner and lifetime below.
+ */
+#ifndef LOCKSTEP_H
+#define LOCKSTEP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Wire constants (SPEC §3). */
+enum {
+    LOCKSTEP_HEADER_LEN = 80,          /* bytes of an encoded header */
+    LOCKSTEP_ENVELOPE_VERSION = 1,     /* the version this build speaks */
+    LOCKSTEP_MAGIC = 0x54534b4c,       /* "LKST" read as a little-endian u32 */
+};
+
+/*
+ * Status codes. 0 and 70..77 mirror the process exit codes (src/exit.rs,
+ * docs/manual/03-graceful-shutdown.md): a preflight rejection or bad argument is
+ * LOCKSTEP_ERR_BAD_INPUT like `Error::Preflight`, a malformed header LOCKSTEP_ERR_INVARIANT_VIOLATION
+ * like `Error::Decode`. 80..83 tell apart the header faults a server must handle differently.
+ * Only OK, INVARIANT_VIOLATION, BAD_INPUT, the HEADER_* codes and PANIC come out of this ABI today;
+ * the others are listed so the numbering is one table. Never renumbered.
+ */
+typedef enum lockstep_status {
+    LOCKSTEP_OK = 0,
+    LOCKSTEP_ERR_INVARIANT_VIOLATION = 70, /* header decodes but is invalid (action, flags, ...) */
+    LOCKSTEP_ERR_WATCHDOG_TIMEOUT = 71,
+    LOCKSTEP_ERR_PEER_LOST = 72,
+    LOCKSTEP_ERR_PARITY_MISMATCH = 73,
+    LOCKSTEP_ERR_BAD_INPUT = 74,           /* preflight rejected the envelope, or a bad argument */
+    LOCKSTEP_ERR_SIGNAL = 75,
+    LOCKSTEP_ERR_DEVICE_ERROR = 76,
+    LOCKSTEP_ERR_PEER_FAILED = 77,
+    LOCKSTEP_ERR_HEADER_TRUNCATED = 80,    /* fewer than LOCKSTEP_HEADER_LEN bytes */
+    LOCKSTEP_ERR_HEADER_BAD_MAGIC = 81,    /* not a lockstep envelope */
+    LOCKSTEP_ERR_HEADER_BAD_VERSION = 82,  /* a peer speaking another envelope_version */
+    LOCKSTEP_ERR_HEADER_BAD_CHECKSUM = 83, /* corrupted in transit */
+    LOCKSTEP_ERR_PANIC = 101,              /* a lockstep bug, caught at the boundary */
+} lockstep_status;
+
+/* Envelope actions (header field `action`). NOOP and SHUTDOWN carry no meta and no tensors. */
+typedef enum lockstep_action {
+    LOCKSTEP_ACTION_INFER = 1,
+    LOCKSTEP_ACTION_NOOP = 2,
+    LOCKSTEP_ACTION_SHUTDOWN = 3,
+    LOCKSTEP_ACTION_RESULT = 4,
+} lockstep_action;
+
+/*
+ * Element types. Only BF16..U8 may cross the wire; BOOL, F64 and the FP8 types exist so that a
+ * foreign tensor can be named and refused precisely (cast explicitly before preflight).
+ */
+typedef enum lockstep_dtype {
+    LOCKSTEP_DTYPE_BF16 = 1,
+    LOCKSTEP_DTYPE_F16 = 2,
+    LOCKSTEP_DTYPE_F32 = 3,
+    LOCKSTEP_DTYPE_I32 = 4,
+    LOCKSTEP_DTYPE_I64 = 5,
+    LOCKSTEP_DTYPE_U8 = 6,
+    LOCKSTEP_DTYPE_BOOL = 7,     /* refused */
+    LOCKSTEP_DTYPE_F64 = 8,      /* refused */
+    LOCKSTEP_DTYPE_F8E4M3 = 9,   /* refused */
+    LOCKSTEP_DTYPE_F8E5M2 = 10,  /* refused */
+} lockstep_dtype;
+
+/*
+ * A decoded header, fields in host byte order. Same layout as the Rust `wire::Header`
+ * (#[repr(C)], 80 bytes, no padding). The wire form is little-endian.
+ */
+typedef struct lockstep_header {
+    uint32_t magic;
+    uint16_t envelope_version;
+    uint16_t action;         /* a lockstep_action */
+    uint32_t flags;          /* no bits defined: always 0 */
+    uint32_t n_tensors;
+    uint64_t call_id;
+    uint64_t chunk_index;
+    uint64_t cache_epoch;
+    uint64_t meta_len;
+    uint64_t payload_bytes;  /* sum of every tensor's byte_len */
+    uint64_t meta_digest;    /* FNV-1a 64 of the meta bytes */
+    uint64_t reserved;       /* always 0 */
+    uint64_t checksum;       /* FNV-1a 64 of the 72 bytes before it */
+} lockstep_header;
+
+/*
+ * One top-level tensor in host memory, borrowed for the duration of lockstep_envelope_prepare.
+ *  name      NUL-terminated UTF-8, 1..=128 bytes of [A-Za-z0-9_.-/], unique in the envelope.
+ *  dtype     a lockstep_dtype code.
+ *  ndim      entries in `shape`, at most 8 (checked before `shape` is read).
+ *  shape     `ndim` uint64_t (may be NULL when ndim == 0).
+ *  data      `byte_len` readable bytes (may be NULL when byte_len == 0); no alignment needed.
+ *  byte_len  must equal product(shape) * dtype size.
+ */
+typedef struct lockstep_tensor_desc {
+    const char *name;
+    int32_t dtype;
+    uint32_t ndim;
+    const uint64_t *shape;
+    const void *data;
+    uint64_t byte_len;
+} lockstep_tensor_desc;
+
+/* An envelope that passed preflight. Opaque; made by lockstep_envelope_prepare only. */
+typedef struct lockstep_envelope lockstep_envelope;
+
+/* The crate version, e.g. "0.1.0". Static: never free it. */
+const char *lockstep_version(void);
+
+/* The embedded kernels' build id (16 hex digits, or "none" when built without kernels).
+ * Static: never free it. */
+const char *lockstep_kernel_build_id(void);
+
+/* What `lockstep doctor --json` prints (kernels, CUDA driver, GPUs, NCCL, advice). Probes the
+ * machine (dynamically loads libcuda/libnccl if present); never fails for a missing library.
+ * Returns a heap string owned by the caller: free it with lockstep_string_free. NULL on failure
+ * (reason in lockstep_last_error). */
+char *lockstep_doctor_json(void);
+
+/* Frees a string returned by lockstep_doctor_json. NULL is a no-op. Free each string once. */
+void lockstep_string_free(char *s);
+
+/* The calling thread's last error message ("" after a success). Never NULL. Owned by lockstep,
+ * valid until the next lockstep call on the same thread: copy it if you keep it. */
+const char *lockstep_last_error(void);
+
+/*
+ * Preflight (SPEC §3) from C: the same checks, in the same order and with the same messages, as
+ * the Rust `wire::prepare_untyped`, then a header.
+ *  action       a lockstep_action.
+ *  call_id, chunk_index, cache_epoch   the envelope's ids (SPEC §4); not checked for
+ *               monotonicity here (that is the sender's and the mesh's job).
+ *  meta_json    INFER/RESULT: NUL-terminated UTF-8 JSON (NULL means "{}"), at most 1 MiB.
+ *               Refused: invalid JSON, NaN/Infinity/out-of-range numbers (A1), integers that do
+ *               not round-trip through a double, and any object that looks like a tensor
+ *               ("$tensor"/"__tensor__" keys, or "dtype" + "shape" + one of
+ *               "data"/"ptr"/"storage"/"bytes"/"data_ptr") (A3).
+ *               NOOP/SHUTDOWN: must be NULL.
+ *  tensors      `n_tensors` descriptors (NULL allowed when 0), at most 64, at most 8 GiB in all;
+ *               NOOP/SHUTDOWN: n_tensors must be 0. A dtype outside the allowlist (bool, fp8,
+ *               f64) is refused (A2). Every descriptor is checked before any data byte is read;
+ *               then the data is copied (the caller may free its buffers after the call).
+ *  out          receives the envelope; set to NULL first, and left NULL on any failure.
+ * Returns LOCKSTEP_OK, or LOCKSTEP_ERR_BAD_INPUT with the reason in lockstep_last_error.
+ * The caller owns *out: free it with lockstep_envelope_free.
+ */
+int32_t lockstep_envelope_prepare(int32_t action, uint64_t call_id, uint64_t chunk_index,
+                                  uint64_t cache_epoch, const char *meta_json,
+                                  const lockstep_tensor_desc *tensors, size_t n_tensors,
+                                  lockstep_envelope **out);
+
+/* The encoded header (LOCKSTEP_HEADER_LEN bytes, little-endian) that would be sent. The
+ * pointer is owned by the envelope, valid until lockstep_envelope_free. `len` may be NULL.
+ * env == NULL gives NULL and *len = 0. */
+const uint8_t *lockstep_envelope_header_bytes(const lockstep_envelope *env, size_t *len);
+
+/* The canonical meta bytes that would be sent after the header
+ * ({"tensor_specs":[...],"body":...}: fixed key order, body keys sorted, compact; empty for
+ * NOOP/SHUTDOWN). Then come the tensors' bytes, in the order they were passed.
+ * Same ownership as lockstep_envelope_header_bytes. */
+const uint8_t *lockstep_envelope_meta_bytes(const lockstep_envelope *env, size_t *len);
+
+/* Frees an envelope. NULL is a no-op. Free each envelope once, after every reader is done. */
+void lockstep_envelope_free(lockstep_envelope *env);
+
+/*
+ * Decodes and validates a received header from the first LOCKSTEP_HEADER_LEN bytes of `bytes`
+ * (a longer buffer, e.g. header + meta, is fine). Any input gives a status, never a crash:
+ *  LOCKSTEP_ERR_HEADER_TRUNCATED     len < LOCKSTEP_HEADER_LEN (bytes may be NULL when len == 0)
+ *  LOCKSTEP_ERR_HEADER_BAD_MAGIC     not "LKST"
+ *  LOCKSTEP_ERR_HEADER_BAD_VERSION   another envelope_version
+ *  LOCKSTEP_ERR_HEADER_BAD_CHECKSUM  checksum mismatch
+ *  LOCKSTEP_ERR_INVARIANT_VIOLATION  unknown action or flag bits, reserved != 0, or a
+ *                                    NOOP/SHUTDOWN that declares a payload
+ *  LOCKSTEP_ERR_BAD_INPUT            out is NULL, or bytes is NULL with len > 0
+ * *out (caller-owned) is written only on LOCKSTEP_OK.
+ */
+int32_t lockstep_header_decode(const uint8_t *bytes, size_t len, lockstep_header *out);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(sizeof(lockstep_header) == LOCKSTEP_HEADER_LEN, "lockstep_header must be 80 bytes");
+#endif
+
+#endif /* LOCKSTEP_H */
