@@ -25,7 +25,7 @@ timeout "$(left 45)" "$S/lockstep" run --backend nccl --chunks 16 --quiet --time
   --metrics /tmp/lockstep-final-metrics.json > "$OUT/run.log" 2>&1
 echo "run rc=$?" | tee -a "$OUT/run.log"
 cat /tmp/lockstep-final-metrics.json >> "$OUT/run.log" 2>/dev/null
-grep -vE '^\s*[\[\]{}0-9,"]' "$OUT/run.log" | head -30
+grep -vE '^\s*([][{}",]|[0-9])' "$OUT/run.log" | head -30
 
 step "pipeline break-it (D1-D3, E3, F1-F3, G2 on nccl)"
 timeout "$(left 70)" "$S/tests/breakit_pipeline" --test-threads=1 --nocapture > "$OUT/breakit-pipeline.log" 2>&1
