@@ -1,23 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE: builds the release lockstep binary and the two GPU test binaries of the kernels
-# work, and stages them (stripped) with the round script and the PyTorch baselines into
-# DEST (default /work/main/.gpu-stage-kernels, which the device tool's `carry` can name).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-dest="${1:-/work/main/.gpu-stage-kernels}"
-rm -rf "$dest"; mkdir -p "$dest/tests"
-cargo build --release --bin lockstep
-cp target/release/lockstep "$dest/lockstep"
-cargo test --release --no-run --message-format=json --test gpu_smoke --test gpu_kernels 2>/dev/null \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except Exception: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do cp "$exe" "$dest/tests/$name"; done
-strip "$dest/lockstep" "$dest"/tests/* 2>/dev/null || true
-cp tools/gpu/kernels-round.sh "$dest/round.sh"
-cp -r benches/baselines "$dest/baselines"
-du -sh "$dest"; ls "$dest" "$dest/tests"
+# Run HERE: stages the kernels round (GPU smoke + kernel tests, compute-sanitizer, bench kernels,
+# PyTorch baselines) into .gpu-stage-kernels/. Then, with the device tool: command
+# `bash .gpu-stage-kernels/run.sh all`, carry [".gpu-stage-kernels"], one GPU.
+exec "$(dirname "$0")/stage.sh" --dir .gpu-stage-kernels --script tools/gpu/kernels-round.sh \
+  gpu_smoke gpu_kernels
