@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run THERE (the GPU host, from the repository root): every staged test binary, then doctor,
-# logs under $OUT (or ./out). Usage: bash .gpu-stage/run-all.sh [test-name-filter]
+# logs under $OUT (or ./out). Usage: bash .gpu-stage/run.sh [test-name-filter]
 set -uo pipefail
 stage="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$PWD/out}"; mkdir -p "$out"
