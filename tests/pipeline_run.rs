@@ -251,8 +251,12 @@ fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let killed_at = std::time::Instant::now();
+    // Never kill(0, …): that would signal this test's own process group.
+    let pid = victim
+        .filter(|p| *p > 0)
+        .unwrap_or_else(|| panic!("no valid pid for global-rank 2: {seen:?}"));
     // SAFETY: kill(2) on a rank pid the launcher just printed; it is our grandchild.
-    unsafe { libc::kill(victim.unwrap_or(0), libc::SIGKILL) };
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     let mut code = None;
     while killed_at.elapsed() < Duration::from_secs(10) {
         match child.try_wait() {
