@@ -40,6 +40,12 @@ pub fn main(args: &FrArgs) -> i32 {
         FrCmd::Dump { pids } => {
             let mut code = 0;
             for &p in pids {
+                // kill(0, …) and kill(-1, …) would signal our own group or every process.
+                if p <= 0 {
+                    eprintln!("fr dump: {p} is not a process id (must be > 0)");
+                    code = crate::exit::ExitCode::BadInput.code();
+                    continue;
+                }
                 // SAFETY: sending SIGUSR1 to a pid the operator named.
                 if unsafe { libc::kill(p, libc::SIGUSR1) } != 0 {
                     eprintln!("fr dump: pid {p}: {}", std::io::Error::last_os_error());
