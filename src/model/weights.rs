@@ -354,7 +354,19 @@ impl WeightFile {
         if issues.is_empty() {
             return Ok(f);
         }
-        let list: Vec<String> = issues.iter().map(|i| format!("  - {i}")).collect();
+        // The first problems name the tensors; a file for another preset would list them all.
+        const SHOWN: usize = 24;
+        let mut list: Vec<String> = issues
+            .iter()
+            .take(SHOWN)
+            .map(|i| format!("  - {i}"))
+            .collect();
+        if issues.len() > SHOWN {
+            list.push(format!(
+                "  - … and {} more (`lockstep weights check` lists them all)",
+                issues.len() - SHOWN
+            ));
+        }
         Err(Error::BadInput(format!(
             "weights {} do not fit preset {} ({} problem{}):\n{}",
             path.display(),
@@ -685,6 +697,31 @@ pub enum WeightsCmd {
     },
 }
 
+/// `weights check`: every problem on stderr (not truncated), the digest on stdout.
+fn check_cmd(file: &Path, preset: &str) -> Result<()> {
+    let cfg = DitConfig::preset(preset)?;
+    let f = WeightFile::open(file)?;
+    let issues = f.check(&cfg);
+    for i in &issues {
+        eprintln!("  - {i}");
+    }
+    if !issues.is_empty() {
+        return Err(Error::BadInput(format!(
+            "weights {} do not fit preset {preset} ({} problems, listed above)",
+            file.display(),
+            issues.len()
+        )));
+    }
+    println!(
+        "{} fits preset {preset}: {} tensors, dtypes {}, {}",
+        file.display(),
+        f.tensor_count(),
+        f.dtypes().join(","),
+        f.digest()
+    );
+    Ok(())
+}
+
 /// `lockstep weights …`: returns the exit code.
 pub fn main(args: &WeightsArgs) -> i32 {
     let r = match &args.cmd {
@@ -705,17 +742,7 @@ pub fn main(args: &WeightsArgs) -> i32 {
                     f.digest()
                 )
             }),
-        WeightsCmd::Check { file, preset } => DitConfig::preset(preset)
-            .and_then(|cfg| WeightFile::open_for(file, &cfg))
-            .map(|f| {
-                println!(
-                    "{} fits preset {preset}: {} tensors, dtypes {}, {}",
-                    file.display(),
-                    f.tensor_count(),
-                    f.dtypes().join(","),
-                    f.digest()
-                )
-            }),
+        WeightsCmd::Check { file, preset } => check_cmd(file, preset),
     };
     match r {
         Ok(()) => 0,
