@@ -184,3 +184,28 @@ fn ranks_given_different_weights_files_fail_parity_at_startup() {
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
 }
+
+#[test]
+fn weights_with_the_calibrated_generator_is_refused_before_launch() {
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args([
+        "run",
+        "--quiet",
+        "--generator",
+        "calibrated",
+        "--weights",
+        "/nonexistent/w.safetensors",
+    ]);
+    let out = bounded(
+        cmd,
+        "lockstep run --generator calibrated --weights",
+        Duration::from_secs(10),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("--weights loads the DiT; it means nothing with --generator calibrated"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("launch: global-rank"), "{stderr}");
+}
