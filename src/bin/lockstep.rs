@@ -26,6 +26,9 @@ enum Cmd {
     Bench(lockstep::bench::BenchArgs),
     /// Flight-recorder tools: `fr analyze DIR`, `fr dump PID…`.
     Fr(lockstep::fr::FrArgs),
+    /// DiT weights files: `weights save FILE` (a preset's seeded weights as safetensors),
+    /// `weights check FILE` (names, shapes, dtypes, digest).
+    Weights(lockstep::model::weights::WeightsArgs),
     /// Multi-process protocol harness used by the break-it tests.
     #[command(hide = true)]
     Harness(lockstep::harness::HarnessArgs),
@@ -41,6 +44,7 @@ fn main() {
         Some(Cmd::Bench(a)) => lockstep::bench::main(&a),
         Some(Cmd::Fr(a)) => lockstep::fr::main(&a),
         Some(Cmd::Harness(a)) => lockstep::harness::main(&a),
+        Some(Cmd::Weights(a)) => lockstep::model::weights::main(&a),
     };
     std::process::exit(code);
 }

@@ -7,13 +7,16 @@
 //!
 //! TP is Megatron-style: QKV and FFN-in are column-parallel (each rank owns `heads / T` heads and
 //! `ffn / T` hidden units), the attention/FFN out projections are row-parallel and all-reduced,
-//! their biases added once after the all-reduce. Weights are generated in full from a seed and
-//! then sliced, so TP=T computes the same function as TP=1 (test: f32 tolerance).
+//! their biases added once after the all-reduce. Each rank takes its slice of the same full
+//! tensors (seeded, or a safetensors file: `weights.rs`), so TP=T computes the same function as
+//! TP=1 (test: f32 tolerance).
 //!
-//! Parameter names follow Wan's checkpoint (`blocks.{i}.self_attn.q.weight`, …) so a
-//! safetensors loader can slot in; the patch embedding is a linear over the (1, 2, 2) patch.
+//! Parameter names and shapes follow Wan's checkpoint (`blocks.{i}.self_attn.q.weight`, …;
+//! `weights::param_specs`); the patch embedding is a linear over the (1, 2, 2) patch (Wan's
+//! Conv3d kernel `[dim, C, 1, 2, 2]` flattened row-major).
 use super::ops;
 use super::tp::TpComm;
+use super::weights::{SeededWeights, WeightSource};
 use super::DitConfig;
 use crate::cache::KvCache;
 use crate::digest::fnv64;
@@ -32,39 +35,10 @@ impl Linear {
     fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
         ops::linear(x, rows, &self.w, self.d_in, self.d_out, self.b.as_deref())
     }
-
-    /// Rows `lo..hi` of the output (column-parallel shard).
-    fn rows(&self, lo: usize, hi: usize) -> Linear {
-        Linear {
-            w: self.w[lo * self.d_in..hi * self.d_in].to_vec(),
-            b: self.b.as_ref().map(|b| b[lo..hi].to_vec()),
-            d_in: self.d_in,
-            d_out: hi - lo,
-        }
-    }
-
-    /// Input columns `lo..hi` (row-parallel shard); the bias is kept aside, added once after the
-    /// all-reduce.
-    fn cols(&self, lo: usize, hi: usize) -> (Linear, Option<Vec<f32>>) {
-        let w = self
-            .w
-            .chunks_exact(self.d_in)
-            .flat_map(|r| r[lo..hi].iter().copied())
-            .collect();
-        (
-            Linear {
-                w,
-                b: None,
-                d_in: hi - lo,
-                d_out: self.d_out,
-            },
-            self.b.clone(),
-        )
-    }
 }
 
 /// Deterministic uniform values in `[-scale, scale)` for a named tensor (splitmix64).
-fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
+pub(crate) fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
     let mut s = seed ^ fnv64(name.as_bytes());
     (0..n)
         .map(|_| {
@@ -78,21 +52,65 @@ fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn gen_linear(seed: u64, name: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
-    let s = 1.0 / (d_in as f32).sqrt();
-    Linear {
-        w: gen(seed, &format!("{name}.weight"), d_in * d_out, s),
-        b: bias.then(|| gen(seed, &format!("{name}.bias"), d_out, 0.02)),
-        d_in,
-        d_out,
+/// A tensor from a source, checked to hold `n` values (a source that slices wrong fails here,
+/// not as a garbled forward).
+fn take(name: &str, v: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+    if v.len() != n {
+        return Err(Error::Invariant(format!(
+            "weight {name}: got {} values, expected {n}",
+            v.len()
+        )));
     }
+    Ok(v)
 }
 
-fn gen_norm(seed: u64, name: &str, n: usize) -> Vec<f32> {
-    gen(seed, name, n, 0.1)
-        .into_iter()
-        .map(|v| 1.0 + v)
-        .collect()
+/// Replicated linear `name` (`[d_out, d_in]`, any trailing dims flattened) with its bias.
+fn load_linear(src: &dyn WeightSource, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+    Ok(Linear {
+        w: take(&wn, src.full(&wn)?, d_in * d_out)?,
+        b: Some(take(&bn, src.full(&bn)?, d_out)?),
+        d_in,
+        d_out,
+    })
+}
+
+/// Output rows `lo..hi` of linear `name` (column-parallel shard).
+fn load_rows(
+    src: &dyn WeightSource,
+    name: &str,
+    d_in: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<Linear> {
+    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+    Ok(Linear {
+        w: take(&wn, src.rows(&wn, lo, hi)?, (hi - lo) * d_in)?,
+        b: Some(take(&bn, src.rows(&bn, lo, hi)?, hi - lo)?),
+        d_in,
+        d_out: hi - lo,
+    })
+}
+
+/// Input columns `lo..hi` of linear `name` (row-parallel shard); the bias is kept aside, added
+/// once after the all-reduce.
+fn load_cols(
+    src: &dyn WeightSource,
+    name: &str,
+    d_out: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<(Linear, Option<Vec<f32>>)> {
+    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+    Ok((
+        Linear {
+            w: take(&wn, src.cols(&wn, lo, hi)?, d_out * (hi - lo))?,
+            b: None,
+            d_in: hi - lo,
+            d_out,
+        },
+        Some(take(&bn, src.full(&bn)?, d_out)?),
+    ))
 }
 
 /// One block's weights (full, or one rank's shard).
@@ -145,7 +163,7 @@ pub struct DitShard {
     cfg: DitConfig,
     rank: usize,
     tp: usize,
-    seed: u64,
+    seed: Option<u64>,
     patch: Linear,
     text1: Linear,
     text2: Linear,
@@ -160,6 +178,17 @@ pub struct DitShard {
 impl DitShard {
     /// Random weights from `seed`, sliced for group rank `rank` of `tp`.
     pub fn random(cfg: &DitConfig, seed: u64, rank: u32, tp: u32) -> Result<Self> {
+        Self::from_source(cfg, &SeededWeights::new(cfg, seed), rank, tp)
+    }
+
+    /// Weights from `src` (Wan's names, `weights::param_specs`), group rank `rank` of `tp`
+    /// reading only its shard: column-parallel rows, row-parallel columns.
+    pub fn from_source(
+        cfg: &DitConfig,
+        src: &dyn WeightSource,
+        rank: u32,
+        tp: u32,
+    ) -> Result<Self> {
         cfg.check_tp(tp)?;
         if rank >= tp {
             return Err(Error::BadInput(format!("TP rank {rank} of {tp}")));
@@ -170,51 +199,54 @@ impl DitShard {
         let (qlo, qhi) = (r * hl * hd, (r + 1) * hl * hd);
         let fl = cfg.ffn_dim / t;
         let (flo, fhi) = (r * fl, (r + 1) * fl);
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>> { take(name, src.full(name)?, n) };
+        let vec_rows = |name: &str, lo: usize, hi: usize| -> Result<Vec<f32>> {
+            take(name, src.rows(name, lo, hi)?, hi - lo)
+        };
         let blocks = (0..cfg.layers)
-            .map(|i| {
+            .map(|i| -> Result<Block> {
                 let p = |s: &str| format!("blocks.{i}.{s}");
-                let lin = |s: &str, a, b| gen_linear(seed, &p(s), a, b, true);
-                let (o, o_bias) = lin("self_attn.o", d, d).cols(qlo, qhi);
-                let (co, co_bias) = lin("cross_attn.o", d, d).cols(qlo, qhi);
-                let (ffn2, ffn2_bias) = lin("ffn.2", cfg.ffn_dim, d).cols(flo, fhi);
-                Block {
-                    modulation: gen(seed, &p("modulation"), 6 * d, 0.1),
-                    q: lin("self_attn.q", d, d).rows(qlo, qhi),
-                    k: lin("self_attn.k", d, d).rows(qlo, qhi),
-                    v: lin("self_attn.v", d, d).rows(qlo, qhi),
+                let (o, o_bias) = load_cols(src, &p("self_attn.o"), d, qlo, qhi)?;
+                let (co, co_bias) = load_cols(src, &p("cross_attn.o"), d, qlo, qhi)?;
+                let (ffn2, ffn2_bias) = load_cols(src, &p("ffn.2"), d, flo, fhi)?;
+                Ok(Block {
+                    modulation: vec(&p("modulation"), 6 * d)?,
+                    q: load_rows(src, &p("self_attn.q"), d, qlo, qhi)?,
+                    k: load_rows(src, &p("self_attn.k"), d, qlo, qhi)?,
+                    v: load_rows(src, &p("self_attn.v"), d, qlo, qhi)?,
                     o,
                     o_bias,
-                    norm_q: gen_norm(seed, &p("self_attn.norm_q.weight"), d)[qlo..qhi].to_vec(),
-                    norm_k: gen_norm(seed, &p("self_attn.norm_k.weight"), d)[qlo..qhi].to_vec(),
-                    cq: lin("cross_attn.q", d, d).rows(qlo, qhi),
-                    ck: lin("cross_attn.k", d, d).rows(qlo, qhi),
-                    cv: lin("cross_attn.v", d, d).rows(qlo, qhi),
+                    norm_q: vec_rows(&p("self_attn.norm_q.weight"), qlo, qhi)?,
+                    norm_k: vec_rows(&p("self_attn.norm_k.weight"), qlo, qhi)?,
+                    cq: load_rows(src, &p("cross_attn.q"), d, qlo, qhi)?,
+                    ck: load_rows(src, &p("cross_attn.k"), d, qlo, qhi)?,
+                    cv: load_rows(src, &p("cross_attn.v"), d, qlo, qhi)?,
                     co,
                     co_bias,
-                    cnorm_q: gen_norm(seed, &p("cross_attn.norm_q.weight"), d)[qlo..qhi].to_vec(),
-                    cnorm_k: gen_norm(seed, &p("cross_attn.norm_k.weight"), d)[qlo..qhi].to_vec(),
-                    norm3_w: gen_norm(seed, &p("norm3.weight"), d),
-                    norm3_b: gen(seed, &p("norm3.bias"), d, 0.02),
-                    ffn1: lin("ffn.0", d, cfg.ffn_dim).rows(flo, fhi),
+                    cnorm_q: vec_rows(&p("cross_attn.norm_q.weight"), qlo, qhi)?,
+                    cnorm_k: vec_rows(&p("cross_attn.norm_k.weight"), qlo, qhi)?,
+                    norm3_w: vec(&p("norm3.weight"), d)?,
+                    norm3_b: vec(&p("norm3.bias"), d)?,
+                    ffn1: load_rows(src, &p("ffn.0"), d, flo, fhi)?,
                     ffn2,
                     ffn2_bias,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             rank: r,
             tp: t,
-            seed,
-            patch: gen_linear(seed, "patch_embedding", cfg.in_dim(), d, true),
-            text1: gen_linear(seed, "text_embedding.0", cfg.text_dim, d, true),
-            text2: gen_linear(seed, "text_embedding.2", d, d, true),
-            time1: gen_linear(seed, "time_embedding.0", cfg.freq_dim, d, true),
-            time2: gen_linear(seed, "time_embedding.2", d, d, true),
-            time_proj: gen_linear(seed, "time_projection.1", d, 6 * d, true),
+            seed: src.seed(),
+            patch: load_linear(src, "patch_embedding", cfg.in_dim(), d)?,
+            text1: load_linear(src, "text_embedding.0", cfg.text_dim, d)?,
+            text2: load_linear(src, "text_embedding.2", d, d)?,
+            time1: load_linear(src, "time_embedding.0", cfg.freq_dim, d)?,
+            time2: load_linear(src, "time_embedding.2", d, d)?,
+            time_proj: load_linear(src, "time_projection.1", d, 6 * d)?,
             blocks,
-            head_mod: gen(seed, "head.modulation", 2 * d, 0.1),
-            head: gen_linear(seed, "head.head", d, cfg.in_dim(), true),
+            head_mod: vec("head.modulation", 2 * d)?,
+            head: load_linear(src, "head.head", d, cfg.in_dim())?,
         })
     }
 
@@ -426,8 +458,8 @@ impl DitShard {
         Ok(self.head.apply(&xn, rows))
     }
 
-    /// Weight seed (part of the model fingerprint).
-    pub fn seed(&self) -> u64 {
+    /// Weight seed of seeded weights (`None`: loaded from a file).
+    pub fn seed(&self) -> Option<u64> {
         self.seed
     }
 }

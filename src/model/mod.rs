@@ -9,6 +9,7 @@
 pub mod dit;
 pub mod ops;
 pub mod tp;
+pub mod weights;
 
 use crate::{Error, Result};
 

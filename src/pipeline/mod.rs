@@ -114,9 +114,13 @@ pub struct RunArgs {
     /// Write a Chrome/Perfetto trace here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Weight seed.
+    /// Weight seed (also seeds the noise and the prompt).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// DiT weights from this safetensors file (Wan's names; memory-mapped, each mesh rank reads
+    /// its TP shard) instead of seeded random weights. `lockstep weights save` writes one.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     /// Bound on every wait (result, envelope, collective), seconds.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
@@ -150,6 +154,7 @@ impl Default for RunArgs {
             metrics: None,
             trace: None,
             seed: 0,
+            weights: None,
             timeout: 10.0,
             heartbeat_ms: 200,
             quiet: false,

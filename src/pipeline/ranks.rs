@@ -7,8 +7,8 @@
 //! Contract:
 //! - Everything a rank can get wrong about the configuration is checked in the parent before any
 //!   process starts (bad input → exit 74, nothing launched), and again on each rank; every
-//!   setting that shapes the mesh's work (model geometry, generator, seed, recompute schedule,
-//!   step-graph set, timeouts) joins the parity fingerprint, so ranks started with different
+//!   setting that shapes the mesh's work (model geometry, generator, seed, weights file digest,
+//!   recompute schedule, step-graph set, timeouts) joins the parity fingerprint, so ranks started with different
 //!   settings fail at startup with a per-field diff, never mid-stream.
 //! - `DriverLink` over `Rank`: INFERs go out through `Rank::send_next` (the call_id is the rank's,
 //!   shared with its NOOP heartbeats; only a `wire::PreparedEnvelope` is sendable), RESULTs come
@@ -46,7 +46,9 @@ use crate::comm::watchdog::{self, diag};
 use crate::comm::{DataPlane, OpContext};
 use crate::exit::ExitCode;
 use crate::ids::{CallId, GlobalRank, GroupRank};
+use crate::model::dit::DitShard;
 use crate::model::tp::TpComm;
+use crate::model::weights::WeightFile;
 use crate::model::DitConfig;
 use crate::plan::PlanPolicy;
 use crate::rank::{Backend, Rank, RankEnv, RankOptions};
@@ -71,6 +73,8 @@ struct Setup {
     gen_cost: Duration,
     policy: PlanPolicy,
     queues: QueueConfig,
+    /// `--weights`, mapped and checked against the preset.
+    weights: Option<WeightFile>,
 }
 
 fn setup(args: &RunArgs) -> Result<Setup> {
@@ -83,6 +87,17 @@ fn setup(args: &RunArgs) -> Result<Setup> {
         )));
     }
     cfg.check_tp(args.tp)?;
+    // Checked here, on the parent and on every rank, so a file that does not fit the preset
+    // fails before any process starts and before any collective.
+    let weights = match &args.weights {
+        Some(_) if args.generator != GeneratorKind::Dit => {
+            return Err(Error::BadInput(
+                "--weights loads the DiT; it means nothing with --generator calibrated".into(),
+            ))
+        }
+        Some(p) => Some(WeightFile::open_for(p, &cfg)?),
+        None => None,
+    };
     let secs = |v: f64, what: &str| -> Result<Duration> {
         Duration::try_from_secs_f64(v)
             .map_err(|_| Error::BadInput(format!("{what} must be a non-negative number, got {v}")))
@@ -126,6 +141,7 @@ fn setup(args: &RunArgs) -> Result<Setup> {
         gen_cost,
         policy,
         queues,
+        weights,
         cfg,
     })
 }
@@ -151,6 +167,13 @@ fn fingerprint(opts: &mut RankOptions, args: &RunArgs, s: &Setup) {
         .set("pipeline.generator", format!("{:?}", args.generator))
         .set("pipeline.gen_cost_us", s.gen_cost.as_micros())
         .set("pipeline.seed", args.seed)
+        .set(
+            "pipeline.weights",
+            match &s.weights {
+                Some(f) => f.digest().to_string(),
+                None => "seeded".to_string(),
+            },
+        )
         .set("pipeline.recompute_every", args.recompute_every)
         .set("pipeline.step_graphs", s.steps.join(","))
         .set("pipeline.timeout_ms", s.timeout.as_millis())
@@ -495,7 +518,15 @@ fn run_rank<D: DataPlane>(
     }
     let mut comm = MeshComm::new(rank)?;
     let mut gen: Box<dyn Generator> = match args.generator {
-        GeneratorKind::Dit => Box::new(DitGenerator::new(&s.cfg, args.seed, comm.rank(), s.tp)?),
+        GeneratorKind::Dit => match &s.weights {
+            Some(f) => Box::new(DitGenerator::from_shard(DitShard::from_source(
+                &s.cfg,
+                f,
+                comm.rank().get(),
+                s.tp,
+            )?)),
+            None => Box::new(DitGenerator::new(&s.cfg, args.seed, comm.rank(), s.tp)?),
+        },
         GeneratorKind::Calibrated => Box::new(CalibratedGenerator::new(&s.cfg, s.gen_cost)),
     };
     let mut mesh_rank = MeshRank::new(&mut comm, gen.as_mut(), me, &s.cfg)?;
@@ -557,7 +588,10 @@ fn metrics(
         generator: format!(
             "{} / decoder {decoder}",
             match args.generator {
-                GeneratorKind::Dit => "tiny DiT (CPU)".to_string(),
+                GeneratorKind::Dit => match &s.weights {
+                    Some(f) => format!("tiny DiT (CPU), weights {}", f.digest()),
+                    None => "tiny DiT (CPU)".to_string(),
+                },
                 GeneratorKind::Calibrated => format!("calibrated {} ms/call", args.gen_cost_ms),
             }
         ),

@@ -123,6 +123,11 @@ impl DitGenerator {
             text: None,
         })
     }
+
+    /// A generator over an already built shard (e.g. `DitShard::from_source` on a weights file).
+    pub fn from_shard(shard: DitShard) -> Self {
+        Self { shard, text: None }
+    }
 }
 
 impl Generator for DitGenerator {
