@@ -23,7 +23,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         "transport" => crate::comm::nccl::bench::main(&args.rest),
         "kernels" => crate::cuda::bench::main(&args.rest),
         other => {
-            eprintln!("bench: unknown benchmark {other:?}");
+            crate::diag!("bench: unknown benchmark {other:?}");
             crate::exit::ExitCode::BadInput.code()
         }
     }
@@ -150,15 +150,15 @@ fn wire(args: &BenchArgs) -> i32 {
         cases as f64 / secs
     );
     if panics > 0 {
-        eprintln!("bench wire: {panics} decode panics");
+        crate::diag!("bench wire: {panics} decode panics");
         return crate::exit::ExitCode::InvariantViolation.code();
     }
     let Ok(me) = std::env::current_exe() else {
-        eprintln!("bench wire: cannot find own executable");
+        crate::diag!("bench wire: cannot find own executable");
         return crate::exit::ExitCode::BadInput.code();
     };
     if let Err(e) = raw_tcp_baseline(&me, iters) {
-        eprintln!("bench wire: raw TCP baseline failed: {e}");
+        crate::diag!("bench wire: raw TCP baseline failed: {e}");
     }
     let st = std::process::Command::new(&me)
         .args(["launch", "-n", "2", "--"])
@@ -169,7 +169,7 @@ fn wire(args: &BenchArgs) -> i32 {
     match st {
         Ok(s) => s.code().unwrap_or(crate::exit::ExitCode::Signal.code()),
         Err(e) => {
-            eprintln!("bench wire: launch: {e}");
+            crate::diag!("bench wire: launch: {e}");
             crate::exit::ExitCode::BadInput.code()
         }
     }

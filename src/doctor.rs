@@ -167,7 +167,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
         match serde_json::to_string_pretty(&r) {
             Ok(j) => println!("{j}"),
             Err(e) => {
-                eprintln!("doctor: cannot serialize report: {e}");
+                crate::diag!("doctor: cannot serialize report: {e}");
                 return crate::exit::ExitCode::BadInput.code();
             }
         }
@@ -175,7 +175,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
         print!("{}", human(&r));
     }
     if args.deny_spills && !r.kernels.spills.is_empty() {
-        eprintln!("doctor: register spills in {:?}", r.kernels.spills);
+        crate::diag!("doctor: register spills in {:?}", r.kernels.spills);
         return crate::exit::ExitCode::DeviceError.code();
     }
     0

@@ -175,7 +175,7 @@ pub fn hit(point: &str) -> bool {
         }
     }
     if fire {
-        eprintln!(
+        crate::diag!(
             "lockstep[global-rank {}]: fault injected: {point}",
             armed.rank
         );

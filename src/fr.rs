@@ -33,7 +33,7 @@ pub fn main(args: &FrArgs) -> i32 {
                 0
             }
             Err(e) => {
-                eprintln!("fr analyze: {e}");
+                crate::diag!("fr analyze: {e}");
                 crate::exit::ExitCode::BadInput.code()
             }
         },
@@ -42,13 +42,13 @@ pub fn main(args: &FrArgs) -> i32 {
             for &p in pids {
                 // kill(0, …) and kill(-1, …) would signal our own group or every process.
                 if p <= 0 {
-                    eprintln!("fr dump: {p} is not a process id (must be > 0)");
+                    crate::diag!("fr dump: {p} is not a process id (must be > 0)");
                     code = crate::exit::ExitCode::BadInput.code();
                     continue;
                 }
                 // SAFETY: sending SIGUSR1 to a pid the operator named.
                 if unsafe { libc::kill(p, libc::SIGUSR1) } != 0 {
-                    eprintln!("fr dump: pid {p}: {}", std::io::Error::last_os_error());
+                    crate::diag!("fr dump: pid {p}: {}", std::io::Error::last_os_error());
                     code = crate::exit::ExitCode::BadInput.code();
                 } else {
                     println!("fr dump: asked pid {p} to dump");

@@ -78,7 +78,7 @@ struct ChunkPlan {
 
 pub fn main(args: &HarnessArgs) -> i32 {
     if !["stream", "bench", "envelope"].contains(&args.scenario.as_str()) {
-        eprintln!("harness: unknown scenario {:?}", args.scenario);
+        crate::diag!("harness: unknown scenario {:?}", args.scenario);
         return crate::exit::ExitCode::BadInput.code();
     }
     let setup = || -> Result<(RankEnv, RankOptions, Backend)> {
@@ -95,7 +95,7 @@ pub fn main(args: &HarnessArgs) -> i32 {
     let (env, opts, backend) = match setup() {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("harness: {e}");
+            crate::diag!("harness: {e}");
             return e.exit_code().code();
         }
     };
@@ -109,7 +109,7 @@ fn run<D: DataPlane>(rank: Result<Rank<D>>, env: &RankEnv, args: &HarnessArgs) -
     let rank = match rank {
         Ok(r) => r,
         Err(e) => {
-            eprintln!(
+            crate::diag!(
                 "lockstep[global-rank {}]: exit {} ({}): {e}",
                 env.rank,
                 e.exit_code().code(),
@@ -209,9 +209,9 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
                 "harness: chunk {chunk} result {out:?}, expected {want}"
             )));
         }
-        eprintln!("harness[global-rank 0]: chunk {chunk} ok ({out:?})");
+        crate::diag!("harness[global-rank 0]: chunk {chunk} ok ({out:?})");
         if args.hold {
-            eprintln!(
+            crate::diag!(
                 "harness[global-rank 0]: holding (heartbeats on); pid {}",
                 std::process::id()
             );
@@ -220,14 +220,14 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             }
         }
         if fault::hit(points::KILL_DRIVER) {
-            eprintln!("harness[global-rank 0]: fault: SIGKILL self");
+            crate::diag!("harness[global-rank 0]: fault: SIGKILL self");
             // SAFETY: signalling our own pid.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
     rank.stop_heartbeats();
     rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
-    eprintln!("harness[global-rank 0]: drained: SHUTDOWN sent");
+    crate::diag!("harness[global-rank 0]: drained: SHUTDOWN sent");
     Ok(())
 }
 
@@ -256,7 +256,7 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
                 continue;
             }
             Action::Shutdown => {
-                eprintln!("harness[{}]: SHUTDOWN received; draining", rank.global());
+                crate::diag!("harness[{}]: SHUTDOWN received; draining", rank.global());
                 return Ok(());
             }
             Action::Result => {

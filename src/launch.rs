@@ -108,7 +108,7 @@ pub fn main(args: &LaunchArgs) -> i32 {
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("launch: {e}");
+            crate::diag!("launch: {e}");
             ExitCode::BadInput.code()
         }
     }
@@ -116,7 +116,7 @@ pub fn main(args: &LaunchArgs) -> i32 {
 
 fn run(args: &LaunchArgs) -> std::io::Result<i32> {
     if args.nprocs < 2 {
-        eprintln!("launch: -n must be at least 2 (rank 0 + a mesh)");
+        crate::diag!("launch: -n must be at least 2 (rank 0 + a mesh)");
         return Ok(ExitCode::BadInput.code());
     }
     let token = random_token();
@@ -132,7 +132,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    eprintln!(
+    crate::diag!(
         "launch: job {job}: {} ranks, MASTER_ADDR={}:{port}, dumps in {}",
         args.nprocs,
         args.master_addr,
@@ -167,7 +167,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("launch: cannot start {:?}: {e}", args.command[0]);
+                crate::diag!("launch: cannot start {:?}: {e}", args.command[0]);
                 if pgid != 0 {
                     // SAFETY: signalling our own job's process group.
                     unsafe { libc::killpg(pgid, libc::SIGKILL) };
@@ -182,7 +182,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         // Also from the parent side, so the group exists before we ever signal it.
         // SAFETY: plain syscall on our child.
         unsafe { libc::setpgid(pid, pgid) };
-        eprintln!("launch: global-rank {r} pid {pid}");
+        crate::diag!("launch: global-rank {r} pid {pid}");
         children.push((r, pid));
     }
 
@@ -210,7 +210,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
                         signal: None,
                     }
                 };
-                eprintln!("launch: global-rank {rank} {}", e.describe());
+                crate::diag!("launch: global-rank {rank} {}", e.describe());
                 if (e.code != 0 || e.signal.is_some()) && first_fail.is_none() {
                     first_fail = Some(Instant::now());
                 }
@@ -220,7 +220,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         }
         let sig = SIGNALED.swap(0, Ordering::SeqCst);
         if sig != 0 && term_sent.is_none() {
-            eprintln!("launch: {} received; terminating ranks", signal_name(sig));
+            crate::diag!("launch: {} received; terminating ranks", signal_name(sig));
             by_signal = true;
             // SAFETY: signalling our own job's process group.
             unsafe { libc::killpg(pgid, libc::SIGTERM) };
@@ -228,7 +228,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         }
         if let (Some(f), None) = (first_fail, term_sent) {
             if f.elapsed() >= Duration::from_millis(args.settle_ms) {
-                eprintln!("launch: a rank failed; SIGTERM to the remaining ranks");
+                crate::diag!("launch: a rank failed; SIGTERM to the remaining ranks");
                 // SAFETY: as above.
                 unsafe { libc::killpg(pgid, libc::SIGTERM) };
                 term_sent = Some(Instant::now());
@@ -236,7 +236,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         }
         if let Some(t) = term_sent {
             if !kill_sent && t.elapsed() >= Duration::from_millis(args.grace_ms) {
-                eprintln!("launch: grace period over; SIGKILL to the remaining ranks");
+                crate::diag!("launch: grace period over; SIGKILL to the remaining ranks");
                 // SAFETY: as above.
                 unsafe { libc::killpg(pgid, libc::SIGKILL) };
                 kill_sent = true;
@@ -249,7 +249,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         .filter(|e| e.code != 0 || e.signal.is_some())
         .collect();
     if by_signal {
-        eprintln!("launch: terminated by signal; every rank has exited");
+        crate::diag!("launch: terminated by signal; every rank has exited");
         return Ok(ExitCode::Signal.code());
     }
     let Some(primary) = failures
@@ -257,7 +257,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         .find(|e| !e.is_consequence())
         .or(failures.first())
     else {
-        eprintln!("launch: all {} ranks exited cleanly", children.len());
+        crate::diag!("launch: all {} ranks exited cleanly", children.len());
         return Ok(0);
     };
     let dump = dump_dir.join(format!("rank-{}.jsonl", primary.rank));
@@ -266,7 +266,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
     } else {
         "no dump file (killed before it could write one)".to_string()
     };
-    eprintln!(
+    crate::diag!(
         "launch: failed: global-rank {} {}; {dump_note}; analyze with: lockstep fr analyze {}",
         primary.rank,
         primary.describe(),

@@ -27,3 +27,12 @@ pub mod rank;
 pub mod wire;
 
 pub use error::{Error, Result};
+
+/// `eprintln!` for diagnoses: formats the whole line first and writes it with one `write`, so
+/// lines from ranks that share a pipe (the launcher's stderr) never interleave mid-line.
+#[macro_export]
+macro_rules! diag {
+    ($($arg:tt)*) => {
+        $crate::comm::watchdog::diag(&format!($($arg)*))
+    };
+}

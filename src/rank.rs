@@ -758,7 +758,7 @@ impl<D: DataPlane> Rank<D> {
                 let tk = pp.send(self.plane.upload(&t.data)?, peer, t.dtype, &t.shape)?;
                 pp.wait(tk, self.deadline())?;
             }
-            eprintln!(
+            crate::diag!(
                 "lockstep[{}]: fault: SIGKILL after the header and 1 of {} tensors",
                 self.me,
                 env.tensors().len()
@@ -1101,7 +1101,7 @@ impl<D: DataPlane> Rank<D> {
                 tensors,
             })),
             Verdict::DuplicateDropped => {
-                eprintln!(
+                crate::diag!(
                     "lockstep[{}]: dropped duplicate envelope call_id {} cache_epoch {} (payload drained)",
                     self.me, h.call_id, h.cache_epoch
                 );
@@ -1423,7 +1423,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 let Ok(mut s) = conn else { continue };
                 let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
                 if closed2.load(Ordering::SeqCst) {
-                    eprintln!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: rendezvous is closed");
+                    crate::diag!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: rendezvous is closed");
                     continue;
                 }
                 let tx = tx.clone();
@@ -1433,7 +1433,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                     let refuse = |why: String| {
                         refused.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: {why}");
+                        crate::diag!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: {why}");
                     };
                     let hello: Hello = match read_frame(&mut s, HELLO_MAX, &format!("rendezvous client {peer}")) {
                         Ok(Some((FrameKind::Hello, body))) => match from_json(&body, "hello") {
@@ -1469,7 +1469,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         match rx.recv_timeout(left) {
             Ok((h, s)) if h.lane => {
                 if h.rank != 1 || lane.is_some() {
-                    eprintln!(
+                    crate::diag!(
                         "lockstep[global-rank 0]: rendezvous: refused an envelope lane from rank {}",
                         h.rank
                     );
@@ -1479,7 +1479,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
             }
             Ok((h, s)) => {
                 if got.iter().any(|(g, _)| g.rank == h.rank) {
-                    eprintln!(
+                    crate::diag!(
                         "lockstep[global-rank 0]: rendezvous: refused a second registration for rank {}",
                         h.rank
                     );

@@ -118,13 +118,15 @@ fn accept_loop(listener: TcpListener, token_digest: u64, shared: Arc<Shared>) {
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let mut hello = [0u8; 24];
         if s.read_exact(&mut hello).is_err() {
-            eprintln!("lockstep: data plane: refused connection from {peer}: no hello within 2 s");
+            crate::diag!(
+                "lockstep: data plane: refused connection from {peer}: no hello within 2 s"
+            );
             continue;
         }
         let magic = u32::from_le_bytes([hello[0], hello[1], hello[2], hello[3]]);
         let token = u64::from_le_bytes(hello[8..16].try_into().unwrap_or([0; 8]));
         if magic != HELLO_MAGIC || token != token_digest {
-            eprintln!(
+            crate::diag!(
                 "lockstep: data plane: refused connection from {peer}: bad magic or job token"
             );
             continue;
@@ -304,7 +306,7 @@ impl Worker {
         let got = Desc::decode(&d);
         if got != Some(want) {
             let seen = got.map_or("garbage".to_string(), |g| g.describe());
-            eprintln!(
+            crate::diag!(
                 "lockstep: host data plane: group `{}`: global-rank {} sent [{seen}] while this rank waits for [{}]; NCCL would hang here, and so does the host plane (watchdog/guards end it)",
                 self.group,
                 link.global,

@@ -103,7 +103,7 @@ pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedN
         .name("lockstep-hard-exit".into())
         .spawn(move || {
             std::thread::sleep(HARD_EXIT);
-            eprintln!("lockstep: abort path took longer than {HARD_EXIT:?}; hard exit");
+            crate::diag!("lockstep: abort path took longer than {HARD_EXIT:?}; hard exit");
             // SAFETY: _exit ends the process immediately; it is async-signal-safe and takes no locks.
             unsafe { libc::_exit(code.code()) }
         });
@@ -115,11 +115,13 @@ pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedN
     ));
     if let Some(ctx) = CTX.get() {
         match ctx.recorder.dump(&err.to_string(), Some(code)) {
-            Ok(p) => eprintln!(
+            Ok(p) => crate::diag!(
                 "lockstep[global-rank {rank}]: flight recorder dumped to {}",
                 p.display()
             ),
-            Err(e) => eprintln!("lockstep[global-rank {rank}]: flight recorder dump failed: {e}"),
+            Err(e) => {
+                crate::diag!("lockstep[global-rank {rank}]: flight recorder dump failed: {e}")
+            }
         }
         if notify_peers {
             let notice = relay.cloned().unwrap_or(FailedNotice {
@@ -210,11 +212,11 @@ pub fn install_signal_thread(recorder: Arc<Recorder>) -> std::io::Result<()> {
             }
             if sig == libc::SIGUSR1 {
                 match recorder.dump("dump requested (SIGUSR1)", None) {
-                    Ok(p) => eprintln!(
+                    Ok(p) => crate::diag!(
                         "lockstep: flight recorder dumped to {} (on request)",
                         p.display()
                     ),
-                    Err(e) => eprintln!("lockstep: dump on request failed: {e}"),
+                    Err(e) => crate::diag!("lockstep: dump on request failed: {e}"),
                 }
                 continue;
             }

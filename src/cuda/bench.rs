@@ -65,7 +65,7 @@ pub fn main(rest: &[String]) -> i32 {
     match run(rest) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("bench kernels: {e}");
+            crate::diag!("bench kernels: {e}");
             e.exit_code().code()
         }
     }

@@ -703,7 +703,7 @@ fn check_cmd(file: &Path, preset: &str) -> Result<()> {
     let f = WeightFile::open(file)?;
     let issues = f.check(&cfg);
     for i in &issues {
-        eprintln!("  - {i}");
+        crate::diag!("  - {i}");
     }
     if !issues.is_empty() {
         return Err(Error::BadInput(format!(
@@ -748,7 +748,7 @@ pub fn main(args: &WeightsArgs) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             let code = e.exit_code();
-            eprintln!(
+            crate::diag!(
                 "lockstep weights: exit {} ({}): {e}",
                 code.code(),
                 code.name()

@@ -114,7 +114,7 @@ pub fn main(rest: &[String]) -> i32 {
     match r {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("bench transport: {e}");
+            crate::diag!("bench transport: {e}");
             e.exit_code().code()
         }
     }

@@ -83,7 +83,7 @@ impl Tripwire {
         match spawned {
             Ok(_) => Tripwire { _disarm: Some(tx) },
             Err(e) => {
-                eprintln!("lockstep: could not start the NCCL tripwire thread ({e}); the call is unbounded");
+                crate::diag!("lockstep: could not start the NCCL tripwire thread ({e}); the call is unbounded");
                 Tripwire { _disarm: None }
             }
         }
@@ -1117,7 +1117,7 @@ impl Drop for Communicator {
             return;
         }
         if let Err(e) = self.shared.close(Instant::now() + DROP_CLOSE_TIMEOUT) {
-            eprintln!("lockstep: closing {} on drop: {e}", self.shared.label);
+            crate::diag!("lockstep: closing {} on drop: {e}", self.shared.label);
         }
     }
 }

@@ -284,7 +284,7 @@ impl Gpu {
     /// `Completion::kind` for what you got.
     pub fn completion(&self, kind: CompletionKind) -> Result<Completion> {
         if kind == CompletionKind::HostFlag && !stream_write_available() {
-            eprintln!(
+            crate::diag!(
                 "lockstep: driver lacks cuStreamWriteValue32_v2; using event completion instead"
             );
             return Completion::new(self, CompletionKind::Event);
