@@ -35,12 +35,13 @@ struct AttnParams {
     uint32_t lq;
     uint32_t lk;
     uint32_t heads;
-    uint32_t _pad0;
+    uint32_t tile_base;  // v3 only: first (query block, head) work tile of this launch
+
     uint64_t q_row_stride;
     uint64_t kv_row_stride;
     uint64_t o_row_stride;
     float scale_log2;  // softmax scale * log2(e)
-    uint32_t _pad1;
+    uint32_t tile_end;  // v3 only: one past the last work tile of this launch (v1/v2 ignore both)
 };
 static_assert(sizeof(AttnParams) == 88, "AttnParams mirror in src/cuda/attention.rs");
 

@@ -36,17 +36,19 @@ pub struct AttnParams {
     pub lq: u32,
     pub lk: u32,
     pub heads: u32,
-    pub _pad0: u32,
+    /// v3 only: first (query block, head) work tile of this launch.
+    pub tile_base: u32,
     pub q_row_stride: u64,
     pub kv_row_stride: u64,
     pub o_row_stride: u64,
     pub scale_log2: f32,
-    pub _pad1: u32,
+    /// v3 only: one past the last work tile of this launch (v1/v2 ignore both).
+    pub tile_end: u32,
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 9] = [
+pub const ALL_VARIANTS: [AttentionVariant; 10] = [
     AttentionVariant::V1Fa2,
     AttentionVariant::V2Wgmma,
     AttentionVariant::V2bWgmmaOverlap,
@@ -56,6 +58,7 @@ pub const ALL_VARIANTS: [AttentionVariant; 9] = [
     AttentionVariant::V3TmaPingPongPersistent,
     AttentionVariant::V3TmaWide,
     AttentionVariant::V3TmaPingPongWide,
+    AttentionVariant::V3TmaSplitTail,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
@@ -86,6 +89,10 @@ pub enum AttentionVariant {
     V3TmaWide,
     /// v3p with 176-key tiles.
     V3TmaPingPongWide,
+    /// v3 for the full waves, then the work tiles of the last partial wave split along the keys
+    /// over clusters of 2 or 4 CTAs (combined through distributed shared memory), so the tail
+    /// wave takes a half or a quarter of a block's time (`split_tail_plan`).
+    V3TmaSplitTail,
 }
 
 impl AttentionVariant {
@@ -101,6 +108,7 @@ impl AttentionVariant {
             AttentionVariant::V3TmaPingPongPersistent => "v3ps-tma-ws-pingpong-persistent",
             AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
             AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
+            AttentionVariant::V3TmaSplitTail => "v3t-tma-ws-split-tail",
         }
     }
 
@@ -117,8 +125,9 @@ impl AttentionVariant {
             }
             "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
             "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
+            "v3t" | "v3t-tma-ws-split-tail" => Ok(AttentionVariant::V3TmaSplitTail),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail)"
             ))),
         }
     }
@@ -139,6 +148,30 @@ const V3W_SMEM_BYTES: u32 = 209 * 1024;
 const V3_BOX_ROWS: u32 = 128;
 const V3W_BOX_ROWS: u32 = 176;
 const V3_BOX_DIMS: u32 = 64;
+/// Most CTAs v3t splits one tail tile over (cluster size; the kernels exist for 2 and 4).
+const V3T_MAX_SPLIT: usize = 4;
+
+/// How v3t runs `tiles` work tiles of `key_tiles` 128-key tiles each on `sms` multiprocessors
+/// (one block each): `(full, tail, split)` = the first `full` tiles one block per tile (whole
+/// waves), the last `tail` tiles split over `split` CTAs each (2 or 4; 1 = no tail launch).
+/// The tail must fit one wave (`tail * split <= sms`) and every piece must get a key tile.
+pub fn split_tail_plan(tiles: usize, sms: usize, key_tiles: usize) -> (usize, usize, usize) {
+    let sms = sms.max(1);
+    let tail = tiles % sms;
+    if tail == 0 {
+        return (tiles, 0, 1);
+    }
+    let split = match (sms / tail).min(key_tiles).min(V3T_MAX_SPLIT) {
+        s if s >= 4 => 4,
+        s if s >= 2 => 2,
+        _ => 1,
+    };
+    if split == 1 {
+        (tiles, 0, 1)
+    } else {
+        (tiles - tail, tail, split)
+    }
+}
 
 /// Mirror of `AttnV3Params` in kernels/attention_v3.cuh: three tensor maps, then the v1 params.
 #[repr(C, align(128))]
@@ -272,9 +305,9 @@ pub fn attention_fwd(
         AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
         AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
         AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
-        AttentionVariant::V3Tma | AttentionVariant::V3TmaPersistent => {
-            ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES)
-        }
+        AttentionVariant::V3Tma
+        | AttentionVariant::V3TmaPersistent
+        | AttentionVariant::V3TmaSplitTail => ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES),
         AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
             ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
         }
@@ -314,12 +347,12 @@ pub fn attention_fwd(
         lq: shape.lq as u32,
         lk: shape.lk as u32,
         heads: shape.heads as u32,
-        _pad0: 0,
+        tile_base: 0,
         q_row_stride: row as u64,
         kv_row_stride: row as u64,
         o_row_stride: row as u64,
         scale_log2: scale * std::f32::consts::LOG2_E,
-        _pad1: 0,
+        tile_end: 0,
     };
     let cfg = LaunchCfg {
         grid: (
@@ -344,7 +377,8 @@ pub fn attention_fwd(
         | AttentionVariant::V3TmaPersistent
         | AttentionVariant::V3TmaPingPongPersistent
         | AttentionVariant::V3TmaWide
-        | AttentionVariant::V3TmaPingPongWide => {
+        | AttentionVariant::V3TmaPingPongWide
+        | AttentionVariant::V3TmaSplitTail => {
             // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
             let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
             if tiles > i32::MAX as usize {
@@ -352,29 +386,61 @@ pub fn attention_fwd(
                     "attention: shape {shape:?} has {tiles} work tiles, more than v3 indexes"
                 )));
             }
-            let blocks = if persistent {
-                let sms = gpu
+            let sms = || -> Result<usize> {
+                let n = gpu
                     .context()
                     .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                     .map_err(|e| cuda_err("cuDeviceGetAttribute(multiprocessor count)", e))?;
-                tiles.min(sms.max(1) as usize)
+                Ok(n.max(1) as usize)
+            };
+            let (full, tail, split) = if variant == AttentionVariant::V3TmaSplitTail {
+                split_tail_plan(tiles, sms()?, shape.lk.div_ceil(V3_BOX_ROWS as usize))
             } else {
-                tiles
+                (tiles, 0, 1)
             };
+            let blocks = if persistent { full.min(sms()?) } else { full };
             let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
-            let cfg = LaunchCfg {
-                grid: (blocks as u32, 1, 1),
-                ..cfg
-            };
-            let p3 = AttnV3Params {
+            let mut p3 = AttnV3Params {
                 tq: encode_tmap("q", qp, shape.lq, shape.heads, row, V3_BOX_ROWS)?,
                 tk: encode_tmap("k", kp, shape.lk, shape.heads, row, kv_box)?,
                 tv: encode_tmap("v", vp, shape.lk, shape.heads, row, kv_box)?,
-                p: params,
+                p: AttnParams {
+                    tile_base: 0,
+                    tile_end: full as u32,
+                    ..params
+                },
             };
-            // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both sides);
-            // the tensor maps cover exactly the checked q/k/v buffers; guards live past enqueue.
-            unsafe { gpu.launch(&kern, cfg, stream, &p3) }
+            if full > 0 {
+                let cfg = LaunchCfg {
+                    grid: (blocks as u32, 1, 1),
+                    ..cfg
+                };
+                // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both
+                // sides); the tensor maps cover exactly the checked q/k/v buffers; tiles
+                // [0, full) exist; guards live past enqueue.
+                unsafe { gpu.launch(&kern, cfg, stream, &p3)? };
+            }
+            if tail > 0 {
+                let tail_func = if split == 4 {
+                    "attention_fwd_v3t4_bf16"
+                } else {
+                    "attention_fwd_v3t2_bf16"
+                };
+                let tk = gpu.kernel("attention", tail_func)?;
+                gpu.set_max_dynamic_smem(&tk, V3_SMEM_BYTES)?;
+                p3.p.tile_base = full as u32;
+                p3.p.tile_end = tiles as u32;
+                // The kernel's __cluster_dims__(split) groups consecutive blocks: the grid is a
+                // multiple of it by construction.
+                let cfg = LaunchCfg {
+                    grid: ((tail * split) as u32, 1, 1),
+                    ..cfg
+                };
+                // SAFETY: as above; tiles [full, tiles) exist and every piece of a tail tile has
+                // at least one key tile (split <= key tiles, split_tail_plan).
+                unsafe { gpu.launch(&tk, cfg, stream, &p3)? };
+            }
+            Ok(())
         }
         // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment
         // were checked above against the shape the kernel indexes; the guards live until after
@@ -423,5 +489,29 @@ mod tests {
         assert!(AttnShape { lk: 0, ..ok }.check().is_err());
         assert!(AttnShape { head_dim: 64, ..ok }.check().is_err());
         assert_eq!(ok.flops(), 512.0);
+    }
+
+    #[test]
+    fn v3t_split_tail_plan_fills_the_last_wave_without_empty_pieces() {
+        // H200 (132 SMs), Lq 4680: H = 40 -> 1480 tiles, 11 full waves + 28 tiles split 4 ways.
+        assert_eq!(split_tail_plan(1480, 132, 37), (1452, 28, 4));
+        // H = 12 -> 444 tiles: 48 left, 132 / 48 = 2 pieces each.
+        assert_eq!(split_tail_plan(444, 132, 37), (396, 48, 2));
+        // Whole waves: nothing to split.
+        assert_eq!(split_tail_plan(264, 132, 37), (264, 0, 1));
+        // One key tile cannot be split; a tail larger than half a wave is not split.
+        assert_eq!(split_tail_plan(10, 132, 1), (10, 0, 1));
+        assert_eq!(split_tail_plan(100, 132, 37), (100, 0, 1));
+        // Small problems: the whole grid is the tail; never more pieces than key tiles.
+        assert_eq!(split_tail_plan(3, 132, 2), (0, 3, 2));
+        assert_eq!(split_tail_plan(3, 132, 3), (0, 3, 2));
+        for tiles in 1..600 {
+            for kt in 1..9 {
+                let (full, tail, split) = split_tail_plan(tiles, 132, kt);
+                assert_eq!(full + tail, tiles);
+                assert!(split == 1 || (tail * split <= 132 && split <= kt));
+                assert!(full % 132 == 0 || tail == 0);
+            }
+        }
     }
 }
