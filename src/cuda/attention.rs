@@ -48,7 +48,7 @@ pub struct AttnParams {
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 10] = [
+pub const ALL_VARIANTS: [AttentionVariant; 11] = [
     AttentionVariant::V1Fa2,
     AttentionVariant::V2Wgmma,
     AttentionVariant::V2bWgmmaOverlap,
@@ -59,6 +59,7 @@ pub const ALL_VARIANTS: [AttentionVariant; 10] = [
     AttentionVariant::V3TmaWide,
     AttentionVariant::V3TmaPingPongWide,
     AttentionVariant::V3TmaSplitTail,
+    AttentionVariant::V3TmaSplitTail2,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
@@ -93,6 +94,8 @@ pub enum AttentionVariant {
     /// over clusters of 2 or 4 CTAs (combined through distributed shared memory), so the tail
     /// wave takes a half or a quarter of a block's time (`split_tail_plan`).
     V3TmaSplitTail,
+    /// v3t with clusters of at most 2 CTAs (a measured alternative: fewer, longer tail pieces).
+    V3TmaSplitTail2,
 }
 
 impl AttentionVariant {
@@ -109,6 +112,7 @@ impl AttentionVariant {
             AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
             AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
             AttentionVariant::V3TmaSplitTail => "v3t-tma-ws-split-tail",
+            AttentionVariant::V3TmaSplitTail2 => "v3t2-tma-ws-split-tail-max2",
         }
     }
 
@@ -126,8 +130,9 @@ impl AttentionVariant {
             "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
             "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
             "v3t" | "v3t-tma-ws-split-tail" => Ok(AttentionVariant::V3TmaSplitTail),
+            "v3t2" | "v3t2-tma-ws-split-tail-max2" => Ok(AttentionVariant::V3TmaSplitTail2),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail, v3t2-tma-ws-split-tail-max2)"
             ))),
         }
     }
@@ -149,19 +154,25 @@ const V3_BOX_ROWS: u32 = 128;
 const V3W_BOX_ROWS: u32 = 176;
 const V3_BOX_DIMS: u32 = 64;
 /// Most CTAs v3t splits one tail tile over (cluster size; the kernels exist for 2 and 4).
-const V3T_MAX_SPLIT: usize = 4;
+pub const V3T_MAX_SPLIT: usize = 4;
 
 /// How v3t runs `tiles` work tiles of `key_tiles` 128-key tiles each on `sms` multiprocessors
 /// (one block each): `(full, tail, split)` = the first `full` tiles one block per tile (whole
 /// waves), the last `tail` tiles split over `split` CTAs each (2 or 4; 1 = no tail launch).
-/// The tail must fit one wave (`tail * split <= sms`) and every piece must get a key tile.
-pub fn split_tail_plan(tiles: usize, sms: usize, key_tiles: usize) -> (usize, usize, usize) {
+/// The tail must fit one wave (`tail * split <= sms`) and every piece must get a key tile;
+/// `max_split` caps the cluster size (4 for v3t, 2 for v3t2).
+pub fn split_tail_plan(
+    tiles: usize,
+    sms: usize,
+    key_tiles: usize,
+    max_split: usize,
+) -> (usize, usize, usize) {
     let sms = sms.max(1);
     let tail = tiles % sms;
     if tail == 0 {
         return (tiles, 0, 1);
     }
-    let split = match (sms / tail).min(key_tiles).min(V3T_MAX_SPLIT) {
+    let split = match (sms / tail).min(key_tiles).min(max_split) {
         s if s >= 4 => 4,
         s if s >= 2 => 2,
         _ => 1,
@@ -307,7 +318,8 @@ pub fn attention_fwd(
         AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
         AttentionVariant::V3Tma
         | AttentionVariant::V3TmaPersistent
-        | AttentionVariant::V3TmaSplitTail => ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES),
+        | AttentionVariant::V3TmaSplitTail
+        | AttentionVariant::V3TmaSplitTail2 => ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES),
         AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
             ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
         }
@@ -378,7 +390,8 @@ pub fn attention_fwd(
         | AttentionVariant::V3TmaPingPongPersistent
         | AttentionVariant::V3TmaWide
         | AttentionVariant::V3TmaPingPongWide
-        | AttentionVariant::V3TmaSplitTail => {
+        | AttentionVariant::V3TmaSplitTail
+        | AttentionVariant::V3TmaSplitTail2 => {
             // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
             let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
             if tiles > i32::MAX as usize {
@@ -393,10 +406,13 @@ pub fn attention_fwd(
                     .map_err(|e| cuda_err("cuDeviceGetAttribute(multiprocessor count)", e))?;
                 Ok(n.max(1) as usize)
             };
-            let (full, tail, split) = if variant == AttentionVariant::V3TmaSplitTail {
-                split_tail_plan(tiles, sms()?, shape.lk.div_ceil(V3_BOX_ROWS as usize))
-            } else {
-                (tiles, 0, 1)
+            let key_tiles = shape.lk.div_ceil(V3_BOX_ROWS as usize);
+            let (full, tail, split) = match variant {
+                AttentionVariant::V3TmaSplitTail => {
+                    split_tail_plan(tiles, sms()?, key_tiles, V3T_MAX_SPLIT)
+                }
+                AttentionVariant::V3TmaSplitTail2 => split_tail_plan(tiles, sms()?, key_tiles, 2),
+                _ => (tiles, 0, 1),
             };
             let blocks = if persistent { full.min(sms()?) } else { full };
             let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
@@ -494,23 +510,27 @@ mod tests {
     #[test]
     fn v3t_split_tail_plan_fills_the_last_wave_without_empty_pieces() {
         // H200 (132 SMs), Lq 4680: H = 40 -> 1480 tiles, 11 full waves + 28 tiles split 4 ways.
-        assert_eq!(split_tail_plan(1480, 132, 37), (1452, 28, 4));
+        assert_eq!(split_tail_plan(1480, 132, 37, 4), (1452, 28, 4));
         // H = 12 -> 444 tiles: 48 left, 132 / 48 = 2 pieces each.
-        assert_eq!(split_tail_plan(444, 132, 37), (396, 48, 2));
+        assert_eq!(split_tail_plan(444, 132, 37, 4), (396, 48, 2));
         // Whole waves: nothing to split.
-        assert_eq!(split_tail_plan(264, 132, 37), (264, 0, 1));
+        assert_eq!(split_tail_plan(264, 132, 37, 4), (264, 0, 1));
         // One key tile cannot be split; a tail larger than half a wave is not split.
-        assert_eq!(split_tail_plan(10, 132, 1), (10, 0, 1));
-        assert_eq!(split_tail_plan(100, 132, 37), (100, 0, 1));
+        assert_eq!(split_tail_plan(10, 132, 1, 4), (10, 0, 1));
+        assert_eq!(split_tail_plan(100, 132, 37, 4), (100, 0, 1));
         // Small problems: the whole grid is the tail; never more pieces than key tiles.
-        assert_eq!(split_tail_plan(3, 132, 2), (0, 3, 2));
-        assert_eq!(split_tail_plan(3, 132, 3), (0, 3, 2));
-        for tiles in 1..600 {
-            for kt in 1..9 {
-                let (full, tail, split) = split_tail_plan(tiles, 132, kt);
-                assert_eq!(full + tail, tiles);
-                assert!(split == 1 || (tail * split <= 132 && split <= kt));
-                assert!(full % 132 == 0 || tail == 0);
+        assert_eq!(split_tail_plan(3, 132, 2, 4), (0, 3, 2));
+        assert_eq!(split_tail_plan(3, 132, 3, 4), (0, 3, 2));
+        // v3t2 caps the cluster at 2.
+        assert_eq!(split_tail_plan(1480, 132, 37, 2), (1452, 28, 2));
+        for max in [2, 4] {
+            for tiles in 1..600 {
+                for kt in 1..9 {
+                    let (full, tail, split) = split_tail_plan(tiles, 132, kt, max);
+                    assert_eq!(full + tail, tiles);
+                    assert!(split == 1 || (tail * split <= 132 && split <= kt && split <= max));
+                    assert!(full % 132 == 0 || tail == 0);
+                }
             }
         }
     }
