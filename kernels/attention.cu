@@ -5,7 +5,7 @@
 // block per SM (BENCHMARKS.md), kept as the base for the TMA/warp-specialized step.
 // Version 3 (attention_v3.cuh, included at the end): TMA producer warpgroup, mbarrier K/V rings,
 // setmaxnreg, two wgmma consumer warpgroups with intra-warpgroup overlap (+ ping-pong, 176-key
-// and persistent variants).
+// and persistent variants; v3t: the last partial wave split along the keys over a cluster).
 // All share AttnParams and the contract below; the host picks one (AttentionVariant).
 //
 // Contract (mirrored by src/cuda/attention.rs, which checks it before every launch):

@@ -14,6 +14,9 @@
 //! - v3 (`V3Tma*`) loads through TMA: three `CUtensorMap`s are encoded on the host per launch
 //!   (`cuTensorMapEncodeTiled`, a CPU-only driver call) over the same `[L, H, 128]` memory as
 //!   3-D tensors `{128, L, H}`; rows past `L` are zero-filled by the copy engine.
+//! - v3t / v3t2 (`V3TmaSplitTail*`) enqueue two launches on the stream: v3 over the whole waves,
+//!   then the last partial wave's tiles split along the keys over 2- or 4-CTA clusters
+//!   (`split_tail_plan`); the second reads nothing the first writes, so stream order suffices.
 //!
 //! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES`/`V3_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
 //! in the kernel); every variant uses 128-row query blocks (`V1_BM`; v3 numbers its (query block,
