@@ -5,7 +5,7 @@
 // block per SM (BENCHMARKS.md), kept as the base for the TMA/warp-specialized step.
 // Version 3 (attention_v3.cuh, included at the end): TMA producer warpgroup, mbarrier K/V rings,
 // setmaxnreg, two wgmma consumer warpgroups with intra-warpgroup overlap (+ ping-pong, 176-key
-// and persistent variants).
+// and persistent variants; v3t: the last partial wave split along the keys over a cluster).
 // All share AttnParams and the contract below; the host picks one (AttentionVariant).
 //
 // Contract (mirrored by src/cuda/attention.rs, which checks it before every launch):
@@ -35,12 +35,13 @@ struct AttnParams {
     uint32_t lq;
     uint32_t lk;
     uint32_t heads;
-    uint32_t _pad0;
+    uint32_t tile_base;  // v3 only: first (query block, head) work tile of this launch
+
     uint64_t q_row_stride;
     uint64_t kv_row_stride;
     uint64_t o_row_stride;
     float scale_log2;  // softmax scale * log2(e)
-    uint32_t _pad1;
+    uint32_t tile_end;  // v3 only: one past the last work tile of this launch (v1/v2 ignore both)
 };
 static_assert(sizeof(AttnParams) == 88, "AttnParams mirror in src/cuda/attention.rs");
 

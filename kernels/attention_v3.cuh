@@ -41,6 +41,12 @@ constexpr int PRODUCER_REGS = 24;  // one thread issues TMA; 24 is the floor FA3
 constexpr int CONSUMER_REGS = 240;  // 24 * 128 + 240 * 256 = 64512 <= 65536 registers per SM;
                                     // o 64 + S 64 + P 32 + softmax state fit without spills
 constexpr int BAR_PP_BASE = 1;  // named barriers 1 and 2: "consumer c may issue its GEMMs"
+constexpr int BAR_SPLIT = 3;    // named barrier 3: both consumers done with every stage (v3t)
+// v3t: a split piece's unnormalized O (fp32) goes to shared memory over the K/V stages, rows
+// padded to 136 floats (544 B: float2 stores of 8 rows spread over banks, float4 reads aligned),
+// then the per-row (max * scale_log2, sum) pairs.
+constexpr int SPLIT_ROW = 136;
+constexpr int SPLIT_O_BYTES = BM * SPLIT_ROW * 4;  // 68 KB, inside the 128 KB of K/V stages
 constexpr int Q_HALF = BM * 128;      // 16 KB: one TMA box {64 dims, 1 head, 128 rows}
 constexpr int SMEM_Q = 2 * Q_HALF;    // 32 KB
 template <int BN>
@@ -70,12 +76,19 @@ struct AttnV3Params {
 static_assert(sizeof(AttnV3Params) == 512, "AttnV3Params mirror in src/cuda/attention.rs");
 static_assert(offsetof(AttnV3Params, p) == 384, "AttnV3Params mirror in src/cuda/attention.rs");
 
-// Work tiles are (query block, head) pairs numbered query block fastest; block b runs tiles b,
-// b + gridDim.x, ... (one tile per block when the host launches one block per tile; a
-// persistent launch uses one block per SM, and the producer then loads the next tile's Q and
-// first K/V while the consumers finish the current one). K/V stages and their phases run on
-// across tiles (global K/V tile counter), Q's full/empty phases flip once per work tile.
-template <bool PINGPONG, int BN>
+// Work tiles are (query block, head) pairs numbered query block fastest; this launch runs tiles
+// [tile_base, tile_end). With SPLIT = 1 block b runs tiles tile_base + b, + gridDim.x, ... (one
+// tile per block when the host launches one block per tile; a persistent launch uses one block
+// per SM, and the producer then loads the next tile's Q and first K/V while the consumers
+// finish the current one). K/V stages and their phases run on across tiles (global K/V tile
+// counter), Q's full/empty phases flip once per work tile.
+// SPLIT > 1 (v3t's tail launch, __cluster_dims__(SPLIT)): the SPLIT CTAs of a cluster share one
+// work tile; CTA rank r takes key tiles [r*n/SPLIT, (r+1)*n/SPLIT) (the host guarantees n >=
+// SPLIT, so no piece is empty), leaves its unnormalized O and (max, sum) in its shared memory,
+// and after a cluster barrier each CTA combines 128/SPLIT rows of all pieces through
+// distributed shared memory and stores them; a second cluster barrier keeps every CTA's shared
+// memory alive until all reads are done.
+template <bool PINGPONG, int BN, int SPLIT>
 LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     using namespace attn_v3;
     constexpr int KV_HALF = Tile<BN>::KV_HALF, SMEM_KV = Tile<BN>::SMEM_KV;
@@ -87,9 +100,15 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     const AttnParams& p = P.p;
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int lq = (int)p.lq, lk = (int)p.lk;
-    const int ntiles = (lk + BN - 1) / BN;
+    static_assert(SPLIT == 1 || SPLIT == 2 || SPLIT == 4, "combine splits 128 rows evenly");
+    const int piece = SPLIT > 1 ? (int)ls_cluster_ctarank() : 0;
+    const int ntiles_all = (lk + BN - 1) / BN;
+    const int j0 = piece * ntiles_all / SPLIT;  // first key tile of this piece
+    const int ntiles = (piece + 1) * ntiles_all / SPLIT - j0;
     const int nqb = (lq + BM - 1) / BM;
-    const int total = nqb * (int)p.heads;
+    const int total = (int)p.tile_end;
+    const int first_tile = (int)p.tile_base + (int)blockIdx.x / SPLIT;
+    const int tile_stride = (int)gridDim.x / SPLIT;
 
     const uint32_t base = (ls_smem_addr(smem_v3) + 1023u) & ~1023u;
     const uint32_t sQ = base;
@@ -125,7 +144,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         if (warp == 0 && lane == 0) {
             int it = 0;  // K/V tiles loaded so far by this block (all work tiles)
             int tc = 0;  // work tiles started by this block
-            for (int tile = blockIdx.x; tile < total; tile += gridDim.x, ++tc) {
+            for (int tile = first_tile; tile < total; tile += tile_stride, ++tc) {
                 const int h = tile / nqb, m0 = (tile % nqb) * BM;
                 // The consumers release Q once the last S GEMM of the previous work tile is done.
                 if (tc > 0) ls_mbar_wait(emptyQ, (uint32_t)(tc - 1) & 1u);
@@ -138,14 +157,20 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
                     // Stage s was last used by K/V tile it - STAGES; wait for its release.
                     if (it >= STAGES) ls_mbar_wait(emptyK(s), ph ^ 1u);
                     ls_mbar_arrive_expect_tx(fullK(s), SMEM_KV);
-                    ls_tma_load_3d(sK + s * SMEM_KV, &P.tk, fullK(s), 0, h, j * BN);
-                    ls_tma_load_3d(sK + s * SMEM_KV + KV_HALF, &P.tk, fullK(s), 64, h, j * BN);
+                    const int key0 = (j0 + j) * BN;
+                    ls_tma_load_3d(sK + s * SMEM_KV, &P.tk, fullK(s), 0, h, key0);
+                    ls_tma_load_3d(sK + s * SMEM_KV + KV_HALF, &P.tk, fullK(s), 64, h, key0);
                     if (it >= STAGES) ls_mbar_wait(emptyV(s), ph ^ 1u);
                     ls_mbar_arrive_expect_tx(fullV(s), SMEM_KV);
-                    ls_tma_load_3d(sV + s * SMEM_KV, &P.tv, fullV(s), 0, h, j * BN);
-                    ls_tma_load_3d(sV + s * SMEM_KV + KV_HALF, &P.tv, fullV(s), 64, h, j * BN);
+                    ls_tma_load_3d(sV + s * SMEM_KV, &P.tv, fullV(s), 0, h, key0);
+                    ls_tma_load_3d(sV + s * SMEM_KV + KV_HALF, &P.tv, fullV(s), 64, h, key0);
                 }
             }
+        }
+        if constexpr (SPLIT > 1) {
+            // The producer takes part in both cluster barriers of the combine (see below).
+            ls_cluster_sync();
+            ls_cluster_sync();
         }
         return;
     }
@@ -246,9 +271,9 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
 
     int it = 0;  // K/V tiles consumed so far by this block (all work tiles)
     int tc = 0;
-    for (int tile = blockIdx.x; tile < total; tile += gridDim.x, ++tc, it += ntiles) {
+    for (int tile = first_tile; tile < total; tile += tile_stride, ++tc, it += ntiles) {
     const int h = tile / nqb, m0 = (tile % nqb) * BM;
-    last_work = tile + (int)gridDim.x >= total;
+    last_work = tile + tile_stride >= total;
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.f;
     mrow[0] = mrow[1] = -INFINITY;
@@ -268,7 +293,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         release(emptyK(st));
         if (ntiles == 1) release(emptyQ);
         float corr[2];
-        softmax(s, 0, corr);  // o is all zero: no rescale
+        softmax(s, j0, corr);  // o is all zero: no rescale
         pack_p(s);
     }
     for (int j = 1; j < ntiles; ++j) {
@@ -291,7 +316,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         release(emptyK(st));
         if (j == ntiles - 1) release(emptyQ);  // last S GEMM of this work tile is done
         float corr[2];
-        const bool grew = softmax(s, j, corr);
+        const bool grew = softmax(s, j0 + j, corr);
         ls_wgmma_wait<0>();  // P_{j-1} V_{j-1} done: O holds tiles < j, pa is free
         ls_fence_regs(o);
 #pragma unroll
@@ -325,6 +350,80 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
         release(emptyV(sp));
     }
 
+    if constexpr (SPLIT > 1) {
+        // ---- split piece: partial O to shared memory, then combine across the cluster.
+        // Both consumers have finished every GEMM (so every TMA write to the stages completed
+        // and was read) before either overwrites the stages with generic stores.
+        ls_named_sync(BAR_SPLIT, 256);
+        ls_fence_proxy_async_smem();
+        const uint32_t sO = sK;                  // [BM][SPLIT_ROW] fp32
+        const uint32_t sML = sK + SPLIT_O_BYTES;  // [BM] max * sl, then [BM] sum
+        float* gO = reinterpret_cast<float*>(smem_v3 + (sO - ls_smem_addr(smem_v3)));
+        float* gML = reinterpret_cast<float*>(smem_v3 + (sML - ls_smem_addr(smem_v3)));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = lrow[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int rl = cw * 64 + warp * 16 + (lane >> 2) + 8 * r;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                *reinterpret_cast<float2*>(gO + rl * SPLIT_ROW + i * 8 + 2 * (lane & 3)) =
+                    make_float2(o[4 * i + 2 * r], o[4 * i + 2 * r + 1]);
+            }
+            if ((lane & 3) == 0) {
+                gML[rl] = mrow[r] * sl;
+                gML[BM + rl] = l;
+            }
+        }
+        ls_cluster_sync();  // every piece's partials are written and visible cluster-wide
+        constexpr int RPC = BM / SPLIT;   // rows this CTA combines
+        constexpr int TPR = 256 / RPC;    // threads per row (2 * SPLIT)
+        constexpr int DPT = D / TPR;      // dims per thread (64 / SPLIT)
+        const int t = tid - 128;
+        const int rl = piece * RPC + t / TPR, d0 = (t % TPR) * DPT;
+        float mq[SPLIT], wq[SPLIT];
+        float mmax = -INFINITY;
+#pragma unroll
+        for (int q = 0; q < SPLIT; ++q) {
+            mq[q] = ls_ld_cluster_f32(ls_mapa(sML + 4u * rl, q));
+            mmax = fmaxf(mmax, mq[q]);
+        }
+        float lsum = 0.f;
+#pragma unroll
+        for (int q = 0; q < SPLIT; ++q) {
+            wq[q] = exp2f(mq[q] - mmax);  // every piece saw >= 1 real key: mq finite
+            lsum += wq[q] * ls_ld_cluster_f32(ls_mapa(sML + 4u * (BM + rl), q));
+        }
+        const float inv = 1.f / lsum;
+        const int row = m0 + rl;
+        if (row < lq) {
+            __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D + d0;
+#pragma unroll
+            for (int c = 0; c < DPT / 8; ++c) {
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+                for (int q = 0; q < SPLIT; ++q) {
+                    const uint32_t a = ls_mapa(sO + 4u * (rl * SPLIT_ROW + d0 + 8 * c), q);
+                    const float4 x = ls_ld_cluster_f32x4(a), y = ls_ld_cluster_f32x4(a + 16u);
+                    acc[0] += wq[q] * x.x; acc[1] += wq[q] * x.y; acc[2] += wq[q] * x.z; acc[3] += wq[q] * x.w;
+                    acc[4] += wq[q] * y.x; acc[5] += wq[q] * y.y; acc[6] += wq[q] * y.z; acc[7] += wq[q] * y.w;
+                }
+                uint4 pk;
+                pk.x = ls_pack_bf16x2(acc[0] * inv, acc[1] * inv);
+                pk.y = ls_pack_bf16x2(acc[2] * inv, acc[3] * inv);
+                pk.z = ls_pack_bf16x2(acc[4] * inv, acc[5] * inv);
+                pk.w = ls_pack_bf16x2(acc[6] * inv, acc[7] * inv);
+                *reinterpret_cast<uint4*>(og + 8 * c) = pk;
+            }
+            if (p.lse != nullptr && (t % TPR) == 0) {
+                p.lse[(uint64_t)row * p.heads + h] = (mmax + __log2f(lsum)) * 0.69314718055994531f;
+            }
+        }
+        ls_cluster_sync();  // no CTA leaves (freeing its shared memory) while others read it
+    } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = lrow[r];
@@ -345,6 +444,7 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
             }
         }
     }
+    }  // SPLIT == 1 epilogue
     }  // work tiles
 }
 
@@ -352,21 +452,34 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
 // (AttentionVariant::V3*Persistent) passes min(work tiles, SMs) blocks.
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<false, 128>(P);
+    attention_fwd_v3_body<false, 128, 1>(P);
 }
 
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3p_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<true, 128>(P);
+    attention_fwd_v3_body<true, 128, 1>(P);
 }
 
 // 176-key tiles (K/V tensor maps with 176-row boxes).
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3w_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<false, 176>(P);
+    attention_fwd_v3_body<false, 176, 1>(P);
 }
 
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3pw_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<true, 176>(P);
+    attention_fwd_v3_body<true, 176, 1>(P);
+}
+
+// v3t's tail launch (AttentionVariant::V3TmaSplitTail): the work tiles of the last partial wave,
+// each split over a cluster of 2 or 4 CTAs along the keys (the host launches the full waves
+// with attention_fwd_v3_bf16 first). Grid = tail tiles x SPLIT.
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(attn_v3::THREADS, 1)
+    attention_fwd_v3t2_bf16(const __grid_constant__ AttnV3Params P) {
+    attention_fwd_v3_body<false, 128, 2>(P);
+}
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(attn_v3::THREADS, 1)
+    attention_fwd_v3t4_bf16(const __grid_constant__ AttnV3Params P) {
+    attention_fwd_v3_body<false, 128, 4>(P);
 }

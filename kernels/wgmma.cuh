@@ -129,3 +129,34 @@ LS_DEVICE void ls_named_sync(int id, int threads) {
 LS_DEVICE void ls_named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+
+// ---- Thread block clusters (sm_90), used by the split-tail attention v3t --------------------
+LS_DEVICE uint32_t ls_cluster_ctarank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// Full cluster barrier: every thread of every CTA of the cluster arrives (release: its shared
+// writes become visible) and waits (acquire). Not .aligned: callers may diverge before it.
+LS_DEVICE void ls_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// The address of the same shared variable in CTA `rank` of this cluster (distributed smem).
+LS_DEVICE uint32_t ls_mapa(uint32_t smem_addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr), "r"(rank));
+    return r;
+}
+LS_DEVICE float ls_ld_cluster_f32(uint32_t addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+LS_DEVICE float4 ls_ld_cluster_f32x4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}

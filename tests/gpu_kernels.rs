@@ -226,7 +226,7 @@ fn attention_matches_cpu_reference_at_odd_shapes() {
         return;
     };
     let mut rng = fresh_rng("attention odd shapes");
-    // (Lq, Lk, H): Lk = 1; Lk and Lq off the 64/128 tiles; exact tiles; one query.
+    // (Lq, Lk, H): Lk = 1; Lk and Lq off the 64/128 tiles; exact tiles; one query; v3t splits.
     for (lq, lk, h) in [
         (1, 1, 1),
         (77, 1, 3),
@@ -235,6 +235,9 @@ fn attention_matches_cpu_reference_at_odd_shapes() {
         (200, 65, 5),
         (33, 1000, 2),
         (1, 4097, 1),
+        // v3t on 132 SMs: (33, 1000, 2) and (1, 4097, 1) split 4 ways, 50 tiles of 3 key tiles
+        // split 2 ways (the second piece holds the partial last key tile).
+        (100, 300, 50),
     ] {
         for variant in variants() {
             check_attention(&d, &mut rng, variant, lq, lk, h, None);

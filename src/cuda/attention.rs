@@ -14,6 +14,9 @@
 //! - v3 (`V3Tma*`) loads through TMA: three `CUtensorMap`s are encoded on the host per launch
 //!   (`cuTensorMapEncodeTiled`, a CPU-only driver call) over the same `[L, H, 128]` memory as
 //!   3-D tensors `{128, L, H}`; rows past `L` are zero-filled by the copy engine.
+//! - v3t / v3t2 (`V3TmaSplitTail*`) enqueue two launches on the stream: v3 over the whole waves,
+//!   then the last partial wave's tiles split along the keys over 2- or 4-CTA clusters
+//!   (`split_tail_plan`); the second reads nothing the first writes, so stream order suffices.
 //!
 //! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES`/`V3_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
 //! in the kernel); every variant uses 128-row query blocks (`V1_BM`; v3 numbers its (query block,
@@ -36,17 +39,19 @@ pub struct AttnParams {
     pub lq: u32,
     pub lk: u32,
     pub heads: u32,
-    pub _pad0: u32,
+    /// v3 only: first (query block, head) work tile of this launch.
+    pub tile_base: u32,
     pub q_row_stride: u64,
     pub kv_row_stride: u64,
     pub o_row_stride: u64,
     pub scale_log2: f32,
-    pub _pad1: u32,
+    /// v3 only: one past the last work tile of this launch (v1/v2 ignore both).
+    pub tile_end: u32,
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 9] = [
+pub const ALL_VARIANTS: [AttentionVariant; 11] = [
     AttentionVariant::V1Fa2,
     AttentionVariant::V2Wgmma,
     AttentionVariant::V2bWgmmaOverlap,
@@ -56,6 +61,8 @@ pub const ALL_VARIANTS: [AttentionVariant; 9] = [
     AttentionVariant::V3TmaPingPongPersistent,
     AttentionVariant::V3TmaWide,
     AttentionVariant::V3TmaPingPongWide,
+    AttentionVariant::V3TmaSplitTail,
+    AttentionVariant::V3TmaSplitTail2,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
@@ -86,6 +93,12 @@ pub enum AttentionVariant {
     V3TmaWide,
     /// v3p with 176-key tiles.
     V3TmaPingPongWide,
+    /// v3 for the full waves, then the work tiles of the last partial wave split along the keys
+    /// over clusters of 2 or 4 CTAs (combined through distributed shared memory), so the tail
+    /// wave takes a half or a quarter of a block's time (`split_tail_plan`).
+    V3TmaSplitTail,
+    /// v3t with clusters of at most 2 CTAs (a measured alternative: fewer, longer tail pieces).
+    V3TmaSplitTail2,
 }
 
 impl AttentionVariant {
@@ -101,6 +114,8 @@ impl AttentionVariant {
             AttentionVariant::V3TmaPingPongPersistent => "v3ps-tma-ws-pingpong-persistent",
             AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
             AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
+            AttentionVariant::V3TmaSplitTail => "v3t-tma-ws-split-tail",
+            AttentionVariant::V3TmaSplitTail2 => "v3t2-tma-ws-split-tail-max2",
         }
     }
 
@@ -117,8 +132,10 @@ impl AttentionVariant {
             }
             "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
             "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
+            "v3t" | "v3t-tma-ws-split-tail" => Ok(AttentionVariant::V3TmaSplitTail),
+            "v3t2" | "v3t2-tma-ws-split-tail-max2" => Ok(AttentionVariant::V3TmaSplitTail2),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail, v3t2-tma-ws-split-tail-max2)"
             ))),
         }
     }
@@ -139,6 +156,36 @@ const V3W_SMEM_BYTES: u32 = 209 * 1024;
 const V3_BOX_ROWS: u32 = 128;
 const V3W_BOX_ROWS: u32 = 176;
 const V3_BOX_DIMS: u32 = 64;
+/// Most CTAs v3t splits one tail tile over (cluster size; the kernels exist for 2 and 4).
+pub const V3T_MAX_SPLIT: usize = 4;
+
+/// How v3t runs `tiles` work tiles of `key_tiles` 128-key tiles each on `sms` multiprocessors
+/// (one block each): `(full, tail, split)` = the first `full` tiles one block per tile (whole
+/// waves), the last `tail` tiles split over `split` CTAs each (2 or 4; 1 = no tail launch).
+/// The tail must fit one wave (`tail * split <= sms`) and every piece must get a key tile;
+/// `max_split` caps the cluster size (4 for v3t, 2 for v3t2).
+pub fn split_tail_plan(
+    tiles: usize,
+    sms: usize,
+    key_tiles: usize,
+    max_split: usize,
+) -> (usize, usize, usize) {
+    let sms = sms.max(1);
+    let tail = tiles % sms;
+    if tail == 0 {
+        return (tiles, 0, 1);
+    }
+    let split = match (sms / tail).min(key_tiles).min(max_split) {
+        s if s >= 4 => 4,
+        s if s >= 2 => 2,
+        _ => 1,
+    };
+    if split == 1 {
+        (tiles, 0, 1)
+    } else {
+        (tiles - tail, tail, split)
+    }
+}
 
 /// Mirror of `AttnV3Params` in kernels/attention_v3.cuh: three tensor maps, then the v1 params.
 #[repr(C, align(128))]
@@ -272,9 +319,10 @@ pub fn attention_fwd(
         AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
         AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
         AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
-        AttentionVariant::V3Tma | AttentionVariant::V3TmaPersistent => {
-            ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES)
-        }
+        AttentionVariant::V3Tma
+        | AttentionVariant::V3TmaPersistent
+        | AttentionVariant::V3TmaSplitTail
+        | AttentionVariant::V3TmaSplitTail2 => ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES),
         AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
             ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
         }
@@ -314,12 +362,12 @@ pub fn attention_fwd(
         lq: shape.lq as u32,
         lk: shape.lk as u32,
         heads: shape.heads as u32,
-        _pad0: 0,
+        tile_base: 0,
         q_row_stride: row as u64,
         kv_row_stride: row as u64,
         o_row_stride: row as u64,
         scale_log2: scale * std::f32::consts::LOG2_E,
-        _pad1: 0,
+        tile_end: 0,
     };
     let cfg = LaunchCfg {
         grid: (
@@ -344,7 +392,9 @@ pub fn attention_fwd(
         | AttentionVariant::V3TmaPersistent
         | AttentionVariant::V3TmaPingPongPersistent
         | AttentionVariant::V3TmaWide
-        | AttentionVariant::V3TmaPingPongWide => {
+        | AttentionVariant::V3TmaPingPongWide
+        | AttentionVariant::V3TmaSplitTail
+        | AttentionVariant::V3TmaSplitTail2 => {
             // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
             let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
             if tiles > i32::MAX as usize {
@@ -352,29 +402,64 @@ pub fn attention_fwd(
                     "attention: shape {shape:?} has {tiles} work tiles, more than v3 indexes"
                 )));
             }
-            let blocks = if persistent {
-                let sms = gpu
+            let sms = || -> Result<usize> {
+                let n = gpu
                     .context()
                     .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                     .map_err(|e| cuda_err("cuDeviceGetAttribute(multiprocessor count)", e))?;
-                tiles.min(sms.max(1) as usize)
-            } else {
-                tiles
+                Ok(n.max(1) as usize)
             };
+            let key_tiles = shape.lk.div_ceil(V3_BOX_ROWS as usize);
+            let (full, tail, split) = match variant {
+                AttentionVariant::V3TmaSplitTail => {
+                    split_tail_plan(tiles, sms()?, key_tiles, V3T_MAX_SPLIT)
+                }
+                AttentionVariant::V3TmaSplitTail2 => split_tail_plan(tiles, sms()?, key_tiles, 2),
+                _ => (tiles, 0, 1),
+            };
+            let blocks = if persistent { full.min(sms()?) } else { full };
             let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
-            let cfg = LaunchCfg {
-                grid: (blocks as u32, 1, 1),
-                ..cfg
-            };
-            let p3 = AttnV3Params {
+            let mut p3 = AttnV3Params {
                 tq: encode_tmap("q", qp, shape.lq, shape.heads, row, V3_BOX_ROWS)?,
                 tk: encode_tmap("k", kp, shape.lk, shape.heads, row, kv_box)?,
                 tv: encode_tmap("v", vp, shape.lk, shape.heads, row, kv_box)?,
-                p: params,
+                p: AttnParams {
+                    tile_base: 0,
+                    tile_end: full as u32,
+                    ..params
+                },
             };
-            // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both sides);
-            // the tensor maps cover exactly the checked q/k/v buffers; guards live past enqueue.
-            unsafe { gpu.launch(&kern, cfg, stream, &p3) }
+            if full > 0 {
+                let cfg = LaunchCfg {
+                    grid: (blocks as u32, 1, 1),
+                    ..cfg
+                };
+                // SAFETY: AttnV3Params mirrors the kernel's struct (size asserted on both
+                // sides); the tensor maps cover exactly the checked q/k/v buffers; tiles
+                // [0, full) exist; guards live past enqueue.
+                unsafe { gpu.launch(&kern, cfg, stream, &p3)? };
+            }
+            if tail > 0 {
+                let tail_func = if split == 4 {
+                    "attention_fwd_v3t4_bf16"
+                } else {
+                    "attention_fwd_v3t2_bf16"
+                };
+                let tk = gpu.kernel("attention", tail_func)?;
+                gpu.set_max_dynamic_smem(&tk, V3_SMEM_BYTES)?;
+                p3.p.tile_base = full as u32;
+                p3.p.tile_end = tiles as u32;
+                // The kernel's __cluster_dims__(split) groups consecutive blocks: the grid is a
+                // multiple of it by construction.
+                let cfg = LaunchCfg {
+                    grid: ((tail * split) as u32, 1, 1),
+                    ..cfg
+                };
+                // SAFETY: as above; tiles [full, tiles) exist and every piece of a tail tile has
+                // at least one key tile (split <= key tiles, split_tail_plan).
+                unsafe { gpu.launch(&tk, cfg, stream, &p3)? };
+            }
+            Ok(())
         }
         // SAFETY: AttnParams mirrors the kernel's struct; every buffer length and the alignment
         // were checked above against the shape the kernel indexes; the guards live until after
@@ -423,5 +508,33 @@ mod tests {
         assert!(AttnShape { lk: 0, ..ok }.check().is_err());
         assert!(AttnShape { head_dim: 64, ..ok }.check().is_err());
         assert_eq!(ok.flops(), 512.0);
+    }
+
+    #[test]
+    fn v3t_split_tail_plan_fills_the_last_wave_without_empty_pieces() {
+        // H200 (132 SMs), Lq 4680: H = 40 -> 1480 tiles, 11 full waves + 28 tiles split 4 ways.
+        assert_eq!(split_tail_plan(1480, 132, 37, 4), (1452, 28, 4));
+        // H = 12 -> 444 tiles: 48 left, 132 / 48 = 2 pieces each.
+        assert_eq!(split_tail_plan(444, 132, 37, 4), (396, 48, 2));
+        // Whole waves: nothing to split.
+        assert_eq!(split_tail_plan(264, 132, 37, 4), (264, 0, 1));
+        // One key tile cannot be split; a tail larger than half a wave is not split.
+        assert_eq!(split_tail_plan(10, 132, 1, 4), (10, 0, 1));
+        assert_eq!(split_tail_plan(100, 132, 37, 4), (100, 0, 1));
+        // Small problems: the whole grid is the tail; never more pieces than key tiles.
+        assert_eq!(split_tail_plan(3, 132, 2, 4), (0, 3, 2));
+        assert_eq!(split_tail_plan(3, 132, 3, 4), (0, 3, 2));
+        // v3t2 caps the cluster at 2.
+        assert_eq!(split_tail_plan(1480, 132, 37, 2), (1452, 28, 2));
+        for max in [2, 4] {
+            for tiles in 1..600 {
+                for kt in 1..9 {
+                    let (full, tail, split) = split_tail_plan(tiles, 132, kt, max);
+                    assert_eq!(full + tail, tiles);
+                    assert!(split == 1 || (tail * split <= 132 && split <= kt && split <= max));
+                    assert!(full % 132 == 0 || tail == 0);
+                }
+            }
+        }
     }
 }

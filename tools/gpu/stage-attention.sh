@@ -19,5 +19,6 @@ for line in sys.stdin:
 ' | while read -r name exe; do cp "$exe" "$dest/tests/$name"; done
 strip "$dest/lockstep" "$dest"/tests/* 2>/dev/null || true
 cp tools/gpu/attention-round.sh "$dest/round.sh"
+cp tools/gpu/attention-repeat.sh "$dest/repeat.sh"
 cp -r benches/baselines "$dest/baselines"
 du -sh "$dest"; ls "$dest" "$dest/tests"
