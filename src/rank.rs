@@ -1214,13 +1214,39 @@ impl<D: DataPlane> Rank<D> {
             h.payload_bytes,
             &self.opts.limits,
         )?;
-        let mut tensors = Vec::new();
+        // Buffers first (followers allocate from the validated manifest only), then every
+        // tensor's broadcast in one group: one launch and one host-visible completion per
+        // envelope instead of one per tensor, as on `pp`. Debug mode issues them one by one: its
+        // per-collective fingerprint exchange must complete before each op, which an open group
+        // forbids.
+        let mut bufs = Vec::with_capacity(meta.tensor_specs.len());
         for (i, spec) in meta.tensor_specs.iter().enumerate() {
-            let buf = match env.and_then(|e| e.tensors.get(i)) {
+            bufs.push(match env.and_then(|e| e.tensors.get(i)) {
                 Some(t) if leader => self.plane.upload(&t.data)?,
                 _ => self.plane.alloc(spec.byte_len as usize)?,
-            };
-            let tk = mesh.broadcast(buf, root, spec.dtype, &spec.shape)?;
+            });
+        }
+        let grouped = !mesh.debug_collectives();
+        if grouped {
+            mesh.group_start()?;
+        }
+        let mut tickets = Vec::with_capacity(bufs.len());
+        for (spec, buf) in meta.tensor_specs.iter().zip(bufs) {
+            match mesh.broadcast(buf, root, spec.dtype, &spec.shape) {
+                Ok(tk) => tickets.push(tk),
+                Err(e) => {
+                    if grouped {
+                        let _ = mesh.group_end();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if grouped {
+            mesh.group_end()?;
+        }
+        let mut tensors = Vec::with_capacity(tickets.len());
+        for (spec, tk) in meta.tensor_specs.iter().zip(tickets) {
             let data = self.plane.download(&mesh.wait(tk, d)?)?;
             tensors.push(HostTensor::new(
                 spec.name.clone(),

@@ -490,6 +490,11 @@ impl<D: DataPlane> Group<D> {
             p.all_gather(c, send, recv)
         })
     }
+    /// Whether debug mode fingerprints each collective. Its fingerprint all-gather must complete
+    /// before the op is issued, so collectives cannot be batched in one group then.
+    pub fn debug_collectives(&self) -> bool {
+        self.debug
+    }
     pub fn group_start(&self) -> Result<()> {
         self.plane.group_start(self.comm(OpKind::Send)?)
     }
