@@ -8,34 +8,12 @@ mod common;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("lockstep-run-test-{}-{name}", std::process::id()))
-}
-
-/// Runs `cmd`, killing it (and failing the test) after `bound`.
-fn bounded(mut cmd: Command, what: &str, bound: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lockstep");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(bound) {
-        Ok(o) => o.expect("wait for lockstep"),
-        Err(_) => {
-            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{what} did not finish within {bound:?} (a hang)");
-        }
-    }
 }
 
 #[test]
@@ -58,7 +36,7 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
         .arg(&metrics)
         .env_remove("LOCKSTEP_FAULT")
         .env("LOCKSTEP_DUMP_DIR", tmp("dumps"));
-    let out = bounded(cmd, "lockstep run", Duration::from_secs(60));
+    let out = common::bounded(cmd, "lockstep run", Duration::from_secs(60));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -131,7 +109,7 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
         .args(["--", "sh", "-c", &script])
         .env_remove("LOCKSTEP_FAULT")
         .env("LOCKSTEP_RENDEZVOUS_MS", "5000");
-    let out = bounded(cmd, "lockstep launch", Duration::from_secs(10));
+    let out = common::bounded(cmd, "lockstep launch", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(73), "{stderr}");
     assert!(
@@ -170,7 +148,7 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
         .arg("--metrics")
         .arg(&metrics)
         .env_remove("LOCKSTEP_FAULT");
-    let out = bounded(cmd, "lockstep launch", Duration::from_secs(10));
+    let out = common::bounded(cmd, "lockstep launch", Duration::from_secs(10));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -300,7 +278,7 @@ fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])
         .env_remove("LOCKSTEP_FAULT");
-    let out = bounded(cmd, "lockstep run --backend gloo", Duration::from_secs(10));
+    let out = common::bounded(cmd, "lockstep run --backend gloo", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(74), "{stderr}");
     assert!(
@@ -346,7 +324,7 @@ fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
     .arg(&metrics)
     .env_remove("LOCKSTEP_FAULT")
     .env("LOCKSTEP_DUMP_DIR", tmp("cts-dumps"));
-    let out = bounded(cmd, "lockstep run (crossing)", Duration::from_secs(10));
+    let out = common::bounded(cmd, "lockstep run (crossing)", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let m: Value = serde_json::from_slice(&std::fs::read(&metrics).expect("metrics written"))

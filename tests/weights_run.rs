@@ -10,8 +10,7 @@ use lockstep::model::DitConfig;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 fn tmp(name: &str) -> PathBuf {
@@ -21,27 +20,10 @@ fn tmp(name: &str) -> PathBuf {
     ))
 }
 
-/// Runs `cmd`, killing it (and failing the test) after `bound`.
+/// `common::bounded` with no fault injection inherited from the environment.
 fn bounded(mut cmd: Command, what: &str, bound: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("LOCKSTEP_FAULT")
-        .spawn()
-        .expect("spawn lockstep");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(bound) {
-        Ok(o) => o.expect("wait for lockstep"),
-        Err(_) => {
-            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{what} did not finish within {bound:?} (a hang)");
-        }
-    }
+    cmd.env_remove("LOCKSTEP_FAULT");
+    common::bounded(cmd, what, bound)
 }
 
 /// `lockstep weights save` (the operator's way to get a file).

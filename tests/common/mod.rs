@@ -61,3 +61,31 @@ pub fn skip_on_nccl(test: &str, why: &str) -> bool {
     }
     skip_backend_unrunnable(test)
 }
+
+/// Runs `cmd` with piped output, killing it (and failing the test) after `bound`: a hang in the
+/// code under test ends the test with a diagnosis instead of hanging the suite.
+pub fn bounded(
+    mut cmd: std::process::Command,
+    what: &str,
+    bound: std::time::Duration,
+) -> std::process::Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lockstep");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(bound) {
+        Ok(o) => o.expect("wait for lockstep"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{what} did not finish within {bound:?} (a hang)");
+        }
+    }
+}
