@@ -23,7 +23,10 @@ use crate::fault::{self, points};
 
 use crate::ids::GroupRank;
 use crate::rank::{Backend, Rank, RankEnv, RankOptions};
-use crate::wire::{prepare, prepare_untyped, Action, DType, HostTensor, Limits};
+use crate::wire::{
+    prepare, prepare_untyped, Action, DType, EnvelopeIds, HostTensor, Limits, PreparedEnvelope,
+    ReceivedEnvelope, Tensor, TensorBytes,
+};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -66,6 +69,10 @@ pub struct HarnessArgs {
     pub cond_bytes: u64,
     #[arg(long, default_value_t = 600 * 1024)]
     pub result_bytes: u64,
+    /// stream: use the device-resident envelope API (`send_next_device`,
+    /// `recv_envelope_device`, `relay_to_mesh_device`, `recycle`); the checks read host copies.
+    #[arg(long)]
+    pub device: bool,
 }
 
 /// The harness's typed meta (stands in for the phase plan).
@@ -177,19 +184,31 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             ));
         }
         let nested = fault::hit(points::NESTED_TENSOR);
-        rank.send_next(|ids| {
-            let ids = ids.with_chunk(chunk);
-            if nested {
-                let json = format!(
-                    r#"{{"expected_generator_calls":{},"latent_shape":{:?},"guidance":5.0,"extra":{{"mask":{{"dtype":"f32","shape":[4],"data":[1,0,1,0]}}}}}}"#,
-                    args.generator_calls, shape
-                );
-                prepare_untyped(Action::Infer, ids, &json, tensors.clone(), &Limits::default())
-            } else {
-                prepare(Action::Infer, ids, &plan, tensors.clone(), &Limits::default())
+        let json = nested.then(|| {
+            format!(
+                r#"{{"expected_generator_calls":{},"latent_shape":{:?},"guidance":5.0,"extra":{{"mask":{{"dtype":"f32","shape":[4],"data":[1,0,1,0]}}}}}}"#,
+                args.generator_calls, shape
+            )
+        });
+        fn build<S: TensorBytes>(
+            ids: EnvelopeIds,
+            json: Option<&str>,
+            plan: &ChunkPlan,
+            tensors: Vec<Tensor<S>>,
+        ) -> Result<PreparedEnvelope<S>> {
+            match json {
+                Some(j) => prepare_untyped(Action::Infer, ids, j, tensors, &Limits::default()),
+                None => prepare(Action::Infer, ids, plan, tensors, &Limits::default()),
             }
-        })?;
-        let res = rank.recv_envelope(Some(rank.deadline()))?;
+        }
+        let res = if args.device {
+            let dev = upload_tensors(rank, &tensors)?;
+            rank.send_next_device(|ids| build(ids.with_chunk(chunk), json.as_deref(), &plan, dev))?;
+            host_copy(rank, rank.recv_envelope_device(Some(rank.deadline()))?)?
+        } else {
+            rank.send_next(|ids| build(ids.with_chunk(chunk), json.as_deref(), &plan, tensors))?;
+            rank.recv_envelope(Some(rank.deadline()))?
+        };
         if res.action() != Action::Result || res.header.chunk_index != chunk {
             return Err(Error::Invariant(format!(
                 "harness: expected RESULT for chunk_index {chunk}, got {} chunk_index {}",
@@ -227,6 +246,13 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
     }
     rank.stop_heartbeats();
     rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    if args.device {
+        crate::diag!(
+            "harness[global-rank 0]: device-resident: {} receive buffer(s) allocated for {} RESULT(s)",
+            rank.recv_buffers_allocated(),
+            args.chunks
+        );
+    }
     crate::diag!("harness[global-rank 0]: drained: SHUTDOWN sent");
     Ok(())
 }
@@ -237,13 +263,24 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
         .me()
         .ok_or_else(|| Error::Invariant("harness: mesh rank outside `mesh`".into()))?;
     let mut told_idle = false;
+    let mut infers = 0u64;
     loop {
-        let env = if rank.is_mesh_leader() {
-            Some(rank.recv_envelope(None)?)
+        let leader = rank.is_mesh_leader();
+        let env = if args.device {
+            let got = if leader {
+                Some(rank.recv_envelope_device(None)?)
+            } else {
+                None
+            };
+            host_copy(rank, rank.relay_to_mesh_device(got)?)?
         } else {
-            None
+            let got = if leader {
+                Some(rank.recv_envelope(None)?)
+            } else {
+                None
+            };
+            rank.relay_to_mesh(got.as_ref())?
         };
-        let env = rank.relay_to_mesh(env.as_ref())?;
         match env.action() {
             Action::Noop => {
                 if args.hold && rank.is_mesh_leader() && !told_idle {
@@ -256,13 +293,20 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
                 continue;
             }
             Action::Shutdown => {
+                if args.device {
+                    crate::diag!(
+                        "harness[{}]: device-resident: {} receive buffer(s) allocated for {infers} INFER(s)",
+                        rank.global(),
+                        rank.recv_buffers_allocated()
+                    );
+                }
                 crate::diag!("harness[{}]: SHUTDOWN received; draining", rank.global());
                 return Ok(());
             }
             Action::Result => {
                 return Err(Error::Invariant("harness: RESULT sent to the mesh".into()))
             }
-            Action::Infer => {}
+            Action::Infer => infers += 1,
         }
         let meta = env
             .meta
@@ -337,19 +381,72 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
         if rank.is_mesh_leader() {
             rank.recorder().set_phase("result");
             let h = env.header;
-            rank.send_envelope(&prepare(
-                Action::Result,
-                crate::wire::EnvelopeIds {
-                    call_id: h.call_id(),
-                    chunk_index: h.chunk_index(),
-                    cache_epoch: h.cache_epoch(),
-                },
-                &plan,
-                vec![HostTensor::from_f32("out", vec![acc.len() as u64], &acc)],
-                &Limits::default(),
-            )?)?;
+            let ids = EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            };
+            let out = vec![HostTensor::from_f32("out", vec![acc.len() as u64], &acc)];
+            if args.device {
+                let dev = upload_tensors(rank, &out)?;
+                let sent = rank.send_envelope_device(prepare(
+                    Action::Result,
+                    ids,
+                    &plan,
+                    dev,
+                    &Limits::default(),
+                )?)?;
+                if sent.len() != 1 {
+                    return Err(Error::Invariant(format!(
+                        "harness: send_envelope_device handed back {} tensors, sent 1",
+                        sent.len()
+                    )));
+                }
+            } else {
+                rank.send_envelope(&prepare(
+                    Action::Result,
+                    ids,
+                    &plan,
+                    out,
+                    &Limits::default(),
+                )?)?;
+            }
         }
     }
+}
+
+/// `--device`: host tensors → data-plane buffers (what a producer on the device would hand over).
+fn upload_tensors<D: DataPlane>(
+    rank: &Rank<D>,
+    tensors: &[HostTensor],
+) -> Result<Vec<Tensor<D::Buffer>>> {
+    tensors
+        .iter()
+        .map(|t| t.clone().map_data(|d| rank.plane().upload(&d)))
+        .collect()
+}
+
+/// `--device`: a host copy of a device-resident envelope for the checks; the buffers go back to
+/// the receive pool, so the next envelope of the same manifest reuses them.
+fn host_copy<D: DataPlane>(
+    rank: &Rank<D>,
+    env: ReceivedEnvelope<D::Buffer>,
+) -> Result<ReceivedEnvelope> {
+    let mut tensors = Vec::with_capacity(env.tensors.len());
+    for t in &env.tensors {
+        tensors.push(HostTensor::new(
+            t.name.clone(),
+            t.dtype,
+            t.shape.clone(),
+            rank.plane().download(&t.data)?,
+        ));
+    }
+    rank.recycle(env.tensors);
+    Ok(ReceivedEnvelope {
+        header: env.header,
+        meta: env.meta,
+        tensors,
+    })
 }
 
 /// One stand-in generator call: one TP all_reduce on `mesh` (or, under faults, on `world`, on
@@ -542,9 +639,49 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
         }
     }
 
+    // 1b. Through the protocol with device-resident tensors: the same envelope, its tensors in
+    // data-plane buffers uploaded once (handed back by each send), the RESULT received into a
+    // recycled buffer. No host staging: Rank − raw here is the protocol's own cost.
+    let plane = rank.plane();
+    let mut dev = vec![
+        latent.clone().map_data(|d| plane.upload(&d))?,
+        cond.clone().map_data(|d| plane.upload(&d))?,
+    ];
+    let mut through_rank_device = Vec::new();
+    for i in 0..total {
+        let t = Instant::now();
+        let (_, back) = rank.send_next_device(|ids| {
+            prepare(
+                Action::Infer,
+                ids.with_chunk(total + i),
+                &Empty {},
+                dev,
+                &Limits::default(),
+            )
+        })?;
+        dev = back;
+        let res = rank.recv_envelope_device(Some(rank.deadline()))?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if i == 0 {
+            let got = res
+                .tensor("out")
+                .map(|t| plane.download(&t.data))
+                .transpose()?;
+            if got.as_ref() != Some(&want) {
+                return Err(Error::Invariant(
+                    "envelope bench: device RESULT bytes differ from what the leader sent".into(),
+                ));
+            }
+        }
+        rank.recycle(res.tensors);
+        if i >= ENVELOPE_WARMUP {
+            through_rank_device.push(us);
+        }
+    }
+    drop(dev);
+
     // 2. The same bytes as raw data-plane ops on the same `pp` communicator (no header, no
     // recorder, no staging): the transfer floor this run can reach.
-    let plane = rank.plane();
     let comm = rank.pp().raw_comm().ok_or_else(|| {
         Error::Invariant("envelope bench: rank 0 holds no `pp` communicator".into())
     })?;
@@ -594,15 +731,18 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
     rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
 
     let (p_rank, row_rank) = json_row("envelope.rank", backend, bytes, through_rank);
+    let (p_dev, row_dev) = json_row("envelope.rank_device", backend, bytes, through_rank_device);
     let (p_raw, row_raw) = json_row("envelope.raw", backend, bytes, raw);
     let (p_stage, row_stage) = json_row("envelope.staging", backend, bytes, staging);
     println!("RESULT {row_rank}");
+    println!("RESULT {row_dev}");
     println!("RESULT {row_raw}");
     println!("RESULT {row_stage}");
     println!(
-        "RESULT {{\"bench\":\"envelope.overhead\",\"backend\":\"{backend}\",\"rank_minus_raw_p50_us\":{:.2},\"rank_minus_raw_minus_staging_p50_us\":{:.2}}}",
+        "RESULT {{\"bench\":\"envelope.overhead\",\"backend\":\"{backend}\",\"rank_minus_raw_p50_us\":{:.2},\"rank_minus_raw_minus_staging_p50_us\":{:.2},\"rank_device_minus_raw_p50_us\":{:.2}}}",
         p_rank - p_raw,
-        p_rank - p_raw - p_stage
+        p_rank - p_raw - p_stage,
+        p_dev - p_raw
     );
     Ok(())
 }
@@ -649,7 +789,48 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
             &Limits::default(),
         )?)?;
     }
+    // 1b. Device-resident: receive into recycled buffers, answer from one uploaded buffer.
     let plane = rank.plane();
+    let mut reply = vec![out.clone().map_data(|d| plane.upload(&d))?];
+    for i in 0..total {
+        let env = rank.recv_envelope_device(None)?;
+        if env.action() != Action::Infer {
+            return Err(Error::Invariant(format!(
+                "envelope bench: expected device INFER {i}, got {}",
+                env.action().name()
+            )));
+        }
+        if i == 0 {
+            let l = env
+                .tensor("latents")
+                .map(|t| plane.download(&t.data))
+                .transpose()?;
+            let c = env
+                .tensor("cond")
+                .map(|t| plane.download(&t.data))
+                .transpose()?;
+            if l.as_ref() != Some(&want_l) || c.as_ref() != Some(&want_c) {
+                return Err(Error::Invariant(
+                    "envelope bench: device INFER bytes differ from what rank 0 sent".into(),
+                ));
+            }
+        }
+        let h = env.header;
+        rank.recycle(env.tensors);
+        reply = rank.send_envelope_device(prepare(
+            Action::Result,
+            crate::wire::EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            },
+            &Empty {},
+            reply,
+            &Limits::default(),
+        )?)?;
+    }
+    drop(reply);
+
     let comm = rank.pp().raw_comm().ok_or_else(|| {
         Error::Invariant("envelope bench: the leader holds no `pp` communicator".into())
     })?;

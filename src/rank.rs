@@ -42,7 +42,7 @@ use crate::fault;
 use crate::ids::{CacheEpoch, CallId, ChunkIndex, GlobalRank, GroupRank};
 use crate::wire::{
     Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc, PreparedEnvelope, ReceivedEnvelope,
-    HEADER_LEN,
+    Tensor, HEADER_LEN,
 };
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -284,6 +284,36 @@ struct SendState {
     last_send: Instant,
 }
 
+/// Receive buffers kept for reuse, by byte length: a steady stream of envelopes with one manifest
+/// allocates its receive buffers once. Bounded per length, so a caller that recycles more than
+/// it receives cannot grow it without limit.
+struct RecvPool<B> {
+    free: std::collections::HashMap<usize, Vec<B>>,
+}
+
+impl<B> Default for RecvPool<B> {
+    fn default() -> Self {
+        RecvPool {
+            free: std::collections::HashMap::new(),
+        }
+    }
+}
+
+/// Buffers of one length the pool keeps at most.
+const RECV_POOL_PER_LEN: usize = 4;
+
+impl<B> RecvPool<B> {
+    fn take(&mut self, len: usize) -> Option<B> {
+        self.free.get_mut(&len).and_then(Vec::pop)
+    }
+    fn put(&mut self, len: usize, b: B) {
+        let v = self.free.entry(len).or_default();
+        if v.len() < RECV_POOL_PER_LEN {
+            v.push(b);
+        }
+    }
+}
+
 /// The control connection to the envelope peer (rank 0 ↔ mesh leader).
 struct Outbox {
     ctrl: Mutex<TcpStream>,
@@ -301,8 +331,13 @@ pub struct Rank<D: DataPlane = HostPlane> {
     outbox: Option<Arc<Outbox>>,
     /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
     inbox: Option<Mutex<TcpStream>>,
-    /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order.
-    stash: Mutex<VecDeque<ReceivedEnvelope>>,
+    /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order
+    /// (device-resident: the host API converts when it hands one up).
+    stash: Mutex<VecDeque<ReceivedEnvelope<D::Buffer>>>,
+    /// Receive buffers handed back with [`Rank::recycle`], by byte length (bounded).
+    recv_pool: Mutex<RecvPool<D::Buffer>>,
+    /// Receive buffers allocated fresh (not taken from the pool), for tests and reports.
+    recv_allocs: AtomicU64,
     /// How many envelopes went into `stash` (the crossing the CTS rule defused).
     stashed: AtomicU64,
     acceptance: Mutex<Acceptance>,
@@ -310,6 +345,18 @@ pub struct Rank<D: DataPlane = HostPlane> {
     hb_stop: Arc<AtomicBool>,
     ctrl_all: Vec<(u32, TcpStream)>,
     plane: Arc<D>,
+}
+
+/// `send_next*`: the envelope `make` built must carry the call_id allocated for it.
+fn check_allocated_id(h: &Header, ids: EnvelopeIds) -> Result<()> {
+    if h.call_id() != ids.call_id {
+        return Err(Error::Invariant(format!(
+            "send_next: envelope carries {} but {} was allocated",
+            h.call_id(),
+            ids.call_id
+        )));
+    }
+    Ok(())
 }
 
 fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
@@ -584,6 +631,8 @@ impl<D: DataPlane> Rank<D> {
             outbox,
             inbox,
             stash: Mutex::new(VecDeque::new()),
+            recv_pool: Mutex::new(RecvPool::default()),
+            recv_allocs: AtomicU64::new(0),
             stashed: AtomicU64::new(0),
             acceptance: Mutex::new(Acceptance::default()),
             recv_progress,
@@ -691,14 +740,9 @@ impl<D: DataPlane> Rank<D> {
             ..st.last_ids
         };
         let env = make(ids)?;
-        if env.header().call_id() != ids.call_id {
-            return Err(Error::Invariant(format!(
-                "send_next: envelope carries {} but {} was allocated",
-                env.header().call_id(),
-                ids.call_id
-            )));
-        }
-        self.send_locked(&ob, &mut st, &env)?;
+        check_allocated_id(env.header(), ids)?;
+        let bufs = self.upload_all(env.tensors())?;
+        self.send_locked(&ob, &mut st, env.header(), env.meta_bytes(), bufs)?;
         Ok(ids.call_id)
     }
 
@@ -706,28 +750,80 @@ impl<D: DataPlane> Rank<D> {
     pub fn send_envelope(&self, env: &PreparedEnvelope) -> Result<()> {
         let ob = self.outbox()?.clone();
         let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.send_locked(&ob, &mut st, env)
+        let bufs = self.upload_all(env.tensors())?;
+        self.send_locked(&ob, &mut st, env.header(), env.meta_bytes(), bufs)
+            .map(drop)
     }
 
-    fn send_locked(&self, ob: &Outbox, st: &mut SendState, env: &PreparedEnvelope) -> Result<()> {
-        let h = env.header();
+    /// [`Rank::send_next`] for a device-resident envelope: its tensors are data-plane buffers
+    /// (`prepare` over `Tensor<D::Buffer>`), sent without host staging. Hands the tensors back
+    /// once the data plane completed the sends, for reuse.
+    pub fn send_next_device(
+        &self,
+        make: impl FnOnce(EnvelopeIds) -> Result<PreparedEnvelope<D::Buffer>>,
+    ) -> Result<(CallId, Vec<Tensor<D::Buffer>>)> {
+        let ob = self.outbox()?.clone();
+        let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = EnvelopeIds {
+            call_id: CallId(st.next_call_id),
+            ..st.last_ids
+        };
+        let env = make(ids)?;
+        check_allocated_id(env.header(), ids)?;
+        let (h, meta, tensors) = env.into_parts();
+        let back = self.send_locked(&ob, &mut st, &h, &meta, tensors)?;
+        Ok((ids.call_id, back))
+    }
+
+    /// Sends a device-resident envelope as is; hands its tensors back once the sends completed.
+    pub fn send_envelope_device(
+        &self,
+        env: PreparedEnvelope<D::Buffer>,
+    ) -> Result<Vec<Tensor<D::Buffer>>> {
+        let ob = self.outbox()?.clone();
+        let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (h, meta, tensors) = env.into_parts();
+        self.send_locked(&ob, &mut st, &h, &meta, tensors)
+    }
+
+    /// Host tensors → data-plane buffers, all of them **before** the header goes out (an upload
+    /// that fails must not strand a peer that already read the header).
+    fn upload_all(&self, tensors: &[HostTensor]) -> Result<Vec<Tensor<D::Buffer>>> {
+        tensors
+            .iter()
+            .map(|t| {
+                Ok(Tensor::new(
+                    t.name.clone(),
+                    t.dtype,
+                    t.shape.clone(),
+                    self.plane.upload(&t.data)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Header + meta on the envelope lane, then the tensors on `pp` in one group. Returns the
+    /// tensors once every send completed.
+    fn send_locked(
+        &self,
+        ob: &Outbox,
+        st: &mut SendState,
+        h: &Header,
+        meta: &[u8],
+        tensors: Vec<Tensor<D::Buffer>>,
+    ) -> Result<Vec<Tensor<D::Buffer>>> {
         let rec = self.recorder.enqueue(OpDesc {
             group: "control".into(),
             seq: h.call_id,
             op: format!("send_header {}", h.action().name()),
             peer: Some(ob.peer.0),
-            bytes: (HEADER_LEN + env.meta_bytes().len()) as u64,
+            bytes: (HEADER_LEN + meta.len()) as u64,
             ..Default::default()
         });
         self.recorder.start(rec);
         {
             let mut c = ob.ctrl.lock().unwrap_or_else(|p| p.into_inner());
-            write_frame(
-                &mut *c,
-                FrameKind::Envelope,
-                &[&env.header_bytes(), env.meta_bytes()],
-            )
-            .map_err(|e| {
+            write_frame(&mut *c, FrameKind::Envelope, &[&h.encode(), meta]).map_err(|e| {
                 Error::PeerLost(format!(
                     "control: send {} header to {}: {e}",
                     h.action().name(),
@@ -743,8 +839,8 @@ impl<D: DataPlane> Rank<D> {
             cache_epoch: h.cache_epoch(),
         };
         st.last_send = Instant::now();
-        if env.tensors().is_empty() {
-            return Ok(());
+        if tensors.is_empty() {
+            return Ok(tensors);
         }
         if !self.is_driver() {
             // Leader → rank 0: only once rank 0 is known to be receiving (module contract).
@@ -752,25 +848,26 @@ impl<D: DataPlane> Rank<D> {
         }
         let pp = self.pp();
         let peer = GroupRank(if self.is_driver() { 1 } else { 0 });
+        let n = tensors.len();
+        let mut tensors = tensors.into_iter();
         if fault::hit(fault::points::KILL_MID_PAYLOAD) {
             // C2: the header and the first tensor are out; die before the rest.
-            if let Some(t) = env.tensors().first() {
-                let tk = pp.send(self.plane.upload(&t.data)?, peer, t.dtype, &t.shape)?;
+            if let Some(t) = tensors.next() {
+                let tk = pp.send(t.data, peer, t.dtype, &t.shape)?;
                 pp.wait(tk, self.deadline())?;
             }
             crate::diag!(
-                "lockstep[{}]: fault: SIGKILL after the header and 1 of {} tensors",
-                self.me,
-                env.tensors().len()
+                "lockstep[{}]: fault: SIGKILL after the header and 1 of {n} tensors",
+                self.me
             );
             // SAFETY: sending a signal to our own pid.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
         pp.group_start()?;
-        let mut tickets = Vec::new();
-        for t in env.tensors() {
-            match pp.send(self.plane.upload(&t.data)?, peer, t.dtype, &t.shape) {
-                Ok(tk) => tickets.push(tk),
+        let mut sent = Vec::with_capacity(n);
+        for t in tensors {
+            match pp.send(t.data, peer, t.dtype, &t.shape) {
+                Ok(tk) => sent.push((t.name, t.dtype, t.shape, tk)),
                 Err(e) => {
                     let _ = pp.group_end();
                     return Err(e);
@@ -778,10 +875,16 @@ impl<D: DataPlane> Rank<D> {
             }
         }
         pp.group_end()?;
-        for tk in tickets {
-            pp.wait(tk, self.deadline())?;
+        let mut back = Vec::with_capacity(n);
+        for (name, dtype, shape, tk) in sent {
+            back.push(Tensor::new(
+                name,
+                dtype,
+                shape,
+                pp.wait(tk, self.deadline())?,
+            ));
         }
-        Ok(())
+        Ok(back)
     }
 
     /// Starts rank 0's heartbeat thread: a NOOP whenever nothing was sent for `interval`.
@@ -840,6 +943,16 @@ impl<D: DataPlane> Rank<D> {
     /// first (duplicates are drained and dropped); tensors are allocated strictly from the
     /// manifest. `deadline` None waits without a local bound (the watchdog still applies).
     pub fn recv_envelope(&self, deadline: Option<Instant>) -> Result<ReceivedEnvelope> {
+        self.to_host(self.recv_envelope_device(deadline)?)
+    }
+
+    /// [`Rank::recv_envelope`] keeping the tensors in data-plane buffers (device-resident on
+    /// NCCL): no host staging. Hand the buffers back with [`Rank::recycle`] when done, so the
+    /// next envelope with the same manifest allocates nothing.
+    pub fn recv_envelope_device(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<ReceivedEnvelope<D::Buffer>> {
         match self.recv_envelope_inner(deadline)? {
             Some(e) => Ok(e),
             None => {
@@ -856,10 +969,69 @@ impl<D: DataPlane> Rank<D> {
     /// started, the frame is read to its end under the rank's op deadline, so a timeout never
     /// consumes half a frame and desynchronizes the lane.
     pub fn try_recv_envelope(&self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
+        self.recv_envelope_inner(Some(Instant::now() + timeout))?
+            .map(|e| self.to_host(e))
+            .transpose()
+    }
+
+    /// [`Rank::try_recv_envelope`], device-resident.
+    pub fn try_recv_envelope_device(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
         self.recv_envelope_inner(Some(Instant::now() + timeout))
     }
 
-    fn recv_envelope_inner(&self, deadline: Option<Instant>) -> Result<Option<ReceivedEnvelope>> {
+    /// Moves a device-resident envelope's tensors to host memory (NCCL: one download each;
+    /// host backend: no copy).
+    pub fn to_host(&self, env: ReceivedEnvelope<D::Buffer>) -> Result<ReceivedEnvelope> {
+        let tensors = env
+            .tensors
+            .into_iter()
+            .map(|t| t.map_data(|b| self.plane.take_host(b)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ReceivedEnvelope {
+            header: env.header,
+            meta: env.meta,
+            tensors,
+        })
+    }
+
+    /// Hands receive buffers back for reuse by later envelopes of the same manifest (at most
+    /// a few per byte length are kept; the rest are freed).
+    pub fn recycle(&self, tensors: impl IntoIterator<Item = Tensor<D::Buffer>>) {
+        let mut pool = self.recv_pool.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tensors {
+            let len = self.plane.buffer_len(&t.data);
+            pool.put(len, t.data);
+        }
+    }
+
+    /// A receive buffer of `len` bytes: from the pool, else freshly allocated.
+    fn recv_buffer(&self, len: usize) -> Result<D::Buffer> {
+        let pooled = self
+            .recv_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(len);
+        match pooled {
+            Some(b) => Ok(b),
+            None => {
+                self.recv_allocs.fetch_add(1, Ordering::Relaxed);
+                self.plane.alloc_for_recv(len)
+            }
+        }
+    }
+
+    /// How many receive buffers this rank allocated fresh (the rest came from [`Rank::recycle`]).
+    pub fn recv_buffers_allocated(&self) -> u64 {
+        self.recv_allocs.load(Ordering::Relaxed)
+    }
+
+    fn recv_envelope_inner(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
         if let Some(e) = self
             .stash
             .lock()
@@ -1057,7 +1229,7 @@ impl<D: DataPlane> Rank<D> {
 
     /// One envelope frame: decode, acceptance (leader), payload receive. `None`: a duplicate,
     /// drained and dropped.
-    fn accept_frame(&self, frame: &EnvelopeFrame) -> Result<Option<ReceivedEnvelope>> {
+    fn accept_frame(&self, frame: &EnvelopeFrame) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
         let rec = frame.rec;
         let inb = match decode_envelope_frame(&frame.body, &self.opts.limits) {
             Ok(i) => i,
@@ -1110,7 +1282,7 @@ impl<D: DataPlane> Rank<D> {
         }
     }
 
-    fn recv_payload(&self, h: &Header, meta: Option<&MetaDoc>) -> Result<Vec<HostTensor>> {
+    fn recv_payload(&self, h: &Header, meta: Option<&MetaDoc>) -> Result<Vec<Tensor<D::Buffer>>> {
         let Some(meta) = meta.filter(|m| !m.tensor_specs.is_empty()) else {
             return Ok(Vec::new());
         };
@@ -1130,7 +1302,7 @@ impl<D: DataPlane> Rank<D> {
         // Limits were checked when the meta was decoded; allocation follows the manifest only.
         let mut bufs = Vec::with_capacity(n);
         for spec in &meta.tensor_specs {
-            bufs.push(self.plane.alloc(spec.byte_len as usize)?);
+            bufs.push(self.recv_buffer(spec.byte_len as usize)?);
         }
         // All receives in one group, as the sender groups its sends: one launch and one
         // host-visible completion per envelope instead of one per tensor.
@@ -1148,8 +1320,8 @@ impl<D: DataPlane> Rank<D> {
         pp.group_end()?;
         let mut tensors = Vec::with_capacity(n);
         for (i, (spec, tk)) in meta.tensor_specs.iter().zip(tickets).enumerate() {
-            let data = self.plane.download(&pp.wait(tk, self.deadline())?)?;
-            tensors.push(HostTensor::new(
+            let data = pp.wait(tk, self.deadline())?;
+            tensors.push(Tensor::new(
                 spec.name.clone(),
                 spec.dtype,
                 spec.shape.clone(),
@@ -1167,11 +1339,30 @@ impl<D: DataPlane> Rank<D> {
     /// get the same envelope, validated by the same decoder. NOOP and SHUTDOWN relay as a header
     /// only. Followers check limits before allocating.
     pub fn relay_to_mesh(&self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
+        let env = match env {
+            Some(e) => Some(ReceivedEnvelope {
+                header: e.header,
+                meta: e.meta.clone(),
+                tensors: self.upload_all(&e.tensors)?,
+            }),
+            None => None,
+        };
+        let got = self.relay_to_mesh_device(env)?;
+        self.to_host(got)
+    }
+
+    /// [`Rank::relay_to_mesh`] for device-resident envelopes: the leader's buffers are broadcast
+    /// as they are (and come back as the leader's copy); followers receive into buffers
+    /// allocated from the validated manifest (or recycled ones).
+    pub fn relay_to_mesh_device(
+        &self,
+        env: Option<ReceivedEnvelope<D::Buffer>>,
+    ) -> Result<ReceivedEnvelope<D::Buffer>> {
         let mesh = self.mesh();
         let root = GroupRank(0);
         let leader = mesh.me() == Some(root);
         let d = self.deadline();
-        let head = match (leader, env) {
+        let head = match (leader, &env) {
             (true, Some(e)) => e.header.encode().to_vec(),
             (true, None) => {
                 return Err(Error::Invariant(
@@ -1202,7 +1393,7 @@ impl<D: DataPlane> Rank<D> {
                 h.meta_len, self.opts.limits.max_meta_bytes
             )));
         }
-        let meta_bytes = match env.and_then(|e| e.meta.as_ref()) {
+        let meta_bytes = match env.as_ref().and_then(|e| e.meta.as_ref()) {
             Some(m) if leader => m.encode()?,
             _ => vec![0u8; h.meta_len as usize],
         };
@@ -1219,11 +1410,29 @@ impl<D: DataPlane> Rank<D> {
         // envelope instead of one per tensor, as on `pp`. Debug mode issues them one by one: its
         // per-collective fingerprint exchange must complete before each op, which an open group
         // forbids.
+        let mut own = match env {
+            Some(e) if leader => e.tensors.into_iter().map(Some).collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
         let mut bufs = Vec::with_capacity(meta.tensor_specs.len());
         for (i, spec) in meta.tensor_specs.iter().enumerate() {
-            bufs.push(match env.and_then(|e| e.tensors.get(i)) {
-                Some(t) if leader => self.plane.upload(&t.data)?,
-                _ => self.plane.alloc(spec.byte_len as usize)?,
+            bufs.push(match own.get_mut(i).and_then(Option::take) {
+                Some(t) if t.spec() == *spec => t.data,
+                Some(t) => {
+                    return Err(Error::Invariant(format!(
+                        "relay_to_mesh: the leader's tensor {i} ({:?}) is not what the manifest \
+                         it relays says ({spec:?})",
+                        t.spec()
+                    )))
+                }
+                None if leader => {
+                    return Err(Error::Invariant(format!(
+                        "relay_to_mesh: the manifest names tensor {i} (`{}`) but the leader's \
+                         envelope has no such tensor",
+                        spec.name
+                    )))
+                }
+                None => self.recv_buffer(spec.byte_len as usize)?,
             });
         }
         let grouped = !mesh.debug_collectives();
@@ -1247,8 +1456,8 @@ impl<D: DataPlane> Rank<D> {
         }
         let mut tensors = Vec::with_capacity(tickets.len());
         for (spec, tk) in meta.tensor_specs.iter().zip(tickets) {
-            let data = self.plane.download(&mesh.wait(tk, d)?)?;
-            tensors.push(HostTensor::new(
+            let data = mesh.wait(tk, d)?;
+            tensors.push(Tensor::new(
                 spec.name.clone(),
                 spec.dtype,
                 spec.shape.clone(),
@@ -1568,12 +1777,33 @@ mod tests {
                 action,
                 ids,
                 &M { x: chunk as u32 },
-                vec![],
+                Vec::<HostTensor>::new(),
                 &Limits::default(),
             )
             .unwrap()
             .header(),
         }
+    }
+
+    #[test]
+    fn recv_pool_reuses_by_length_and_keeps_a_bounded_number() {
+        let mut pool = RecvPool::<Vec<u8>>::default();
+        assert!(pool.take(8).is_none());
+        for i in 0..(RECV_POOL_PER_LEN + 3) {
+            pool.put(8, vec![i as u8; 8]);
+        }
+        pool.put(16, vec![0; 16]);
+        let mut got = 0;
+        while let Some(b) = pool.take(8) {
+            assert_eq!(b.len(), 8);
+            got += 1;
+        }
+        assert_eq!(
+            got, RECV_POOL_PER_LEN,
+            "at most {RECV_POOL_PER_LEN} kept per length"
+        );
+        assert_eq!(pool.take(16).map(|b| b.len()), Some(16));
+        assert!(pool.take(16).is_none());
     }
 
     #[test]

@@ -570,6 +570,45 @@ fn c2_sender_killed_mid_payload_detected_by_receiver() {
 }
 
 #[test]
+fn c2_device_resident_sender_killed_mid_payload_detected_by_receiver() {
+    let _serial = common::serial();
+    if skip_unrunnable("c2_device_resident_sender_killed_mid_payload_detected_by_receiver") {
+        return;
+    }
+    let o = launch("c2dev", 3, "send.kill_mid_payload@0", &[], &["--device"]);
+    o.assert(
+        137,
+        &[
+            "launch: global-rank 0 killed by signal 9 (SIGKILL)",
+            "global-rank 1]: exit 72 (peer-lost): peer lost: global-rank 0 (driver)",
+            "(receiving the payload of INFER call_id 1: ",
+        ],
+    );
+}
+
+#[test]
+fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
+    let _serial = common::serial();
+    if skip_unrunnable("device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers") {
+        return;
+    }
+    let o = launch("devstream", 3, "", &[], &["--device", "--chunks", "6"]);
+    // Values are checked by rank 0 every chunk (chunk 5 ok = the sixth RESULT matched). With
+    // recycling, the receive buffers are allocated once per manifest: the leader's 2 (latents,
+    // cond) and the follower's 2 for 6 INFERs, rank 0's 1 for 6 RESULTs.
+    o.assert(
+        0,
+        &[
+            "launch: all 3 ranks exited cleanly",
+            "chunk 5 ok",
+            "harness[global-rank 1]: device-resident: 2 receive buffer(s) allocated for 6 INFER(s)",
+            "harness[global-rank 2]: device-resident: 2 receive buffer(s) allocated for 6 INFER(s)",
+            "harness[global-rank 0]: device-resident: 1 receive buffer(s) allocated for 6 RESULT(s)",
+        ],
+    );
+}
+
+#[test]
 fn c3_sigterm_to_launcher_reaches_every_rank() {
     let _serial = common::serial();
     if skip_unrunnable("c3_sigterm_to_launcher_reaches_every_rank") {

@@ -776,6 +776,9 @@ impl DataPlane for HostPlane {
     fn download(&self, buf: &Vec<u8>) -> Result<Vec<u8>> {
         Ok(buf.clone())
     }
+    fn take_host(&self, buf: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(buf)
+    }
     fn buffer_len(&self, buf: &Vec<u8>) -> usize {
         buf.len()
     }

@@ -2,7 +2,13 @@
 //!
 //! Contract (shaped after NCCL so that backend fits without contortions):
 //! - Buffers are backend-owned (`Buffer`: host `Vec<u8>`, NCCL device memory). An op takes its
-//!   buffer **by value** and `wait` hands it back: no aliasing while an op is in flight.
+//!   buffer **by value** and `wait` hands it back: no aliasing while an op is in flight. A buffer
+//!   can be an envelope tensor's storage (`wire::Tensor<D::Buffer>`): device-resident envelopes
+//!   travel without host staging.
+//! - Stream order: a backend runs every op of a process on one stream (NCCL: `Gpu::stream`). A
+//!   buffer handed to an op must have been produced on that stream or be complete (the caller
+//!   synchronized, or a CUDA event on its producer stream was waited on by the plane's stream);
+//!   when `wait` returns, the host has seen the op complete, so any stream may consume the buffer.
 //! - Ops are **asynchronous**: they return a `Pending` at once (enqueued, like NCCL on a stream)
 //!   and complete in issue order per communicator; `wait(pending, deadline)` bounds the wait.
 //! - `group_start`/`group_end` bracket ops that must progress together (a send and a recv between
@@ -15,7 +21,7 @@
 use super::group::{GroupSpec, PeerTable};
 use crate::error::Result;
 use crate::ids::GroupRank;
-use crate::wire::DType;
+use crate::wire::{DType, TensorBytes};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,7 +40,7 @@ impl AbortHandle {
 
 pub trait DataPlane: Send + Sync + 'static {
     /// Memory an op reads/writes (host: `Vec<u8>`; NCCL: device allocation).
-    type Buffer: Send + 'static;
+    type Buffer: Send + TensorBytes + 'static;
     /// One communicator (one per group this rank belongs to).
     type Comm: Send + Sync + 'static;
     /// An enqueued op.
@@ -59,6 +65,15 @@ pub trait DataPlane: Send + Sync + 'static {
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
     fn upload(&self, host: &[u8]) -> Result<Self::Buffer>;
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    /// Moves a buffer's bytes to the host, consuming it (host backend: no copy).
+    fn take_host(&self, buf: Self::Buffer) -> Result<Vec<u8>> {
+        self.download(&buf)
+    }
+    /// A buffer of `bytes` whose contents the next op overwrites (a receive target): backends
+    /// may skip zeroing it. Default: `alloc`.
+    fn alloc_for_recv(&self, bytes: usize) -> Result<Self::Buffer> {
+        self.alloc(bytes)
+    }
     fn buffer_len(&self, buf: &Self::Buffer) -> usize;
 
     fn send(&self, comm: &Self::Comm, buf: Self::Buffer, peer: GroupRank) -> Result<Self::Pending>;

@@ -11,24 +11,64 @@ use crate::digest::fnv64;
 use crate::error::{Error, Result};
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 
-/// A tensor in host memory, ready to travel as a top-level envelope entry.
+/// Where a tensor's bytes live: host memory (`Vec<u8>`) or a data plane's device buffer. `wire`
+/// only needs the length (preflight checks it against `dtype × shape`); it never touches the
+/// bytes of a device buffer, so nothing here knows about CUDA.
+pub trait TensorBytes {
+    fn byte_len(&self) -> u64;
+}
+
+impl TensorBytes for Vec<u8> {
+    fn byte_len(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+/// A top-level envelope tensor: name, dtype, shape and its bytes in storage `S` (host memory by
+/// default; a data plane's device buffer for device-resident envelopes).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostTensor {
+pub struct Tensor<S = Vec<u8>> {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub data: Vec<u8>,
+    pub data: S,
 }
 
-impl HostTensor {
-    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Self {
-        HostTensor {
+/// A tensor in host memory, ready to travel as a top-level envelope entry.
+pub type HostTensor = Tensor<Vec<u8>>;
+
+impl<S: TensorBytes> Tensor<S> {
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<u64>, data: S) -> Self {
+        Tensor {
             name: name.into(),
             dtype,
             shape,
             data,
         }
     }
+    pub fn spec(&self) -> TensorSpec {
+        TensorSpec {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            byte_len: self.data.byte_len(),
+        }
+    }
+    /// The same tensor with its bytes moved to other storage by `f` (upload, download).
+    pub fn map_data<T, E>(
+        self,
+        f: impl FnOnce(S) -> std::result::Result<T, E>,
+    ) -> std::result::Result<Tensor<T>, E> {
+        Ok(Tensor {
+            name: self.name,
+            dtype: self.dtype,
+            shape: self.shape,
+            data: f(self.data)?,
+        })
+    }
+}
+
+impl Tensor<Vec<u8>> {
     pub fn from_f32(name: impl Into<String>, shape: Vec<u64>, values: &[f32]) -> Self {
         Self::new(
             name,
@@ -58,14 +98,6 @@ impl HostTensor {
                 .collect()
         })
     }
-    pub fn spec(&self) -> TensorSpec {
-        TensorSpec {
-            name: self.name.clone(),
-            dtype: self.dtype,
-            shape: self.shape.clone(),
-            byte_len: self.data.len() as u64,
-        }
-    }
 }
 
 /// The three ids every envelope carries (SPEC §4).
@@ -91,7 +123,8 @@ impl EnvelopeIds {
     }
 }
 
-/// An envelope that passed preflight: header, canonical meta bytes and materialized tensors.
+/// An envelope that passed preflight: header, canonical meta bytes and materialized tensors
+/// (host memory, or device buffers of a data plane: `PreparedEnvelope<D::Buffer>`).
 /// Fields are private: only [`prepare`], [`prepare_untyped`], [`PreparedEnvelope::noop`] and
 /// [`PreparedEnvelope::shutdown`] make one.
 ///
@@ -100,10 +133,10 @@ impl EnvelopeIds {
 /// let _ = lockstep::wire::PreparedEnvelope { header: unimplemented!(), meta: Vec::new(), tensors: Vec::new() };
 /// ```
 #[derive(Clone, Debug)]
-pub struct PreparedEnvelope {
+pub struct PreparedEnvelope<S = Vec<u8>> {
     header: Header,
     meta: Vec<u8>,
-    tensors: Vec<HostTensor>,
+    tensors: Vec<Tensor<S>>,
 }
 
 impl PreparedEnvelope {
@@ -131,6 +164,9 @@ impl PreparedEnvelope {
             tensors: Vec::new(),
         }
     }
+}
+
+impl<S> PreparedEnvelope<S> {
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -140,46 +176,52 @@ impl PreparedEnvelope {
     pub fn meta_bytes(&self) -> &[u8] {
         &self.meta
     }
-    pub fn tensors(&self) -> &[HostTensor] {
+    pub fn tensors(&self) -> &[Tensor<S>] {
         &self.tensors
     }
     pub fn action(&self) -> Action {
         self.header.action()
     }
+    /// Hands the parts to the sender that owns the wire (`Rank`), which sends header and meta
+    /// first and then moves the tensors' storage into the data plane. The parts cannot be put
+    /// back together into a `PreparedEnvelope`.
+    pub fn into_parts(self) -> (Header, Vec<u8>, Vec<Tensor<S>>) {
+        (self.header, self.meta, self.tensors)
+    }
 }
 
 /// Preflight for typed meta: everything that can fail happens here, before a header exists.
-pub fn prepare<T: serde::Serialize + serde::de::DeserializeOwned>(
+pub fn prepare<T: serde::Serialize + serde::de::DeserializeOwned, S: TensorBytes>(
     action: Action,
     ids: EnvelopeIds,
     meta: &T,
-    tensors: Vec<HostTensor>,
+    tensors: Vec<Tensor<S>>,
     limits: &Limits,
-) -> Result<PreparedEnvelope> {
+) -> Result<PreparedEnvelope<S>> {
     let body = canonical_json(meta)?;
     finish(action, ids, body, tensors, limits)
 }
 
 /// Preflight for untyped meta (JSON text, the C ABI's entry point): hidden tensors and values
 /// that do not round-trip are refused.
-pub fn prepare_untyped(
+pub fn prepare_untyped<S: TensorBytes>(
     action: Action,
     ids: EnvelopeIds,
     meta_json: &str,
-    tensors: Vec<HostTensor>,
+    tensors: Vec<Tensor<S>>,
     limits: &Limits,
-) -> Result<PreparedEnvelope> {
+) -> Result<PreparedEnvelope<S>> {
     let body = untyped_meta_from_json(meta_json, limits)?;
     finish(action, ids, body, tensors, limits)
 }
 
-fn finish(
+fn finish<S: TensorBytes>(
     action: Action,
     ids: EnvelopeIds,
     body: serde_json::Value,
-    tensors: Vec<HostTensor>,
+    tensors: Vec<Tensor<S>>,
     limits: &Limits,
-) -> Result<PreparedEnvelope> {
+) -> Result<PreparedEnvelope<S>> {
     if !action.has_payload() {
         return Err(Error::Preflight(format!(
             "{} carries no payload; use PreparedEnvelope::{}",
@@ -188,7 +230,7 @@ fn finish(
         )));
     }
     let doc = MetaDoc {
-        tensor_specs: tensors.iter().map(HostTensor::spec).collect(),
+        tensor_specs: tensors.iter().map(Tensor::spec).collect(),
         body,
     };
     let total = doc.validate_specs(limits).map_err(Error::Preflight)?;
@@ -222,19 +264,20 @@ fn finish(
 }
 
 /// An envelope as a receive loop hands it up: validated header, decoded meta (None for NOOP and
-/// SHUTDOWN), tensors allocated strictly from the manifest.
+/// SHUTDOWN), tensors allocated strictly from the manifest (host memory, or a data plane's device
+/// buffers: `ReceivedEnvelope<D::Buffer>`).
 #[derive(Clone, Debug)]
-pub struct ReceivedEnvelope {
+pub struct ReceivedEnvelope<S = Vec<u8>> {
     pub header: Header,
     pub meta: Option<MetaDoc>,
-    pub tensors: Vec<HostTensor>,
+    pub tensors: Vec<Tensor<S>>,
 }
 
-impl ReceivedEnvelope {
+impl<S> ReceivedEnvelope<S> {
     pub fn action(&self) -> Action {
         self.header.action()
     }
-    pub fn tensor(&self, name: &str) -> Option<&HostTensor> {
+    pub fn tensor(&self, name: &str) -> Option<&Tensor<S>> {
         self.tensors.iter().find(|t| t.name == name)
     }
 }

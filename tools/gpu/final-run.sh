@@ -3,8 +3,9 @@
 # NCCL_NVLS_ENABLE=0 (3 ranks on 2 GPUs: rank 0 → GPU 0, mesh → GPU 1 and GPU 0):
 #   env + doctor, `lockstep run --backend nccl` (16 chunks, summary + metrics), the pipeline
 #   break-it tests, the pipeline run tests, the protocol break-it tests, gpu_smoke,
-#   gpu_nccl_smoke, then a leftover-process check. Each step is bounded by what is left of a
-#   230 s budget (the device command's limit is 240 s). Logs under $OUT (7 files).
+#   gpu_nccl_smoke, the envelope harness (host-tensor and device-resident Rank vs raw) with the
+#   torch.distributed baseline, then a leftover-process check. Each step is bounded by what is left of a
+#   230 s budget (the device command's limit is 240 s). Logs under $OUT (8 files).
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"; OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export LOCKSTEP_BACKEND=nccl NCCL_NVLS_ENABLE=0 LOCKSTEP_BIN="$S/lockstep" \
@@ -38,6 +39,16 @@ echo "pipeline_run rc=$?"; sum "$OUT/pipeline-run.log"; grep -E "envelopes recei
 step "protocol break-it"
 timeout "$(left 80)" "$S/tests/breakit_protocol" --test-threads=1 --nocapture > "$OUT/breakit-protocol.log" 2>&1
 echo "breakit_protocol rc=$?"; sum "$OUT/breakit-protocol.log"
+
+step "envelope: Rank host tensors / Rank device-resident / raw / staging, then torch (same command)"
+{ timeout "$(left 40)" "$S/lockstep" launch -n 2 -- "$S/lockstep" harness envelope --iters 300
+  echo "envelope rc=$?"
+  PY=""; for c in python3 python; do
+    if "$c" -c 'import torch' 2>/dev/null; then PY=$c; break; fi; done
+  if [ -n "$PY" ]; then timeout "$(left 60)" "$PY" "$S/baselines/transport_torch.py" --scale 0.3; echo "torch rc=$?"
+  else echo "torch: not importable here; no baseline"; fi
+} > "$OUT/envelope.log" 2>&1
+grep -E "RESULT|rc=|^env|env-" "$OUT/envelope.log" | cut -c1-220
 
 step "gpu_smoke + gpu_nccl_smoke"
 { echo "--- gpu_smoke"; timeout "$(left 20)" "$S/tests/gpu_smoke" --test-threads=1 --nocapture; echo "gpu_smoke rc=$?"

@@ -217,6 +217,16 @@ impl Gpu {
         Ok(DeviceBuf { slice, len: bytes })
     }
 
+    /// `bytes` of device memory left unset (stream-ordered allocation): only for a buffer the
+    /// next op on this stream overwrites whole (a receive target sized from the manifest).
+    pub fn alloc_for_overwrite(&self, bytes: usize) -> Result<DeviceBuf> {
+        // SAFETY: the contents are unset, not uninitialized Rust values: `u8` has no invalid bit
+        // patterns, and callers only read the buffer after a receive on this stream filled it.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(|e| cuda(&format!("cuMemAllocAsync({bytes} B)"), e))?;
+        Ok(DeviceBuf { slice, len: bytes })
+    }
+
     /// Copies `data` into a new device buffer (stream-ordered; `data` is pageable, so the copy
     /// is complete when this returns — setup path only).
     pub fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
@@ -298,6 +308,12 @@ impl Gpu {
 pub struct DeviceBuf {
     slice: CudaSlice<u8>,
     len: usize,
+}
+
+impl crate::wire::TensorBytes for DeviceBuf {
+    fn byte_len(&self) -> u64 {
+        self.len as u64
+    }
 }
 
 impl DeviceBuf {

@@ -218,6 +218,10 @@ impl DataPlane for NcclPlane {
         self.gpu.alloc(bytes)
     }
 
+    fn alloc_for_recv(&self, bytes: usize) -> Result<DeviceBuf> {
+        self.gpu.alloc_for_overwrite(bytes)
+    }
+
     fn upload(&self, host: &[u8]) -> Result<DeviceBuf> {
         self.gpu.upload(host)
     }
