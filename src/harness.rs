@@ -17,7 +17,7 @@
 //! conditioning tensor, RESULT with a 600 KB tensor) through `Rank`, then the same bytes as raw
 //! data-plane ops on the same `pp` communicator, then rank 0's host staging copies alone — all in
 //! one run, so `protocol overhead = Rank round trip − raw round trip` uses one baseline.
-use crate::comm::DataPlane;
+use crate::comm::{DataPlane, NullPlane};
 use crate::error::{Error, Result};
 use crate::fault::{self, points};
 
@@ -84,7 +84,7 @@ struct ChunkPlan {
 }
 
 pub fn main(args: &HarnessArgs) -> i32 {
-    if !["stream", "bench", "envelope"].contains(&args.scenario.as_str()) {
+    if !["stream", "bench", "envelope", "protocol"].contains(&args.scenario.as_str()) {
         crate::diag!("harness: unknown scenario {:?}", args.scenario);
         return crate::exit::ExitCode::BadInput.code();
     }
@@ -106,6 +106,11 @@ pub fn main(args: &HarnessArgs) -> i32 {
             return e.exit_code().code();
         }
     };
+    if args.scenario == "protocol" {
+        // The protocol's own cost: `Rank` over a plane that moves no bytes (see `comm::null`).
+        let rank = Rank::bootstrap_with(&env, opts, |_, _| Ok((NullPlane, String::new())));
+        return run(rank, &env, args);
+    }
     match backend {
         Backend::Host => run(Rank::bootstrap_host(&env, opts), &env, args),
         Backend::Nccl => run(crate::comm::nccl::bootstrap_nccl(&env, opts), &env, args),
@@ -130,6 +135,8 @@ fn run<D: DataPlane>(rank: Result<Rank<D>>, env: &RankEnv, args: &HarnessArgs) -
         ("bench", false) => bench_mesh(&rank),
         ("envelope", true) => envelope_driver(&rank, args),
         ("envelope", false) => envelope_mesh(&rank, args),
+        ("protocol", true) => protocol_driver(&rank, args),
+        ("protocol", false) => protocol_mesh(&rank, args),
         (_, true) => driver(&rank, args),
         (_, false) => mesh(&rank, args),
     };
@@ -861,5 +868,167 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
             env.action().name()
         )));
     }
+    Ok(())
+}
+
+/// CPU time of the calling thread: (total from `CLOCK_THREAD_CPUTIME_ID`, user and system from
+/// `getrusage(RUSAGE_THREAD)`; the kernel splits the precise total by tick sampling), in µs.
+fn thread_cpu_us() -> (f64, f64, f64) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscalls filling caller-owned structs.
+    let total = if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+        ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+    } else {
+        f64::NAN
+    };
+    // SAFETY: as above; `rusage` is plain old data.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let (user, sys) = if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } == 0 {
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        (us(ru.ru_utime), us(ru.ru_stime))
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    (total, user, sys)
+}
+
+/// Per-round-trip CPU of this rank's thread over the timed iterations, as one RESULT line.
+fn protocol_row(
+    who: &str,
+    plane: &str,
+    iters: u64,
+    wall: Vec<f64>,
+    cpu0: (f64, f64, f64),
+) -> String {
+    let cpu1 = thread_cpu_us();
+    let n = iters.max(1) as f64;
+    let (p50, p99, mean) = percentiles(wall);
+    format!(
+        "{{\"bench\":\"protocol.{who}\",\"plane\":\"{plane}\",\"iters\":{iters},\"wall_p50_us\":{p50:.2},\"wall_p99_us\":{p99:.2},\"wall_mean_us\":{mean:.2},\"cpu_us_per_rt\":{:.2},\"user_us_per_rt\":{:.2},\"sys_us_per_rt\":{:.2}}}",
+        (cpu1.0 - cpu0.0) / n,
+        (cpu1.1 - cpu0.1) / n,
+        (cpu1.2 - cpu0.2) / n
+    )
+}
+
+/// A u8 tensor of `n` bytes in a fresh data-plane buffer (null plane: a length only).
+fn plane_tensor<D: DataPlane>(rank: &Rank<D>, name: &str, n: u64) -> Result<Tensor<D::Buffer>> {
+    Ok(Tensor::new(
+        name,
+        DType::U8,
+        vec![n],
+        rank.plane().alloc(n as usize)?,
+    ))
+}
+
+/// protocol (rank 0): device-resident INFER envelopes (issue-6 manifest) through `Rank` over the
+/// null plane, each answered by a RESULT; per round trip: wall time, and this thread's CPU.
+fn protocol_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Plan {
+        expected_generator_calls: u32,
+        latent_shape: Vec<u64>,
+    }
+    let iters = args.iters.max(1);
+    let warm = (iters / 10).max(10);
+    let plan = Plan {
+        expected_generator_calls: args.generator_calls,
+        latent_shape: latent_shape(args),
+    };
+    let mut wall = Vec::with_capacity(iters as usize);
+    let mut dev = vec![
+        plane_tensor(rank, "latents", args.latent_bytes)?,
+        plane_tensor(rank, "cond", args.cond_bytes)?,
+    ];
+    let mut cpu0 = thread_cpu_us();
+    for i in 0..(warm + iters) {
+        if i == warm {
+            cpu0 = thread_cpu_us();
+        }
+        let t = Instant::now();
+        dev = rank
+            .send_next_device(|ids| {
+                prepare(
+                    Action::Infer,
+                    ids.with_chunk(i),
+                    &plan,
+                    dev,
+                    &Limits::default(),
+                )
+            })?
+            .1;
+        let res = rank.recv_envelope_device(Some(rank.deadline()))?;
+        if res.action() != Action::Result || res.header.chunk_index != i {
+            return Err(Error::Invariant(format!(
+                "protocol bench: expected RESULT for chunk_index {i}, got {} chunk_index {}",
+                res.action().name(),
+                res.header.chunk_index
+            )));
+        }
+        rank.recycle(res.tensors);
+        if i >= warm {
+            wall.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let row = protocol_row("rank0", rank.plane().name(), iters, wall, cpu0);
+    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    println!("RESULT {row}");
+    Ok(())
+}
+
+/// protocol (mesh leader): receives each INFER device-resident, answers with a RESULT carrying
+/// one tensor of `--result-bytes`; reports its thread's CPU per round trip.
+fn protocol_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct Empty {}
+    if !rank.is_mesh_leader() {
+        return Ok(());
+    }
+    let iters = args.iters.max(1);
+    let warm = (iters / 10).max(10);
+    let mut wall = Vec::with_capacity(iters as usize);
+    let mut cpu0 = thread_cpu_us();
+    let mut reply = vec![plane_tensor(rank, "out", args.result_bytes)?];
+    for i in 0.. {
+        if i == warm {
+            cpu0 = thread_cpu_us();
+        }
+        let env = rank.recv_envelope_device(None)?;
+        // Time from "header read" to "RESULT sent": the leader's side of one round trip.
+        let t = Instant::now();
+        match env.action() {
+            Action::Shutdown => break,
+            Action::Infer => {}
+            other => {
+                return Err(Error::Invariant(format!(
+                    "protocol bench: expected INFER, got {}",
+                    other.name()
+                )))
+            }
+        }
+        let h = env.header;
+        rank.recycle(env.tensors);
+        reply = rank.send_envelope_device(prepare(
+            Action::Result,
+            EnvelopeIds {
+                call_id: h.call_id(),
+                chunk_index: h.chunk_index(),
+                cache_epoch: h.cache_epoch(),
+            },
+            &Empty {},
+            reply,
+            &Limits::default(),
+        )?)?;
+        if i >= warm {
+            wall.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    println!(
+        "RESULT {}",
+        protocol_row("leader", rank.plane().name(), iters, wall, cpu0)
+    );
     Ok(())
 }

@@ -34,6 +34,7 @@ pub mod control;
 pub mod group;
 pub mod host;
 pub mod nccl;
+pub mod null;
 pub mod parity;
 pub mod plane;
 pub mod recorder;
@@ -41,6 +42,7 @@ pub mod watchdog;
 
 pub use group::{standard_groups, Group, GroupRole, GroupSpec, PeerTable, Ticket};
 pub use host::HostPlane;
+pub use null::{NullBuf, NullPlane};
 pub use parity::Fingerprint;
 pub use plane::{AbortHandle, DataPlane};
 pub use recorder::{OpContext, Recorder};
