@@ -176,7 +176,7 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
         // Ops are matched by key: collectives by the group's sequence number, point-to-point
         // ops by (direction, per-direction sequence number): see `Group::issue`.
         let key_of = |m: u32, o: &OpRecord| -> (String, u64) {
-            match (o.op.as_str(), o.peer) {
+            match (o.op.as_ref(), o.peer) {
                 ("send", Some(p)) => (format!("p2p {m}->{p}"), o.seq),
                 ("recv", Some(p)) => (format!("p2p {p}->{m}"), o.seq),
                 _ => (String::new(), o.seq),
@@ -245,7 +245,7 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                 let op = if o.op == "send" || o.op == "recv" {
                     "p2p".to_string()
                 } else {
-                    o.op.clone()
+                    o.op.to_string()
                 };
                 (op, o.dtype.clone(), o.shape.clone(), o.bytes, o.root)
             };
@@ -275,7 +275,7 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                     let (op, dt, sh, by, ro) = sig(o);
                     match fi {
                         0 => op,
-                        1 => dt.unwrap_or_default(),
+                        1 => dt.map(|d| d.to_string()).unwrap_or_default(),
                         2 => format!("{sh:?}"),
                         3 => by.to_string(),
                         _ => format!("{ro:?}"),

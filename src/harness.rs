@@ -872,8 +872,9 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
 }
 
 /// CPU time of the calling thread: (total from `CLOCK_THREAD_CPUTIME_ID`, user and system from
-/// `getrusage(RUSAGE_THREAD)`; the kernel splits the precise total by tick sampling), in µs.
-fn thread_cpu_us() -> (f64, f64, f64) {
+/// `getrusage(RUSAGE_THREAD)`; the kernel splits the precise total by tick sampling), and the
+/// time spent spinning for headers (`rank::lane_spin_us`), in µs.
+fn thread_cpu_us() -> (f64, f64, f64, f64) {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -892,7 +893,7 @@ fn thread_cpu_us() -> (f64, f64, f64) {
     } else {
         (f64::NAN, f64::NAN)
     };
-    (total, user, sys)
+    (total, user, sys, crate::rank::lane_spin_us())
 }
 
 /// Per-round-trip CPU of this rank's thread over the timed iterations, as one RESULT line.
@@ -901,16 +902,18 @@ fn protocol_row(
     plane: &str,
     iters: u64,
     wall: Vec<f64>,
-    cpu0: (f64, f64, f64),
+    cpu0: (f64, f64, f64, f64),
 ) -> String {
     let cpu1 = thread_cpu_us();
     let n = iters.max(1) as f64;
     let (p50, p99, mean) = percentiles(wall);
     format!(
-        "{{\"bench\":\"protocol.{who}\",\"plane\":\"{plane}\",\"iters\":{iters},\"wall_p50_us\":{p50:.2},\"wall_p99_us\":{p99:.2},\"wall_mean_us\":{mean:.2},\"cpu_us_per_rt\":{:.2},\"user_us_per_rt\":{:.2},\"sys_us_per_rt\":{:.2}}}",
+        "{{\"bench\":\"protocol.{who}\",\"plane\":\"{plane}\",\"iters\":{iters},\"wall_p50_us\":{p50:.2},\"wall_p99_us\":{p99:.2},\"wall_mean_us\":{mean:.2},\"cpu_us_per_rt\":{:.2},\"user_us_per_rt\":{:.2},\"sys_us_per_rt\":{:.2},\"spin_us_per_rt\":{:.2},\"cpu_minus_spin_us_per_rt\":{:.2}}}",
         (cpu1.0 - cpu0.0) / n,
         (cpu1.1 - cpu0.1) / n,
-        (cpu1.2 - cpu0.2) / n
+        (cpu1.2 - cpu0.2) / n,
+        (cpu1.3 - cpu0.3) / n,
+        ((cpu1.0 - cpu0.0) - (cpu1.3 - cpu0.3)) / n
     )
 }
 

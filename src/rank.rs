@@ -157,6 +157,10 @@ pub struct RankOptions {
     /// Extra parity fields (model geometry, dtype, execution flags, plan settings).
     pub fingerprint: Fingerprint,
     pub recorder_capacity: usize,
+    /// How long a rank waiting for an envelope header spins before it sleeps in `poll(2)`
+    /// (`LOCKSTEP_LANE_SPIN_US`, default 50; 0 never spins). A local latency/CPU trade, not a
+    /// parity field: it changes no collective.
+    pub lane_spin: Duration,
 }
 
 impl Default for RankOptions {
@@ -169,6 +173,7 @@ impl Default for RankOptions {
             limits: Limits::default(),
             fingerprint: Fingerprint::default(),
             recorder_capacity: 4096,
+            lane_spin: Duration::from_micros(50),
         }
     }
 }
@@ -191,6 +196,12 @@ impl RankOptions {
                 Error::BadInput(format!("LOCKSTEP_RENDEZVOUS_MS={v:?} is not a number"))
             })?;
             o.rendezvous_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Ok(v) = std::env::var("LOCKSTEP_LANE_SPIN_US") {
+            let us: u64 = v.parse().map_err(|_| {
+                Error::BadInput(format!("LOCKSTEP_LANE_SPIN_US={v:?} is not a number"))
+            })?;
+            o.lane_spin = Duration::from_micros(us.min(1_000_000));
         }
         o.debug_collectives = std::env::var("LOCKSTEP_DEBUG_COLLECTIVES").is_ok_and(|v| v == "1");
         o.fingerprint.set(
@@ -330,7 +341,7 @@ pub struct Rank<D: DataPlane = HostPlane> {
     recorder: Arc<Recorder>,
     outbox: Option<Arc<Outbox>>,
     /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
-    inbox: Option<Mutex<TcpStream>>,
+    inbox: Option<Mutex<Lane>>,
     /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order
     /// (device-resident: the host API converts when it hands one up).
     stash: Mutex<VecDeque<ReceivedEnvelope<D::Buffer>>>,
@@ -341,7 +352,7 @@ pub struct Rank<D: DataPlane = HostPlane> {
     /// How many envelopes went into `stash` (the crossing the CTS rule defused).
     stashed: AtomicU64,
     acceptance: Mutex<Acceptance>,
-    recv_progress: Arc<Mutex<Option<String>>>,
+    recv_progress: Arc<Mutex<Option<RecvProgress>>>,
     hb_stop: Arc<AtomicBool>,
     ctrl_all: Vec<(u32, TcpStream)>,
     plane: Arc<D>,
@@ -608,7 +619,11 @@ impl<D: DataPlane> Rank<D> {
             let w = b
                 .try_clone()
                 .map_err(|e| Error::io("clone envelope lane", e))?;
-            inbox = Some(Mutex::new(b));
+            inbox = Some(Mutex::new(Lane {
+                what: format!("envelope lane from global-rank {}", peer.0),
+                s: b,
+                timeout: None,
+            }));
             outbox = Some(Arc::new(Outbox {
                 ctrl: Mutex::new(w),
                 state: Mutex::new(SendState {
@@ -815,7 +830,7 @@ impl<D: DataPlane> Rank<D> {
         let rec = self.recorder.enqueue(OpDesc {
             group: "control".into(),
             seq: h.call_id,
-            op: format!("send_header {}", h.action().name()),
+            op: format!("send_header {}", h.action().name()).into(),
             peer: Some(ob.peer.0),
             bytes: (HEADER_LEN + meta.len()) as u64,
             ..Default::default()
@@ -1140,11 +1155,7 @@ impl<D: DataPlane> Rank<D> {
     }
 
     /// Reads the next frame of the envelope lane. `None`: no frame started before `deadline`.
-    fn read_lane(
-        &self,
-        lane: &mut TcpStream,
-        deadline: Option<Instant>,
-    ) -> Result<Option<LaneFrame>> {
+    fn read_lane(&self, lane: &mut Lane, deadline: Option<Instant>) -> Result<Option<LaneFrame>> {
         let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
         let max =
             u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
@@ -1155,42 +1166,19 @@ impl<D: DataPlane> Rank<D> {
             ..Default::default()
         });
         self.recorder.start(rec);
-        let what = format!("envelope lane from global-rank {peer}");
-        if let Some(d) = deadline {
-            // Wait for the first byte without consuming anything; only this wait may time
-            // out quietly.
-            let wait = d
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_micros(1));
-            let _ = lane.set_read_timeout(Some(wait));
-            let mut probe = [0u8; 1];
-            let peeked = loop {
-                match lane.peek(&mut probe) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            };
-            match peeked {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    self.recorder.note(rec, "no header before the deadline");
-                    self.recorder.complete(rec);
-                    return Ok(None);
-                }
-                // Data, EOF or an error: read_frame below reports it precisely.
-                _ => {}
-            }
-            // The rest of the frame is bounded by the op deadline (a peer that stalls
-            // mid-frame is an error, not "nothing arrived").
-            let _ = lane.set_read_timeout(Some(self.opts.op_timeout));
-        } else {
-            let _ = lane.set_read_timeout(None);
+        // Wait for the first byte without consuming anything; only this wait may time out
+        // quietly.
+        if !lane.readable_by(deadline, self.opts.lane_spin) {
+            self.recorder.note(rec, "no header before the deadline");
+            self.recorder.complete(rec);
+            return Ok(None);
         }
-        let got = match read_frame(&mut *lane, max, &what) {
+        // Data, EOF or an error: read_frame below reports it precisely. The rest of the frame
+        // is bounded by the op deadline (a peer that stalls mid-frame is an error, not "nothing
+        // arrived").
+        lane.set_timeout(Some(self.opts.op_timeout));
+        let (stream, what) = (&mut lane.s, lane.what.as_str());
+        let got = match read_frame(stream, max, what) {
             Ok(Some((FrameKind::Envelope, body))) => Ok(LaneFrame::Envelope(EnvelopeFrame { body, rec })),
             Ok(Some((FrameKind::ClearToSend, body))) => match <[u8; 8]>::try_from(body.as_slice()) {
                 Ok(b) if !self.is_driver() => Ok(LaneFrame::ClearToSend(u64::from_le_bytes(b))),
@@ -1291,11 +1279,12 @@ impl<D: DataPlane> Rank<D> {
         let n = meta.tensor_specs.len();
         let set = |i: usize| {
             if let Ok(mut p) = self.recv_progress.lock() {
-                *p = Some(format!(
-                    "receiving the payload of {} call_id {}: {i} of {n} tensors complete",
-                    h.action().name(),
-                    h.call_id
-                ));
+                *p = Some(RecvProgress {
+                    action: h.action().name(),
+                    call_id: h.call_id,
+                    done: i,
+                    of: n,
+                });
             }
         };
         set(0);
@@ -1516,13 +1505,127 @@ struct EnvelopeFrame {
     rec: u64,
 }
 
+/// Where a payload receive stands (read by the control reader when the sender is lost mid-payload).
+#[derive(Clone, Copy, Debug)]
+struct RecvProgress {
+    action: &'static str,
+    call_id: u64,
+    done: usize,
+    of: usize,
+}
+
+/// The envelope lane as the receiving thread reads it: the socket, its name for diagnostics, and
+/// the read timeout last set on it (so an unchanged timeout costs no syscall).
+struct Lane {
+    s: TcpStream,
+    what: String,
+    timeout: Option<Option<Duration>>,
+}
+
+impl Lane {
+    fn set_timeout(&mut self, t: Option<Duration>) {
+        if self.timeout != Some(t) {
+            let _ = self.s.set_read_timeout(t);
+            self.timeout = Some(t);
+        }
+    }
+
+    /// Waits until the lane has something to read (data, EOF or an error) or `deadline`
+    /// passes (None: no local bound; the watchdog still applies); consumes nothing. It first
+    /// spins for up to `spin` on a non-blocking peek — a header that arrives within it costs no
+    /// sleep and no wakeup on either side — then blocks in `poll(2)`.
+    fn readable_by(&self, deadline: Option<Instant>, spin: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        if !spin.is_zero() {
+            let start = Instant::now();
+            let until = start + spin;
+            let spun = |now: Instant| {
+                LANE_SPIN_NS.fetch_add((now - start).as_nanos() as u64, Ordering::Relaxed);
+            };
+            loop {
+                if lane_has_unread_or_closed(&self.s) {
+                    spun(Instant::now());
+                    return true;
+                }
+                let now = Instant::now();
+                if now >= until || deadline.is_some_and(|d| now >= d) {
+                    spun(now);
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        loop {
+            // poll takes milliseconds: round up, so a wait never ends before its deadline.
+            let ms = match deadline {
+                None => -1,
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(i32::MAX as u128) as i32,
+            };
+            let mut p = libc::pollfd {
+                fd: self.s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd that lives across the call.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n > 0 {
+                return true;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n < 0 {
+                // An error on poll itself: let the read report what is wrong with the socket.
+                return true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+        }
+    }
+}
+
+/// Nanoseconds this process spent spinning on the envelope lane (see [`Lane::readable_by`]); the
+/// protocol benchmark subtracts it from thread CPU time.
+static LANE_SPIN_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Microseconds this process spent spinning for envelope headers so far.
+pub fn lane_spin_us() -> f64 {
+    LANE_SPIN_NS.load(Ordering::Relaxed) as f64 / 1e3
+}
+
+/// True when a non-blocking peek sees data, EOF or an error on `s` (something `read` would
+/// return at once).
+fn lane_has_unread_or_closed(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0
+        || !matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        )
+}
+
 struct ReaderCtx {
     from: u32,
     me: u32,
     /// A clone of the envelope lane when this connection's peer is the envelope peer.
     lane: Option<TcpStream>,
     recorder: Arc<Recorder>,
-    recv_progress: Arc<Mutex<Option<String>>>,
+    recv_progress: Arc<Mutex<Option<RecvProgress>>>,
 }
 
 fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
@@ -1542,8 +1645,13 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
             .recv_progress
             .lock()
             .ok()
-            .and_then(|p| p.clone())
-            .map_or(String::new(), |p| format!(" ({p})"));
+            .and_then(|p| *p)
+            .map_or(String::new(), |p| {
+                format!(
+                    " (receiving the payload of {} call_id {}: {} of {} tensors complete)",
+                    p.action, p.call_id, p.done, p.of
+                )
+            });
         let who = if ctx.from == 0 { " (driver)" } else { "" };
         watchdog::crash(
             &Error::PeerLost(format!("global-rank {}{who} {what}{during}", ctx.from)),

@@ -231,8 +231,9 @@ fn e1_backpressure_disabled_queue_grows_bounded_when_enabled() {
     println!(
         "E1: decode queue high-water mark: backpressure off {grown}, on {bounded} (D_out = 2)"
     );
-    // 30 chunks, decode ~3× slower than the mesh: the backlog grows with the run (≥ 3 × D_out
-    // here, and it keeps growing with more chunks) instead of staying at D_out.
+    // 30 chunks, decode (8 ms) a little slower than the mesh: without backpressure Stage 0
+    // takes every result as soon as the mesh has it, so the backlog grows with the run (≥ 3 ×
+    // D_out here, ~the chunk count) instead of staying at D_out.
     assert!(
         grown >= 6,
         "without backpressure the decode queue should grow, got {grown}"

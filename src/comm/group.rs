@@ -141,18 +141,20 @@ impl OpKind {
 pub struct Ticket<D: DataPlane> {
     pending: D::Pending,
     rec_id: u64,
-    what: String,
 }
 
 impl<D: DataPlane> Ticket<D> {
-    pub fn describe(&self) -> &str {
-        &self.what
+    /// The flight-recorder id of the op (its description: `Recorder::describe`).
+    pub fn record_id(&self) -> u64 {
+        self.rec_id
     }
 }
 
 /// A process group as this rank sees it: the only way to issue data-plane ops.
 pub struct Group<D: DataPlane> {
     spec: GroupSpec,
+    /// `spec.name`, interned for the flight recorder.
+    label: &'static str,
     me_global: GlobalRank,
     me: Option<GroupRank>,
     comm: Option<D::Comm>,
@@ -175,6 +177,7 @@ impl<D: DataPlane> Group<D> {
     ) -> Self {
         let me = spec.group_rank_of(me_global);
         Group {
+            label: super::recorder::intern(&spec.name),
             spec,
             me_global,
             me,
@@ -223,14 +226,15 @@ impl<D: DataPlane> Group<D> {
         if fault::hit(fault::points::GUARD_OFF) {
             return Ok(());
         }
-        let members: Vec<String> = self.spec.members.iter().map(|m| m.0.to_string()).collect();
+        let members =
+            || -> Vec<String> { self.spec.members.iter().map(|m| m.0.to_string()).collect() };
         if self.me.is_none() {
             return Err(Error::Invariant(format!(
                 "wrong-group collective: refusing {} on group `{}` before the call: {} is not a member (members: global-rank {})",
                 op.name(),
                 self.spec.name,
                 self.me_global,
-                members.join(", ")
+                members().join(", ")
             )));
         }
         if !op.allowed_on(self.spec.role) {
@@ -301,8 +305,8 @@ impl<D: DataPlane> Group<D> {
             OpKind::Broadcast => (None, other_global),
             _ => (None, None),
         };
-        let desc = OpDesc {
-            group: self.spec.name.clone(),
+        let rec_id = self.recorder.enqueue(OpDesc {
+            group: self.label.into(),
             seq,
             op: op.name().into(),
             peer,
@@ -310,36 +314,13 @@ impl<D: DataPlane> Group<D> {
             dtype: Some(dtype.name().into()),
             shape: shape.to_vec(),
             bytes,
-        };
-        let rec_id = self.recorder.enqueue(desc.clone());
-        let what = super::recorder::OpRecord {
-            id: rec_id,
-            group: desc.group.clone(),
-            seq,
-            op: desc.op.clone(),
-            peer,
-            root,
-            dtype: desc.dtype.clone(),
-            shape: desc.shape.clone(),
-            bytes,
-            ctx: Default::default(),
-            state: super::recorder::OpState::Enqueued,
-            t_enqueued_us: 0,
-            t_started_us: None,
-            t_completed_us: None,
-            note: None,
-        }
-        .describe();
+        });
         if self.debug && !matches!(op, OpKind::Send | OpKind::Recv) {
             self.check_fingerprint(comm, seq, op, dtype, shape, other)?;
         }
         self.recorder.start(rec_id);
         match call(&self.plane, comm) {
-            Ok(pending) => Ok(Ticket {
-                pending,
-                rec_id,
-                what,
-            }),
+            Ok(pending) => Ok(Ticket { pending, rec_id }),
             Err(e) => {
                 self.recorder.fail(rec_id, &e.to_string());
                 Err(e)
@@ -512,7 +493,13 @@ impl<D: DataPlane> Group<D> {
             Err(e) => {
                 self.recorder.fail(t.rec_id, &e.to_string());
                 Err(match e {
-                    Error::Timeout(m) => Error::Timeout(format!("{}: {m}", t.what)),
+                    Error::Timeout(m) => {
+                        let what = self
+                            .recorder
+                            .describe(t.rec_id)
+                            .unwrap_or_else(|| format!("{} op #{}", self.spec.name, t.rec_id));
+                        Error::Timeout(format!("{what}: {m}"))
+                    }
                     other => other,
                 })
             }

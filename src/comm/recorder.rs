@@ -8,6 +8,7 @@
 //! Tripwire: an op that stays `started` is what `lockstep fr analyze` and the watchdog name.
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,30 +31,47 @@ pub enum OpState {
     Failed,
 }
 
+/// A recorded name: a static string on the hot path (group, op, dtype, action and phase names;
+/// no allocation per op), an owned one where it is formatted.
+pub type Label = Cow<'static, str>;
+
+/// A `'static` copy of `name`, made once per distinct name (group names: a handful per process),
+/// so recording an op on that group allocates nothing.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
 /// The protocol context ops are recorded under (set by the pipeline per envelope and phase).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpContext {
     pub call_id: CallId,
     pub chunk_index: ChunkIndex,
     pub cache_epoch: CacheEpoch,
-    pub action: String,
-    pub phase: String,
+    pub action: Label,
+    pub phase: Label,
 }
 
 /// One recorded op.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OpRecord {
     pub id: u64,
-    pub group: String,
+    pub group: Label,
     /// Collectives: the group's sequence number (numbered identically on every member).
     /// Send/recv: the sequence number per direction and peer (the k-th send A→B matches the k-th
     /// recv at B from A), see `Group::issue`.
     pub seq: u64,
-    pub op: String,
+    pub op: Label,
     /// Peer (p2p) or root (broadcast) as a global rank, if any.
     pub peer: Option<u32>,
     pub root: Option<u32>,
-    pub dtype: Option<String>,
+    pub dtype: Option<Label>,
     pub shape: Vec<u64>,
     pub bytes: u64,
     #[serde(flatten)]
@@ -85,12 +103,12 @@ impl OpRecord {
 /// What an op looks like when it is recorded.
 #[derive(Clone, Debug, Default)]
 pub struct OpDesc {
-    pub group: String,
+    pub group: Label,
     pub seq: u64,
-    pub op: String,
+    pub op: Label,
     pub peer: Option<u32>,
     pub root: Option<u32>,
-    pub dtype: Option<String>,
+    pub dtype: Option<Label>,
     pub shape: Vec<u64>,
     pub bytes: u64,
 }
@@ -164,8 +182,8 @@ impl Recorder {
     pub fn set_context(&self, ctx: OpContext) {
         self.ring().ctx = ctx;
     }
-    pub fn set_phase(&self, phase: &str) {
-        self.ring().ctx.phase = phase.to_owned();
+    pub fn set_phase(&self, phase: impl Into<Label>) {
+        self.ring().ctx.phase = phase.into();
     }
     pub fn context(&self) -> OpContext {
         self.ring().ctx.clone()
@@ -236,6 +254,16 @@ impl Recorder {
     }
     pub fn last_progress_us(&self) -> u64 {
         self.last_progress_us.load(Ordering::SeqCst)
+    }
+
+    /// The description of op `id` ([`OpRecord::describe`]) while it is still in the ring.
+    pub fn describe(&self, id: u64) -> Option<String> {
+        self.ring()
+            .ops
+            .iter()
+            .rev()
+            .find(|o| o.id == id)
+            .map(OpRecord::describe)
     }
 
     /// The oldest op that has not completed, if any.

@@ -5,10 +5,12 @@
 //! Priorities per turn: send (if allowed) → decode one (if any is ready) → wait for a result,
 //! bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with a slow Stage 1 it
 //! blocks here, bounded, with at most `d_in` in flight. Only with backpressure off (the E1
-//! experiment) does it also take results that are already there before decoding, which is what
-//! lets the decode backlog grow. (With backpressure on, taking results early gains nothing: a
-//! result waits as well in the lane as in the queue, and a "zero" wait on a socket costs up to a
-//! scheduler tick on Linux when nothing is there.)
+//! experiment) does it take every result as soon as the mesh has it — waiting for an outstanding
+//! result before decoding, like a consumer with an unbounded receive buffer — which is what lets
+//! the decode backlog grow with the run. (A zero-wait poll is not enough to show it: the mesh
+//! leader holds a RESULT's payload until rank 0 reads its header and clears it to send, so a
+//! Stage 0 that only looks between decodes paces the mesh to its decode rate. With backpressure
+//! on, taking results early gains nothing: a result waits as well in the lane as in the queue.)
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
 use super::report::Trace;
@@ -192,7 +194,7 @@ pub fn run_driver(
             continue;
         }
         if s0.can_receive() && (s0.ready_len() == 0 || !dc.queues.backpressure) {
-            let wait = if s0.ready_len() == 0 {
+            let wait = if s0.ready_len() == 0 || !dc.queues.backpressure {
                 dc.timeout
             } else {
                 Duration::ZERO

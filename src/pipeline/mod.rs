@@ -55,7 +55,7 @@ pub trait MeshLink {
     /// Duplicates acceptance dropped so far (leader).
     fn duplicates_dropped(&self) -> u64;
     /// Names the phase the next ops belong to (flight-recorder context).
-    fn set_phase(&mut self, _phase: &str) {}
+    fn set_phase(&mut self, _phase: &'static str) {}
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]

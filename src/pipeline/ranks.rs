@@ -253,7 +253,7 @@ impl<D: DataPlane> MeshLink for RankMesh<'_, D> {
     fn duplicates_dropped(&self) -> u64 {
         self.rank.dropped_duplicates()
     }
-    fn set_phase(&mut self, phase: &str) {
+    fn set_phase(&mut self, phase: &'static str) {
         self.rank.recorder().set_phase(phase);
     }
 }
