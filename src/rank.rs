@@ -1552,7 +1552,12 @@ impl Lane {
                     spun(now);
                     break;
                 }
-                std::hint::spin_loop();
+                // Peek about once a microsecond: each peek takes the socket lock that the
+                // peer's send needs to deliver.
+                let next = now + Duration::from_micros(1);
+                while Instant::now() < next {
+                    std::hint::spin_loop();
+                }
             }
         }
         loop {
