@@ -893,13 +893,14 @@ fn thread_cpu_us() -> (f64, f64, f64, f64) {
     } else {
         (f64::NAN, f64::NAN)
     };
-    (total, user, sys, crate::rank::lane_spin_us())
+    (total, user, sys, crate::comm::lane::spin_us())
 }
 
 /// Per-round-trip CPU of this rank's thread over the timed iterations, as one RESULT line.
 fn protocol_row(
     who: &str,
     plane: &str,
+    lane: &str,
     iters: u64,
     wall: Vec<f64>,
     cpu0: (f64, f64, f64, f64),
@@ -908,7 +909,7 @@ fn protocol_row(
     let n = iters.max(1) as f64;
     let (p50, p99, mean) = percentiles(wall);
     format!(
-        "{{\"bench\":\"protocol.{who}\",\"plane\":\"{plane}\",\"iters\":{iters},\"wall_p50_us\":{p50:.2},\"wall_p99_us\":{p99:.2},\"wall_mean_us\":{mean:.2},\"cpu_us_per_rt\":{:.2},\"user_us_per_rt\":{:.2},\"sys_us_per_rt\":{:.2},\"spin_us_per_rt\":{:.2},\"cpu_minus_spin_us_per_rt\":{:.2}}}",
+        "{{\"bench\":\"protocol.{who}\",\"plane\":\"{plane}\",\"lane\":\"{lane}\",\"iters\":{iters},\"wall_p50_us\":{p50:.2},\"wall_p99_us\":{p99:.2},\"wall_mean_us\":{mean:.2},\"cpu_us_per_rt\":{:.2},\"user_us_per_rt\":{:.2},\"sys_us_per_rt\":{:.2},\"spin_us_per_rt\":{:.2},\"cpu_minus_spin_us_per_rt\":{:.2}}}",
         (cpu1.0 - cpu0.0) / n,
         (cpu1.1 - cpu0.1) / n,
         (cpu1.2 - cpu0.2) / n,
@@ -976,7 +977,14 @@ fn protocol_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
             wall.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let row = protocol_row("rank0", rank.plane().name(), iters, wall, cpu0);
+    let row = protocol_row(
+        "rank0",
+        rank.plane().name(),
+        rank.lane_transport(),
+        iters,
+        wall,
+        cpu0,
+    );
     rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
     println!("RESULT {row}");
     Ok(())
@@ -1031,7 +1039,14 @@ fn protocol_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
     }
     println!(
         "RESULT {}",
-        protocol_row("leader", rank.plane().name(), iters, wall, cpu0)
+        protocol_row(
+            "leader",
+            rank.plane().name(),
+            rank.lane_transport(),
+            iters,
+            wall,
+            cpu0,
+        )
     );
     Ok(())
 }

@@ -32,6 +32,7 @@ use crate::comm::control::{
     PROTOCOL_VERSION,
 };
 use crate::comm::group::{standard_groups, Group, PeerTable};
+use crate::comm::lane::{LanePeek, LaneReader, LaneWriter};
 use crate::comm::parity::{parity_diff, Fingerprint};
 use crate::comm::plane::DataPlane;
 use crate::comm::recorder::{OpContext, OpDesc, Recorder};
@@ -327,7 +328,7 @@ impl<B> RecvPool<B> {
 
 /// The control connection to the envelope peer (rank 0 ↔ mesh leader).
 struct Outbox {
-    ctrl: Mutex<TcpStream>,
+    ctrl: Mutex<LaneWriter>,
     state: Mutex<SendState>,
     peer: GlobalRank,
 }
@@ -341,7 +342,7 @@ pub struct Rank<D: DataPlane = HostPlane> {
     recorder: Arc<Recorder>,
     outbox: Option<Arc<Outbox>>,
     /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
-    inbox: Option<Mutex<Lane>>,
+    inbox: Option<Mutex<LaneReader>>,
     /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order
     /// (device-resident: the host API converts when it hands one up).
     stash: Mutex<VecDeque<ReceivedEnvelope<D::Buffer>>>,
@@ -591,6 +592,33 @@ impl<D: DataPlane> Rank<D> {
         let mut inbox = None;
         let mut outbox = None;
         let mut ctrl_all = Vec::new();
+        // The envelope lane settles its transport (shared-memory rings on one host, else TCP)
+        // before anyone reads it.
+        let mut lane_peek = None;
+        if let (Some(peer), Some(b)) = (envelope_peer, lane) {
+            let _ = b.set_nodelay(true);
+            let _ = b.set_write_timeout(Some(opts.op_timeout));
+            let l = crate::comm::lane::establish(
+                b,
+                env.rank == 0,
+                peer.0,
+                opts.op_timeout,
+                opts.lane_spin,
+                deadline,
+                crate::comm::lane::want_shm()?,
+            )?;
+            lane_peek = Some(l.peek);
+            inbox = Some(Mutex::new(l.reader));
+            outbox = Some(Arc::new(Outbox {
+                ctrl: Mutex::new(l.writer),
+                state: Mutex::new(SendState {
+                    next_call_id: 1,
+                    last_ids: EnvelopeIds::default(),
+                    last_send: Instant::now(),
+                }),
+                peer,
+            }));
+        }
         for (r, s) in conns {
             let read = s
                 .try_clone()
@@ -598,9 +626,10 @@ impl<D: DataPlane> Rank<D> {
             let ctx = ReaderCtx {
                 from: r,
                 me: env.rank,
-                lane: match (&lane, envelope_peer == Some(GlobalRank(r))) {
-                    (Some(b), true) => b.try_clone().ok(),
-                    _ => None,
+                lane: if envelope_peer == Some(GlobalRank(r)) {
+                    lane_peek.take()
+                } else {
+                    None
                 },
                 recorder: recorder.clone(),
                 recv_progress: recv_progress.clone(),
@@ -612,27 +641,6 @@ impl<D: DataPlane> Rank<D> {
             let _ = s.set_nodelay(true);
             let _ = s.set_write_timeout(Some(opts.op_timeout));
             ctrl_all.push((r, s));
-        }
-        if let (Some(peer), Some(b)) = (envelope_peer, lane) {
-            let _ = b.set_nodelay(true);
-            let _ = b.set_write_timeout(Some(opts.op_timeout));
-            let w = b
-                .try_clone()
-                .map_err(|e| Error::io("clone envelope lane", e))?;
-            inbox = Some(Mutex::new(Lane {
-                what: format!("envelope lane from global-rank {}", peer.0),
-                s: b,
-                timeout: None,
-            }));
-            outbox = Some(Arc::new(Outbox {
-                ctrl: Mutex::new(w),
-                state: Mutex::new(SendState {
-                    next_call_id: 1,
-                    last_ids: EnvelopeIds::default(),
-                    last_send: Instant::now(),
-                }),
-                peer,
-            }));
         }
         recorder.progress();
         watchdog::spawn_watchdog(recorder.clone(), opts.watchdog, env.rank)
@@ -703,6 +711,12 @@ impl<D: DataPlane> Rank<D> {
     }
     pub fn mesh(&self) -> &Group<D> {
         self.group("mesh")
+    }
+    /// The envelope lane's transport (`shm` or `tcp`; `none` on ranks without a lane).
+    pub fn lane_transport(&self) -> &'static str {
+        self.inbox.as_ref().map_or("none", |l| {
+            l.lock().unwrap_or_else(|p| p.into_inner()).transport()
+        })
     }
     pub fn recorder(&self) -> &Arc<Recorder> {
         &self.recorder
@@ -1155,7 +1169,11 @@ impl<D: DataPlane> Rank<D> {
     }
 
     /// Reads the next frame of the envelope lane. `None`: no frame started before `deadline`.
-    fn read_lane(&self, lane: &mut Lane, deadline: Option<Instant>) -> Result<Option<LaneFrame>> {
+    fn read_lane(
+        &self,
+        lane: &mut LaneReader,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LaneFrame>> {
         let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
         let max =
             u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
@@ -1168,7 +1186,7 @@ impl<D: DataPlane> Rank<D> {
         self.recorder.start(rec);
         // Wait for the first byte without consuming anything; only this wait may time out
         // quietly.
-        if !lane.readable_by(deadline, self.opts.lane_spin) {
+        if !lane.readable_by(deadline) {
             self.recorder.note(rec, "no header before the deadline");
             self.recorder.complete(rec);
             return Ok(None);
@@ -1176,9 +1194,9 @@ impl<D: DataPlane> Rank<D> {
         // Data, EOF or an error: read_frame below reports it precisely. The rest of the frame
         // is bounded by the op deadline (a peer that stalls mid-frame is an error, not "nothing
         // arrived").
-        lane.set_timeout(Some(self.opts.op_timeout));
-        let (stream, what) = (&mut lane.s, lane.what.as_str());
-        let got = match read_frame(stream, max, what) {
+        lane.bound_reads(self.opts.op_timeout);
+        let what = lane.what.clone();
+        let got = match read_frame(lane, max, &what) {
             Ok(Some((FrameKind::Envelope, body))) => Ok(LaneFrame::Envelope(EnvelopeFrame { body, rec })),
             Ok(Some((FrameKind::ClearToSend, body))) => match <[u8; 8]>::try_from(body.as_slice()) {
                 Ok(b) if !self.is_driver() => Ok(LaneFrame::ClearToSend(u64::from_le_bytes(b))),
@@ -1514,121 +1532,11 @@ struct RecvProgress {
     of: usize,
 }
 
-/// The envelope lane as the receiving thread reads it: the socket, its name for diagnostics, and
-/// the read timeout last set on it (so an unchanged timeout costs no syscall).
-struct Lane {
-    s: TcpStream,
-    what: String,
-    timeout: Option<Option<Duration>>,
-}
-
-impl Lane {
-    fn set_timeout(&mut self, t: Option<Duration>) {
-        if self.timeout != Some(t) {
-            let _ = self.s.set_read_timeout(t);
-            self.timeout = Some(t);
-        }
-    }
-
-    /// Waits until the lane has something to read (data, EOF or an error) or `deadline`
-    /// passes (None: no local bound; the watchdog still applies); consumes nothing. It first
-    /// spins for up to `spin` on a non-blocking peek — a header that arrives within it costs no
-    /// sleep and no wakeup on either side — then blocks in `poll(2)`.
-    fn readable_by(&self, deadline: Option<Instant>, spin: Duration) -> bool {
-        use std::os::fd::AsRawFd;
-        if !spin.is_zero() {
-            let start = Instant::now();
-            let until = start + spin;
-            let spun = |now: Instant| {
-                LANE_SPIN_NS.fetch_add((now - start).as_nanos() as u64, Ordering::Relaxed);
-            };
-            loop {
-                if lane_has_unread_or_closed(&self.s) {
-                    spun(Instant::now());
-                    return true;
-                }
-                let now = Instant::now();
-                if now >= until || deadline.is_some_and(|d| now >= d) {
-                    spun(now);
-                    break;
-                }
-                // Peek about once a microsecond: each peek takes the socket lock that the
-                // peer's send needs to deliver.
-                let next = now + Duration::from_micros(1);
-                while Instant::now() < next {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-        loop {
-            // poll takes milliseconds: round up, so a wait never ends before its deadline.
-            let ms = match deadline {
-                None => -1,
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .as_micros()
-                    .div_ceil(1000)
-                    .min(i32::MAX as u128) as i32,
-            };
-            let mut p = libc::pollfd {
-                fd: self.s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll on one valid pollfd that lives across the call.
-            let n = unsafe { libc::poll(&mut p, 1, ms) };
-            if n > 0 {
-                return true;
-            }
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            if n < 0 {
-                // An error on poll itself: let the read report what is wrong with the socket.
-                return true;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
-            }
-        }
-    }
-}
-
-/// Nanoseconds this process spent spinning on the envelope lane (see [`Lane::readable_by`]); the
-/// protocol benchmark subtracts it from thread CPU time.
-static LANE_SPIN_NS: AtomicU64 = AtomicU64::new(0);
-
-/// Microseconds this process spent spinning for envelope headers so far.
-pub fn lane_spin_us() -> f64 {
-    LANE_SPIN_NS.load(Ordering::Relaxed) as f64 / 1e3
-}
-
-/// True when a non-blocking peek sees data, EOF or an error on `s` (something `read` would
-/// return at once).
-fn lane_has_unread_or_closed(s: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n >= 0
-        || !matches!(
-            std::io::Error::last_os_error().kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-        )
-}
-
 struct ReaderCtx {
     from: u32,
     me: u32,
     /// A clone of the envelope lane when this connection's peer is the envelope peer.
-    lane: Option<TcpStream>,
+    lane: Option<LanePeek>,
     recorder: Arc<Recorder>,
     recv_progress: Arc<Mutex<Option<RecvProgress>>>,
 }
@@ -1642,7 +1550,7 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
             // The envelope lane may still hold a header this rank has not read yet; give the
             // receiving thread a bounded moment to take it, so the diagnosis says "mid-payload".
             let until = Instant::now() + Duration::from_millis(100);
-            while lane_has_unread(lane) && Instant::now() < until && !watchdog::is_crashing() {
+            while lane.has_unread() && Instant::now() < until && !watchdog::is_crashing() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
@@ -1702,23 +1610,6 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
             ),
         }
     }
-}
-
-/// True when the socket holds unread bytes (peek, non-blocking per call: the shared file
-/// status flags stay untouched).
-fn lane_has_unread(s: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n > 0
 }
 
 fn decode_envelope_frame(body: &[u8], limits: &Limits) -> Result<Inbound> {

@@ -587,6 +587,31 @@ fn c2_device_resident_sender_killed_mid_payload_detected_by_receiver() {
 }
 
 #[test]
+fn c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver() {
+    let _serial = common::serial();
+    if skip_unrunnable("c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver") {
+        return;
+    }
+    // The same C2 with the envelope lane forced onto TCP (shared memory is the default on one
+    // host): the header travels on the socket itself, and its EOF is the death notice.
+    let o = launch(
+        "c2tcp",
+        3,
+        "send.kill_mid_payload@0",
+        &[("LOCKSTEP_LANE", "tcp")],
+        &[],
+    );
+    o.assert(
+        137,
+        &[
+            "launch: global-rank 0 killed by signal 9 (SIGKILL)",
+            "global-rank 1]: exit 72 (peer-lost): peer lost: global-rank 0 (driver)",
+            "(receiving the payload of INFER call_id 1: ",
+        ],
+    );
+}
+
+#[test]
 fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
     let _serial = common::serial();
     if skip_unrunnable("device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers") {

@@ -24,6 +24,9 @@ pub enum FrameKind {
     /// Rank 0 → mesh leader on the envelope lane: "post your RESULT payload for call_id N now,
     /// my receives are going up" (body: the call_id, u64 LE). See `Rank::await_clear_to_send`.
     ClearToSend = 7,
+    /// Bootstrap, on the envelope lane: rank 0 offers a shared-memory ring (body: its path, or
+    /// empty for TCP); the leader answers (body: 1 mapped, 0 declined). See `comm::lane`.
+    LaneOffer = 8,
 }
 
 impl FrameKind {
@@ -36,6 +39,7 @@ impl FrameKind {
             5 => FrameKind::Dump,
             6 => FrameKind::Bye,
             7 => FrameKind::ClearToSend,
+            8 => FrameKind::LaneOffer,
             _ => return None,
         })
     }

@@ -33,6 +33,7 @@
 pub mod control;
 pub mod group;
 pub mod host;
+pub mod lane;
 pub mod nccl;
 pub mod null;
 pub mod parity;
