@@ -162,6 +162,9 @@ pub struct RankOptions {
     /// (`LOCKSTEP_LANE_SPIN_US`, default 50; 0 never spins). A local latency/CPU trade, not a
     /// parity field: it changes no collective.
     pub lane_spin: Duration,
+    /// Offer/accept a shared-memory envelope lane on one host (`LOCKSTEP_LANE=shm|tcp`, default
+    /// shm; see `comm::lane`). Negotiated at bootstrap, so not a parity field.
+    pub lane_shm: bool,
 }
 
 impl Default for RankOptions {
@@ -175,6 +178,7 @@ impl Default for RankOptions {
             fingerprint: Fingerprint::default(),
             recorder_capacity: 4096,
             lane_spin: Duration::from_micros(50),
+            lane_shm: true,
         }
     }
 }
@@ -198,6 +202,7 @@ impl RankOptions {
             })?;
             o.rendezvous_timeout = Duration::from_millis(ms.max(1));
         }
+        o.lane_shm = crate::comm::lane::want_shm()?;
         if let Ok(v) = std::env::var("LOCKSTEP_LANE_SPIN_US") {
             let us: u64 = v.parse().map_err(|_| {
                 Error::BadInput(format!("LOCKSTEP_LANE_SPIN_US={v:?} is not a number"))
@@ -605,7 +610,7 @@ impl<D: DataPlane> Rank<D> {
                 opts.op_timeout,
                 opts.lane_spin,
                 deadline,
-                crate::comm::lane::want_shm()?,
+                opts.lane_shm,
             )?;
             lane_peek = Some(l.peek);
             inbox = Some(Mutex::new(l.reader));

@@ -43,6 +43,9 @@ echo "breakit_protocol rc=$?"; sum "$OUT/breakit-protocol.log"
 step "envelope: Rank host tensors / Rank device-resident / raw / staging, then torch (same command)"
 { timeout "$(left 40)" "$S/lockstep" launch -n 2 -- "$S/lockstep" harness envelope --iters 300
   echo "envelope rc=$?"
+  for lane in shm tcp; do  # the protocol's own cost on this host's CPUs (null data plane)
+    LOCKSTEP_LANE=$lane timeout "$(left 30)" "$S/lockstep" launch -n 2 -- "$S/lockstep" harness protocol --iters 30000
+    echo "protocol lane=$lane rc=$?"; done
   PY=""; for c in python3 python; do
     if "$c" -c 'import torch' 2>/dev/null; then PY=$c; break; fi; done
   if [ -n "$PY" ]; then timeout "$(left 60)" "$PY" "$S/baselines/transport_torch.py" --scale 0.3; echo "torch rc=$?"
