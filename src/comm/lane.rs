@@ -524,6 +524,9 @@ pub struct Lane {
     pub reader: LaneReader,
     pub writer: LaneWriter,
     pub peek: LanePeek,
+    /// The ring file rank 0 offered (already unlinked), for diagnostics; None on the leader or
+    /// when nothing was offered.
+    pub offered: Option<std::path::PathBuf>,
 }
 
 /// Which transport `LOCKSTEP_LANE` asks for (`shm` by default, `tcp` to force TCP).
@@ -565,6 +568,7 @@ pub fn establish(
     let mut s = sock
         .try_clone()
         .map_err(|e| Error::io("clone envelope lane", e))?;
+    let mut offered = None;
     let negotiated: Option<(Arc<ShmRing>, usize)> = if driver {
         let offer = if shm {
             match ShmRing::create(std::path::Path::new("/dev/shm")) {
@@ -587,6 +591,7 @@ pub fn establish(
         if let Some((_, p)) = &offer {
             // Mapped by both (or declined): the name is no longer needed.
             let _ = std::fs::remove_file(p);
+            offered = Some(p.clone());
         }
         match answer? {
             Some((k, b)) if k == OFFER => match (offer, b.first()) {
@@ -675,6 +680,7 @@ pub fn establish(
         },
         writer,
         peek,
+        offered,
     })
 }
 
@@ -708,6 +714,12 @@ mod tests {
         let (mut a, mut b) = pair(true);
         assert_eq!(a.reader.transport(), "shm");
         assert_eq!(b.reader.transport(), "shm");
+        let offered = a.offered.clone().expect("rank 0 offered a ring file");
+        assert!(
+            !offered.exists(),
+            "ring file left behind: {}",
+            offered.display()
+        );
         let big: Vec<u8> = (0..(RING_BYTES * 2 + 17))
             .map(|i| (i % 251) as u8)
             .collect();
@@ -740,6 +752,32 @@ mod tests {
     }
 
     #[test]
+    fn leader_that_declines_the_ring_leaves_both_ends_on_tcp_and_no_file_behind() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let d = Instant::now() + Duration::from_secs(5);
+        let (bound, spin) = (Duration::from_secs(2), Duration::ZERO);
+        // The leader does not want shared memory (another host, or LOCKSTEP_LANE=tcp there).
+        let t = std::thread::spawn(move || {
+            let s = TcpStream::connect(addr).expect("connect");
+            establish(s, false, 0, bound, spin, d, false)
+        });
+        let (s, _) = l.accept().expect("accept");
+        let mut a = establish(s, true, 1, bound, spin, d, true).expect("rank 0 lane");
+        let mut b = t.join().expect("join").expect("leader lane");
+        assert_eq!((a.reader.transport(), b.reader.transport()), ("tcp", "tcp"));
+        if let Some(p) = &a.offered {
+            assert!(!p.exists(), "ring file left behind: {}", p.display());
+        }
+        write_frame(&mut b.writer, FrameKind::Envelope, &[b"over tcp"]).expect("w");
+        a.reader.bound_reads(bound);
+        let (_, body) = read_frame(&mut a.reader, 64, "a")
+            .expect("r")
+            .expect("frame");
+        assert_eq!(body, b"over tcp");
+    }
+
+    #[test]
     fn shm_lane_reader_sees_peer_close_after_draining_the_ring() {
         if !std::path::Path::new("/dev/shm").is_dir() {
             println!("SKIP shm lane test: no /dev/shm here");
@@ -750,6 +788,7 @@ mod tests {
             mut writer,
             reader,
             peek,
+            ..
         } = a;
         write_frame(&mut writer, FrameKind::Envelope, &[b"last words"]).expect("w");
         drop((writer, reader, peek));
