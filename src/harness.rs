@@ -388,11 +388,7 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
         if rank.is_mesh_leader() {
             rank.recorder().set_phase("result");
             let h = env.header;
-            let ids = EnvelopeIds {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-            };
+            let ids = EnvelopeIds::of(&h);
             let out = vec![HostTensor::from_f32("out", vec![acc.len() as u64], &acc)];
             if args.device {
                 let dev = upload_tensors(rank, &out)?;
@@ -563,11 +559,7 @@ fn bench_mesh<D: DataPlane>(rank: &Rank<D>) -> Result<()> {
         let h = env.header;
         rank.send_envelope(&prepare(
             Action::Result,
-            crate::wire::EnvelopeIds {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-            },
+            EnvelopeIds::of(&h),
             &Empty {},
             vec![],
             &Limits::default(),
@@ -786,11 +778,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         let h = env.header;
         rank.send_envelope(&prepare(
             Action::Result,
-            crate::wire::EnvelopeIds {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-            },
+            EnvelopeIds::of(&h),
             &Empty {},
             reply,
             &Limits::default(),
@@ -826,11 +814,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         rank.recycle(env.tensors);
         reply = rank.send_envelope_device(prepare(
             Action::Result,
-            crate::wire::EnvelopeIds {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-            },
+            EnvelopeIds::of(&h),
             &Empty {},
             reply,
             &Limits::default(),
@@ -1024,11 +1008,7 @@ fn protocol_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         rank.recycle(env.tensors);
         reply = rank.send_envelope_device(prepare(
             Action::Result,
-            EnvelopeIds {
-                call_id: h.call_id(),
-                chunk_index: h.chunk_index(),
-                cache_epoch: h.cache_epoch(),
-            },
+            EnvelopeIds::of(&h),
             &Empty {},
             reply,
             &Limits::default(),

@@ -364,6 +364,9 @@ pub struct Rank<D: DataPlane = HostPlane> {
     plane: Arc<D>,
 }
 
+/// Header, meta bytes and the tensors of a prepared envelope, ready for `send_locked`.
+type EnvelopeParts<B> = (Header, Vec<u8>, Vec<Tensor<B>>);
+
 /// `send_next*`: the envelope `make` built must carry the call_id allocated for it.
 fn check_allocated_id(h: &Header, ids: EnvelopeIds) -> Result<()> {
     if h.call_id() != ids.call_id {
@@ -767,6 +770,23 @@ impl<D: DataPlane> Rank<D> {
         &self,
         make: impl FnOnce(EnvelopeIds) -> Result<PreparedEnvelope>,
     ) -> Result<CallId> {
+        self.send_next_with(make, |env| {
+            // Uploads before the header (anti-stranding), then the parts.
+            let bufs = self.upload_all(env.tensors())?;
+            let (h, meta, _) = env.into_parts();
+            Ok((h, meta, bufs))
+        })
+        .map(|(id, _)| id)
+    }
+
+    /// `send_next` and `send_next_device`: allocates the call_id under the send lock, lets `make`
+    /// build the envelope for it, `parts` turn it into header, meta and data-plane tensors, and
+    /// sends them. Returns the tensors once the sends completed.
+    fn send_next_with<S>(
+        &self,
+        make: impl FnOnce(EnvelopeIds) -> Result<PreparedEnvelope<S>>,
+        parts: impl FnOnce(PreparedEnvelope<S>) -> Result<EnvelopeParts<D::Buffer>>,
+    ) -> Result<(CallId, Vec<Tensor<D::Buffer>>)> {
         let ob = self.outbox()?.clone();
         let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
         let ids = EnvelopeIds {
@@ -775,9 +795,9 @@ impl<D: DataPlane> Rank<D> {
         };
         let env = make(ids)?;
         check_allocated_id(env.header(), ids)?;
-        let bufs = self.upload_all(env.tensors())?;
-        self.send_locked(&ob, &mut st, env.header(), env.meta_bytes(), bufs)?;
-        Ok(ids.call_id)
+        let (h, meta, tensors) = parts(env)?;
+        let back = self.send_locked(&ob, &mut st, &h, &meta, tensors)?;
+        Ok((ids.call_id, back))
     }
 
     /// Sends a prepared envelope as is (tests use it to send duplicates and regressions).
@@ -796,17 +816,7 @@ impl<D: DataPlane> Rank<D> {
         &self,
         make: impl FnOnce(EnvelopeIds) -> Result<PreparedEnvelope<D::Buffer>>,
     ) -> Result<(CallId, Vec<Tensor<D::Buffer>>)> {
-        let ob = self.outbox()?.clone();
-        let mut st = ob.state.lock().unwrap_or_else(|p| p.into_inner());
-        let ids = EnvelopeIds {
-            call_id: CallId(st.next_call_id),
-            ..st.last_ids
-        };
-        let env = make(ids)?;
-        check_allocated_id(env.header(), ids)?;
-        let (h, meta, tensors) = env.into_parts();
-        let back = self.send_locked(&ob, &mut st, &h, &meta, tensors)?;
-        Ok((ids.call_id, back))
+        self.send_next_with(make, |env| Ok(env.into_parts()))
     }
 
     /// Sends a device-resident envelope as is; hands its tensors back once the sends completed.
@@ -867,11 +877,7 @@ impl<D: DataPlane> Rank<D> {
         }
         self.recorder.complete(rec);
         st.next_call_id = st.next_call_id.max(h.call_id + 1);
-        st.last_ids = EnvelopeIds {
-            call_id: h.call_id(),
-            chunk_index: h.chunk_index(),
-            cache_epoch: h.cache_epoch(),
-        };
+        st.last_ids = EnvelopeIds::of(h);
         st.last_send = Instant::now();
         if tensors.is_empty() {
             return Ok(tensors);

@@ -204,23 +204,42 @@ fn poll_in(fd: i32, deadline: Option<Instant>) -> bool {
     }
 }
 
-/// True when a non-blocking peek sees data, EOF or an error on `s`.
-pub fn tcp_has_input(s: &TcpStream) -> bool {
+/// What a non-blocking one-byte peek at a socket saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peek {
+    Data,
+    Eof,
+    Empty,
+    Error,
+}
+
+fn peek(s: &TcpStream) -> Peek {
     let mut b = [0u8; 1];
-    // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n >= 0
-        || !matches!(
-            std::io::Error::last_os_error().kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-        )
+    loop {
+        // SAFETY: recv into a valid 1-byte buffer on an open socket; MSG_PEEK consumes nothing.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        return match n {
+            1.. => Peek::Data,
+            0 => Peek::Eof,
+            _ => match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => Peek::Empty,
+                _ => Peek::Error,
+            },
+        };
+    }
+}
+
+/// True when a read on `s` would return at once (data, EOF or an error).
+pub fn tcp_has_input(s: &TcpStream) -> bool {
+    peek(s) != Peek::Empty
 }
 
 /// Spins until `ready()` or `spin` passes (or `deadline`), checking about once a microsecond.
@@ -478,17 +497,7 @@ impl LaneWriter {
 
 /// False once the peer closed the connection (a non-blocking peek reads EOF).
 fn tcp_alive(s: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: as in `tcp_has_input`.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n != 0
+    peek(s) != Peek::Eof
 }
 
 /// What the control reader thread of a rank peeks at when the peer is lost: whether the lane
@@ -501,19 +510,7 @@ pub enum LanePeek {
 impl LanePeek {
     pub fn has_unread(&self) -> bool {
         match self {
-            LanePeek::Tcp(s) => {
-                let mut b = [0u8; 1];
-                // SAFETY: as in `tcp_has_input`.
-                let n = unsafe {
-                    libc::recv(
-                        s.as_raw_fd(),
-                        b.as_mut_ptr().cast(),
-                        1,
-                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    )
-                };
-                n > 0
-            }
+            LanePeek::Tcp(s) => peek(s) == Peek::Data,
             LanePeek::Shm(r, dir) => r.unread(*dir) > 0,
         }
     }

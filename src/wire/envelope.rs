@@ -109,6 +109,14 @@ pub struct EnvelopeIds {
 }
 
 impl EnvelopeIds {
+    /// The ids a header carries (a RESULT answers with the ids of its INFER).
+    pub fn of(h: &Header) -> Self {
+        EnvelopeIds {
+            call_id: h.call_id(),
+            chunk_index: h.chunk_index(),
+            cache_epoch: h.cache_epoch(),
+        }
+    }
     pub fn with_chunk(self, chunk_index: u64) -> Self {
         EnvelopeIds {
             chunk_index: ChunkIndex(chunk_index),
