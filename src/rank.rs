@@ -359,6 +359,10 @@ pub struct Rank<D: DataPlane = HostPlane> {
     stashed: AtomicU64,
     acceptance: Mutex<Acceptance>,
     recv_progress: Arc<Mutex<Option<RecvProgress>>>,
+    /// True from "a lane frame is there" until that frame was handled (its payload's receives
+    /// posted, or it needed none): the control reader waits for it before it names what a lost
+    /// peer interrupted.
+    frame_busy: Arc<AtomicBool>,
     hb_stop: Arc<AtomicBool>,
     ctrl_all: Vec<(u32, TcpStream)>,
     plane: Arc<D>,
@@ -597,6 +601,7 @@ impl<D: DataPlane> Rank<D> {
             _ => None,
         };
         let recv_progress = Arc::new(Mutex::new(None));
+        let frame_busy = Arc::new(AtomicBool::new(false));
         let mut inbox = None;
         let mut outbox = None;
         let mut ctrl_all = Vec::new();
@@ -641,6 +646,7 @@ impl<D: DataPlane> Rank<D> {
                 },
                 recorder: recorder.clone(),
                 recv_progress: recv_progress.clone(),
+                frame_busy: frame_busy.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("lockstep-ctrl-{r}"))
@@ -667,6 +673,7 @@ impl<D: DataPlane> Rank<D> {
             stashed: AtomicU64::new(0),
             acceptance: Mutex::new(Acceptance::default()),
             recv_progress,
+            frame_busy,
             hb_stop: Arc::new(AtomicBool::new(false)),
             ctrl_all,
             plane,
@@ -1202,6 +1209,8 @@ impl<D: DataPlane> Rank<D> {
             self.recorder.complete(rec);
             return Ok(None);
         }
+        // Cleared when the frame is handled (ClearToSend below, envelopes in `accept_frame`).
+        self.frame_busy.store(true, Ordering::SeqCst);
         // Data, EOF or an error: read_frame below reports it precisely. The rest of the frame
         // is bounded by the op deadline (a peer that stalls mid-frame is an error, not "nothing
         // arrived").
@@ -1233,6 +1242,7 @@ impl<D: DataPlane> Rank<D> {
                     self.recorder
                         .note(rec, &format!("ClearToSend call_id {id}"));
                     self.recorder.complete(rec);
+                    self.frame_busy.store(false, Ordering::SeqCst);
                 }
                 // Envelope frames: `accept_frame` notes and completes the op.
                 Ok(Some(f))
@@ -1247,6 +1257,13 @@ impl<D: DataPlane> Rank<D> {
     /// One envelope frame: decode, acceptance (leader), payload receive. `None`: a duplicate,
     /// drained and dropped.
     fn accept_frame(&self, frame: &EnvelopeFrame) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
+        struct Handled<'a>(&'a AtomicBool);
+        impl Drop for Handled<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _handled = Handled(&self.frame_busy);
         let rec = frame.rec;
         let inb = match decode_envelope_frame(&frame.body, &self.opts.limits) {
             Ok(i) => i,
@@ -1550,6 +1567,7 @@ struct ReaderCtx {
     lane: Option<LanePeek>,
     recorder: Arc<Recorder>,
     recv_progress: Arc<Mutex<Option<RecvProgress>>>,
+    frame_busy: Arc<AtomicBool>,
 }
 
 fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
@@ -1558,11 +1576,17 @@ fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
     let mut bye = false;
     let lost = |what: String| -> ! {
         if let Some(lane) = ctx.lane.as_ref() {
-            // The envelope lane may still hold a header this rank has not read yet; give the
-            // receiving thread a bounded moment to take it, so the diagnosis says "mid-payload".
+            // The envelope lane may still hold a header this rank has not read, or the receiving
+            // thread may be between reading one and posting its payload's receives: give it a
+            // bounded moment, so the diagnosis says how far the payload got ("mid-payload").
             let until = Instant::now() + Duration::from_millis(100);
-            while lane.has_unread() && Instant::now() < until && !watchdog::is_crashing() {
-                std::thread::sleep(Duration::from_millis(2));
+            let progressed = || ctx.recv_progress.lock().is_ok_and(|p| p.is_some());
+            while (lane.has_unread() || ctx.frame_busy.load(Ordering::SeqCst))
+                && !progressed()
+                && Instant::now() < until
+                && !watchdog::is_crashing()
+            {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         let during = ctx
