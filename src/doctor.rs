@@ -32,6 +32,9 @@ pub struct DoctorReport {
     pub kernels: KernelReport,
     pub driver: Result<probe::DriverInfo, String>,
     pub nccl: Result<probe::NcclInfo, String>,
+    /// The envelope lane rank 0 would offer on this host: `shm` (a ring file in /dev/shm could
+    /// be created) or why not.
+    pub lane: Result<&'static str, String>,
     /// What to do about each missing piece.
     pub advice: Vec<String>,
 }
@@ -50,7 +53,13 @@ pub fn report() -> DoctorReport {
     };
     let driver = probe::driver_info().map_err(|e| e.to_string());
     let nccl = probe::nccl_info().map_err(|e| e.to_string());
+    let lane = lane_check();
     let mut advice = Vec::new();
+    if let Err(e) = &lane {
+        advice.push(format!(
+            "envelope lane falls back to TCP ({e}): headers cost a few µs more per hop"
+        ));
+    }
     if kernels.count == 0 {
         advice.push("no kernels embedded: run tools/install-cuda-toolchain.sh (or set NVCC / CUDA_HOME), then rebuild".to_owned());
     }
@@ -80,8 +89,21 @@ pub fn report() -> DoctorReport {
         kernels,
         driver,
         nccl,
+        lane,
         advice,
     }
+}
+
+/// Whether this host can carry the envelope lane over shared memory: `LOCKSTEP_LANE` allows it
+/// and a ring file can be created (and is removed again) in /dev/shm.
+fn lane_check() -> Result<&'static str, String> {
+    if !crate::comm::lane::want_shm().map_err(|e| e.to_string())? {
+        return Err("LOCKSTEP_LANE=tcp".into());
+    }
+    let (_ring, path) = crate::comm::lane::ShmRing::create(std::path::Path::new("/dev/shm"))
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&path);
+    Ok("shm")
 }
 
 fn human(r: &DoctorReport) -> String {
@@ -149,6 +171,17 @@ fn human(r: &DoctorReport) -> String {
         }
         Err(e) => {
             let _ = writeln!(s, "nccl    : unavailable ({e})");
+        }
+    }
+    match &r.lane {
+        Ok(t) => {
+            let _ = writeln!(
+                s,
+                "lane    : {t} (envelope headers over shared-memory rings)"
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(s, "lane    : tcp ({e})");
         }
     }
     for a in &r.advice {
