@@ -507,7 +507,12 @@ fn run_rank<D: DataPlane>(
         }
         let d = d?;
         // The data plane joins the summary's first line, so a log says which backend it measured.
-        let what = format!("{} / data plane {}", decoder.name(), rank.plane().name());
+        let what = format!(
+            "{} / data plane {}, lane {}",
+            decoder.name(),
+            rank.plane().name(),
+            rank.lane_transport()
+        );
         let m = metrics(args, s, what, &d, t0.elapsed());
         return Ok(RankReport {
             rank: me.get(),
