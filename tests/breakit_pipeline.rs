@@ -65,9 +65,9 @@ fn run(name: &str, args: &[&str], fault: Option<&str>, bound: Duration) -> Run {
         .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(m) = &metrics {
         // The run really used the backend under test (the ranks inherit LOCKSTEP_BACKEND).
-        let want = format!("data plane {}", common::backend());
+        let want = format!("data plane {}, lane ", common::backend());
         assert!(
-            m["generator"].as_str().is_some_and(|g| g.ends_with(&want)),
+            m["generator"].as_str().is_some_and(|g| g.contains(&want)),
             "{name}: metrics do not name {want:?}: {}",
             m["generator"]
         );
