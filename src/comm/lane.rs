@@ -115,6 +115,18 @@ impl ShmRing {
         let ring = (|| {
             f.set_len(Self::len() as u64)
                 .map_err(|e| Error::io("size the lane ring", e))?;
+            // Reserve every page now: writing into a mapping of a full tmpfs would be SIGBUS on
+            // the hot path; here it is an error value and the lane falls back to TCP. It also
+            // keeps first-touch page faults off the hot path.
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: posix_fallocate on a file descriptor this function owns.
+            let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, Self::len() as libc::off_t) };
+            if rc != 0 {
+                return Err(Error::io(
+                    "reserve the lane ring in /dev/shm",
+                    std::io::Error::from_raw_os_error(rc),
+                ));
+            }
             // SAFETY: a file this process just created and sized; the peer maps it only after
             // the header below is written, and both sides follow the SPSC protocol.
             let map =
