@@ -270,6 +270,7 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                 culprit = missing_here.first().copied();
             }
             let names = ["op", "dtype", "shape", "bytes", "root"];
+            let mut evidence = None;
             for (fi, name) in names.iter().enumerate() {
                 let val = |o: &OpRecord| {
                     let (op, dt, sh, by, ro) = sig(o);
@@ -298,6 +299,39 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                             .filter(|ms| ms.len() * 2 < have.len())
                             .and_then(|ms| ms.first().copied());
                     }
+                    if culprit.is_none() && fi > 0 {
+                        // No majority (two ranks, or a tie): the history decides. Find the
+                        // latest earlier op of this channel and kind on which every party agreed
+                        // on everything; the side that still uses its value for this field kept
+                        // to it, the other changed.
+                        let kind = sig(first).0;
+                        let agreed = per[&have[0].0]
+                            .range(..(key.0.clone(), s))
+                            .rev()
+                            .filter(|((c, _), o)| *c == key.0 && sig(o).0 == kind)
+                            .find_map(|(k, o)| {
+                                let all = parties(&key.0)
+                                    .iter()
+                                    .all(|m| per[m].get(k).is_some_and(|p| sig(p) == sig(o)));
+                                all.then(|| (k.1, val(o)))
+                            });
+                        if let Some((seq0, v0)) = agreed {
+                            let changed: Vec<&Vec<u32>> = by_val
+                                .iter()
+                                .filter(|(v, _)| **v != v0)
+                                .map(|(_, ms)| ms)
+                                .collect();
+                            if let [ms] = changed.as_slice() {
+                                if let (Some(c), 1) = (ms.first().copied(), ms.len()) {
+                                    culprit = Some(c);
+                                    evidence = Some(format!(
+                                        "global-rank {c} changed {name}: every rank used {v0} \
+                                         at seq {seq0}, the latest earlier {kind} they agreed on"
+                                    ));
+                                }
+                            }
+                        }
+                    }
                 }
             }
             if fields.is_empty() {
@@ -319,6 +353,9 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
             }
             for (m, o) in &views {
                 text.push_str(&format!("  global-rank {m}: {}\n", view(*o)));
+            }
+            if let Some(e) = &evidence {
+                text.push_str(&format!("  history: {e}\n"));
             }
             match culprit {
                 Some(c) => text.push_str(&format!("culprit: global-rank {c}\n")),

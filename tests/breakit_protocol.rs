@@ -863,6 +863,40 @@ fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
 }
 
 #[test]
+fn fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history() {
+    let _serial = common::serial();
+    if skip_unrunnable("fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history") {
+        return;
+    }
+    // TP=2: a dtype mismatch between the only two mesh ranks has no majority; the op history
+    // (both used f32 for this all_reduce before) names the rank that changed.
+    let o = launch("frhist", 3, "harness.dtype_skew@2#2", &[], &[]);
+    o.assert(
+        71,
+        &[
+            "exit 71 (watchdog-timeout)",
+            "analyze with: lockstep fr analyze",
+        ],
+    );
+    let out = Command::new(common::lockstep_bin())
+        .args(["fr", "analyze"])
+        .arg(&o.dumps)
+        .output()
+        .expect("fr analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("dtype mismatch: global-rank [2] = bf16; global-rank [1] = f32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("history: global-rank 2 changed dtype: every rank used f32 at seq"),
+        "{text}"
+    );
+    assert!(text.contains("culprit: global-rank 2"), "{text}");
+}
+
+#[test]
 fn rendezvous_refuses_wrong_token_and_survives_garbage() {
     let _serial = common::serial();
     if skip_unrunnable("rendezvous_refuses_wrong_token_and_survives_garbage") {
