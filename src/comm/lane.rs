@@ -342,6 +342,9 @@ impl LaneReader {
             // Announce the sleep, then re-check: the writer publishes its tail before it reads
             // `sleeping` (both SeqCst), so either we see the data or it rings the doorbell.
             ctl.sleeping.store(1, Ordering::SeqCst);
+            // Orders the flag before the re-check (the re-check's loads are Acquire, not SeqCst;
+            // the writer pairs a SeqCst tail store with a SeqCst load of the flag).
+            std::sync::atomic::fence(Ordering::SeqCst);
             if ring.unread(dir) > 0 {
                 ctl.sleeping.store(0, Ordering::SeqCst);
                 return Input::Ready;
@@ -479,6 +482,7 @@ impl Write for LaneWriter {
             std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), data, n - first);
         }
         ctl.tail.store(tail + n as u64, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         if ctl.sleeping.load(Ordering::SeqCst) != 0 {
             self.ring_doorbell();
         }
