@@ -863,7 +863,7 @@ impl<D: DataPlane> Rank<D> {
         meta: &[u8],
         tensors: Vec<Tensor<D::Buffer>>,
     ) -> Result<Vec<Tensor<D::Buffer>>> {
-        let rec = self.recorder.enqueue(OpDesc {
+        let rec = self.recorder.enqueue_started(OpDesc {
             group: "control".into(),
             seq: h.call_id,
             op: format!("send_header {}", h.action().name()).into(),
@@ -871,7 +871,6 @@ impl<D: DataPlane> Rank<D> {
             bytes: (HEADER_LEN + meta.len()) as u64,
             ..Default::default()
         });
-        self.recorder.start(rec);
         {
             let mut c = ob.ctrl.lock().unwrap_or_else(|p| p.into_inner());
             write_frame(&mut *c, FrameKind::Envelope, &[&h.encode(), meta]).map_err(|e| {
@@ -1120,14 +1119,13 @@ impl<D: DataPlane> Rank<D> {
             .ok_or_else(|| Error::Invariant(format!("{} has no envelope peer", self.me)))?;
         let mut lane = inbox.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = self.deadline();
-        let rec = self.recorder.enqueue(OpDesc {
+        let rec = self.recorder.enqueue_started(OpDesc {
             group: "control".into(),
             seq: call_id,
             op: "await_clear_to_send".into(),
             peer: Some(0),
             ..Default::default()
         });
-        self.recorder.start(rec);
         loop {
             let got = match self.read_lane(&mut lane, Some(deadline)) {
                 Ok(g) => g,
@@ -1195,13 +1193,12 @@ impl<D: DataPlane> Rank<D> {
         let peer = self.outbox.as_ref().map_or(0, |o| o.peer.0);
         let max =
             u32::try_from(HEADER_LEN as u64 + self.opts.limits.max_meta_bytes).unwrap_or(u32::MAX);
-        let rec = self.recorder.enqueue(OpDesc {
+        let rec = self.recorder.enqueue_started(OpDesc {
             group: "control".into(),
             op: "recv_header".into(),
             peer: Some(peer),
             ..Default::default()
         });
-        self.recorder.start(rec);
         // Wait for the first byte without consuming anything; only this wait may time out
         // quietly.
         if !lane.readable_by(deadline) {
@@ -1510,12 +1507,11 @@ impl<D: DataPlane> Rank<D> {
     /// watchdog stays armed, so a hanging teardown still ends in a hard exit (C5).
     pub fn finish(mut self) -> Result<()> {
         self.stop_heartbeats();
-        let rec = self.recorder.enqueue(OpDesc {
+        let rec = self.recorder.enqueue_started(OpDesc {
             group: "control".into(),
             op: "teardown".into(),
             ..Default::default()
         });
-        self.recorder.start(rec);
         self.recorder.set_phase("teardown");
         for (_, s) in self.ctrl_all.iter_mut() {
             let _ = write_frame(s, FrameKind::Bye, &[]);

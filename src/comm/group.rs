@@ -305,7 +305,7 @@ impl<D: DataPlane> Group<D> {
             OpKind::Broadcast => (None, other_global),
             _ => (None, None),
         };
-        let rec_id = self.recorder.enqueue(OpDesc {
+        let desc = OpDesc {
             group: self.label.into(),
             seq,
             op: op.name().into(),
@@ -314,11 +314,16 @@ impl<D: DataPlane> Group<D> {
             dtype: Some(dtype.name().into()),
             shape: shape.to_vec(),
             bytes,
-        });
-        if self.debug && !matches!(op, OpKind::Send | OpKind::Recv) {
+        };
+        let rec_id = if self.debug && !matches!(op, OpKind::Send | OpKind::Recv) {
+            // Debug mode: the op is enqueued while its fingerprint is exchanged, then started.
+            let id = self.recorder.enqueue(desc);
             self.check_fingerprint(comm, seq, op, dtype, shape, other)?;
-        }
-        self.recorder.start(rec_id);
+            self.recorder.start(id);
+            id
+        } else {
+            self.recorder.enqueue_started(desc)
+        };
         match call(&self.plane, comm) {
             Ok(pending) => Ok(Ticket { pending, rec_id }),
             Err(e) => {

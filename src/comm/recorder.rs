@@ -191,6 +191,17 @@ impl Recorder {
 
     /// Records a new op as enqueued; returns its id.
     pub fn enqueue(&self, d: OpDesc) -> u64 {
+        self.record(d, false)
+    }
+
+    /// Records a new op already started (`enqueue` + `start` in one step: one lock and one
+    /// timestamp instead of two on the hot path).
+    pub fn enqueue_started(&self, d: OpDesc) -> u64 {
+        self.record(d, true)
+    }
+
+    fn record(&self, d: OpDesc, started: bool) -> u64 {
+        let now = now_us();
         let mut r = self.ring();
         let id = r.next_id;
         r.next_id += 1;
@@ -209,9 +220,13 @@ impl Recorder {
             shape: d.shape,
             bytes: d.bytes,
             ctx,
-            state: OpState::Enqueued,
-            t_enqueued_us: now_us(),
-            t_started_us: None,
+            state: if started {
+                OpState::Started
+            } else {
+                OpState::Enqueued
+            },
+            t_enqueued_us: now,
+            t_started_us: started.then_some(now),
             t_completed_us: None,
             note: None,
         });
