@@ -995,3 +995,21 @@ fn unknown_backend_is_bad_input() {
         &["LOCKSTEP_BACKEND=\"gloo\" is not a data plane (host or nccl)"],
     );
 }
+
+#[test]
+fn unknown_lane_transport_is_bad_input_before_bootstrap() {
+    let _serial = common::serial();
+    let o = launch(
+        "badlane",
+        2,
+        "",
+        &[("LOCKSTEP_LANE", "carrier-pigeon")],
+        &[],
+    );
+    o.assert(
+        74,
+        &["LOCKSTEP_LANE=\"carrier-pigeon\" is not a lane transport (shm or tcp)"],
+    );
+    let o = launch("badspin", 2, "", &[("LOCKSTEP_LANE_SPIN_US", "soon")], &[]);
+    o.assert(74, &["LOCKSTEP_LANE_SPIN_US=\"soon\" is not a number"]);
+}
