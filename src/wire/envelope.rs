@@ -330,6 +330,54 @@ mod tests {
     }
 
     #[test]
+    fn device_resident_envelope_has_the_same_header_and_meta_as_its_host_twin() {
+        // Storage that is only a length, like a device buffer: preflight never reads the bytes.
+        #[derive(Debug)]
+        struct Len(u64);
+        impl TensorBytes for Len {
+            fn byte_len(&self) -> u64 {
+                self.0
+            }
+        }
+        let ids = EnvelopeIds {
+            call_id: CallId(7),
+            ..Default::default()
+        };
+        let plan = Plan {
+            steps: 4,
+            guidance: 5.0,
+        };
+        let host = prepare(
+            Action::Infer,
+            ids,
+            &plan,
+            vec![HostTensor::from_f32("latents", vec![2, 3], &[0.5; 6])],
+            &Limits::default(),
+        )
+        .unwrap();
+        let dev = prepare(
+            Action::Infer,
+            ids,
+            &plan,
+            vec![Tensor::new("latents", DType::F32, vec![2, 3], Len(24))],
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(host.header_bytes(), dev.header_bytes());
+        assert_eq!(host.meta_bytes(), dev.meta_bytes());
+        // A device buffer of the wrong length fails preflight like host bytes do.
+        let err = prepare(
+            Action::Infer,
+            ids,
+            &plan,
+            vec![Tensor::new("latents", DType::F32, vec![2, 3], Len(20))],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("byte_len 20"), "{err}");
+    }
+
+    #[test]
     fn bool_tensor_fails_preflight() {
         let t = HostTensor::new("mask", DType::Bool, vec![4], vec![1, 0, 1, 0]);
         let err = prepare(
