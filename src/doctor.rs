@@ -100,8 +100,9 @@ fn lane_check() -> Result<&'static str, String> {
     if !crate::comm::lane::want_shm().map_err(|e| e.to_string())? {
         return Err("LOCKSTEP_LANE=tcp".into());
     }
-    let (_ring, path) = crate::comm::lane::ShmRing::create(std::path::Path::new("/dev/shm"))
-        .map_err(|e| e.to_string())?;
+    let dir = std::path::Path::new(crate::comm::lane::SHM_DIR);
+    let (_ring, path) =
+        crate::comm::lane::ShmRing::create(dir, "doctor").map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&path);
     Ok("shm")
 }

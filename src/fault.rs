@@ -59,8 +59,11 @@ pub mod points {
     pub const CACHE_OUT_OF_BAND: &str = "pipeline.cache_out_of_band";
     /// Pipeline mesh rank: capture one extra step graph during warm-up (G2).
     pub const GRAPH_SET_SKEW: &str = "pipeline.graph_set_skew";
+    /// Rank 0: SIGKILL itself after offering the envelope lane's ring, before it unlinks the
+    /// file (the launcher's sweep removes it).
+    pub const LANE_KILL_AFTER_OFFER: &str = "lane.kill_after_offer";
 
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         META_NAN,
         DTYPE_BOOL,
         NESTED_TENSOR,
@@ -84,6 +87,7 @@ pub mod points {
         CACHE_OUT_OF_BAND,
         GRAPH_SET_SKEW,
         TP_ON_PP,
+        LANE_KILL_AFTER_OFFER,
     ];
 }
 

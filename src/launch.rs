@@ -14,7 +14,7 @@
 //!   code `signal` (75).
 use crate::exit::ExitCode;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -120,7 +120,7 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         return Ok(ExitCode::BadInput.code());
     }
     let token = random_token();
-    let job = format!("{:08x}", crate::digest::fnv64(token.as_bytes()) as u32);
+    let job = crate::rank::job_id(&token);
     let dump_dir = args
         .dump_dir
         .clone()
@@ -243,6 +243,12 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
             }
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+    // Every rank is gone: a ring file of the envelope lane survives only if rank 0 died between
+    // creating it and the leader's answer; sweep this job's.
+    let swept = crate::comm::lane::remove_stale(Path::new(crate::comm::lane::SHM_DIR), &job);
+    if swept > 0 {
+        crate::diag!("launch: removed {swept} leftover envelope-lane ring file(s) of job {job}");
     }
     let failures: Vec<&Ended> = ended
         .iter()

@@ -93,7 +93,7 @@ impl RankEnv {
                 ))
             }
         };
-        let job = format!("{:08x}", fnv64(token.as_bytes()) as u32);
+        let job = job_id(&token);
         let dump_dir = std::env::var_os("LOCKSTEP_DUMP_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("lockstep-dumps").join(job));
@@ -368,6 +368,12 @@ pub struct Rank<D: DataPlane = HostPlane> {
     plane: Arc<D>,
 }
 
+/// The job's short id (8 hex digits of the token's digest): names the dump directory and the
+/// envelope lane's ring files; `lockstep launch` computes the same.
+pub fn job_id(token: &str) -> String {
+    format!("{:08x}", fnv64(token.as_bytes()) as u32)
+}
+
 /// Header, meta bytes and the tensors of a prepared envelope, ready for `send_locked`.
 type EnvelopeParts<B> = (Header, Vec<u8>, Vec<Tensor<B>>);
 
@@ -611,15 +617,15 @@ impl<D: DataPlane> Rank<D> {
         if let (Some(peer), Some(b)) = (envelope_peer, lane) {
             let _ = b.set_nodelay(true);
             let _ = b.set_write_timeout(Some(opts.op_timeout));
-            let l = crate::comm::lane::establish(
-                b,
-                env.rank == 0,
-                peer.0,
-                opts.op_timeout,
-                opts.lane_spin,
-                deadline,
-                opts.lane_shm,
-            )?;
+            let setup = crate::comm::lane::LaneSetup {
+                tag: job_id(&env.token),
+                driver: env.rank == 0,
+                peer: peer.0,
+                op_timeout: opts.op_timeout,
+                spin: opts.lane_spin,
+                shm: opts.lane_shm,
+            };
+            let l = crate::comm::lane::establish(b, &setup, deadline)?;
             lane_peek = Some(l.peek);
             inbox = Some(Mutex::new(l.reader));
             outbox = Some(Arc::new(Outbox {

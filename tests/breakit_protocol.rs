@@ -1013,3 +1013,43 @@ fn unknown_lane_transport_is_bad_input_before_bootstrap() {
     let o = launch("badspin", 2, "", &[("LOCKSTEP_LANE_SPIN_US", "soon")], &[]);
     o.assert(74, &["LOCKSTEP_LANE_SPIN_US=\"soon\" is not a number"]);
 }
+
+#[test]
+fn rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind() {
+    let _serial = common::serial();
+    if skip_unrunnable("rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind") {
+        return;
+    }
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        println!(
+            "SKIP rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind: no /dev/shm"
+        );
+        return;
+    }
+    let o = launch("lanekill", 2, "lane.kill_after_offer@0", &[], &[]);
+    o.assert(
+        137,
+        &[
+            "fault: SIGKILL after offering the lane ring",
+            "launch: global-rank 0 killed by signal 9 (SIGKILL)",
+            "launch: removed 1 leftover envelope-lane ring file(s) of job",
+        ],
+    );
+    // And nothing of this job is left: the launcher named the job in its line.
+    let job = o
+        .stderr
+        .lines()
+        .find_map(|l| l.split("ring file(s) of job ").nth(1))
+        .expect("job id in the sweep line")
+        .trim()
+        .to_string();
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("lockstep-lane-{job}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "ring files left: {left:?}");
+}

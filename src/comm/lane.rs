@@ -99,17 +99,25 @@ impl ShmRing {
         unsafe { self.map.as_ptr().add(CTL + dir * RING_BYTES) as *mut u8 }
     }
 
-    /// Creates and maps a fresh ring file (rank 0). Returns the ring and the file's path.
-    pub fn create(dir: &std::path::Path) -> Result<(Arc<ShmRing>, std::path::PathBuf)> {
+    /// Creates and maps a fresh ring file (rank 0), readable by this user only, named after the
+    /// job (`tag`) so that the launcher can remove what a crash during bootstrap left behind.
+    /// Returns the ring and the file's path.
+    pub fn create(dir: &std::path::Path, tag: &str) -> Result<(Arc<ShmRing>, std::path::PathBuf)> {
+        use std::os::unix::fs::OpenOptionsExt as _;
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let path = dir.join(format!("lockstep-lane-{}-{nonce}", std::process::id()));
+        let path = dir.join(format!(
+            "{}{}-{nonce}",
+            ring_file_prefix(tag),
+            std::process::id()
+        ));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         let ring = (|| {
@@ -178,6 +186,28 @@ impl ShmRing {
             .load(Ordering::Acquire)
             .saturating_sub(c.head.load(Ordering::Acquire))
     }
+}
+
+/// Where ring files live.
+pub const SHM_DIR: &str = "/dev/shm";
+
+/// The name prefix of the ring files of job `tag`.
+pub fn ring_file_prefix(tag: &str) -> String {
+    format!("lockstep-lane-{tag}-")
+}
+
+/// Removes ring files of job `tag` left in `dir` (a rank killed between creating its ring and
+/// the leader's answer); returns how many. Never fails: cleanup is best effort.
+pub fn remove_stale(dir: &std::path::Path, tag: &str) -> usize {
+    let prefix = ring_file_prefix(tag);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// `poll(2)` for input on `fd` until `deadline` (None: no bound). True when readable (data, EOF
@@ -558,18 +588,32 @@ pub fn want_shm() -> Result<bool> {
 /// TCP lane before either side reads envelopes.
 const OFFER: crate::comm::control::FrameKind = crate::comm::control::FrameKind::LaneOffer;
 
-/// Bootstrap: settles the lane's transport over the fresh TCP lane `sock` and splits it.
-/// `driver`: this is rank 0 (it offers); else the mesh leader (it answers). `peer` names the other
-/// end in diagnostics; `shm`: this side wants shared memory (`want_shm`). Bounded by `deadline`.
-pub fn establish(
-    sock: TcpStream,
-    driver: bool,
-    peer: u32,
-    op_timeout: Duration,
-    spin: Duration,
-    deadline: Instant,
-    shm: bool,
-) -> Result<Lane> {
+/// How a lane is set up: the job's tag (names the ring file), this rank's side, the bounds.
+#[derive(Clone, Debug)]
+pub struct LaneSetup {
+    /// The job id (`rank::job_id`): ring files are named after it.
+    pub tag: String,
+    /// This is rank 0 (it offers the ring); else the mesh leader (it answers).
+    pub driver: bool,
+    /// The other end's global rank, for diagnostics.
+    pub peer: u32,
+    pub op_timeout: Duration,
+    pub spin: Duration,
+    /// This side wants shared memory (`want_shm`).
+    pub shm: bool,
+}
+
+/// Bootstrap: settles the lane's transport over the fresh TCP lane `sock` and splits it. Bounded
+/// by `deadline`.
+pub fn establish(sock: TcpStream, setup: &LaneSetup, deadline: Instant) -> Result<Lane> {
+    let LaneSetup {
+        tag,
+        driver,
+        peer,
+        op_timeout,
+        spin,
+        shm,
+    } = setup.clone();
     use crate::comm::control::{read_frame, write_frame};
     let what = format!("envelope lane to global-rank {peer}");
     let left = || {
@@ -584,7 +628,7 @@ pub fn establish(
     let mut offered = None;
     let negotiated: Option<(Arc<ShmRing>, usize)> = if driver {
         let offer = if shm {
-            match ShmRing::create(std::path::Path::new("/dev/shm")) {
+            match ShmRing::create(std::path::Path::new(SHM_DIR), &tag) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     crate::diag!("lockstep: envelope lane: no shared memory ({e}); using tcp");
@@ -600,6 +644,11 @@ pub fn establish(
             .unwrap_or_default();
         let sent = write_frame(&mut s, OFFER, &[body.as_bytes()])
             .map_err(|e| Error::PeerLost(format!("{what}: send the lane offer: {e}")));
+        if offer.is_some() && crate::fault::hit(crate::fault::points::LANE_KILL_AFTER_OFFER) {
+            crate::diag!("lockstep: fault: SIGKILL after offering the lane ring");
+            // SAFETY: sending a signal to our own pid.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
         let answer = sent.and_then(|_| read_frame(&mut s, 64, &what));
         if let Some((_, p)) = &offer {
             // Mapped by both (or declined): the name is no longer needed.
@@ -703,17 +752,42 @@ mod tests {
     use crate::comm::control::{read_frame, write_frame, FrameKind};
     use std::net::TcpListener;
 
+    fn setup(driver: bool, spin: Duration, shm: bool) -> LaneSetup {
+        LaneSetup {
+            tag: format!("test{}", std::process::id()),
+            driver,
+            peer: u32::from(driver),
+            op_timeout: Duration::from_secs(2),
+            spin,
+            shm,
+        }
+    }
+
+    #[test]
+    fn ring_files_are_private_and_the_launcher_can_sweep_a_jobs_leftovers() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("lockstep-lane-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let (_r, p) = ShmRing::create(&dir, "jobA").expect("create");
+        let (_r2, p2) = ShmRing::create(&dir, "jobB").expect("create");
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "ring file mode {mode:o}");
+        assert_eq!(remove_stale(&dir, "jobA"), 1);
+        assert!(!p.exists() && p2.exists(), "only job A's ring is swept");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn pair(shm: bool) -> (Lane, Lane) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let d = Instant::now() + Duration::from_secs(5);
-        let (bound, spin) = (Duration::from_secs(2), Duration::from_micros(20));
+        let spin = Duration::from_micros(20);
         let t = std::thread::spawn(move || {
             let s = TcpStream::connect(addr).expect("connect");
-            establish(s, false, 0, bound, spin, d, shm)
+            establish(s, &setup(false, spin, shm), d)
         });
         let (s, _) = l.accept().expect("accept");
-        let a = establish(s, true, 1, bound, spin, d, shm);
+        let a = establish(s, &setup(true, spin, shm), d);
         let b = t.join().expect("join");
         (a.expect("rank 0 lane"), b.expect("leader lane"))
     }
@@ -773,10 +847,10 @@ mod tests {
         // The leader does not want shared memory (another host, or LOCKSTEP_LANE=tcp there).
         let t = std::thread::spawn(move || {
             let s = TcpStream::connect(addr).expect("connect");
-            establish(s, false, 0, bound, spin, d, false)
+            establish(s, &setup(false, spin, false), d)
         });
         let (s, _) = l.accept().expect("accept");
-        let mut a = establish(s, true, 1, bound, spin, d, true).expect("rank 0 lane");
+        let mut a = establish(s, &setup(true, spin, true), d).expect("rank 0 lane");
         let mut b = t.join().expect("join").expect("leader lane");
         assert_eq!((a.reader.transport(), b.reader.transport()), ("tcp", "tcp"));
         if let Some(p) = &a.offered {
