@@ -368,6 +368,16 @@ pub struct Rank<D: DataPlane = HostPlane> {
     plane: Arc<D>,
 }
 
+/// The flight-recorder name of a header send (static: no allocation per envelope).
+fn send_header_label(a: Action) -> &'static str {
+    match a {
+        Action::Infer => "send_header INFER",
+        Action::Noop => "send_header NOOP",
+        Action::Shutdown => "send_header SHUTDOWN",
+        Action::Result => "send_header RESULT",
+    }
+}
+
 /// The job's short id (8 hex digits of the token's digest): names the dump directory and the
 /// envelope lane's ring files; `lockstep launch` computes the same.
 pub fn job_id(token: &str) -> String {
@@ -872,7 +882,7 @@ impl<D: DataPlane> Rank<D> {
         let rec = self.recorder.enqueue_started(OpDesc {
             group: "control".into(),
             seq: h.call_id,
-            op: format!("send_header {}", h.action().name()).into(),
+            op: send_header_label(h.action()).into(),
             peer: Some(ob.peer.0),
             bytes: (HEADER_LEN + meta.len()) as u64,
             ..Default::default()
@@ -1218,8 +1228,11 @@ impl<D: DataPlane> Rank<D> {
         // is bounded by the op deadline (a peer that stalls mid-frame is an error, not "nothing
         // arrived").
         lane.bound_reads(self.opts.op_timeout);
-        let what = lane.what.clone();
-        let got = match read_frame(lane, max, &what) {
+        // The name travels beside the reader it names: taken out for the read, put back after
+        // (no allocation per frame).
+        let what = std::mem::take(&mut lane.what);
+        let read = read_frame(lane, max, &what);
+        let got = match read {
             Ok(Some((FrameKind::Envelope, body))) => Ok(LaneFrame::Envelope(EnvelopeFrame { body, rec })),
             Ok(Some((FrameKind::ClearToSend, body))) => match <[u8; 8]>::try_from(body.as_slice()) {
                 Ok(b) if !self.is_driver() => Ok(LaneFrame::ClearToSend(u64::from_le_bytes(b))),
@@ -1239,6 +1252,7 @@ impl<D: DataPlane> Rank<D> {
             ))),
             Err(e) => Err(e),
         };
+        lane.what = what;
         match got {
             Ok(f) => {
                 if let LaneFrame::ClearToSend(id) = &f {
