@@ -342,51 +342,103 @@ pub fn untyped_meta_from_json(text: &str, limits: &Limits) -> Result<Value> {
 /// Keys that mark an object as a tensor in disguise.
 const TENSOR_DATA_KEYS: [&str; 5] = ["data", "ptr", "storage", "bytes", "data_ptr"];
 
-/// Walks untyped meta: no tensor-looking objects, no lossy numbers.
-fn check_untyped(v: &Value, path: &str) -> std::result::Result<(), String> {
-    match v {
-        Value::Number(n) => {
-            if n.is_f64() {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                if !f.is_finite() {
-                    return Err(format!("meta field `{path}` is not a finite number"));
+/// Walks untyped meta: no tensor-looking objects, no lossy numbers. The path of an offending
+/// field (`meta.a.b[2]`) is spelled out only when there is one: a clean walk allocates nothing.
+fn check_untyped(v: &Value, root: &str) -> std::result::Result<(), String> {
+    /// One step from the root: an object key or an array index.
+    enum Step<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    fn spell(root: &str, steps: &[Step<'_>]) -> String {
+        let mut p = root.to_owned();
+        for s in steps {
+            match s {
+                Step::Key(k) => {
+                    p.push('.');
+                    p.push_str(k);
                 }
-                if f.fract() == 0.0 && f.abs() >= 9_007_199_254_740_992.0 {
+                Step::Index(i) => p.push_str(&format!("[{i}]")),
+            }
+        }
+        p
+    }
+    fn walk<'a>(
+        v: &'a Value,
+        root: &str,
+        steps: &mut Vec<Step<'a>>,
+    ) -> std::result::Result<(), String> {
+        match v {
+            Value::Number(n) => {
+                if n.is_f64() {
+                    let f = n.as_f64().unwrap_or(f64::NAN);
+                    if !f.is_finite() {
+                        let path = spell(root, steps);
+                        return Err(format!("meta field `{path}` is not a finite number"));
+                    }
+                    if f.fract() == 0.0 && f.abs() >= 9_007_199_254_740_992.0 {
+                        let path = spell(root, steps);
+                        return Err(format!(
+                            "meta field `{path}` = {f} is an integer too large to round-trip (use a string or an i64/u64)"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    steps.push(Step::Index(i));
+                    walk(item, root, steps)?;
+                    steps.pop();
+                }
+                Ok(())
+            }
+            Value::Object(map) => {
+                let is_marked = map.contains_key("$tensor") || map.contains_key("__tensor__");
+                let looks_like = map.contains_key("dtype")
+                    && map.contains_key("shape")
+                    && TENSOR_DATA_KEYS.iter().any(|k| map.contains_key(*k));
+                if is_marked || looks_like {
+                    let path = spell(root, steps);
                     return Err(format!(
-                        "meta field `{path}` = {f} is an integer too large to round-trip (use a string or an i64/u64)"
+                        "meta field `{path}` looks like a tensor; tensors travel only as top-level entries in tensor_specs, never inside meta"
                     ));
                 }
+                for (k, item) in map {
+                    steps.push(Step::Key(k));
+                    walk(item, root, steps)?;
+                    steps.pop();
+                }
+                Ok(())
             }
-            Ok(())
+            Value::Null | Value::Bool(_) | Value::String(_) => Ok(()),
         }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                check_untyped(item, &format!("{path}[{i}]"))?;
-            }
-            Ok(())
-        }
-        Value::Object(map) => {
-            let is_marked = map.contains_key("$tensor") || map.contains_key("__tensor__");
-            let looks_like = map.contains_key("dtype")
-                && map.contains_key("shape")
-                && TENSOR_DATA_KEYS.iter().any(|k| map.contains_key(*k));
-            if is_marked || looks_like {
-                return Err(format!(
-                    "meta field `{path}` looks like a tensor; tensors travel only as top-level entries in tensor_specs, never inside meta"
-                ));
-            }
-            for (k, item) in map {
-                check_untyped(item, &format!("{path}.{k}"))?;
-            }
-            Ok(())
-        }
-        Value::Null | Value::Bool(_) | Value::String(_) => Ok(()),
     }
+    walk(v, root, &mut Vec::new())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_tensor_deep_in_arrays_is_named_by_its_full_path() {
+        let v: Value = serde_json::from_str(
+            r#"{"a":[1,{"x":[0,0,{"dtype":"f32","shape":[2],"data":[1,2]}]}],"b":2}"#,
+        )
+        .unwrap();
+        let err = check_untyped(&v, "meta").unwrap_err();
+        assert!(
+            err.starts_with("meta field `meta.a[1].x[2]` looks like a tensor"),
+            "{err}"
+        );
+        let big: Value = serde_json::from_str(r#"{"k":[0.5,{"n":1e300}]}"#).unwrap();
+        assert!(check_untyped(&big, "meta")
+            .unwrap_err()
+            .contains("`meta.k[1].n`"));
+        let fine: Value = serde_json::from_str(r#"{"k":[0.5,{"n":1}],"s":"x"}"#).unwrap();
+        assert_eq!(check_untyped(&fine, "meta"), Ok(()));
+    }
 
     #[test]
     fn canonical_json_sorts_keys() {
