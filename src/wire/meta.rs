@@ -191,11 +191,68 @@ pub struct MetaDoc {
     pub body: Value,
 }
 
+/// Canonical meta bytes are `{"tensor_specs":<specs>,"body":<body>}` (serde's field order, no
+/// spaces). A stream of envelopes with one manifest repeats everything up to the body; the
+/// encoder and the decoder remember that prefix (per thread) and redo only the body. The cache
+/// changes no result: the decoder takes it only when the bytes start with a prefix it fully
+/// decoded and validated under the same limits, and falls back to the full decode for anything
+/// else (so error messages are the full decoder's); test builds cross-check every cached result
+/// against the full path.
+const SPECS_KEY: &[u8] = b"{\"tensor_specs\":";
+const BODY_KEY: &[u8] = b",\"body\":";
+
+/// A manifest whose canonical prefix was seen: its specs, their total, the limits it passed.
+struct KnownManifest {
+    limits: Limits,
+    prefix: Vec<u8>,
+    specs: Vec<TensorSpec>,
+    total: u64,
+}
+
+thread_local! {
+    static ENCODED: std::cell::RefCell<Option<(Vec<TensorSpec>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECODED: std::cell::RefCell<Option<KnownManifest>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn manifest_prefix(specs: &[TensorSpec]) -> serde_json::Result<Vec<u8>> {
+    let mut p = SPECS_KEY.to_vec();
+    serde_json::to_writer(&mut p, specs)?;
+    p.extend_from_slice(BODY_KEY);
+    Ok(p)
+}
+
 impl MetaDoc {
     /// Canonical bytes (sorted keys, compact).
     pub fn encode(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self)
-            .map_err(|e| Error::Preflight(format!("meta not serializable: {e}")))
+        let err = |e: serde_json::Error| Error::Preflight(format!("meta not serializable: {e}"));
+        let mut out = ENCODED
+            .with(|c| {
+                let c = c.borrow();
+                c.as_ref()
+                    .filter(|(specs, _)| *specs == self.tensor_specs)
+                    .map(|(_, prefix)| prefix.clone())
+            })
+            .map_or_else(
+                || {
+                    let p = manifest_prefix(&self.tensor_specs)?;
+                    ENCODED.with(|c| {
+                        *c.borrow_mut() = Some((self.tensor_specs.clone(), p.clone()));
+                    });
+                    Ok(p)
+                },
+                Ok,
+            )
+            .map_err(err)?;
+        serde_json::to_writer(&mut out, &self.body).map_err(err)?;
+        out.push(b'}');
+        debug_assert_eq!(
+            serde_json::to_vec(self).ok().as_deref(),
+            Some(out.as_slice()),
+            "cached meta encoding differs from serde's"
+        );
+        Ok(out)
     }
 
     /// Total payload bytes declared by the manifest (checked add).
@@ -270,6 +327,71 @@ impl MetaDoc {
                 "meta digest mismatch (header {meta_digest:#018x}, bytes {got:#018x})"
             )));
         }
+        if let Some(doc) = Self::decode_known(bytes, n_tensors, payload_bytes, limits) {
+            debug_assert!(
+                Self::decode_full(bytes, n_tensors, payload_bytes, limits).is_ok_and(|d| d == doc),
+                "cached meta decoding differs from the full decode"
+            );
+            return Ok(doc);
+        }
+        let doc = Self::decode_full(bytes, n_tensors, payload_bytes, limits)?;
+        if let Ok(prefix) = manifest_prefix(&doc.tensor_specs) {
+            if bytes.starts_with(&prefix) {
+                let total = doc.total_bytes().unwrap_or(u64::MAX);
+                DECODED.with(|c| {
+                    *c.borrow_mut() = Some(KnownManifest {
+                        limits: *limits,
+                        prefix,
+                        specs: doc.tensor_specs.clone(),
+                        total,
+                    });
+                });
+            }
+        }
+        Ok(doc)
+    }
+
+    /// The fast path of [`MetaDoc::decode`]: `bytes` start with a manifest prefix this thread
+    /// decoded and validated under the same limits; only the body is parsed, checked and proved
+    /// canonical. `None`: not applicable or not valid (the caller runs the full decode).
+    fn decode_known(
+        bytes: &[u8],
+        n_tensors: u32,
+        payload_bytes: u64,
+        limits: &Limits,
+    ) -> Option<MetaDoc> {
+        DECODED.with(|c| {
+            let c = c.borrow();
+            let m = c.as_ref()?;
+            if m.limits != *limits
+                || !bytes.starts_with(&m.prefix)
+                || bytes.last() != Some(&b'}')
+                || bytes.len() < m.prefix.len() + 1
+                || m.specs.len() != n_tensors as usize
+                || m.total != payload_bytes
+            {
+                return None;
+            }
+            let body_bytes = &bytes[m.prefix.len()..bytes.len() - 1];
+            let body: Value = serde_json::from_slice(body_bytes).ok()?;
+            check_untyped(&body, "body").ok()?;
+            if serde_json::to_vec(&body).ok()? != body_bytes {
+                return None;
+            }
+            Some(MetaDoc {
+                tensor_specs: m.specs.clone(),
+                body,
+            })
+        })
+    }
+
+    /// The full decode (everything after the size, count and digest checks).
+    fn decode_full(
+        bytes: &[u8],
+        n_tensors: u32,
+        payload_bytes: u64,
+        limits: &Limits,
+    ) -> Result<MetaDoc> {
         let doc: MetaDoc = serde_json::from_slice(bytes)
             .map_err(|e| Error::Decode(format!("meta is not a valid MetaDoc: {e}")))?;
         let total = doc.validate_specs(limits).map_err(Error::Decode)?;
@@ -420,6 +542,69 @@ fn check_untyped(v: &Value, root: &str) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_manifest_decodes_and_encodes_exactly_like_the_full_path() {
+        let limits = Limits::default();
+        let specs = vec![
+            TensorSpec {
+                name: "latents".into(),
+                dtype: DType::F32,
+                shape: vec![2, 3],
+                byte_len: 24,
+            },
+            TensorSpec {
+                name: "cond".into(),
+                dtype: DType::U8,
+                shape: vec![5],
+                byte_len: 5,
+            },
+        ];
+        let doc = |body: &str| MetaDoc {
+            tensor_specs: specs.clone(),
+            body: serde_json::from_str(body).unwrap(),
+        };
+        let decode = |b: &[u8]| MetaDoc::decode(b, fnv64(b), 2, 29, &limits);
+        // Same manifest, bodies that change: the second and later ones take the cached path
+        // (test builds cross-check it against the full decode inside `decode`).
+        for body in [
+            r#"{"a":1}"#,
+            r#"{"a":2,"b":[1,2]}"#,
+            r#"{"z":"s","a":null}"#,
+            "7",
+            "[]",
+        ] {
+            let d = doc(body);
+            let bytes = d.encode().unwrap();
+            assert_eq!(bytes, serde_json::to_vec(&d).unwrap(), "encode({body})");
+            assert_eq!(decode(&bytes).unwrap(), d, "decode({body})");
+        }
+        // Bodies the full decoder refuses are refused with its messages.
+        let good = doc(r#"{"a":1}"#).encode().unwrap();
+        let prefix = &good[..good.len() - r#"{"a":1}}"#.len()];
+        let with_body = |b: &str| [prefix, b.as_bytes()].concat();
+        let spaced = with_body(r#"{"a": 1}}"#);
+        assert!(decode(&spaced)
+            .unwrap_err()
+            .to_string()
+            .contains("not canonical"));
+        let hidden = with_body(r#"{"m":{"dtype":"f32","shape":[1],"data":[0]}}}"#);
+        assert!(decode(&hidden)
+            .unwrap_err()
+            .to_string()
+            .contains("looks like a tensor"));
+        let trailing = with_body(r#"{"a":1},"x":2}"#);
+        assert!(decode(&trailing).is_err());
+        // A different total or count than the header announces is still caught.
+        assert!(MetaDoc::decode(&good, fnv64(&good), 2, 30, &limits).is_err());
+        assert!(MetaDoc::decode(&good, fnv64(&good), 3, 29, &limits).is_err());
+        // Other limits: the cached manifest is not reused (a name limit of 3 refuses "latents").
+        let tight = Limits {
+            max_name_len: 3,
+            ..limits
+        };
+        assert!(MetaDoc::decode(&good, fnv64(&good), 2, 29, &tight).is_err());
+    }
 
     #[test]
     fn hidden_tensor_deep_in_arrays_is_named_by_its_full_path() {
