@@ -160,19 +160,25 @@ fn wire(args: &BenchArgs) -> i32 {
     if let Err(e) = raw_tcp_baseline(&me, iters) {
         crate::diag!("bench wire: raw TCP baseline failed: {e}");
     }
-    let st = std::process::Command::new(&me)
-        .args(["launch", "-n", "2", "--"])
-        .arg(&me)
-        .args(["harness", "bench", "--iters", &iters.to_string()])
-        .env_remove("LOCKSTEP_FAULT")
-        .status();
-    match st {
-        Ok(s) => s.code().unwrap_or(crate::exit::ExitCode::Signal.code()),
-        Err(e) => {
-            crate::diag!("bench wire: launch: {e}");
-            crate::exit::ExitCode::BadInput.code()
+    // Header and envelope round trips, then the protocol's own cost per envelope (`Rank` over
+    // the null data plane, `docs/manual/envelope-lane.md`).
+    for scenario in ["bench", "protocol"] {
+        let st = std::process::Command::new(&me)
+            .args(["launch", "-n", "2", "--"])
+            .arg(&me)
+            .args(["harness", scenario, "--iters", &iters.to_string()])
+            .env_remove("LOCKSTEP_FAULT")
+            .status();
+        match st {
+            Ok(s) if s.success() => {}
+            Ok(s) => return s.code().unwrap_or(crate::exit::ExitCode::Signal.code()),
+            Err(e) => {
+                crate::diag!("bench wire: launch: {e}");
+                return crate::exit::ExitCode::BadInput.code();
+            }
         }
     }
+    0
 }
 
 /// Baseline measured in the same run: a bare 88-byte TCP ping-pong between two processes
