@@ -7,6 +7,12 @@
 //!   move; slots `sink_frames..sink_frames+window_frames` are a ring for the rolling window.
 //! - `append` fills sinks first, then the ring; it fails (never overwrites) when there is no
 //!   room: the plan must evict first. `evict` advances the ring head: O(1), moves no bytes.
+//! - A slot has three states: free, **reserved** (counted against capacity by `append`, its
+//!   bytes not yet this frame's: zeros, or an evicted frame's K/V once the ring has wrapped) and
+//!   **written** (readable). `append` reserves; `mark_written` (the executor, after the clean
+//!   pass wrote every layer) makes the reservation readable. `readable_slots` — what attention
+//!   reads — never includes a reserved slot, so the clean pass that fills the slots attends over
+//!   exactly [cache after the plan's eviction + the chunk], like a reference without a ring.
 //! - `recompute` overwrites the slots of frames that are in the cache (from
 //!   `context_frames_override`); it never changes which frames are cached.
 //! - `reset` starts a new epoch; an epoch never goes backwards.
@@ -33,6 +39,8 @@ pub struct CacheLedger {
     window_start_frame: u64,
     /// Logical frame the next append writes.
     next_frame: u64,
+    /// The last `unwritten` appended frames are reserved but not written (not readable).
+    unwritten: u32,
     mutations: u64,
 }
 
@@ -52,6 +60,7 @@ impl CacheLedger {
             window_len: 0,
             window_start_frame: 0,
             next_frame: 0,
+            unwritten: 0,
             mutations: 0,
         })
     }
@@ -68,9 +77,17 @@ impl CacheLedger {
     pub fn epoch(&self) -> CacheEpoch {
         self.epoch
     }
-    /// Frames currently cached (sinks + window).
+    /// Frames holding a slot (sinks + window), reserved ones included: what capacity counts.
     pub fn len_frames(&self) -> u32 {
         self.sinks_len + self.window_len
+    }
+    /// Frames attention may read: held and written (`len_frames` minus a pending reservation).
+    pub fn readable_frames(&self) -> u32 {
+        self.len_frames() - self.unwritten
+    }
+    /// Frames reserved by the last `append` and not yet marked written.
+    pub fn unwritten_frames(&self) -> u32 {
+        self.unwritten
     }
     pub fn sinks_len(&self) -> u32 {
         self.sinks_len
@@ -123,6 +140,12 @@ impl CacheLedger {
 
     /// Drops the `n` oldest window frames by moving the ring head: O(1), no bytes move.
     pub fn evict(&mut self, n: u32) -> Result<()> {
+        if self.unwritten > 0 {
+            return Err(Error::Invariant(format!(
+                "kv cache evict of {n} frames while {} appended frames are unwritten ({})",
+                self.unwritten, self.epoch
+            )));
+        }
         if n > self.window_len {
             return Err(Error::Invariant(format!(
                 "kv cache evict of {n} frames but the window holds {} ({})",
@@ -137,8 +160,16 @@ impl CacheLedger {
     }
 
     /// Reserves slots for the next `n` frames (sinks first, then the ring) and returns them in
-    /// frame order. Fails without side effects when they do not fit.
+    /// frame order. They are not readable until `mark_written`. Fails without side effects when
+    /// they do not fit, or while an earlier reservation is still unwritten.
     pub fn append(&mut self, n: u32) -> Result<Vec<u32>> {
+        if self.unwritten > 0 {
+            return Err(Error::Invariant(format!(
+                "kv cache append of {n} frames while the last {} appended frames are still \
+                 unwritten ({}): a clean pass must write and mark them first",
+                self.unwritten, self.epoch
+            )));
+        }
         if n > self.free_frames() {
             return Err(Error::Invariant(format!(
                 "kv cache append of {n} frames does not fit: {} free ({} sinks + {} window \
@@ -165,8 +196,20 @@ impl CacheLedger {
             }
             self.next_frame += 1;
         }
+        self.unwritten = n;
         self.mutations += 1;
         Ok(slots)
+    }
+
+    /// The reserved frames now hold their K/V in every layer: they become readable. Not a plan
+    /// mutation (the append was), so `mutations` does not move.
+    pub fn mark_written(&mut self) {
+        self.unwritten = 0;
+    }
+
+    /// Whether logical frame `frame` is reserved but not written.
+    fn is_unwritten(&self, frame: u64) -> bool {
+        frame < self.next_frame && frame >= self.next_frame - u64::from(self.unwritten)
     }
 
     /// The slot of a cached logical frame, if it is cached.
@@ -183,11 +226,17 @@ impl CacheLedger {
     }
 
     /// Slots of `frames` consecutive cached frames starting at `first` (for recompute). Fails
-    /// if any of them is not cached: recompute never changes which frames are cached.
+    /// if any of them is not cached (or reserved and unwritten): recompute never changes which
+    /// frames are cached.
     pub fn recompute_slots(&mut self, first: u64, frames: u32) -> Result<Vec<u32>> {
         let slots = (first..first + u64::from(frames))
             .map(|f| {
-                self.slot_of_frame(f).ok_or_else(|| {
+                let written = if self.is_unwritten(f) {
+                    None
+                } else {
+                    self.slot_of_frame(f)
+                };
+                written.ok_or_else(|| {
                     Error::Invariant(format!(
                         "kv cache recompute of frame {f} but it is not cached \
                          (sinks 0..{}, window {}..{}, {})",
@@ -203,16 +252,34 @@ impl CacheLedger {
         Ok(slots)
     }
 
-    /// Occupied slots in physical order (attention is a set operation: no reordering).
-    pub fn occupied_slots(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = (0..self.sinks_len).collect();
-        let mut ring: Vec<u32> = (0..self.window_len)
-            .map(|i| self.sink_frames + (self.window_head + i) % self.window_frames)
-            .collect();
-        ring.sort_unstable();
-        v.extend(ring);
+    /// Slots attention reads: held and written, in physical order (attention is a set
+    /// operation: no reordering). A reserved, unwritten slot is never among them.
+    pub fn readable_slots(&self) -> Vec<u32> {
+        let written = u64::from(self.readable_frames());
+        let mut v: Vec<u32> = Vec::with_capacity(self.len_frames() as usize);
+        // Held frames in logical order: sinks, then the window (its frames are consecutive).
+        let held = (0..u64::from(self.sinks_len))
+            .chain((0..u64::from(self.window_len)).map(|i| self.window_start_frame + i));
+        for (n, f) in held.enumerate() {
+            if (n as u64) < written {
+                if let Some(s) = self.slot_of_frame(f) {
+                    v.push(s);
+                }
+            }
+        }
+        v.sort_unstable();
         v
     }
+}
+
+/// What a generator call reads and writes of a KV cache: the ring `KvCache` in production; a
+/// ring-free reference in the tests that check the ring against it.
+pub trait KvStore {
+    /// K and V `[tokens, heads, head_dim]` of every frame attention may read in `layer`, in any
+    /// order (attention is a set operation), and the token count.
+    fn gather(&self, layer: usize) -> (Vec<f32>, Vec<f32>, usize);
+    /// Writes K (RoPE applied) and V of consecutive frames into `slots` (one per frame).
+    fn write_frames(&mut self, layer: usize, slots: &[u32], k: &[f32], v: &[f32]) -> Result<()>;
 }
 
 /// Geometry of one rank's cache: slots of `tokens_per_frame` tokens × `heads` (local) ×
@@ -263,15 +330,10 @@ impl KvCache {
     fn frame_elems(&self) -> usize {
         self.geom.tokens_per_frame * self.geom.heads * self.geom.head_dim
     }
+}
 
-    /// Writes K (RoPE already applied) and V of consecutive frames into `slots` (one per frame).
-    pub fn write_frames(
-        &mut self,
-        layer: usize,
-        slots: &[u32],
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<()> {
+impl KvStore for KvCache {
+    fn write_frames(&mut self, layer: usize, slots: &[u32], k: &[f32], v: &[f32]) -> Result<()> {
         let fe = self.frame_elems();
         if layer >= self.geom.layers || k.len() != slots.len() * fe || v.len() != k.len() {
             return Err(Error::Invariant(format!(
@@ -291,10 +353,11 @@ impl KvCache {
         Ok(())
     }
 
-    /// K and V of every cached frame of `layer`, `[tokens, heads, head_dim]`, in slot order.
-    pub fn gather(&self, layer: usize) -> (Vec<f32>, Vec<f32>, usize) {
+    /// K and V of every readable frame of `layer`, `[tokens, heads, head_dim]`, in slot order
+    /// (reserved, unwritten slots are left out).
+    fn gather(&self, layer: usize) -> (Vec<f32>, Vec<f32>, usize) {
         let fe = self.frame_elems();
-        let slots = self.ledger.occupied_slots();
+        let slots = self.ledger.readable_slots();
         let mut k = Vec::with_capacity(slots.len() * fe);
         let mut v = Vec::with_capacity(slots.len() * fe);
         for s in &slots {
@@ -314,10 +377,12 @@ mod tests {
     fn sinks_fill_first_then_ring_and_evict_moves_only_the_head() {
         let mut l = CacheLedger::new(2, 4).unwrap();
         assert_eq!(l.append(3).unwrap(), vec![0, 1, 2]);
+        l.mark_written();
         assert_eq!(l.sinks_len(), 2);
         assert_eq!(l.window_len(), 1);
         assert_eq!(l.start_frame(), 2);
         assert_eq!(l.append(3).unwrap(), vec![3, 4, 5]);
+        l.mark_written();
         assert_eq!(l.free_frames(), 0);
         assert!(
             l.append(1).is_err(),
@@ -328,18 +393,61 @@ mod tests {
         assert_eq!(l.start_frame(), 5);
         // Ring wraps: frames 6, 7, 8 go to ring positions 0, 1, 2 = slots 2, 3, 4.
         assert_eq!(l.append(3).unwrap(), vec![2, 3, 4]);
+        l.mark_written();
         assert_eq!(l.slot_of_frame(0), Some(0));
         assert_eq!(l.slot_of_frame(5), Some(5));
         assert_eq!(l.slot_of_frame(6), Some(2));
         assert_eq!(l.slot_of_frame(4), None);
-        assert_eq!(l.occupied_slots(), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(l.readable_slots(), vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(l.len_frames(), 6);
+    }
+
+    #[test]
+    fn reserved_slots_are_not_readable_until_written_also_after_the_ring_wraps() {
+        // 1 sink + a 4-frame ring, chunks of 2 frames.
+        let mut l = CacheLedger::new(1, 4).unwrap();
+        let s = l.append(2).unwrap();
+        assert_eq!(s, vec![0, 1]);
+        assert_eq!((l.len_frames(), l.readable_frames()), (2, 0));
+        assert!(
+            l.readable_slots().is_empty(),
+            "reserved slots must not be read"
+        );
+        // Nothing else moves while a reservation is pending.
+        assert!(l.append(1).unwrap_err().to_string().contains("unwritten"));
+        assert!(l.evict(0).unwrap_err().to_string().contains("unwritten"));
+        assert!(l
+            .recompute_slots(0, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("not cached"));
+        l.mark_written();
+        assert_eq!(l.readable_slots(), vec![0, 1]);
+        for _ in 0..2 {
+            let n = l.evict_needed_for(2);
+            l.evict(n).unwrap();
+            l.append(2).unwrap();
+            l.mark_written();
+        }
+        // Frames 0..6 appended: sink 0, window 1..5 held in slots 1..4 (frame 5 wrapped to
+        // slot 1, evicting frame 1). Now evict two more and reserve frames 6, 7.
+        let n = l.evict_needed_for(2);
+        assert_eq!(n, 2);
+        l.evict(n).unwrap();
+        let s = l.append(2).unwrap();
+        // The reserved slots still hold evicted frames' bytes: they must not be readable.
+        assert_eq!(s, vec![2, 3]);
+        assert_eq!(l.readable_slots(), vec![0, 1, 4]);
+        assert_eq!(l.readable_frames(), 3);
+        l.mark_written();
+        assert_eq!(l.readable_slots(), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
     fn evict_more_than_window_fails() {
         let mut l = CacheLedger::new(1, 2).unwrap();
         l.append(2).unwrap();
+        l.mark_written();
         assert!(l.evict(2).is_err());
         l.evict(1).unwrap();
         assert_eq!(l.window_len(), 0);
@@ -350,6 +458,7 @@ mod tests {
     fn reset_empties_and_epoch_never_goes_backwards() {
         let mut l = CacheLedger::new(1, 2).unwrap();
         l.append(3).unwrap();
+        l.mark_written();
         l.reset(CacheEpoch(2)).unwrap();
         assert_eq!(l.len_frames(), 0);
         assert_eq!(l.next_frame(), 0);
@@ -363,6 +472,7 @@ mod tests {
         let mut l = CacheLedger::new(1, 4).unwrap();
         let m0 = l.mutations();
         l.append(2).unwrap();
+        l.mark_written();
         l.evict(1).unwrap();
         l.recompute_slots(0, 1).unwrap();
         l.reset(CacheEpoch(1)).unwrap();
@@ -373,6 +483,7 @@ mod tests {
     fn recompute_requires_cached_frames() {
         let mut l = CacheLedger::new(1, 2).unwrap();
         l.append(3).unwrap();
+        l.mark_written();
         l.evict(1).unwrap();
         assert_eq!(l.recompute_slots(0, 1).unwrap(), vec![0]);
         let e = l.recompute_slots(1, 1).unwrap_err();
@@ -398,6 +509,7 @@ mod tests {
             let k = vec![f as f32; fe];
             let v = vec![10.0 + f as f32; fe];
             c.write_frames(0, &slots, &k, &v).unwrap();
+            c.ledger_mut().mark_written();
         }
         // Cached frames: sink 0, window 2 and 3.
         let (k, v, n) = c.gather(0);

@@ -238,6 +238,8 @@ impl PhasePlan {
         }
         if self.cache_actions.append_frames > 0 {
             ledger.append(self.cache_actions.append_frames)?;
+            // The clean pass writes what it reserved before the chunk ends.
+            ledger.mark_written();
         }
         Ok(())
     }
@@ -423,7 +425,7 @@ impl StateDigest {
             calls_made,
             cache_epoch: ledger.epoch().get(),
             cache_start_frame: ledger.start_frame(),
-            cache_len_frames: u64::from(ledger.len_frames()),
+            cache_len_frames: u64::from(ledger.readable_frames()),
             cache_mutations: ledger.mutations(),
             graph_count,
         }

@@ -73,6 +73,7 @@ fn run(shard: &DitShard, comm: &mut dyn TpComm) -> Vec<Vec<f32>> {
                 )
                 .unwrap(),
         );
+        cache.ledger_mut().mark_written();
     }
     outs
 }

@@ -6,5 +6,6 @@ pub mod bench;
 pub mod context;
 pub mod dit_ops;
 pub mod embedded;
+pub mod gemm;
 pub mod kv_cache;
 pub mod probe;

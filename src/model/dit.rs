@@ -12,13 +12,20 @@
 //! TP=1 (test: f32 tolerance).
 //!
 //! Parameter names and shapes follow Wan's checkpoint (`blocks.{i}.self_attn.q.weight`, …;
-//! `weights::param_specs`); the patch embedding is a linear over the (1, 2, 2) patch (Wan's
-//! Conv3d kernel `[dim, C, 1, 2, 2]` flattened row-major).
+//! `weights::param_specs`).
+//!
+//! Token layout (one thing end to end): a latent chunk is `[frames · grid_h · grid_w, C · 4]`,
+//! token `f·grid_h·grid_w + h·grid_w + w`, feature `c·4 + kh·2 + kw` = video latent
+//! `[c, f, 2h+kh, 2w+kw]`. That is the order in which Wan's Conv3d patch kernel `[dim, C, 1, 2,
+//! 2]` flattens, so the patch embedding is a linear over the token. Wan's head emits its `4·C`
+//! outputs in unpatchify order (kh, kw, c); `head_to_token_layout` permutes `head.head`'s rows
+//! once at load so the velocity comes out in the token layout above, and the Euler step
+//! `x += dt·v` adds like to like. This is the only place the layout is converted.
 use super::ops;
 use super::tp::TpComm;
 use super::weights::{SeededWeights, WeightSource};
 use super::DitConfig;
-use crate::cache::KvCache;
+use crate::cache::KvStore;
 use crate::digest::fnv64;
 use crate::{Error, Result};
 
@@ -50,6 +57,12 @@ pub(crate) fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
             ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
+}
+
+/// The prompt's text features `[text_tokens, text_dim]` (random from the prompt seed: the text
+/// encoder is outside this project); the input of `text_embedding.0`.
+pub fn prompt_features(cfg: &DitConfig, prompt_seed: u64) -> Vec<f32> {
+    gen(prompt_seed, "prompt", cfg.text_tokens * cfg.text_dim, 1.0)
 }
 
 /// A tensor from a source, checked to hold `n` values (a source that slices wrong fails here,
@@ -111,6 +124,26 @@ fn load_cols(
         },
         Some(take(&bn, src.full(&bn)?, d_out)?),
     ))
+}
+
+/// Wan's head emits output `(kh·2 + kw)·C + c` (its unpatchify order); the model's token layout
+/// is `c·4 + kh·2 + kw` (the patch embedding's input order). Reorders the head's rows (and bias)
+/// so output `c·4 + kh·2 + kw` is Wan's `(kh·2 + kw)·C + c`.
+fn head_to_token_layout(head: Linear, channels: usize) -> Linear {
+    let d_in = head.d_in;
+    let wan_row = |i: usize| (i % 4) * channels + i / 4;
+    let w = (0..head.d_out)
+        .flat_map(|i| {
+            head.w[wan_row(i) * d_in..(wan_row(i) + 1) * d_in]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let b = head
+        .b
+        .as_ref()
+        .map(|b| (0..head.d_out).map(|i| b[wan_row(i)]).collect());
+    Linear { w, b, ..head }
 }
 
 /// One block's weights (full, or one rank's shard).
@@ -246,7 +279,10 @@ impl DitShard {
             time_proj: load_linear(src, "time_projection.1", d, 6 * d)?,
             blocks,
             head_mod: vec("head.modulation", 2 * d)?,
-            head: load_linear(src, "head.head", d, cfg.in_dim())?,
+            head: head_to_token_layout(
+                load_linear(src, "head.head", d, cfg.in_dim())?,
+                cfg.latent_channels,
+            ),
         })
     }
 
@@ -312,7 +348,7 @@ impl DitShard {
     pub fn text_kv(&self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<TextKv> {
         let c = &self.cfg;
         let lt = c.text_tokens;
-        let feats = gen(prompt_seed, "prompt", lt * c.text_dim, 1.0);
+        let feats = prompt_features(c, prompt_seed);
         let mut ctx = self.text1.apply(&feats, lt);
         ops::gelu_tanh(&mut ctx);
         let ctx = self.text2.apply(&ctx, lt);
@@ -360,7 +396,7 @@ impl DitShard {
     pub fn forward(
         &self,
         comm: &mut dyn TpComm,
-        cache: &mut KvCache,
+        cache: &mut dyn KvStore,
         text: &TextKv,
         x_in: &[f32],
         frames: usize,
@@ -473,7 +509,7 @@ fn silu(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CacheGeometry;
+    use crate::cache::{CacheGeometry, KvCache};
     use crate::ids::CacheEpoch;
     use crate::model::tp::{SoloComm, ThreadComm};
     use std::time::Duration;
@@ -542,6 +578,7 @@ mod tests {
                 0,
                 CacheMode::Append(&slots),
             )?);
+            cache.ledger_mut().mark_written();
         }
         let slots = cache.ledger_mut().recompute_slots(0, 2)?;
         let ctx = gen(7, "ctx", n, 1.0);

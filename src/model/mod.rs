@@ -108,6 +108,20 @@ impl DitConfig {
         }
     }
 
+    /// The same geometry with `layers` blocks instead of the preset's (e.g. a 2-layer
+    /// `wan-1.3b` for checks against another implementation); `None` keeps the preset's.
+    pub fn with_layers(mut self, layers: Option<usize>) -> Result<Self> {
+        if let Some(n) = layers {
+            if n == 0 || n > 1024 {
+                return Err(Error::BadInput(format!(
+                    "--layers {n}: must be in 1..=1024"
+                )));
+            }
+            self.layers = n;
+        }
+        Ok(self)
+    }
+
     pub fn tokens_per_frame(&self) -> usize {
         self.grid_h * self.grid_w
     }

@@ -688,18 +688,27 @@ pub enum WeightsCmd {
         seed: u64,
         #[arg(long, value_enum, default_value_t = SaveDType::F32)]
         dtype: SaveDType,
+        /// Override the preset's layer count (e.g. a 2-layer `wan-1.3b` for checks).
+        #[arg(long)]
+        layers: Option<usize>,
     },
     /// Check a weights file against a preset: names, shapes, dtypes; print its digest.
     Check {
         file: PathBuf,
         #[arg(long, default_value = "tiny")]
         preset: String,
+        #[arg(long)]
+        layers: Option<usize>,
     },
+    /// Record a stream's generator calls (inputs and outputs) on the CPU model with a weights
+    /// file, for checking another implementation against it
+    /// (`benches/baselines/wan_reference.py check`).
+    Trace(crate::pipeline::trace::TraceArgs),
 }
 
 /// `weights check`: every problem on stderr (not truncated), the digest on stdout.
-fn check_cmd(file: &Path, preset: &str) -> Result<()> {
-    let cfg = DitConfig::preset(preset)?;
+fn check_cmd(file: &Path, preset: &str, layers: Option<usize>) -> Result<()> {
+    let cfg = DitConfig::preset(preset)?.with_layers(layers)?;
     let f = WeightFile::open(file)?;
     let issues = f.check(&cfg);
     for i in &issues {
@@ -730,7 +739,9 @@ pub fn main(args: &WeightsArgs) -> i32 {
             preset,
             seed,
             dtype,
+            layers,
         } => DitConfig::preset(preset)
+            .and_then(|cfg| cfg.with_layers(*layers))
             .and_then(|cfg| save_seeded(&cfg, *seed, *dtype, out))
             .and_then(|()| WeightFile::open(out))
             .map(|f| {
@@ -742,7 +753,12 @@ pub fn main(args: &WeightsArgs) -> i32 {
                     f.digest()
                 )
             }),
-        WeightsCmd::Check { file, preset } => check_cmd(file, preset),
+        WeightsCmd::Check {
+            file,
+            preset,
+            layers,
+        } => check_cmd(file, preset, *layers),
+        WeightsCmd::Trace(a) => crate::pipeline::trace::trace_cmd(a),
     };
     match r {
         Ok(()) => 0,

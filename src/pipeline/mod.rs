@@ -19,6 +19,7 @@ pub mod ranks;
 pub mod report;
 pub mod stage0;
 pub mod stage1;
+pub mod trace;
 
 use crate::ids::CallId;
 use crate::wire::{EnvelopeIds, PreparedEnvelope, ReceivedEnvelope};

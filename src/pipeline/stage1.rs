@@ -358,7 +358,11 @@ impl<'a> MeshRank<'a> {
                         t: 0,
                         mode: CacheMode::Append(&slots),
                     };
+                    // The pass attends over the readable cache (after the plan's eviction,
+                    // without the slots just reserved) + the chunk, and writes the chunk's K/V
+                    // into the slots in every layer; only then are they readable.
                     self.gen_call("clean", call, &mut calls)?;
+                    self.cache.ledger_mut().mark_written();
                 }
             }
         }

@@ -1,0 +1,298 @@
+//! A stream's generator calls, recorded on the real Stage 1 path, for checking the model against
+//! an independent implementation (`lockstep weights trace`, `benches/baselines/wan_reference.py`)
+//! and against a ring-free re-computation (tests/model_stream.rs).
+//!
+//! Contract: `record_stream` drives `chunks` chunks through the same code `lockstep run` uses on
+//! a mesh rank — Stage 0's `Planner` builds each plan (evictions, clean passes, recomputes from
+//! the sink frames' latents), `MeshRank::execute` runs it over the ring cache at TP=1 — and
+//! records every generator call's input and output with what the plan did to the cache right
+//! before it (`reset_before`, `evict_before`). Nothing here computes: it only watches.
+//!
+//! The trace file (safetensors, all f32): `text [text_tokens, text_dim]` (the prompt's features),
+//! `call{n}.x` / `call{n}.out` `[frames · tokens_per_frame, C · 4]` in the model's token layout
+//! (`model::dit`), and `__metadata__["lockstep.trace"]`, JSON `{config, calls: [{n, chunk, kind,
+//! t, start_frame, frames, evict_before, reset_before}]}`.
+use super::envelope::NOISE_TENSOR;
+use super::stage1::{Call, DitGenerator, Generator, MeshRank, StepGraphs};
+use crate::cache::{CacheGeometry, KvCache};
+use crate::ids::{CacheEpoch, ChunkIndex, GlobalRank};
+use crate::model::dit::{prompt_features, CacheMode, DitShard};
+use crate::model::tp::{SoloComm, TpComm};
+use crate::model::weights::WeightFile;
+use crate::model::DitConfig;
+use crate::plan::{PlanPolicy, Planner, OVERRIDE_TENSOR};
+use crate::wire::HostTensor;
+use crate::{Error, Result};
+use safetensors::tensor::TensorView;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One recorded generator call.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallRecord {
+    pub n: usize,
+    pub chunk: u64,
+    /// `denoise`, `clean` or `recompute`.
+    pub kind: &'static str,
+    pub t: u32,
+    pub start_frame: u64,
+    pub frames: usize,
+    /// Frames the plan evicted since the previous call.
+    pub evict_before: u32,
+    /// Whether the plan reset the cache since the previous call.
+    pub reset_before: bool,
+    #[serde(skip)]
+    pub x: Vec<f32>,
+    #[serde(skip)]
+    pub out: Vec<f32>,
+}
+
+/// A recorded stream: its calls, the prompt features, and each chunk's clean latent.
+pub struct StreamTrace {
+    pub cfg: DitConfig,
+    pub text: Vec<f32>,
+    pub calls: Vec<CallRecord>,
+    pub latents: Vec<Vec<f32>>,
+}
+
+/// What the executor is about to run: the chunk and the plan's cache actions not yet attached
+/// to a recorded call.
+#[derive(Default)]
+struct ChunkInfo {
+    chunk: u64,
+    reset_pending: bool,
+    evict_pending: u32,
+}
+
+/// Wraps a generator and records each call. The plan's reset is attached to the chunk's first
+/// call, its eviction to the clean pass (the plan evicts right before it).
+struct Recorder<'g> {
+    inner: &'g mut dyn Generator,
+    calls: Vec<CallRecord>,
+    info: Arc<Mutex<ChunkInfo>>,
+}
+
+impl Generator for Recorder<'_> {
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
+        self.inner.set_prompt(comm, prompt_seed)
+    }
+
+    fn call(
+        &mut self,
+        comm: &mut dyn TpComm,
+        cache: &mut KvCache,
+        c: Call<'_>,
+    ) -> Result<Vec<f32>> {
+        let kind = match c.mode {
+            CacheMode::Read => "denoise",
+            CacheMode::Append(_) => "clean",
+            CacheMode::Overwrite(_) => "recompute",
+        };
+        let (chunk, reset_before, evict_before) = {
+            let mut i = self
+                .info
+                .lock()
+                .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))?;
+            let reset = std::mem::take(&mut i.reset_pending);
+            let evict = if kind == "clean" {
+                std::mem::take(&mut i.evict_pending)
+            } else {
+                0
+            };
+            (i.chunk, reset, evict)
+        };
+        let (x, t, start_frame, frames) = (c.x.to_vec(), c.t, c.start_frame, c.frames);
+        let out = self.inner.call(comm, cache, c)?;
+        self.calls.push(CallRecord {
+            n: self.calls.len(),
+            chunk,
+            kind,
+            t,
+            start_frame,
+            frames,
+            evict_before,
+            reset_before,
+            x,
+            out: out.clone(),
+        });
+        Ok(out)
+    }
+
+    fn cache_geometry(&self) -> CacheGeometry {
+        self.inner.cache_geometry()
+    }
+}
+
+/// Noise of chunk `chunk`: deterministic, unit variance.
+pub fn chunk_noise(seed: u64, chunk: u64, n: usize) -> Vec<f32> {
+    crate::model::dit::gen(
+        seed ^ chunk.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        "noise",
+        n,
+        1.732_050_8,
+    )
+}
+
+/// Streams `chunks` chunks of one epoch through `MeshRank::execute` at TP=1 and records every
+/// generator call. `recompute_every` > 0 recomputes the sink frames from the first chunk's
+/// latent every that many chunks (as `lockstep run --recompute-every` does).
+pub fn record_stream(
+    shard: DitShard,
+    chunks: u64,
+    recompute_every: u32,
+    noise_seed: u64,
+    prompt_seed: u64,
+) -> Result<StreamTrace> {
+    let cfg = shard.config().clone();
+    let mut gen = DitGenerator::from_shard(shard);
+    let info = Arc::new(Mutex::new(ChunkInfo::default()));
+    let mut rec = Recorder {
+        inner: &mut gen,
+        calls: Vec::new(),
+        info: info.clone(),
+    };
+    let mut planner = Planner::new(PlanPolicy {
+        frames_per_chunk: cfg.frames_per_chunk as u32,
+        denoise_timesteps: cfg.denoise_timesteps.clone(),
+        clean_cache_update: true,
+        recompute_every,
+        sink_frames: cfg.sink_frames,
+        window_frames: cfg.window_frames,
+        prompt_seed,
+    })?;
+    let mut comm = SoloComm;
+    let in_dim = cfg.in_dim();
+    let mut latents = Vec::new();
+    {
+        let mut mesh = MeshRank::new(&mut comm, &mut rec, GlobalRank(1), &cfg)?;
+        let steps = StepGraphs::required(&cfg, recompute_every > 0, cfg.sink_frames);
+        mesh.warmup(&steps)?;
+        for chunk in 0..chunks {
+            let plan = planner.next_plan(ChunkIndex(chunk), CacheEpoch(0));
+            let mut tensors = vec![HostTensor::from_f32(
+                NOISE_TENSOR,
+                vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
+                &chunk_noise(noise_seed, chunk, cfg.tokens_per_chunk() * in_dim),
+            )];
+            if let Some(r) = plan.recompute {
+                let n = r.frames as usize * cfg.tokens_per_frame() * in_dim;
+                let anchor: &Vec<f32> = latents
+                    .first()
+                    .ok_or_else(|| Error::Invariant("recompute before the first latent".into()))?;
+                let ctx = anchor.get(..n).ok_or_else(|| {
+                    Error::Invariant("first latent shorter than the sinks".into())
+                })?;
+                tensors.push(HostTensor::from_f32(
+                    OVERRIDE_TENSOR,
+                    vec![
+                        (r.frames as usize * cfg.tokens_per_frame()) as u64,
+                        in_dim as u64,
+                    ],
+                    ctx,
+                ));
+            }
+            planner.commit(&plan)?;
+            *info
+                .lock()
+                .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? =
+                ChunkInfo {
+                    chunk,
+                    reset_pending: plan.cache_actions.reset,
+                    evict_pending: plan.cache_actions.evict_frames,
+                };
+            let (latent, _digest) = mesh.execute(&plan, &tensors)?;
+            latents.push(latent);
+        }
+    }
+    Ok(StreamTrace {
+        text: prompt_features(&cfg, prompt_seed),
+        cfg,
+        calls: rec.calls,
+        latents,
+    })
+}
+
+/// Writes `trace` as a safetensors file (see the module comment for the layout).
+pub fn write_trace(trace: &StreamTrace, path: &Path) -> Result<()> {
+    let c = &trace.cfg;
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![(
+        "text".into(),
+        vec![c.text_tokens, c.text_dim],
+        bytes(&trace.text),
+    )];
+    for r in &trace.calls {
+        let shape = vec![r.frames * c.tokens_per_frame(), c.in_dim()];
+        owned.push((format!("call{}.x", r.n), shape.clone(), bytes(&r.x)));
+        owned.push((format!("call{}.out", r.n), shape, bytes(&r.out)));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Invariant(format!("trace tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = serde_json::json!({
+        "config": {
+            "name": c.name, "dim": c.dim, "layers": c.layers, "heads": c.heads,
+            "head_dim": c.head_dim, "ffn_dim": c.ffn_dim, "latent_channels": c.latent_channels,
+            "grid_h": c.grid_h, "grid_w": c.grid_w, "frames_per_chunk": c.frames_per_chunk,
+            "text_tokens": c.text_tokens, "text_dim": c.text_dim, "freq_dim": c.freq_dim,
+            "sink_frames": c.sink_frames, "window_frames": c.window_frames, "eps": c.eps,
+        },
+        "calls": trace.calls,
+    });
+    let info = std::collections::HashMap::from([("lockstep.trace".to_string(), meta.to_string())]);
+    safetensors::serialize_to_file(views, &Some(info), path)
+        .map_err(|e| Error::BadInput(format!("writing trace {}: {e}", path.display())))
+}
+
+/// `lockstep weights trace`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// Output file (safetensors).
+    pub out: PathBuf,
+    /// Weights file (as `lockstep weights save` writes it).
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Override the preset's layer count (e.g. a 2-layer `wan-1.3b`).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, default_value_t = 6)]
+    pub chunks: u64,
+    /// Recompute the sink frames every N chunks (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub recompute_every: u32,
+    #[arg(long, default_value_t = 1)]
+    pub noise_seed: u64,
+    #[arg(long, default_value_t = 7)]
+    pub prompt_seed: u64,
+}
+
+pub fn trace_cmd(a: &TraceArgs) -> Result<()> {
+    let cfg = DitConfig::preset(&a.preset)?.with_layers(a.layers)?;
+    let file = WeightFile::open_for(&a.weights, &cfg)?;
+    let shard = DitShard::from_source(&cfg, &file, 0, 1)?;
+    let trace = record_stream(
+        shard,
+        a.chunks,
+        a.recompute_every,
+        a.noise_seed,
+        a.prompt_seed,
+    )?;
+    write_trace(&trace, &a.out)?;
+    println!(
+        "wrote {} ({} calls over {} chunks, preset {} with {} layers)",
+        a.out.display(),
+        trace.calls.len(),
+        a.chunks,
+        cfg.name,
+        cfg.layers
+    );
+    Ok(())
+}
