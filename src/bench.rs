@@ -9,7 +9,7 @@ use crate::wire::{prepare, Action, EnvelopeIds, Header, HostTensor, Limits, Meta
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to benchmark: kernels | transport | wire.
+    /// What to benchmark: kernels | model | transport | wire.
     pub what: String,
     /// Extra arguments for that benchmark (wire: [CASES] [RTT_ITERS]).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -22,6 +22,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         "echo-peer" => echo_peer(args),
         "transport" => crate::comm::nccl::bench::main(&args.rest),
         "kernels" => crate::cuda::bench::main(&args.rest),
+        "model" => crate::model::gpu_bench::main(&args.rest),
         other => {
             crate::diag!("bench: unknown benchmark {other:?}");
             crate::exit::ExitCode::BadInput.code()

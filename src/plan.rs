@@ -686,6 +686,9 @@ mod tests {
     fn state_digest_diff_names_fields_and_values() {
         let mut l = CacheLedger::new(3, 6).unwrap();
         l.append(3).unwrap();
+        // The digest counts readable frames: a pending reservation is not among them.
+        assert_eq!(StateDigest::from_ledger(5, &l, 5).cache_len_frames, 0);
+        l.mark_written();
         let a = StateDigest::from_ledger(5, &l, 5);
         let mut b = a;
         b.cache_len_frames = 2;

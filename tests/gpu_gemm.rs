@@ -1,8 +1,9 @@
-//! cuBLASLt GEMMs (src/cuda/gemm.rs) against the CPU reference `ops::linear` (+ `ops::gelu_tanh`)
-//! in f32 from the same bf16 inputs, on fresh random data each run (the seed comes from the clock
-//! and is printed; `LOCKSTEP_TEST_SEED` replays one), with the output poisoned (NaN) before every
-//! call that does not accumulate, so an unwritten element — or a read of `y` when beta = 0 —
-//! fails. Tolerance: relative L2 error ≤ 1e-2; the figures are printed (`--nocapture`).
+//! cuBLASLt GEMMs (src/cuda/gemm.rs) against the CPU reference `ops::linear`
+//! (+ `ops::gelu_tanh`) in f32 from the same bf16 inputs, on fresh random data each run (the
+//! seed comes from the clock and is printed; `LOCKSTEP_TEST_SEED` replays one), with the output
+//! poisoned (NaN) before every call that does not accumulate, so an unwritten element — or a
+//! read of `y` when beta = 0 — fails. Tolerance: relative L2 error ≤ 1e-2; the figures are
+//! printed (`--nocapture`).
 //! Shapes: Wan 2.1 1.3B's (4680 tokens; 1536→1536, 1536→8960 + GELU, 8960→1536; 512 text tokens
 //! 4096→1536; 1 row 1536→9216) and small odd ones, each without bias, with bias, with GELU
 //! (+ bias) and accumulating. Every case runs; a case cuBLASLt refuses is listed, then the test

@@ -16,12 +16,13 @@
 //! - `accumulate` (beta = 1, C = D = y, in place): `y = x·Wᵀ + b + y_old` (bias and accumulate
 //!   combine: cuBLASLt adds the bias in the epilogue to `alpha·A·B + beta·C`). Without
 //!   `accumulate`, beta = 0 and cuBLASLt does not read `y` (the tests poison it with NaN).
-//!   GELU with `accumulate` is refused (`BadInput`): cuBLASLt would apply GELU after adding
-//!   `y_old`, which is `gelu(x·Wᵀ + b + y_old)`, not a residual; the model never needs it.
+//!   GELU with `accumulate` is refused (`BadInput`): cuBLASLt's epilogue acts on the whole
+//!   `alpha·A·B + beta·C` sum, i.e. `gelu(x·Wᵀ + b + y_old)`, which is no residual add; the
+//!   model never needs it.
 //! - Row-major on our side, column-major in cuBLASLt, no data transposed. A row-major `[r, c]`
 //!   buffer is, byte for byte, the column-major `c × r` matrix with leading dimension `c`:
-//!   `x` is `xᵀ` (`d_in × rows`, ld `d_in`), `W` is `Wᵀ` (`d_in × d_out`, ld `d_in`), `y` is `yᵀ`
-//!   (`d_out × rows`, ld `d_out`). `y = x·Wᵀ` ⇔ `yᵀ = W·xᵀ`, so cuBLASLt computes
+//!   `x` is `xᵀ` (`d_in × rows`, ld `d_in`), `W` is `Wᵀ` (`d_in × d_out`, ld `d_in`), `y` is
+//!   `yᵀ` (`d_out × rows`, ld `d_out`). `y = x·Wᵀ` ⇔ `yᵀ = W·xᵀ`, so cuBLASLt computes
 //!   `D = op(A)·op(B)` with `m = d_out, n = rows, k = d_in`; `A` = the W buffer, layout
 //!   `d_in × d_out` (ld `d_in`), `op(A) = T`; `B` = the x buffer, layout `d_in × rows`
 //!   (ld `d_in`), `op(B) = N`; `C = D` = the y buffer, layout `d_out × rows` (ld `d_out`). That is
@@ -34,7 +35,8 @@
 //!   the heuristic (host only; counted by `heuristic_queries`), every later call of that key is
 //!   one `cublasLtMatmul` and nothing else (no heuristic, no allocation, no synchronization), so
 //!   the calls are CUDA-graph capturable once each key has been seen (`prepare` does that
-//!   without running a GEMM). `Ok` means enqueued, not finished (docs/manual/cuda-async-execution.md).
+//!   without running a GEMM). `Ok` means enqueued, not finished
+//!   (docs/manual/cuda-async-execution.md).
 //! - Every cuBLASLt status is an `Error::Cuda` naming the function, the call (shape, epilogue)
 //!   and cuBLASLt's own status name and string. A missing libcublasLt is
 //!   `Error::LibraryMissing` at `Gemm::new` (cudarc's loader would panic; it is never reached).

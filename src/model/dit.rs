@@ -148,27 +148,27 @@ fn head_to_token_layout(head: Linear, channels: usize) -> Linear {
 
 /// One block's weights (full, or one rank's shard).
 #[derive(Clone, Debug)]
-struct Block {
-    modulation: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    o_bias: Option<Vec<f32>>,
-    norm_q: Vec<f32>,
-    norm_k: Vec<f32>,
-    cq: Linear,
-    ck: Linear,
-    cv: Linear,
-    co: Linear,
-    co_bias: Option<Vec<f32>>,
-    cnorm_q: Vec<f32>,
-    cnorm_k: Vec<f32>,
-    norm3_w: Vec<f32>,
-    norm3_b: Vec<f32>,
-    ffn1: Linear,
-    ffn2: Linear,
-    ffn2_bias: Option<Vec<f32>>,
+pub(crate) struct Block {
+    pub(crate) modulation: Vec<f32>,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) o_bias: Option<Vec<f32>>,
+    pub(crate) norm_q: Vec<f32>,
+    pub(crate) norm_k: Vec<f32>,
+    pub(crate) cq: Linear,
+    pub(crate) ck: Linear,
+    pub(crate) cv: Linear,
+    pub(crate) co: Linear,
+    pub(crate) co_bias: Option<Vec<f32>>,
+    pub(crate) cnorm_q: Vec<f32>,
+    pub(crate) cnorm_k: Vec<f32>,
+    pub(crate) norm3_w: Vec<f32>,
+    pub(crate) norm3_b: Vec<f32>,
+    pub(crate) ffn1: Linear,
+    pub(crate) ffn2: Linear,
+    pub(crate) ffn2_bias: Option<Vec<f32>>,
 }
 
 /// Text K/V of one prompt for one rank's heads, per layer (`[text_tokens, local heads, hd]`).
@@ -193,19 +193,19 @@ pub enum CacheMode<'a> {
 
 /// One rank's shard of the DiT.
 pub struct DitShard {
-    cfg: DitConfig,
-    rank: usize,
-    tp: usize,
-    seed: Option<u64>,
-    patch: Linear,
-    text1: Linear,
-    text2: Linear,
-    time1: Linear,
-    time2: Linear,
-    time_proj: Linear,
-    blocks: Vec<Block>,
-    head_mod: Vec<f32>,
-    head: Linear,
+    pub(crate) cfg: DitConfig,
+    pub(crate) rank: usize,
+    pub(crate) tp: usize,
+    pub(crate) seed: Option<u64>,
+    pub(crate) patch: Linear,
+    pub(crate) text1: Linear,
+    pub(crate) text2: Linear,
+    pub(crate) time1: Linear,
+    pub(crate) time2: Linear,
+    pub(crate) time_proj: Linear,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) head_mod: Vec<f32>,
+    pub(crate) head: Linear,
 }
 
 impl DitShard {
@@ -368,7 +368,7 @@ impl DitShard {
     }
 
     /// Timestep embedding → (`e[dim]`, `e0[6·dim]`), replicated on every rank.
-    fn time_embedding(&self, t: u32) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn time_embedding(&self, t: u32) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.freq_dim / 2;
         let tf = f64::from(t);
         let mut s = Vec::with_capacity(self.cfg.freq_dim);

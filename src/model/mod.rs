@@ -7,6 +7,8 @@
 //! tokens of T5 width 4096), because the text encoder is outside this project and random text
 //! features of that size cost CI time without testing anything new.
 pub mod dit;
+pub mod gpu;
+pub mod gpu_bench;
 pub mod ops;
 pub mod tp;
 pub mod weights;

@@ -227,9 +227,43 @@ pub fn attention(
     assert_eq!(v.len(), lk * heads * head_dim);
     let mut out = vec![0.0f32; q.len()];
     let mut lse = vec![f32::NEG_INFINITY; lq * heads];
+    // Query rows are independent: split them over the machine's threads. Each output element
+    // is computed by one thread in one fixed order, so the result does not depend on the split.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = lq.div_ceil(threads.clamp(1, lq.max(1))).max(1);
+    std::thread::scope(|sc| {
+        for (ci, (oc, lc)) in out
+            .chunks_mut(per * heads * head_dim)
+            .zip(lse.chunks_mut(per * heads))
+            .enumerate()
+        {
+            sc.spawn(move || {
+                attention_rows(q, k, v, ci * per, oc, lc, lk, heads, head_dim, scale);
+            });
+        }
+    });
+    (out, lse)
+}
+
+/// Attention of the query rows `first..first + out.len() / (heads · head_dim)` (one thread's
+/// share of `attention`), f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    first: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+    lk: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) {
     let mut s = vec![0.0f64; lk];
     let mut acc = vec![0.0f64; head_dim];
-    for i in 0..lq {
+    for il in 0..out.len() / (heads * head_dim) {
+        let i = first + il;
         for h in 0..heads {
             let qi = &q[(i * heads + h) * head_dim..][..head_dim];
             let mut mx = f64::NEG_INFINITY;
@@ -256,14 +290,13 @@ pub fn attention(
                     *a += p * f64::from(*b);
                 }
             }
-            let o = &mut out[(i * heads + h) * head_dim..][..head_dim];
+            let o = &mut out[(il * heads + h) * head_dim..][..head_dim];
             for (oo, a) in o.iter_mut().zip(&acc) {
                 *oo = (a / denom) as f32;
             }
-            lse[i * heads + h] = (mx + denom.ln()) as f32;
+            lse[il * heads + h] = (mx + denom.ln()) as f32;
         }
     }
-    (out, lse)
 }
 
 /// `‖a − b‖ / ‖b‖` (relative L2 error against reference `b`).

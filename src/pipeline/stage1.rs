@@ -170,6 +170,51 @@ impl Generator for DitGenerator {
     }
 }
 
+/// The DiT on one GPU (`model::gpu`), TP=1. Its K/V live on the device; the host `KvCache` it
+/// asks for holds only the ledger, which says for each call where the chunk's K/V go and which
+/// slots attention reads (`KvAccess::from_ledger`). Latents cross the host as f32 (upload
+/// before, download after each call).
+pub struct GpuGenerator {
+    model: crate::model::gpu::GpuDit,
+}
+
+impl GpuGenerator {
+    pub fn new(model: crate::model::gpu::GpuDit) -> Self {
+        Self { model }
+    }
+}
+
+impl Generator for GpuGenerator {
+    fn set_prompt(&mut self, _comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
+        self.model.set_prompt(prompt_seed)
+    }
+
+    fn call(
+        &mut self,
+        _comm: &mut dyn TpComm,
+        cache: &mut KvCache,
+        c: Call<'_>,
+    ) -> Result<Vec<f32>> {
+        let frames = u32::try_from(c.frames)
+            .map_err(|_| Error::Invariant(format!("{} frames in one call", c.frames)))?;
+        let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
+        self.model
+            .forward_host(c.x, c.frames, c.start_frame, c.t, &kv)
+    }
+
+    fn cache_geometry(&self) -> CacheGeometry {
+        let c = self.model.config();
+        CacheGeometry {
+            layers: 0,
+            tokens_per_frame: c.tokens_per_frame(),
+            heads: 0,
+            head_dim: 0,
+            sink_frames: c.sink_frames,
+            window_frames: c.window_frames,
+        }
+    }
+}
+
 /// A generator with a calibrated cost per call and no math: for overlap and backpressure
 /// experiments (E1–E3) and the soak test. The cost is waited out (it stands for device time,
 /// during which the host thread is idle), so it holds on a loaded 2-core machine.

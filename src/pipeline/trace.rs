@@ -146,9 +146,29 @@ pub fn record_stream(
 ) -> Result<StreamTrace> {
     let cfg = shard.config().clone();
     let mut gen = DitGenerator::from_shard(shard);
+    record_stream_with(
+        &mut gen,
+        &cfg,
+        chunks,
+        recompute_every,
+        noise_seed,
+        prompt_seed,
+    )
+}
+
+/// `record_stream` with any generator (the GPU model's, for one).
+pub fn record_stream_with(
+    gen: &mut dyn Generator,
+    cfg: &DitConfig,
+    chunks: u64,
+    recompute_every: u32,
+    noise_seed: u64,
+    prompt_seed: u64,
+) -> Result<StreamTrace> {
+    let cfg = cfg.clone();
     let info = Arc::new(Mutex::new(ChunkInfo::default()));
     let mut rec = Recorder {
-        inner: &mut gen,
+        inner: gen,
         calls: Vec::new(),
         info: info.clone(),
     };

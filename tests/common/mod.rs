@@ -13,18 +13,20 @@ pub fn lockstep_bin() -> PathBuf {
 
 /// Prints why a GPU test is skipped and returns true when it must skip. GPU tests never pass
 /// silently: the reason is printed (run with `--nocapture` to see it).
+/// With `LOCKSTEP_REQUIRE_GPU=1` (set on the GPU hosts) a test that would skip fails instead.
 pub fn skip_without_gpu(test: &str) -> bool {
-    if !lockstep::cuda::embedded::has_kernels() {
-        println!(
-            "SKIP {test}: built without kernels (run tools/install-cuda-toolchain.sh and rebuild)"
-        );
-        return true;
+    let why = if !lockstep::cuda::embedded::has_kernels() {
+        "built without kernels (run tools/install-cuda-toolchain.sh and rebuild)"
+    } else if !lockstep::cuda::probe::gpu_available() {
+        "no CUDA driver or no GPU visible"
+    } else {
+        return false;
+    };
+    if std::env::var("LOCKSTEP_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: LOCKSTEP_REQUIRE_GPU=1 but it would skip: {why}");
     }
-    if !lockstep::cuda::probe::gpu_available() {
-        println!("SKIP {test}: no CUDA driver or no GPU visible");
-        return true;
-    }
-    false
+    println!("SKIP {test}: {why}");
+    true
 }
 
 /// Serializes the multi-process tests of one test binary. Each spawns 3–4 rank processes with

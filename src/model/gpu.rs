@@ -1,0 +1,889 @@
+//! The Wan-style causal DiT on one GPU: bf16 weights and activations, fp32 accumulation; GEMMs
+//! through cuBLASLt (`cuda::gemm`, bias and GELU fused in its epilogue, the cross-attention
+//! residual accumulated in place), attention, fused RoPE + KV-cache write and the element-wise
+//! ops through our kernels (`cuda::{attention, kv_cache, dit_ops}`).
+//!
+//! Contract:
+//! - Built from a `DitShard` (`from_shard`): the same tensors the CPU model computes with, the
+//!   head already in the token layout (`model::dit`), rounded once to bf16. The CPU model is the
+//!   reference this one is checked against (tests/gpu_model.rs).
+//! - The KV cache lives on the device: per layer `[capacity + frames_per_chunk frames,
+//!   tokens_per_frame, heads, head_dim]` bf16 — the ledger's slots, plus one chunk of scratch
+//!   after them. Which slots a call reads and writes comes from the ledger (`KvCache`), as on
+//!   the CPU (docs/manual/22-kv-cache-management.md), and attention reads one contiguous range:
+//!   - denoise: the readable slots must be the prefix `[0, r)`; the chunk's K/V go to frames
+//!     `[r, r + F)` (free slots or the scratch: never readable), attention over `[0, r + F)`;
+//!   - clean pass: the chunk's K/V go to its reserved slots, then attention over the held slots,
+//!     which must be the prefix `[0, h)` (= readable after eviction + the chunk);
+//!   - recompute: K/V overwrite the recomputed slots (consecutive), attention over them alone.
+//!
+//!   A ledger whose slots are not laid out so (a window that is not a multiple of the chunk)
+//!   is refused with the slots named, never computed wrong. The planner's default (sinks and
+//!   window multiples of the chunk) always is.
+//! - The timestep embedding and the adaLN modulation (`dim`-sized vectors) are computed on the
+//!   host in f32 and uploaded once per call; everything per token runs on the GPU.
+//! - TP=1 only for now: a shard of TP > 1 is refused (its all-reduces are not wired yet).
+//! - Every launch is enqueued on this model's stream; `forward` returns with the output
+//!   enqueued, not computed (`cuda-async-execution.md`): a host read of it syncs the stream.
+use super::dit::{CacheMode, DitShard, Linear};
+use super::DitConfig;
+use crate::cache::KvCache;
+use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape};
+use crate::cuda::context::{cuda_err, Gpu};
+use crate::cuda::dit_ops::{self, RowShape};
+use crate::cuda::gemm::{Epilogue, Gemm, GemmShape};
+use crate::cuda::kv_cache::{kv_append_rope, QRope, RingGeometry, RopeGrid};
+use crate::{Error, Result};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use half::bf16;
+use std::sync::Arc;
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+/// A linear layer on the device: `w [d_out, d_in]`, bias `[d_out]`.
+struct DLinear {
+    w: CudaSlice<bf16>,
+    b: Option<CudaSlice<bf16>>,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl DLinear {
+    fn upload(stream: &Arc<CudaStream>, l: &Linear, bias: Option<&Vec<f32>>) -> Result<Self> {
+        let up = |v: &[f32], what: &str| {
+            stream
+                .clone_htod(&to_bf16(v))
+                .map_err(|e| cuda_err(format!("upload {what}"), e))
+        };
+        let b = match (l.b.as_ref(), bias) {
+            (Some(b), _) | (None, Some(b)) => Some(up(b, "bias")?),
+            (None, None) => None,
+        };
+        Ok(Self {
+            w: up(&l.w, "weight")?,
+            b,
+            d_in: l.d_in,
+            d_out: l.d_out,
+        })
+    }
+}
+
+/// One block's device weights.
+struct GBlock {
+    q: DLinear,
+    k: DLinear,
+    v: DLinear,
+    o: DLinear,
+    norm_q: CudaSlice<bf16>,
+    norm_k: CudaSlice<bf16>,
+    cq: DLinear,
+    ck: DLinear,
+    cv: DLinear,
+    co: DLinear,
+    cnorm_q: CudaSlice<bf16>,
+    cnorm_k: CudaSlice<bf16>,
+    ffn1: DLinear,
+    ffn2: DLinear,
+    /// `[2, frames, dim]`: norm3's bias (shift) and weight − 1 (scale) per frame, so the affine
+    /// LayerNorm is `layer_norm_modulate`.
+    norm3_mod: CudaSlice<bf16>,
+}
+
+/// Activations of one call, allocated once for the largest call (a chunk).
+struct Scratch {
+    rows: usize,
+    x: CudaSlice<bf16>,
+    xn: CudaSlice<bf16>,
+    q_raw: CudaSlice<bf16>,
+    q: CudaSlice<bf16>,
+    k_raw: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    x_in: CudaSlice<bf16>,
+    out: CudaSlice<bf16>,
+    /// Per call: `[layers, 6, frames, dim]` block modulation + `[2, frames, dim]` head.
+    modulation: CudaSlice<bf16>,
+}
+
+/// Consecutive cache slots a call writes: frames `chunk_frame..chunk_frame + frames` of the
+/// call go to slots `slot..slot + frames`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotRun {
+    pub slot: u32,
+    pub chunk_frame: u32,
+    pub frames: u32,
+}
+
+/// How one call meets the device cache: where its K/V go, and the slot range attention reads
+/// (see the module contract).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvAccess {
+    pub writes: Vec<SlotRun>,
+    pub attend: std::ops::Range<u32>,
+}
+
+/// Runs of consecutive slots in `slots` (one per frame, in frame order).
+fn runs(slots: &[u32]) -> Vec<SlotRun> {
+    let mut v: Vec<SlotRun> = Vec::new();
+    for (i, &s) in slots.iter().enumerate() {
+        match v.last_mut() {
+            Some(r) if r.slot + r.frames == s => r.frames += 1,
+            _ => v.push(SlotRun {
+                slot: s,
+                chunk_frame: i as u32,
+                frames: 1,
+            }),
+        }
+    }
+    v
+}
+
+impl KvAccess {
+    /// The access of a call in `mode` over `cache`'s ledger, or why the device layout cannot
+    /// serve it (never a silently different attended set).
+    pub fn from_ledger(mode: CacheMode<'_>, cache: &KvCache, frames: u32) -> Result<Self> {
+        let readable = cache.ledger().readable_slots();
+        let prefix = |set: &[u32]| set.iter().enumerate().all(|(i, &s)| s == i as u32);
+        let refuse = |what: &str| {
+            Err(Error::Invariant(format!(
+                "GPU kv cache: {what} (readable slots {readable:?}, mode {mode:?}); the device \
+                 layout needs the held slots to be a prefix (window and sinks multiples of the \
+                 chunk)"
+            )))
+        };
+        match mode {
+            CacheMode::Read => {
+                if !prefix(&readable) {
+                    return refuse("readable slots are not a prefix");
+                }
+                let r = readable.len() as u32;
+                Ok(Self {
+                    writes: vec![SlotRun {
+                        slot: r,
+                        chunk_frame: 0,
+                        frames,
+                    }],
+                    attend: 0..r + frames,
+                })
+            }
+            CacheMode::Append(slots) => {
+                let mut held = readable.clone();
+                held.extend_from_slice(slots);
+                held.sort_unstable();
+                if !prefix(&held) || slots.len() != frames as usize {
+                    return refuse("readable + reserved slots are not a prefix");
+                }
+                Ok(Self {
+                    writes: runs(slots),
+                    attend: 0..held.len() as u32,
+                })
+            }
+            CacheMode::Overwrite(slots) => {
+                let r = runs(slots);
+                match r.as_slice() {
+                    [one] if one.frames == frames => Ok(Self {
+                        attend: one.slot..one.slot + frames,
+                        writes: r,
+                    }),
+                    _ => refuse("recomputed slots are not consecutive"),
+                }
+            }
+        }
+    }
+}
+
+/// The DiT on one GPU.
+pub struct GpuDit {
+    gpu: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    gemm: Gemm,
+    variant: AttentionVariant,
+    cfg: DitConfig,
+    /// The host shard keeps the `dim`-sized parts (time MLP, modulation vectors).
+    host: DitShard,
+    patch: DLinear,
+    text1: DLinear,
+    text2: DLinear,
+    head: DLinear,
+    blocks: Vec<GBlock>,
+    cache_k: Vec<CudaSlice<bf16>>,
+    cache_v: Vec<CudaSlice<bf16>>,
+    text_k: Vec<CudaSlice<bf16>>,
+    text_v: Vec<CudaSlice<bf16>>,
+    prompt: Option<u64>,
+    s: Scratch,
+}
+
+impl GpuDit {
+    /// Uploads `shard` (TP=1) to `gpu`; attention runs `variant`.
+    pub fn from_shard(gpu: Arc<Gpu>, shard: DitShard, variant: AttentionVariant) -> Result<Self> {
+        let cfg = shard.config().clone();
+        if shard.tp != 1 {
+            return Err(Error::BadInput(format!(
+                "the GPU model runs TP=1 for now (shard {} of {}): its all-reduces are not wired",
+                shard.rank, shard.tp
+            )));
+        }
+        if cfg.head_dim != 128 {
+            return Err(Error::BadInput(format!(
+                "the GPU model's attention kernels need head_dim 128 (preset {} has {})",
+                cfg.name, cfg.head_dim
+            )));
+        }
+        let stream = gpu.new_stream()?;
+        let gemm = Gemm::new(stream.clone())?;
+        let st = &stream;
+        let up = |v: &[f32], what: &str| -> Result<CudaSlice<bf16>> {
+            st.clone_htod(&to_bf16(v))
+                .map_err(|e| cuda_err(format!("upload {what}"), e))
+        };
+        let f = cfg.frames_per_chunk.max(cfg.sink_frames as usize);
+        let d = cfg.dim;
+        let blocks = shard
+            .blocks
+            .iter()
+            .map(|b| -> Result<GBlock> {
+                let mut n3 = Vec::with_capacity(2 * f * d);
+                for _ in 0..f {
+                    n3.extend_from_slice(&b.norm3_b);
+                }
+                for _ in 0..f {
+                    n3.extend(b.norm3_w.iter().map(|w| w - 1.0));
+                }
+                Ok(GBlock {
+                    q: DLinear::upload(st, &b.q, None)?,
+                    k: DLinear::upload(st, &b.k, None)?,
+                    v: DLinear::upload(st, &b.v, None)?,
+                    o: DLinear::upload(st, &b.o, b.o_bias.as_ref())?,
+                    norm_q: up(&b.norm_q, "norm_q")?,
+                    norm_k: up(&b.norm_k, "norm_k")?,
+                    cq: DLinear::upload(st, &b.cq, None)?,
+                    ck: DLinear::upload(st, &b.ck, None)?,
+                    cv: DLinear::upload(st, &b.cv, None)?,
+                    co: DLinear::upload(st, &b.co, b.co_bias.as_ref())?,
+                    cnorm_q: up(&b.cnorm_q, "cnorm_q")?,
+                    cnorm_k: up(&b.cnorm_k, "cnorm_k")?,
+                    ffn1: DLinear::upload(st, &b.ffn1, None)?,
+                    ffn2: DLinear::upload(st, &b.ffn2, b.ffn2_bias.as_ref())?,
+                    norm3_mod: up(&n3, "norm3")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = f * cfg.tokens_per_frame();
+        let row_kv = cfg.heads * cfg.head_dim;
+        let cap = (cfg.sink_frames + cfg.window_frames) as usize + cfg.frames_per_chunk;
+        let zeros = |n: usize, what: &str| -> Result<CudaSlice<bf16>> {
+            st.alloc_zeros::<bf16>(n)
+                .map_err(|e| cuda_err(format!("alloc {what} ({n} bf16)"), e))
+        };
+        let cache_elems = cap * cfg.tokens_per_frame() * row_kv;
+        let mut cache_k = Vec::new();
+        let mut cache_v = Vec::new();
+        for _ in 0..cfg.layers {
+            cache_k.push(zeros(cache_elems, "kv cache K")?);
+            cache_v.push(zeros(cache_elems, "kv cache V")?);
+        }
+        let s = Scratch {
+            rows,
+            x: zeros(rows * d, "x")?,
+            xn: zeros(rows * d, "xn")?,
+            q_raw: zeros(rows * row_kv, "q_raw")?,
+            q: zeros(rows * row_kv, "q")?,
+            k_raw: zeros(rows * row_kv, "k_raw")?,
+            k: zeros(rows * row_kv, "k")?,
+            v: zeros(rows * row_kv, "v")?,
+            attn: zeros(rows * row_kv, "attn")?,
+            y: zeros(rows * d, "y")?,
+            h: zeros(rows * cfg.ffn_dim, "ffn hidden")?,
+            x_in: zeros(rows * cfg.in_dim(), "x_in")?,
+            out: zeros(rows * cfg.in_dim(), "out")?,
+            modulation: zeros((cfg.layers * 6 + 2) * f * d, "modulation")?,
+        };
+        Ok(Self {
+            patch: DLinear::upload(st, &shard.patch, None)?,
+            text1: DLinear::upload(st, &shard.text1, None)?,
+            text2: DLinear::upload(st, &shard.text2, None)?,
+            head: DLinear::upload(st, &shard.head, None)?,
+            blocks,
+            cache_k,
+            cache_v,
+            text_k: Vec::new(),
+            text_v: Vec::new(),
+            prompt: None,
+            s,
+            gpu,
+            gemm,
+            variant,
+            cfg,
+            host: shard,
+            stream,
+        })
+    }
+
+    pub fn config(&self) -> &DitConfig {
+        &self.cfg
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn linear(
+        gemm: &mut Gemm,
+        l: &DLinear,
+        rows: usize,
+        x: &impl DevicePtr<bf16>,
+        y: &mut CudaViewMut<'_, bf16>,
+        epilogue: Epilogue,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shape = GemmShape {
+            rows,
+            d_in: l.d_in,
+            d_out: l.d_out,
+        };
+        let b = l.b.as_ref().map(|b| b as &dyn DevicePtr<bf16>);
+        gemm.linear(shape, x, &l.w, b, y, epilogue, accumulate)
+    }
+
+    /// The prompt's text K/V, once per prompt: embedding (GELU fused), then per layer K
+    /// (RMSNorm over all heads) and V.
+    pub fn set_prompt(&mut self, prompt_seed: u64) -> Result<()> {
+        if self.prompt == Some(prompt_seed) {
+            return Ok(());
+        }
+        let c = self.cfg.clone();
+        let lt = c.text_tokens;
+        let st = self.stream.clone();
+        let feats = super::dit::prompt_features(&c, prompt_seed);
+        let feats = st
+            .clone_htod(&to_bf16(&feats))
+            .map_err(|e| cuda_err("upload prompt features", e))?;
+        let alloc = |n: usize| {
+            st.alloc_zeros::<bf16>(n)
+                .map_err(|e| cuda_err("alloc text activations", e))
+        };
+        let mut ctx1 = alloc(lt * c.dim)?;
+        let mut ctx = alloc(lt * c.dim)?;
+        Self::linear(
+            &mut self.gemm,
+            &self.text1,
+            lt,
+            &feats,
+            &mut ctx1.slice_mut(..),
+            Epilogue::Gelu,
+            false,
+        )?;
+        Self::linear(
+            &mut self.gemm,
+            &self.text2,
+            lt,
+            &ctx1,
+            &mut ctx.slice_mut(..),
+            Epilogue::None,
+            false,
+        )?;
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        let mut k_raw = alloc(lt * c.dim)?;
+        for b in &self.blocks {
+            let mut k = alloc(lt * c.dim)?;
+            let mut v = alloc(lt * c.dim)?;
+            Self::linear(
+                &mut self.gemm,
+                &b.ck,
+                lt,
+                &ctx,
+                &mut k_raw.slice_mut(..),
+                Epilogue::None,
+                false,
+            )?;
+            let shape = RowShape {
+                rows: lt,
+                dim: c.dim,
+                tokens_per_frame: lt,
+            };
+            dit_ops::rms_norm(
+                &self.gpu, &st, shape, &k_raw, &b.cnorm_k, None, c.eps, &mut k,
+            )?;
+            Self::linear(
+                &mut self.gemm,
+                &b.cv,
+                lt,
+                &ctx,
+                &mut v.slice_mut(..),
+                Epilogue::None,
+                false,
+            )?;
+            ks.push(k);
+            vs.push(v);
+        }
+        self.text_k = ks;
+        self.text_v = vs;
+        self.prompt = Some(prompt_seed);
+        Ok(())
+    }
+
+    /// Uploads the call's modulation: per layer the six `[frames, dim]` adaLN tensors
+    /// (`modulation + e0`), then the head's shift and scale (`head.modulation + e`).
+    fn upload_modulation(&mut self, t: u32, frames: usize) -> Result<()> {
+        let d = self.cfg.dim;
+        let (e, e0) = self.host.time_embedding(t);
+        let mut m: Vec<f32> = Vec::with_capacity((self.cfg.layers * 6 + 2) * frames * d);
+        for b in &self.host.blocks {
+            for i in 0..6 {
+                let part: Vec<f32> = (0..d)
+                    .map(|j| b.modulation[i * d + j] + e0[i * d + j])
+                    .collect();
+                for _ in 0..frames {
+                    m.extend_from_slice(&part);
+                }
+            }
+        }
+        for i in 0..2 {
+            let part: Vec<f32> = (0..d)
+                .map(|j| self.host.head_mod[i * d + j] + e[j])
+                .collect();
+            for _ in 0..frames {
+                m.extend_from_slice(&part);
+            }
+        }
+        let n = m.len();
+        self.stream
+            .memcpy_htod(&to_bf16(&m), &mut self.s.modulation.slice_mut(..n))
+            .map_err(|e| cuda_err("upload modulation", e))
+    }
+
+    /// The input buffer of the next call (`[rows, in_dim]` bf16): a caller (or a receive)
+    /// fills its first `frames · tokens_per_frame` rows.
+    pub fn input_mut(&mut self) -> CudaViewMut<'_, bf16> {
+        self.s.x_in.slice_mut(..)
+    }
+
+    /// One generator call on device data: the first `frames · tokens_per_frame` rows of the
+    /// input buffer (`input_mut`) at timestep `t`, chunk starting at logical frame
+    /// `start_frame`; `kv` says where its K/V go and what attention reads. Returns a view of
+    /// the output `[rows, in_dim]` (valid until the next call), enqueued on `stream()`.
+    pub fn forward_device(
+        &mut self,
+        frames: usize,
+        start_frame: u64,
+        t: u32,
+        kv: &KvAccess,
+    ) -> Result<CudaView<'_, bf16>> {
+        let c = self.cfg.clone();
+        let (d, hd, tpf) = (c.dim, c.head_dim, c.tokens_per_frame());
+        let rows = frames * tpf;
+        if rows > self.s.rows || frames == 0 {
+            return Err(Error::Invariant(format!(
+                "GPU generator call of {frames} frames; sized for {} rows",
+                self.s.rows
+            )));
+        }
+        let fe_tok = c.heads * hd;
+        let frame_elems = tpf * fe_tok;
+        let cap = (c.sink_frames + c.window_frames) as usize + c.frames_per_chunk;
+        let lk_range = kv.attend.start as usize..kv.attend.end as usize;
+        let fits = kv.writes.iter().all(|r| {
+            (r.slot + r.frames) as usize <= cap && (r.chunk_frame + r.frames) as usize <= frames
+        });
+        if lk_range.end > cap || lk_range.is_empty() || !fits {
+            return Err(Error::Invariant(format!(
+                "GPU kv cache: {kv:?} for a call of {frames} frames does not fit {cap} frame slots"
+            )));
+        }
+        self.upload_modulation(t, frames)?;
+        let gpu = self.gpu.clone();
+        let st = self.stream.clone();
+        let shape = RowShape {
+            rows,
+            dim: d,
+            tokens_per_frame: tpf,
+        };
+        let fd = frames * d;
+        let s = &mut self.s;
+        let gemm = &mut self.gemm;
+        // Patch embedding.
+        Self::linear(
+            gemm,
+            &self.patch,
+            rows,
+            &s.x_in.slice(..rows * c.in_dim()),
+            &mut s.x.slice_mut(..rows * d),
+            Epilogue::None,
+            false,
+        )?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rk = rows * fe_tok;
+        for (li, b) in self.blocks.iter().enumerate() {
+            let mo = |i: usize| li * 6 * fd + i * fd;
+            let m = &s.modulation;
+            // Self-attention.
+            dit_ops::layer_norm_modulate(
+                &gpu,
+                &st,
+                shape,
+                &s.x.slice(..rows * d),
+                &m.slice(mo(0)..mo(0) + fd),
+                &m.slice(mo(1)..mo(1) + fd),
+                c.eps,
+                &mut s.xn.slice_mut(..rows * d),
+            )?;
+            let xn = s.xn.slice(..rows * d);
+            Self::linear(
+                gemm,
+                &b.q,
+                rows,
+                &xn,
+                &mut s.q_raw.slice_mut(..rk),
+                Epilogue::None,
+                false,
+            )?;
+            Self::linear(
+                gemm,
+                &b.k,
+                rows,
+                &xn,
+                &mut s.k_raw.slice_mut(..rk),
+                Epilogue::None,
+                false,
+            )?;
+            Self::linear(
+                gemm,
+                &b.v,
+                rows,
+                &xn,
+                &mut s.v.slice_mut(..rk),
+                Epilogue::None,
+                false,
+            )?;
+            let qshape = RowShape {
+                rows,
+                dim: fe_tok,
+                tokens_per_frame: tpf,
+            };
+            dit_ops::rms_norm(
+                &gpu,
+                &st,
+                qshape,
+                &s.q_raw.slice(..rk),
+                &b.norm_q,
+                None,
+                c.eps,
+                &mut s.q.slice_mut(..rk),
+            )?;
+            dit_ops::rms_norm(
+                &gpu,
+                &st,
+                qshape,
+                &s.k_raw.slice(..rk),
+                &b.norm_k,
+                None,
+                c.eps,
+                &mut s.k.slice_mut(..rk),
+            )?;
+            // RoPE(Q) in place and RoPE(K) + V into the cache frames, one launch per run of
+            // consecutive slots.
+            for r in &kv.writes {
+                let (slot0, f0, nf) = (r.slot as usize, r.chunk_frame as usize, r.frames as usize);
+                let toks = nf * tpf;
+                let (ta, tb) = (f0 * tpf, (f0 + nf) * tpf);
+                let (ca, cb) = (slot0 * frame_elems, (slot0 + nf) * frame_elems);
+                let mut qv = s.q.slice_mut(ta * fe_tok..tb * fe_tok);
+                kv_append_rope(
+                    &gpu,
+                    &st,
+                    RingGeometry {
+                        sink_slots: toks as u32,
+                        window_slots: 0,
+                    },
+                    0,
+                    toks,
+                    c.heads,
+                    hd,
+                    RopeGrid {
+                        start_frame: u32::try_from(start_frame + f0 as u64).map_err(|_| {
+                            Error::Invariant(format!("frame {start_frame} exceeds u32"))
+                        })?,
+                        grid_h: c.grid_h as u32,
+                        grid_w: c.grid_w as u32,
+                    },
+                    &s.k.slice(ta * fe_tok..tb * fe_tok),
+                    &s.v.slice(ta * fe_tok..tb * fe_tok),
+                    &mut self.cache_k[li].slice_mut(ca..cb),
+                    &mut self.cache_v[li].slice_mut(ca..cb),
+                    QRope::<CudaView<'_, bf16>, CudaViewMut<'_, bf16>>::InPlace(&mut qv),
+                )?;
+            }
+            let (ka, kb) = (lk_range.start * frame_elems, lk_range.end * frame_elems);
+            attention_fwd(
+                &gpu,
+                &st,
+                self.variant,
+                AttnShape {
+                    lq: rows,
+                    lk: lk_range.len() * tpf,
+                    heads: c.heads,
+                    head_dim: hd,
+                },
+                scale,
+                &s.q.slice(..rk),
+                &self.cache_k[li].slice(ka..kb),
+                &self.cache_v[li].slice(ka..kb),
+                &mut s.attn.slice_mut(..rk),
+                None,
+            )?;
+            Self::linear(
+                gemm,
+                &b.o,
+                rows,
+                &s.attn.slice(..rk),
+                &mut s.y.slice_mut(..rows * d),
+                Epilogue::None,
+                false,
+            )?;
+            // x += gate1 · y, then norm3 (affine LayerNorm as a fixed modulation) for cross-attn.
+            dit_ops::gated_residual_layer_norm_modulate(
+                &gpu,
+                &st,
+                shape,
+                &mut s.x.slice_mut(..rows * d),
+                &s.y.slice(..rows * d),
+                &m.slice(mo(2)..mo(2) + fd),
+                &b.norm3_mod.slice(..fd),
+                &b.norm3_mod
+                    .slice(b.norm3_mod.len() / 2..b.norm3_mod.len() / 2 + fd),
+                c.eps,
+                &mut s.xn.slice_mut(..rows * d),
+            )?;
+            // Cross-attention; its residual is accumulated by the out projection's epilogue.
+            Self::linear(
+                gemm,
+                &b.cq,
+                rows,
+                &s.xn.slice(..rows * d),
+                &mut s.q_raw.slice_mut(..rk),
+                Epilogue::None,
+                false,
+            )?;
+            dit_ops::rms_norm(
+                &gpu,
+                &st,
+                qshape,
+                &s.q_raw.slice(..rk),
+                &b.cnorm_q,
+                None,
+                c.eps,
+                &mut s.q.slice_mut(..rk),
+            )?;
+            attention_fwd(
+                &gpu,
+                &st,
+                self.variant,
+                AttnShape {
+                    lq: rows,
+                    lk: c.text_tokens,
+                    heads: c.heads,
+                    head_dim: hd,
+                },
+                scale,
+                &s.q.slice(..rk),
+                &self.text_k[li],
+                &self.text_v[li],
+                &mut s.attn.slice_mut(..rk),
+                None,
+            )?;
+            Self::linear(
+                gemm,
+                &b.co,
+                rows,
+                &s.attn.slice(..rk),
+                &mut s.x.slice_mut(..rows * d),
+                Epilogue::None,
+                true,
+            )?;
+            // FFN: GELU fused into the first GEMM's epilogue.
+            dit_ops::layer_norm_modulate(
+                &gpu,
+                &st,
+                shape,
+                &s.x.slice(..rows * d),
+                &m.slice(mo(3)..mo(3) + fd),
+                &m.slice(mo(4)..mo(4) + fd),
+                c.eps,
+                &mut s.xn.slice_mut(..rows * d),
+            )?;
+            Self::linear(
+                gemm,
+                &b.ffn1,
+                rows,
+                &s.xn.slice(..rows * d),
+                &mut s.h.slice_mut(..rows * c.ffn_dim),
+                Epilogue::Gelu,
+                false,
+            )?;
+            Self::linear(
+                gemm,
+                &b.ffn2,
+                rows,
+                &s.h.slice(..rows * c.ffn_dim),
+                &mut s.y.slice_mut(..rows * d),
+                Epilogue::None,
+                false,
+            )?;
+            dit_ops::gated_residual(
+                &gpu,
+                &st,
+                shape,
+                &mut s.x.slice_mut(..rows * d),
+                &s.y.slice(..rows * d),
+                &m.slice(mo(5)..mo(5) + fd),
+            )?;
+        }
+        let ho = c.layers * 6 * fd;
+        let m = &s.modulation;
+        dit_ops::layer_norm_modulate(
+            &gpu,
+            &st,
+            shape,
+            &s.x.slice(..rows * d),
+            &m.slice(ho..ho + fd),
+            &m.slice(ho + fd..ho + 2 * fd),
+            c.eps,
+            &mut s.xn.slice_mut(..rows * d),
+        )?;
+        let on = rows * c.in_dim();
+        Self::linear(
+            gemm,
+            &self.head,
+            rows,
+            &s.xn.slice(..rows * d),
+            &mut s.out.slice_mut(..on),
+            Epilogue::None,
+            false,
+        )?;
+        Ok(s.out.slice(..on))
+    }
+}
+
+/// Host-facing calls for the Stage 1 executor (`pipeline::stage1::GpuGenerator`): f32 latents
+/// in and out through the model's buffers. The copies wait for the stream (the output is
+/// read on the host); device-resident envelopes skip them.
+impl GpuDit {
+    /// One generator call from and to host f32 (`[frames · tokens_per_frame, in_dim]`).
+    pub fn forward_host(
+        &mut self,
+        x: &[f32],
+        frames: usize,
+        start_frame: u64,
+        t: u32,
+        kv: &KvAccess,
+    ) -> Result<Vec<f32>> {
+        let n = frames * self.cfg.tokens_per_frame() * self.cfg.in_dim();
+        if x.len() != n || n > self.s.x_in.len() {
+            return Err(Error::Invariant(format!(
+                "GPU generator input has {} values, expected {n}",
+                x.len()
+            )));
+        }
+        let st = self.stream.clone();
+        st.memcpy_htod(&to_bf16(x), &mut self.s.x_in.slice_mut(..n))
+            .map_err(|e| cuda_err("upload generator input", e))?;
+        let out = self.forward_device(frames, start_frame, t, kv)?;
+        let mut host = vec![bf16::ZERO; n];
+        st.memcpy_dtoh(&out, &mut host)
+            .map_err(|e| cuda_err("download generator output", e))?;
+        st.synchronize()
+            .map_err(|e| cuda_err("synchronize after the generator call", e))?;
+        Ok(host.iter().map(|v| v.to_f32()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheGeometry;
+    use crate::ids::CacheEpoch;
+
+    fn cache(sinks: u32, window: u32) -> KvCache {
+        let mut c = KvCache::new(CacheGeometry {
+            layers: 0,
+            tokens_per_frame: 1,
+            heads: 0,
+            head_dim: 0,
+            sink_frames: sinks,
+            window_frames: window,
+        })
+        .unwrap();
+        c.ledger_mut().reset(CacheEpoch(0)).unwrap();
+        c
+    }
+
+    #[test]
+    fn device_kv_access_follows_the_ledger_through_a_wrapping_ring() {
+        let mut c = cache(3, 6);
+        let mut seen = Vec::new();
+        for _chunk in 0..6 {
+            let read = KvAccess::from_ledger(CacheMode::Read, &c, 3).unwrap();
+            let n = c.ledger().evict_needed_for(3);
+            c.ledger_mut().evict(n).unwrap();
+            let slots = c.ledger_mut().append(3).unwrap();
+            let clean = KvAccess::from_ledger(CacheMode::Append(&slots), &c, 3).unwrap();
+            c.ledger_mut().mark_written();
+            seen.push((read, clean));
+        }
+        // Chunk 0: empty cache, the chunk alone; its clean pass writes the sinks.
+        assert_eq!(seen[0].0.attend, 0..3);
+        assert_eq!(
+            seen[0].1.writes,
+            vec![SlotRun {
+                slot: 0,
+                chunk_frame: 0,
+                frames: 3
+            }]
+        );
+        // Chunk 3 onwards: the ring is full, denoise reads all 9 cached frames + the scratch.
+        assert_eq!(seen[3].0.attend, 0..12);
+        assert_eq!(seen[3].0.writes[0].slot, 9);
+        // Its clean pass writes the evicted frames' slots (3..6) and reads exactly 9 frames.
+        assert_eq!(
+            seen[3].1.writes,
+            vec![SlotRun {
+                slot: 3,
+                chunk_frame: 0,
+                frames: 3
+            }]
+        );
+        assert_eq!(seen[3].1.attend, 0..9);
+        assert_eq!(seen[4].1.writes[0].slot, 6);
+        assert_eq!(seen[5].1.writes[0].slot, 3);
+        let r = KvAccess::from_ledger(CacheMode::Overwrite(&[0, 1, 2]), &c, 3).unwrap();
+        assert_eq!(r.attend, 0..3);
+        assert!(KvAccess::from_ledger(CacheMode::Overwrite(&[0, 2, 3]), &c, 3).is_err());
+    }
+
+    #[test]
+    fn a_ring_the_device_layout_cannot_serve_is_refused_naming_the_slots() {
+        // A window of 4 with chunks of 3: after a wrap the held slots are not a prefix.
+        let mut c = cache(1, 4);
+        for _ in 0..3 {
+            let n = c.ledger().evict_needed_for(3);
+            c.ledger_mut().evict(n).unwrap();
+            c.ledger_mut().append(3).unwrap();
+            c.ledger_mut().mark_written();
+        }
+        let n = c.ledger().evict_needed_for(3);
+        c.ledger_mut().evict(n).unwrap();
+        let e = KvAccess::from_ledger(CacheMode::Read, &c, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a prefix") && e.contains("readable slots"),
+            "{e}"
+        );
+    }
+}
