@@ -206,6 +206,21 @@ pub fn gpu_available() -> bool {
     driver_info().is_ok_and(|d| !d.gpus.is_empty())
 }
 
+/// The GPU a rank uses: `LOCKSTEP_GPU` if set, else `local_rank mod #GPUs` (the NCCL plane and
+/// the GPU generator use the same rule, so a rank's kernels and its communicators share a GPU).
+pub fn rank_gpu_ordinal(local_rank: u32) -> crate::Result<usize> {
+    let n = driver_info()?.gpus.len();
+    if n == 0 {
+        return Err(crate::Error::BadInput("no GPU visible".into()));
+    }
+    match std::env::var("LOCKSTEP_GPU") {
+        Ok(v) => v
+            .parse::<usize>()
+            .map_err(|_| crate::Error::BadInput(format!("LOCKSTEP_GPU={v:?} is not a number"))),
+        Err(_) => Ok(local_rank as usize % n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

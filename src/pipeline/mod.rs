@@ -66,6 +66,9 @@ pub enum GeneratorKind {
     Dit,
     /// A calibrated cost per generator call and no math (overlap experiments, soak).
     Calibrated,
+    /// The DiT on a GPU (`model::gpu`: our kernels + cuBLASLt, bf16), TP=1. The default for
+    /// the Wan presets when the build has kernels and a GPU is visible.
+    Gpu,
 }
 
 #[derive(clap::Args, Debug, Clone)]

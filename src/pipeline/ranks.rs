@@ -38,8 +38,8 @@ use super::driver::{run_driver, DriverConfig, DriverReport};
 use super::report::{chrome_trace, overlap, percentile, steady_period, Metrics, Span, Trace};
 use super::stage0::QueueConfig;
 use super::stage1::{
-    run_follower, run_leader, CalibratedGenerator, DitGenerator, Generator, MeshRank, MeshReport,
-    StepGraphs,
+    run_follower, run_leader, CalibratedGenerator, DitGenerator, Generator, GpuGenerator, MeshRank,
+    MeshReport, StepGraphs,
 };
 use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
 use crate::comm::watchdog::{self, diag};
@@ -47,6 +47,7 @@ use crate::comm::{DataPlane, OpContext};
 use crate::exit::ExitCode;
 use crate::ids::{CallId, GlobalRank, GroupRank};
 use crate::model::dit::DitShard;
+use crate::model::gpu::GpuDit;
 use crate::model::tp::TpComm;
 use crate::model::weights::WeightFile;
 use crate::model::DitConfig;
@@ -75,22 +76,52 @@ struct Setup {
     queues: QueueConfig,
     /// `--weights`, mapped and checked against the preset.
     weights: Option<WeightFile>,
+    /// `effective_generator`.
+    generator: GeneratorKind,
+}
+
+/// The generator a run uses: `--generator` as given, except that a Wan preset asked of the
+/// CPU DiT (the default) runs on the GPU when the build has kernels and a GPU is visible.
+/// Every rank derives the same answer on one host; the parity fingerprint compares it.
+pub fn effective_generator(args: &RunArgs, cfg: &DitConfig) -> Result<GeneratorKind> {
+    let gpu_ok = crate::cuda::embedded::has_kernels() && crate::cuda::probe::gpu_available();
+    match args.generator {
+        GeneratorKind::Dit if cfg.name != "tiny" => {
+            if gpu_ok {
+                Ok(GeneratorKind::Gpu)
+            } else {
+                Err(Error::BadInput(format!(
+                    "preset {} runs on a GPU (this {}); run it with --generator calibrated here",
+                    cfg.name,
+                    if crate::cuda::embedded::has_kernels() {
+                        "machine shows no GPU"
+                    } else {
+                        "build has no kernels"
+                    }
+                )))
+            }
+        }
+        GeneratorKind::Gpu if !gpu_ok => Err(Error::BadInput(
+            "--generator gpu needs a build with kernels and a visible GPU (`lockstep doctor`)"
+                .into(),
+        )),
+        GeneratorKind::Gpu if args.tp != 1 => Err(Error::BadInput(format!(
+            "--generator gpu runs TP=1 for now (asked --tp {}): the GPU model's all-reduces are \
+             not wired yet",
+            args.tp
+        ))),
+        g => Ok(g),
+    }
 }
 
 fn setup(args: &RunArgs) -> Result<Setup> {
     let cfg = DitConfig::preset(&args.preset)?;
-    if cfg.name != "tiny" && args.generator == GeneratorKind::Dit {
-        return Err(Error::BadInput(format!(
-            "preset {} is geometry-only on the CPU; run it with --generator calibrated (or on a GPU \
-             build)",
-            cfg.name
-        )));
-    }
+    let generator = effective_generator(args, &cfg)?;
     cfg.check_tp(args.tp)?;
     // Checked here, on the parent and on every rank, so a file that does not fit the preset
     // fails before any process starts and before any collective.
     let weights = match &args.weights {
-        Some(_) if args.generator != GeneratorKind::Dit => {
+        Some(_) if generator == GeneratorKind::Calibrated => {
             return Err(Error::BadInput(
                 "--weights loads the DiT; it means nothing with --generator calibrated".into(),
             ))
@@ -143,6 +174,7 @@ fn setup(args: &RunArgs) -> Result<Setup> {
         queues,
         weights,
         cfg,
+        generator,
     })
 }
 
@@ -164,7 +196,7 @@ fn fingerprint(opts: &mut RankOptions, args: &RunArgs, s: &Setup) {
     let fp = &mut opts.fingerprint;
     fp.set("pipeline.model", format!("{:?}", s.cfg))
         .set("pipeline.tp", s.tp)
-        .set("pipeline.generator", format!("{:?}", args.generator))
+        .set("pipeline.generator", format!("{:?}", s.generator))
         .set("pipeline.gen_cost_us", s.gen_cost.as_micros())
         .set("pipeline.seed", args.seed)
         .set(
@@ -522,7 +554,19 @@ fn run_rank<D: DataPlane>(
         });
     }
     let mut comm = MeshComm::new(rank)?;
-    let mut gen: Box<dyn Generator> = match args.generator {
+    let mut gen: Box<dyn Generator> = match s.generator {
+        GeneratorKind::Gpu => {
+            // The rank's GPU by the NCCL plane's rule (`LOCKSTEP_GPU`, else LOCAL_RANK mod
+            // #GPUs); on one GPU rank 0 and the mesh share it (rank 0 computes nothing there).
+            let ordinal = crate::cuda::probe::rank_gpu_ordinal(rank.env().local_rank)?;
+            let gpu = std::sync::Arc::new(crate::cuda::context::Gpu::open(ordinal)?);
+            let shard = match &s.weights {
+                Some(f) => DitShard::from_source(&s.cfg, f, comm.rank().get(), s.tp)?,
+                None => DitShard::random(&s.cfg, args.seed, comm.rank().get(), s.tp)?,
+            };
+            let variant = crate::cuda::attention::AttentionVariant::V3TmaSplitTail;
+            Box::new(GpuGenerator::new(GpuDit::from_shard(gpu, shard, variant)?))
+        }
         GeneratorKind::Dit => match &s.weights {
             Some(f) => Box::new(DitGenerator::from_shard(DitShard::from_source(
                 &s.cfg,
@@ -592,7 +636,11 @@ fn metrics(
         preset: s.cfg.name.into(),
         generator: format!(
             "{} / decoder {decoder}",
-            match args.generator {
+            match s.generator {
+                GeneratorKind::Gpu => match &s.weights {
+                    Some(f) => format!("{} DiT (GPU, bf16), weights {}", s.cfg.name, f.digest()),
+                    None => format!("{} DiT (GPU, bf16)", s.cfg.name),
+                },
                 GeneratorKind::Dit => match &s.weights {
                     Some(f) => format!("tiny DiT (CPU), weights {}", f.digest()),
                     None => "tiny DiT (CPU)".to_string(),

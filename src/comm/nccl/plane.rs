@@ -97,16 +97,8 @@ impl NcclPlane {
     /// The GPU and mode a rank uses: `LOCKSTEP_GPU` or `local_rank mod #GPUs`;
     /// `LOCKSTEP_NCCL_BLOCKING=1` for blocking communicators.
     pub fn for_rank(local_rank: u32) -> Result<NcclPlane> {
-        let n = super::gpu_count()?;
-        if n == 0 {
-            return Err(Error::BadInput("NCCL data plane: no GPU visible".into()));
-        }
-        let ordinal = match std::env::var("LOCKSTEP_GPU") {
-            Ok(v) => v
-                .parse::<usize>()
-                .map_err(|_| Error::BadInput(format!("LOCKSTEP_GPU={v:?} is not a number")))?,
-            Err(_) => local_rank as usize % n,
-        };
+        let ordinal = crate::cuda::probe::rank_gpu_ordinal(local_rank)
+            .map_err(|e| Error::BadInput(format!("NCCL data plane: {e}")))?;
         let blocking = std::env::var("LOCKSTEP_NCCL_BLOCKING").is_ok_and(|v| v == "1");
         NcclPlane::open(ordinal, blocking)
     }
