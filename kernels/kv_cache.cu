@@ -10,7 +10,8 @@
 //   arithmetic (the window start moves); no bytes move. Recompute writes the same slots again.
 // - K gets RoPE exactly as ops::rope_3d (Wan 3D split D_t = D - 4*(D/6), D_h = D_w = 2*(D/6);
 //   pair (x[2j], x[2j+1]) of a part rotates by pos * 10000^(-2j / D_part), pos = frame, row or
-//   column of token t from ops::token_position with start_frame, grid_h, grid_w). V is copied.
+//   column of token t from ops::token_position with start_frame (+ *start_frame_dev when set),
+//   grid_h, grid_w). V is copied.
 // - Optional q_in/q_out [T, H, D] (both null or both set, may alias): Q gets the same RoPE.
 // - Angles are computed in fp64 once per token (64 per block), so large frame indices keep
 //   full fp32 accuracy; the element work is fp32.
@@ -36,8 +37,11 @@ struct KvAppendParams {
     uint32_t sink_slots;
     uint32_t window_slots;
     uint32_t _pad0;
+    // Optional: a device word added to start_frame (the chunk's first frame), so one captured
+    // graph serves every chunk: the host writes the frame before replaying it. Null: 0.
+    const uint32_t* start_frame_dev;
 };
-static_assert(sizeof(KvAppendParams) == 88, "KvAppendParams mirror in src/cuda/kv_cache.rs");
+static_assert(sizeof(KvAppendParams) == 96, "KvAppendParams mirror in src/cuda/kv_cache.rs");
 
 constexpr int KV_THREADS = 256;
 constexpr int KV_MAX_D = 256;
@@ -62,6 +66,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS)
     const int dt = D - 2 * s;
     const uint32_t per_frame = p.grid_h * p.grid_w;
     const int t0 = blockIdx.x * KV_TOKENS_PER_BLOCK;
+    const uint32_t frame0 = p.start_frame + (p.start_frame_dev != nullptr ? *p.start_frame_dev : 0u);
 
     // cos/sin table per token: pair index i in [0, D/2).
     for (int i = threadIdx.x; i < KV_TOKENS_PER_BLOCK * half; i += blockDim.x) {
@@ -71,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS)
         double pos;
         int j, dpart;
         if (2 * pi < dt) {
-            pos = (double)(p.start_frame + t / per_frame);
+            pos = (double)(frame0 + t / per_frame);
             j = pi;
             dpart = dt;
         } else if (2 * pi < dt + s) {

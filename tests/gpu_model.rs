@@ -31,8 +31,8 @@ fn variant() -> AttentionVariant {
 }
 
 /// Replays `trace` call by call on the GPU (the reference's inputs), driving a ledger the way
-/// the Stage 1 executor does; returns the worst relative error.
-fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> f64 {
+/// the Stage 1 executor does; returns the worst relative error and every output.
+fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec<f32>>) {
     let cfg = &trace.cfg;
     let mut cache = KvCache::new(CacheGeometry {
         layers: 0,
@@ -45,6 +45,7 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> f64 {
     .unwrap();
     model.set_prompt(7).unwrap();
     let mut worst = 0f64;
+    let mut outs = Vec::new();
     for c in &trace.calls {
         if c.reset_before {
             cache.ledger_mut().reset(CacheEpoch(0)).unwrap();
@@ -96,8 +97,9 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> f64 {
             c.n
         );
         worst = worst.max(e);
+        outs.push(out);
     }
-    worst
+    (worst, outs)
 }
 
 fn wan_widths(layers: usize, grid: Option<(usize, usize)>) -> DitConfig {
@@ -123,7 +125,27 @@ fn gpu_model_matches_the_cpu_reference_over_a_wrapping_stream_with_recompute() {
     println!("{test}: CPU reference stream in {:.1?}", t0.elapsed());
     let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
     let mut model = GpuDit::from_shard(gpu.clone(), shard, variant()).unwrap();
-    let worst = replay(&mut model, &trace, "small grid, teacher-forced");
+    let (worst, eager) = replay(&mut model, &trace, "small grid, teacher-forced");
+    // CUDA graphs: the same calls captured at first use and replayed after give bitwise the
+    // same outputs, from a small fixed set of graphs.
+    model.set_cuda_graphs(true);
+    let (_, graphed) = replay(&mut model, &trace, "small grid, CUDA graphs");
+    let n = model.captured_graphs().unwrap();
+    println!(
+        "{test}: {n} graphs captured for {} calls",
+        trace.calls.len()
+    );
+    for (i, (a, b)) in graphed.iter().zip(&eager).enumerate() {
+        assert!(
+            a == b,
+            "call {i}: graph replay differs from the eager launch"
+        );
+    }
+    assert!(
+        n > 0 && n < trace.calls.len(),
+        "{n} graphs for {} calls",
+        trace.calls.len()
+    );
     // The whole stream on the GPU through the Stage 1 executor (its own trajectory).
     let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
     let model = GpuDit::from_shard(gpu, shard, variant()).unwrap();
@@ -157,6 +179,6 @@ fn gpu_model_matches_the_cpu_reference_at_full_wan_1_3b_geometry() {
     println!("{test}: CPU reference in {:.1?}", t0.elapsed());
     let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
     let mut model = GpuDit::from_shard(gpu, shard, variant()).unwrap();
-    let worst = replay(&mut model, &trace, "wan-1.3b 2 layers");
+    let (worst, _) = replay(&mut model, &trace, "wan-1.3b 2 layers");
     println!("{test}: worst per call {worst:.3e} (tol {TOL})");
 }

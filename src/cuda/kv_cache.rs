@@ -37,8 +37,10 @@ pub struct KvAppendParams {
     pub sink_slots: u32,
     pub window_slots: u32,
     pub _pad0: u32,
+    /// Device `u32` added to `start_frame` (0: none); see `kv_append_rope_frame_on_device`.
+    pub start_frame_dev: u64,
 }
-const _: () = assert!(std::mem::size_of::<KvAppendParams>() == 88);
+const _: () = assert!(std::mem::size_of::<KvAppendParams>() == 96);
 
 const TOKENS_PER_BLOCK: u32 = 2;
 const THREADS: u32 = 256;
@@ -110,6 +112,89 @@ where
     I: DevicePtr<bf16>,
     O: DevicePtrMut<bf16>,
 {
+    kv_append_rope_impl(
+        gpu,
+        stream,
+        ring,
+        logical_start,
+        tokens,
+        heads,
+        head_dim,
+        grid,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        q,
+        None,
+    )
+}
+
+/// `kv_append_rope` with RoPE frames `grid.start_frame + *frame_base + t / tokens_per_frame`:
+/// the chunk's first frame is read from device memory when the kernel runs, so a captured CUDA
+/// graph replays for any chunk (the host writes `frame_base` before each replay).
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+pub fn kv_append_rope_frame_on_device<I, O>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    ring: RingGeometry,
+    logical_start: u32,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    grid: RopeGrid,
+    k_new: &impl DevicePtr<bf16>,
+    v_new: &impl DevicePtr<bf16>,
+    k_cache: &mut impl DevicePtrMut<bf16>,
+    v_cache: &mut impl DevicePtrMut<bf16>,
+    q: QRope<'_, I, O>,
+    frame_base: &dyn DevicePtr<u32>,
+) -> Result<()>
+where
+    I: DevicePtr<bf16>,
+    O: DevicePtrMut<bf16>,
+{
+    kv_append_rope_impl(
+        gpu,
+        stream,
+        ring,
+        logical_start,
+        tokens,
+        heads,
+        head_dim,
+        grid,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        q,
+        Some(frame_base),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+fn kv_append_rope_impl<I, O>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    ring: RingGeometry,
+    logical_start: u32,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    grid: RopeGrid,
+    k_new: &impl DevicePtr<bf16>,
+    v_new: &impl DevicePtr<bf16>,
+    k_cache: &mut impl DevicePtrMut<bf16>,
+    v_cache: &mut impl DevicePtrMut<bf16>,
+    q: QRope<'_, I, O>,
+    frame_base: Option<&dyn DevicePtr<u32>>,
+) -> Result<()>
+where
+    I: DevicePtr<bf16>,
+    O: DevicePtrMut<bf16>,
+{
     if tokens == 0 {
         return Ok(());
     }
@@ -175,6 +260,14 @@ where
             (pi, po, Some(gi), Some(go))
         }
     };
+    let (fb, _g7) = match frame_base {
+        Some(b) => {
+            check_len("kv append frame_base", b.len(), 1, "[1]")?;
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
     for (what, p) in [
         ("k_new", kn),
         ("v_new", vn),
@@ -202,6 +295,7 @@ where
         sink_slots: ring.sink_slots,
         window_slots: ring.window_slots,
         _pad0: 0,
+        start_frame_dev: fb,
     };
     let cfg = LaunchCfg {
         grid: (t32.div_ceil(TOKENS_PER_BLOCK), 1, 1),

@@ -32,10 +32,11 @@ use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape};
 use crate::cuda::context::{cuda_err, Gpu};
 use crate::cuda::dit_ops::{self, RowShape};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmShape};
-use crate::cuda::kv_cache::{kv_append_rope, QRope, RingGeometry, RopeGrid};
+use crate::cuda::kv_cache::{kv_append_rope_frame_on_device, QRope, RingGeometry, RopeGrid};
 use crate::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -217,6 +218,43 @@ pub struct GpuDit {
     text_v: Vec<CudaSlice<bf16>>,
     prompt: Option<u64>,
     s: Scratch,
+    /// The chunk's first frame, read by the RoPE kernel (so a graph replays for any chunk).
+    frame_base: CudaSlice<u32>,
+    /// Captured calls by how they meet the cache (`None`: graphs off).
+    graphs: Option<HashMap<GraphKey, OwnedGraph>>,
+}
+
+/// A captured graph owned by one model. CUDA graph handles are not tied to a thread; the
+/// driver asks only that calls on one graph be serialized, which a single owner (`&mut`
+/// access through `GpuDit`) guarantees. So the model may move to another thread (`Send`), and
+/// is never shared (`Sync` is not claimed).
+struct OwnedGraph(CudaGraph);
+
+// SAFETY: see the type's comment: moved, never shared; every use goes through its one owner.
+unsafe impl Send for OwnedGraph {}
+
+/// What a captured call depends on besides device memory: its frame count, where its K/V go
+/// and the key range attention reads. Everything else a call changes (input, modulation, the
+/// chunk's first frame) is written to device memory before the replay.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    frames: usize,
+    writes: Vec<(u32, u32, u32)>,
+    attend: (u32, u32),
+}
+
+impl GraphKey {
+    fn of(frames: usize, kv: &KvAccess) -> Self {
+        Self {
+            frames,
+            writes: kv
+                .writes
+                .iter()
+                .map(|r| (r.slot, r.chunk_frame, r.frames))
+                .collect(),
+            attend: (kv.attend.start, kv.attend.end),
+        }
+    }
 }
 
 impl GpuDit {
@@ -235,6 +273,24 @@ impl GpuDit {
                 cfg.name, cfg.head_dim
             )));
         }
+        // Every buffer of the model lives and is used on its one stream, so cudarc's
+        // cross-stream event tracking has nothing to order; it is off for them because an event
+        // recorded outside a CUDA-graph capture cannot be waited on inside one.
+        let ctx = gpu.context().clone();
+        let tracking = ctx.is_event_tracking();
+        // SAFETY: all buffers allocated below are used only on `stream` (the model's), and
+        // freed only when the model drops (stream-ordered frees on that stream).
+        unsafe { ctx.disable_event_tracking() };
+        let r = Self::build(gpu, shard, variant);
+        if tracking {
+            // SAFETY: restores the context's previous setting for buffers made after this.
+            unsafe { ctx.enable_event_tracking() };
+        }
+        r
+    }
+
+    fn build(gpu: Arc<Gpu>, shard: DitShard, variant: AttentionVariant) -> Result<Self> {
+        let cfg = shard.config().clone();
         let stream = gpu.new_stream()?;
         let gemm = Gemm::new(stream.clone())?;
         let st = &stream;
@@ -316,6 +372,10 @@ impl GpuDit {
             text_v: Vec::new(),
             prompt: None,
             s,
+            frame_base: st
+                .alloc_zeros::<u32>(1)
+                .map_err(|e| cuda_err("alloc frame base", e))?,
+            graphs: None,
             gpu,
             gemm,
             variant,
@@ -356,6 +416,20 @@ impl GpuDit {
         if self.prompt == Some(prompt_seed) {
             return Ok(());
         }
+        // The text K/V are read inside captured graphs: untracked like every model buffer.
+        let ctx = self.gpu.context().clone();
+        let tracking = ctx.is_event_tracking();
+        // SAFETY: the buffers made here are used only on the model's stream.
+        unsafe { ctx.disable_event_tracking() };
+        let r = self.make_text_kv(prompt_seed);
+        if tracking {
+            // SAFETY: restores the previous setting for buffers made after this.
+            unsafe { ctx.enable_event_tracking() };
+        }
+        r
+    }
+
+    fn make_text_kv(&mut self, prompt_seed: u64) -> Result<()> {
         let c = self.cfg.clone();
         let lt = c.text_tokens;
         let st = self.stream.clone();
@@ -476,16 +550,13 @@ impl GpuDit {
         kv: &KvAccess,
     ) -> Result<CudaView<'_, bf16>> {
         let c = self.cfg.clone();
-        let (d, hd, tpf) = (c.dim, c.head_dim, c.tokens_per_frame());
-        let rows = frames * tpf;
+        let rows = frames * c.tokens_per_frame();
         if rows > self.s.rows || frames == 0 {
             return Err(Error::Invariant(format!(
                 "GPU generator call of {frames} frames; sized for {} rows",
                 self.s.rows
             )));
         }
-        let fe_tok = c.heads * hd;
-        let frame_elems = tpf * fe_tok;
         let cap = (c.sink_frames + c.window_frames) as usize + c.frames_per_chunk;
         let lk_range = kv.attend.start as usize..kv.attend.end as usize;
         let fits = kv.writes.iter().all(|r| {
@@ -497,6 +568,64 @@ impl GpuDit {
             )));
         }
         self.upload_modulation(t, frames)?;
+        let sf = u32::try_from(start_frame)
+            .map_err(|_| Error::Invariant(format!("start frame {start_frame} exceeds u32")))?;
+        let st = self.stream.clone();
+        st.memcpy_htod(&[sf], &mut self.frame_base)
+            .map_err(|e| cuda_err("upload the chunk's first frame", e))?;
+        let key = GraphKey::of(frames, kv);
+        match self.graphs.as_ref().map(|g| g.contains_key(&key)) {
+            None => self.enqueue_call(frames, kv)?,
+            Some(true) => {
+                let g = self
+                    .graphs
+                    .as_ref()
+                    .and_then(|g| g.get(&key))
+                    .ok_or_else(|| Error::Invariant("captured graph vanished".into()))?;
+                g.0.launch()
+                    .map_err(|e| cuda_err("cuGraphLaunch (generator call)", e))?;
+            }
+            Some(false) => {
+                // First call of this kind: run it eagerly (warms the GEMM plans, kernel
+                // attributes and clocks), then capture it for every later call.
+                self.enqueue_call(frames, kv)?;
+                st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
+                let r = self.enqueue_call(frames, kv);
+                let g = st.end_capture(sys::CUgraphInstantiate_flags(0));
+                r?;
+                let g = g
+                    .map_err(|e| cuda_err("cuStreamEndCapture / instantiate", e))?
+                    .ok_or_else(|| Error::Cuda("stream capture produced no graph".into()))?;
+                if let Some(m) = self.graphs.as_mut() {
+                    m.insert(key, OwnedGraph(g));
+                }
+            }
+        }
+        let on = rows * c.in_dim();
+        Ok(self.s.out.slice(..on))
+    }
+
+    /// Captured graphs so far (`None`: graphs off).
+    pub fn captured_graphs(&self) -> Option<usize> {
+        self.graphs.as_ref().map(HashMap::len)
+    }
+
+    /// Turns CUDA graphs on (each distinct kind of call is captured at its first use and
+    /// replayed after) or off (every call launched kernel by kernel; drops the captured set).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs = on.then(HashMap::new);
+    }
+
+    /// Enqueues one call's kernels (eagerly, or into a capture); reads the input buffer, the
+    /// modulation and the frame base from device memory.
+    fn enqueue_call(&mut self, frames: usize, kv: &KvAccess) -> Result<()> {
+        let c = self.cfg.clone();
+        let (d, hd, tpf) = (c.dim, c.head_dim, c.tokens_per_frame());
+        let rows = frames * tpf;
+        let fe_tok = c.heads * hd;
+        let frame_elems = tpf * fe_tok;
+        let lk_range = kv.attend.start as usize..kv.attend.end as usize;
         let gpu = self.gpu.clone();
         let st = self.stream.clone();
         let shape = RowShape {
@@ -594,7 +723,7 @@ impl GpuDit {
                 let (ta, tb) = (f0 * tpf, (f0 + nf) * tpf);
                 let (ca, cb) = (slot0 * frame_elems, (slot0 + nf) * frame_elems);
                 let mut qv = s.q.slice_mut(ta * fe_tok..tb * fe_tok);
-                kv_append_rope(
+                kv_append_rope_frame_on_device(
                     &gpu,
                     &st,
                     RingGeometry {
@@ -606,9 +735,7 @@ impl GpuDit {
                     c.heads,
                     hd,
                     RopeGrid {
-                        start_frame: u32::try_from(start_frame + f0 as u64).map_err(|_| {
-                            Error::Invariant(format!("frame {start_frame} exceeds u32"))
-                        })?,
+                        start_frame: f0 as u32,
                         grid_h: c.grid_h as u32,
                         grid_w: c.grid_w as u32,
                     },
@@ -617,6 +744,7 @@ impl GpuDit {
                     &mut self.cache_k[li].slice_mut(ca..cb),
                     &mut self.cache_v[li].slice_mut(ca..cb),
                     QRope::<CudaView<'_, bf16>, CudaViewMut<'_, bf16>>::InPlace(&mut qv),
+                    &self.frame_base,
                 )?;
             }
             let (ka, kb) = (lk_range.start * frame_elems, lk_range.end * frame_elems);
@@ -766,7 +894,7 @@ impl GpuDit {
             Epilogue::None,
             false,
         )?;
-        Ok(s.out.slice(..on))
+        Ok(())
     }
 }
 

@@ -123,43 +123,59 @@ fn run(rest: &[String]) -> Result<()> {
     let timer = EventTimer::new(&gpu)?;
     let st = model.stream().clone();
     let mut rows_out = Vec::new();
-    // Warm-up: one full chunk on an empty cache (plans, modules, clocks), then reset.
-    for warm in [true, false] {
-        for chunk in 0..if warm { 1 } else { o.chunks } {
-            let fill = cache.ledger().readable_frames();
-            let start = cache.ledger().next_frame();
-            let mut calls = Vec::new();
-            for &t in &cfg.denoise_timesteps {
-                let kv = KvAccess::from_ledger(CacheMode::Read, &cache, f as u32)?;
-                timer.start(&st)?;
-                model.forward_device(f, start, t, &kv)?;
-                calls.push(timer.stop_ms(&st)?);
+    for graphs in [false, true] {
+        model.set_cuda_graphs(graphs);
+        cache.ledger_mut().reset(CacheEpoch(0))?;
+        println!(
+            "CUDA graphs {}:",
+            if graphs {
+                "on (captured at first use of each kind of call, replayed after)"
+            } else {
+                "off"
             }
-            let n = cache.ledger().evict_needed_for(f as u32);
-            cache.ledger_mut().evict(n)?;
-            let slots = cache.ledger_mut().append(f as u32)?;
-            let kv = KvAccess::from_ledger(CacheMode::Append(&slots), &cache, f as u32)?;
-            timer.start(&st)?;
-            model.forward_device(f, start, 0, &kv)?;
-            calls.push(timer.stop_ms(&st)?);
-            cache.ledger_mut().mark_written();
-            if !warm {
-                let total: f32 = calls.iter().sum();
-                println!(
-                    "chunk {chunk:>2} cache {fill:>2} frames: chunk {total:8.2} ms  calls {}",
-                    calls
-                        .iter()
-                        .map(|c| format!("{c:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-                rows_out.push(serde_json::json!({
-                    "chunk": chunk, "cache_frames": fill, "chunk_ms": total, "calls_ms": calls,
-                }));
+        );
+        // Warm-up: one full chunk on an empty cache (plans, modules, clocks), then reset.
+        for warm in [true, false] {
+            for chunk in 0..if warm { 1 } else { o.chunks } {
+                let fill = cache.ledger().readable_frames();
+                let start = cache.ledger().next_frame();
+                let mut calls = Vec::new();
+                for &t in &cfg.denoise_timesteps {
+                    let kv = KvAccess::from_ledger(CacheMode::Read, &cache, f as u32)?;
+                    timer.start(&st)?;
+                    model.forward_device(f, start, t, &kv)?;
+                    calls.push(timer.stop_ms(&st)?);
+                }
+                let n = cache.ledger().evict_needed_for(f as u32);
+                cache.ledger_mut().evict(n)?;
+                let slots = cache.ledger_mut().append(f as u32)?;
+                let kv = KvAccess::from_ledger(CacheMode::Append(&slots), &cache, f as u32)?;
+                timer.start(&st)?;
+                model.forward_device(f, start, 0, &kv)?;
+                calls.push(timer.stop_ms(&st)?);
+                cache.ledger_mut().mark_written();
+                if !warm {
+                    let total: f32 = calls.iter().sum();
+                    println!(
+                        "chunk {chunk:>2} cache {fill:>2} frames: chunk {total:8.2} ms  calls {}",
+                        calls
+                            .iter()
+                            .map(|c| format!("{c:.2}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    rows_out.push(serde_json::json!({
+                        "graphs": graphs, "chunk": chunk, "cache_frames": fill, "chunk_ms": total,
+                        "calls_ms": calls,
+                    }));
+                }
+            }
+            if warm {
+                cache.ledger_mut().reset(CacheEpoch(0))?;
             }
         }
-        if warm {
-            cache.ledger_mut().reset(CacheEpoch(0))?;
+        if let Some(n) = model.captured_graphs() {
+            println!("graphs captured: {n}");
         }
     }
     // The GEMM floor of one call, same run, same card.

@@ -565,7 +565,12 @@ fn run_rank<D: DataPlane>(
                 None => DitShard::random(&s.cfg, args.seed, comm.rank().get(), s.tp)?,
             };
             let variant = crate::cuda::attention::AttentionVariant::V3TmaSplitTail;
-            Box::new(GpuGenerator::new(GpuDit::from_shard(gpu, shard, variant)?))
+            let mut model = GpuDit::from_shard(gpu, shard, variant)?;
+            // The parity fingerprint carries the same variable (`exec.cuda_graphs`).
+            model.set_cuda_graphs(
+                std::env::var("LOCKSTEP_CUDA_GRAPHS").is_ok_and(|v| v == "on" || v == "1"),
+            );
+            Box::new(GpuGenerator::new(model))
         }
         GeneratorKind::Dit => match &s.weights {
             Some(f) => Box::new(DitGenerator::from_shard(DitShard::from_source(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU host: one round for the GPU model — the cuBLASLt GEMM tests, the GPU DiT against the CPU
 # reference, and (when staged) the PyTorch reference check/bench. Staged by
-#   tools/gpu/stage.sh --dir .gpu-stage-model --script tools/gpu/model-round.sh gpu_gemm gpu_model
+#   tools/gpu/stage.sh --dir .gpu-stage-model --script tools/gpu/model-round.sh gpu_kernels gpu_gemm gpu_model
+#   cp tools/gpu/model-bench-round.sh .gpu-stage-model/bench.sh   (optional: the benchmark too)
 # Logs into $OUT (or ./out). A skipped GPU test fails here (LOCKSTEP_REQUIRE_GPU=1).
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"
@@ -13,10 +14,13 @@ if ! ldconfig -p | grep -q 'libcublasLt.so'; then
 fi
 export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
 rc=0
-for t in gpu_gemm gpu_model; do
+for t in gpu_kernels gpu_gemm gpu_model; do
   [ -x "$S/tests/$t" ] || continue
-  echo "=== $t"
-  timeout "${T_LIMIT:-300}" "$S/tests/$t" --test-threads=1 --nocapture ${FILTER:-} 2>&1 | tee "$O/$t.log"
+  f=""; [ "$t" = gpu_kernels ] && f="${KERNELS_FILTER:-kv_append}"
+  echo "=== $t $f"
+  timeout "${T_LIMIT:-300}" "$S/tests/$t" --test-threads=1 --nocapture $f 2>&1 | tee "$O/$t.log" | grep -vE "^  \[" | tail -60
   r=${PIPESTATUS[0]}; echo "=== $t exit $r"; [ "$r" = 0 ] || rc=1
 done
+# The model benchmark round (ours + PyTorch, same card) when staged beside.
+[ -x "$S/lockstep" ] && [ -f "$S/bench.sh" ] && { bash "$S/bench.sh" || rc=1; }
 exit $rc
