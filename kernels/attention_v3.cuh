@@ -448,24 +448,13 @@ LS_DEVICE void attention_fwd_v3_body(const AttnV3Params& P) {
     }  // work tiles
 }
 
-// Grid: 1-D. v3 / v3p: one block per work tile. The persistent launch of the same kernels
-// (AttentionVariant::V3*Persistent) passes min(work tiles, SMs) blocks.
+// Grid: 1-D, one block per work tile (tiles [tile_base, tile_end)).
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3_bf16(const __grid_constant__ AttnV3Params P) {
     attention_fwd_v3_body<false, 128, 1>(P);
 }
 
-extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
-    attention_fwd_v3p_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<true, 128, 1>(P);
-}
-
-// 176-key tiles (K/V tensor maps with 176-row boxes).
-extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
-    attention_fwd_v3w_bf16(const __grid_constant__ AttnV3Params P) {
-    attention_fwd_v3_body<false, 176, 1>(P);
-}
-
+// v3pw: ping-pong consumers, 176-key tiles (K/V tensor maps with 176-row boxes).
 extern "C" __global__ void __launch_bounds__(attn_v3::THREADS, 1)
     attention_fwd_v3pw_bf16(const __grid_constant__ AttnV3Params P) {
     attention_fwd_v3_body<true, 176, 1>(P);

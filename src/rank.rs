@@ -216,7 +216,7 @@ impl RankOptions {
         );
         o.fingerprint.set(
             "exec.kernel_variant",
-            std::env::var("LOCKSTEP_KERNEL_VARIANT").unwrap_or_else(|_| "default".into()),
+            crate::cuda::attention::AttentionVariant::from_env()?.as_str(),
         );
         Ok(o)
     }

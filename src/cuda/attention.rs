@@ -8,17 +8,18 @@
 //!   layout as `ops::attention`'s second output.
 //! - Shapes, buffer lengths and 16-byte alignment are checked before the launch; the launch is
 //!   enqueued on the caller's stream (see context.rs for what `Ok` means).
-//! - `AttentionVariant` is part of the execution flags the parity handshake compares: two ranks
-//!   running different variants must not pass startup.
+//! - `AttentionVariant` is an execution flag: `LOCKSTEP_KERNEL_VARIANT` (default v3t) is parsed
+//!   at startup (`AttentionVariant::from_env`), its canonical name joins the parity fingerprint
+//!   (`exec.kernel_variant`), and the GPU model runs exactly it; ranks that differ fail startup.
 //!
 //! - v3 (`V3Tma*`) loads through TMA: three `CUtensorMap`s are encoded on the host per launch
 //!   (`cuTensorMapEncodeTiled`, a CPU-only driver call) over the same `[L, H, 128]` memory as
 //!   3-D tensors `{128, L, H}`; rows past `L` are zero-filled by the copy engine.
-//! - v3t / v3t2 (`V3TmaSplitTail*`) enqueue two launches on the stream: v3 over the whole waves,
+//! - v3t (`V3TmaSplitTail`) enqueues two launches on the stream: v3 over the whole waves,
 //!   then the last partial wave's tiles split along the keys over 2- or 4-CTA clusters
 //!   (`split_tail_plan`); the second reads nothing the first writes, so stream order suffices.
 //!
-//! Tripwire: `V1_SMEM_BYTES`/`V2_SMEM_BYTES`/`V3_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
+//! Tripwire: `V1_SMEM_BYTES`/`V3_SMEM_BYTES`/`V3W_SMEM_BYTES` mirror `attn_v1::SMEM`/... (asserted
 //! in the kernel); every variant uses 128-row query blocks (`V1_BM`; v3 numbers its (query block,
 //! head) work tiles in a 1-D grid); the v3 tensor-map box
 //! `{64, 1, 128}` with 128-byte swizzle is what kernels/attention_v3.cuh expects byte for byte.
@@ -50,92 +51,65 @@ pub struct AttnParams {
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 88);
 
-/// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
-pub const ALL_VARIANTS: [AttentionVariant; 11] = [
+/// Every attention variant the build carries (the ones that won somewhere; BENCHMARKS.md keeps
+/// the history of those that lost and were deleted).
+pub const ALL_VARIANTS: [AttentionVariant; 4] = [
     AttentionVariant::V1Fa2,
-    AttentionVariant::V2Wgmma,
-    AttentionVariant::V2bWgmmaOverlap,
     AttentionVariant::V3Tma,
-    AttentionVariant::V3TmaPingPong,
-    AttentionVariant::V3TmaPersistent,
-    AttentionVariant::V3TmaPingPongPersistent,
-    AttentionVariant::V3TmaWide,
     AttentionVariant::V3TmaPingPongWide,
     AttentionVariant::V3TmaSplitTail,
-    AttentionVariant::V3TmaSplitTail2,
 ];
 
 /// Which attention kernel runs. Selectable at run time; its name enters the parity fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionVariant {
-    /// FA2-style: mma.sync m16n8k16, ldmatrix, cp.async double buffering (any sm_80+ part).
-    #[default]
+    /// FA2-style: mma.sync m16n8k16, ldmatrix, cp.async double buffering (any sm_80+ part): the
+    /// portable fallback.
     V1Fa2,
-    /// Hopper step 1: wgmma (QKᵀ from shared memory, PV with P in registers), cp.async double
-    /// buffering, no TMA and no warp specialization yet.
-    V2Wgmma,
-    /// Hopper step 2: v2 plus FA3's intra-warpgroup overlap (the softmax of tile j runs while
-    /// P·V of tile j−1 is on the tensor cores), 128-key tiles, one block of two warpgroups per SM.
-    V2bWgmmaOverlap,
-    /// Hopper step 3 (FA3-style): a producer warpgroup issues TMA loads into 2-stage K/V rings
-    /// with full/empty mbarriers; two consumer warpgroups (setmaxnreg 240) run both GEMMs as
-    /// wgmma with intra-warpgroup overlap; no block-wide barrier in the main loop.
+    /// Hopper (FA3-style): a producer warpgroup issues TMA loads into 2-stage K/V rings with
+    /// full/empty mbarriers; two consumer warpgroups (setmaxnreg 240) run both GEMMs as wgmma
+    /// with intra-warpgroup overlap; no block-wide barrier in the main loop.
     V3Tma,
-    /// v3 plus ping-pong: named barriers alternate the two consumers' GEMM issue so one
-    /// warpgroup's softmax runs under the other's GEMMs.
-    V3TmaPingPong,
-    /// v3 launched persistent: one block per SM walks the work tiles, so the producer loads the
-    /// next tile's Q and first K/V under the current tile's last P·V and epilogue.
-    V3TmaPersistent,
-    /// v3p launched persistent.
-    V3TmaPingPongPersistent,
-    /// v3 with 176-key tiles (FA3's tile for head dim 128; 209 KB of shared memory).
-    V3TmaWide,
-    /// v3p with 176-key tiles.
+    /// v3 with ping-pong consumers and 176-key tiles (won at H = 40, Lk 9360–18720, in one run).
     V3TmaPingPongWide,
     /// v3 for the full waves, then the work tiles of the last partial wave split along the keys
     /// over clusters of 2 or 4 CTAs (combined through distributed shared memory), so the tail
-    /// wave takes a half or a quarter of a block's time (`split_tail_plan`).
+    /// wave takes a half or a quarter of a block's time (`split_tail_plan`). The default: the
+    /// fastest measured at the Wan shapes on H100 and H200 (1.04–1.20× cuDNN at H = 12).
+    #[default]
     V3TmaSplitTail,
-    /// v3t with clusters of at most 2 CTAs (a measured alternative: fewer, longer tail pieces).
-    V3TmaSplitTail2,
 }
 
 impl AttentionVariant {
+    /// `LOCKSTEP_KERNEL_VARIANT` (a name `parse` accepts), or the default (v3t).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("LOCKSTEP_KERNEL_VARIANT") {
+            Ok(v) if !v.is_empty() && v != "default" => Self::parse(&v)
+                .map_err(|e| Error::BadInput(format!("LOCKSTEP_KERNEL_VARIANT: {e}"))),
+            _ => Ok(Self::default()),
+        }
+    }
+
     /// Stable name for the parity handshake and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
             AttentionVariant::V1Fa2 => "v1-fa2-mma-sync",
-            AttentionVariant::V2Wgmma => "v2-wgmma-cp-async",
-            AttentionVariant::V2bWgmmaOverlap => "v2b-wgmma-overlap",
             AttentionVariant::V3Tma => "v3-tma-ws",
-            AttentionVariant::V3TmaPingPong => "v3p-tma-ws-pingpong",
-            AttentionVariant::V3TmaPersistent => "v3s-tma-ws-persistent",
-            AttentionVariant::V3TmaPingPongPersistent => "v3ps-tma-ws-pingpong-persistent",
-            AttentionVariant::V3TmaWide => "v3w-tma-ws-bn176",
             AttentionVariant::V3TmaPingPongWide => "v3pw-tma-ws-pingpong-bn176",
             AttentionVariant::V3TmaSplitTail => "v3t-tma-ws-split-tail",
-            AttentionVariant::V3TmaSplitTail2 => "v3t2-tma-ws-split-tail-max2",
         }
     }
 
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "v1" | "v1-fa2-mma-sync" => Ok(AttentionVariant::V1Fa2),
-            "v2" | "v2-wgmma-cp-async" => Ok(AttentionVariant::V2Wgmma),
-            "v2b" | "v2b-wgmma-overlap" => Ok(AttentionVariant::V2bWgmmaOverlap),
             "v3" | "v3-tma-ws" => Ok(AttentionVariant::V3Tma),
-            "v3p" | "v3p-tma-ws-pingpong" => Ok(AttentionVariant::V3TmaPingPong),
-            "v3s" | "v3s-tma-ws-persistent" => Ok(AttentionVariant::V3TmaPersistent),
-            "v3ps" | "v3ps-tma-ws-pingpong-persistent" => {
-                Ok(AttentionVariant::V3TmaPingPongPersistent)
-            }
-            "v3w" | "v3w-tma-ws-bn176" => Ok(AttentionVariant::V3TmaWide),
             "v3pw" | "v3pw-tma-ws-pingpong-bn176" => Ok(AttentionVariant::V3TmaPingPongWide),
             "v3t" | "v3t-tma-ws-split-tail" => Ok(AttentionVariant::V3TmaSplitTail),
-            "v3t2" | "v3t2-tma-ws-split-tail-max2" => Ok(AttentionVariant::V3TmaSplitTail2),
             other => Err(Error::BadInput(format!(
-                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v2-wgmma-cp-async, v2b-wgmma-overlap, v3-tma-ws, v3p-tma-ws-pingpong, v3s-tma-ws-persistent, v3ps-tma-ws-pingpong-persistent, v3w-tma-ws-bn176, v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail, v3t2-tma-ws-split-tail-max2)"
+                "unknown attention variant {other:?} (known: v1-fa2-mma-sync, v3-tma-ws, \
+                 v3pw-tma-ws-pingpong-bn176, v3t-tma-ws-split-tail; v2, v2b, v3p, v3s, v3ps, v3w \
+                 and v3t2 lost their benchmarks and were deleted)"
             ))),
         }
     }
@@ -145,13 +119,10 @@ pub const HEAD_DIM: usize = 128;
 const V1_BM: u32 = 128;
 const V1_THREADS: u32 = 128;
 const V1_SMEM_BYTES: u32 = 128 * 256 + 4 * 64 * 256;
-const V2_THREADS: u32 = 256;
-const V2_SMEM_BYTES: u32 = 97 * 1024;
-const V2B_SMEM_BYTES: u32 = 161 * 1024;
 const V3_THREADS: u32 = 384;
 const V3_SMEM_BYTES: u32 = 161 * 1024;
 const V3W_SMEM_BYTES: u32 = 209 * 1024;
-/// Rows per TMA box: Q tiles (`attn_v3::BM`) and K/V tiles of v3/v3p (BN 128) and of v3w/v3pw
+/// Rows per TMA box: Q tiles (`attn_v3::BM`) and K/V tiles of v3/v3t (BN 128) and of v3pw
 /// (BN 176); head dims per box: 64 (one 128-byte swizzled row).
 const V3_BOX_ROWS: u32 = 128;
 const V3W_BOX_ROWS: u32 = 176;
@@ -163,7 +134,7 @@ pub const V3T_MAX_SPLIT: usize = 4;
 /// (one block each): `(full, tail, split)` = the first `full` tiles one block per tile (whole
 /// waves), the last `tail` tiles split over `split` CTAs each (2 or 4; 1 = no tail launch).
 /// The tail must fit one wave (`tail * split <= sms`) and every piece must get a key tile;
-/// `max_split` caps the cluster size (4 for v3t, 2 for v3t2).
+/// `max_split` caps the cluster size (4 for v3t).
 pub fn split_tail_plan(
     tiles: usize,
     sms: usize,
@@ -317,16 +288,9 @@ pub fn attention_fwd(
     check_len("attention o", o.len(), shape.lq * row, &sq)?;
     let (func, threads, smem) = match variant {
         AttentionVariant::V1Fa2 => ("attention_fwd_v1_bf16", V1_THREADS, V1_SMEM_BYTES),
-        AttentionVariant::V2Wgmma => ("attention_fwd_v2_bf16", V2_THREADS, V2_SMEM_BYTES),
-        AttentionVariant::V2bWgmmaOverlap => ("attention_fwd_v2b_bf16", V2_THREADS, V2B_SMEM_BYTES),
-        AttentionVariant::V3Tma
-        | AttentionVariant::V3TmaPersistent
-        | AttentionVariant::V3TmaSplitTail
-        | AttentionVariant::V3TmaSplitTail2 => ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES),
-        AttentionVariant::V3TmaPingPong | AttentionVariant::V3TmaPingPongPersistent => {
-            ("attention_fwd_v3p_bf16", V3_THREADS, V3_SMEM_BYTES)
+        AttentionVariant::V3Tma | AttentionVariant::V3TmaSplitTail => {
+            ("attention_fwd_v3_bf16", V3_THREADS, V3_SMEM_BYTES)
         }
-        AttentionVariant::V3TmaWide => ("attention_fwd_v3w_bf16", V3_THREADS, V3W_SMEM_BYTES),
         AttentionVariant::V3TmaPingPongWide => {
             ("attention_fwd_v3pw_bf16", V3_THREADS, V3W_SMEM_BYTES)
         }
@@ -378,23 +342,11 @@ pub fn attention_fwd(
         block: (threads, 1, 1),
         smem_bytes: smem,
     };
-    let wide = matches!(
-        variant,
-        AttentionVariant::V3TmaWide | AttentionVariant::V3TmaPingPongWide
-    );
-    let persistent = matches!(
-        variant,
-        AttentionVariant::V3TmaPersistent | AttentionVariant::V3TmaPingPongPersistent
-    );
+    let wide = variant == AttentionVariant::V3TmaPingPongWide;
     match variant {
         AttentionVariant::V3Tma
-        | AttentionVariant::V3TmaPingPong
-        | AttentionVariant::V3TmaPersistent
-        | AttentionVariant::V3TmaPingPongPersistent
-        | AttentionVariant::V3TmaWide
         | AttentionVariant::V3TmaPingPongWide
-        | AttentionVariant::V3TmaSplitTail
-        | AttentionVariant::V3TmaSplitTail2 => {
+        | AttentionVariant::V3TmaSplitTail => {
             // v3 numbers its work tiles (query block, head) in one 1-D grid, as an i32.
             let tiles = shape.lq.div_ceil(V1_BM as usize) * shape.heads;
             if tiles > i32::MAX as usize {
@@ -414,10 +366,9 @@ pub fn attention_fwd(
                 AttentionVariant::V3TmaSplitTail => {
                     split_tail_plan(tiles, sms()?, key_tiles, V3T_MAX_SPLIT)
                 }
-                AttentionVariant::V3TmaSplitTail2 => split_tail_plan(tiles, sms()?, key_tiles, 2),
                 _ => (tiles, 0, 1),
             };
-            let blocks = if persistent { full.min(sms()?) } else { full };
+            let blocks = full;
             let kv_box = if wide { V3W_BOX_ROWS } else { V3_BOX_ROWS };
             let mut p3 = AttnV3Params {
                 tq: encode_tmap("q", qp, shape.lq, shape.heads, row, V3_BOX_ROWS)?,
@@ -524,7 +475,7 @@ mod tests {
         // Small problems: the whole grid is the tail; never more pieces than key tiles.
         assert_eq!(split_tail_plan(3, 132, 2, 4), (0, 3, 2));
         assert_eq!(split_tail_plan(3, 132, 3, 4), (0, 3, 2));
-        // v3t2 caps the cluster at 2.
+        // A cap of 2 keeps clusters at 2.
         assert_eq!(split_tail_plan(1480, 132, 37, 2), (1452, 28, 2));
         for max in [2, 4] {
             for tiles in 1..600 {

@@ -564,7 +564,8 @@ fn run_rank<D: DataPlane>(
                 Some(f) => DitShard::from_source(&s.cfg, f, comm.rank().get(), s.tp)?,
                 None => DitShard::random(&s.cfg, args.seed, comm.rank().get(), s.tp)?,
             };
-            let variant = crate::cuda::attention::AttentionVariant::V3TmaSplitTail;
+            // The variant the parity fingerprint carries (`exec.kernel_variant`).
+            let variant = crate::cuda::attention::AttentionVariant::from_env()?;
             let mut model = GpuDit::from_shard(gpu, shard, variant)?;
             // The parity fingerprint carries the same variable (`exec.cuda_graphs`).
             model.set_cuda_graphs(

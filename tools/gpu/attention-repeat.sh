@@ -8,8 +8,8 @@ S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"
 export LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-NEW="${NEW:-v3t2}"
-ORDERS="${ORDERS:-v3,v3t,v3t2,v3pw v3t2,v3pw,v3,v3t v3pw,v3t,v3t2,v3}"
+NEW="${NEW:-v3t}"
+ORDERS="${ORDERS:-v3,v3t,v3pw v3pw,v3,v3t v3t,v3pw,v3}"
 T="$S/tests/gpu_kernels"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 LOCKSTEP_ATTN_VARIANTS=$NEW timeout 60 "$T" --test-threads=1 --nocapture attention_matches > "$O/tests.log" 2>&1

@@ -10,7 +10,7 @@ S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"
 export LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-NEW="${NEW:-v3,v3p,v3w,v3pw}"      # variants under development
+NEW="${NEW:-v3,v3pw,v3t}"      # variants under development
 OLD="${OLD:-v1,v2}"       # always benched
 T="$S/tests/gpu_kernels"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | tee "$O/doctor.log"
