@@ -1015,6 +1015,22 @@ fn unknown_lane_transport_is_bad_input_before_bootstrap() {
 }
 
 #[test]
+fn unknown_kernel_variant_is_bad_input_before_bootstrap() {
+    let _serial = common::serial();
+    let o = launch(
+        "badvariant",
+        2,
+        "",
+        &[("LOCKSTEP_KERNEL_VARIANT", "v2b")],
+        &[],
+    );
+    o.assert(
+        74,
+        &["LOCKSTEP_KERNEL_VARIANT: bad input: unknown attention variant \"v2b\""],
+    );
+}
+
+#[test]
 fn rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind() {
     let _serial = common::serial();
     if skip_unrunnable("rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind") {

@@ -430,6 +430,26 @@ fn gemm_gelu_epilogue_is_the_tanh_approximation() {
             "erf"
         }
     );
+    // Over the whole sweep bf16 rounding of the output (up to 8e-3 near |y| = 3) swamps the
+    // two GELUs' difference (at most 4.7e-4 absolute). In the negative tail they differ in
+    // relative terms (erf/tanh - 1: 2.9% at x = -2.5, 11% at -3, 32% at -3.5) while a bf16
+    // output is good to 0.4%: the relative error there tells them apart (information only:
+    // how precisely cuBLASLt evaluates tanh in the tail is not documented).
+    let tail: Vec<usize> = (0..n).filter(|&i| (-3.5..=-2.5).contains(&xh[i])).collect();
+    let tail_rel = |r: &[f32]| {
+        let s: f64 = tail
+            .iter()
+            .map(|&i| ((f64::from(got[i]) - f64::from(r[i])) / f64::from(r[i])).powi(2))
+            .sum();
+        (s / tail.len() as f64).sqrt()
+    };
+    let (t_tanh, t_erf) = (tail_rel(&tanh_ref), tail_rel(&erf_ref));
+    println!(
+        "  gelu probe tail [-3.5, -2.5] ({} points): rms relative error vs gelu_tanh {t_tanh:.3e}, \
+         vs erf GELU {t_erf:.3e} ({} is closer)",
+        tail.len(),
+        if t_tanh <= t_erf { "tanh" } else { "erf" }
+    );
     assert!(
         e_tanh <= BF16_TOL,
         "gelu probe: relative L2 error vs gelu_tanh {e_tanh:.3e} > {BF16_TOL:.0e}"

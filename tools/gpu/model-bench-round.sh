@@ -19,7 +19,7 @@ echo "=== torch eager $P"
 timeout 240 python3 "$S/baselines/wan_reference.py" bench --preset "$P" --device cuda --chunks "$C" --json "$O/torch-eager-$P.json" 2>&1 | tail -40 | tee "$O/torch-eager-$P.log"
 if [ "${COMPILE:-1}" = 1 ]; then
   echo "=== torch compile $P"
-  timeout 300 python3 "$S/baselines/wan_reference.py" bench --preset "$P" --device cuda --compile --chunks "$C" --json "$O/torch-compile-$P.json" 2>&1 | tail -40 | tee "$O/torch-compile-$P.log"
+  timeout "${COMPILE_LIMIT:-200}" python3 "$S/baselines/wan_reference.py" bench --preset "$P" --device cuda --compile --chunks "$C" --json "$O/torch-compile-$P.json" 2>&1 | tail -40 | tee "$O/torch-compile-$P.log"
 fi
 if [ "${RUN:-1}" = 1 ]; then
   echo "=== lockstep run --preset $P (rank 0 + TP=1 mesh on one GPU, host data plane)"

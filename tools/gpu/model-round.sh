@@ -16,7 +16,7 @@ export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
 rc=0
 for t in gpu_kernels gpu_gemm gpu_model; do
   [ -x "$S/tests/$t" ] || continue
-  f=""; [ "$t" = gpu_kernels ] && f="${KERNELS_FILTER:-kv_append}"
+  f=""; [ "$t" = gpu_kernels ] && f="${KERNELS_FILTER:-}"; [ "$t" = gpu_model ] && f="${MODEL_FILTER:-}"
   echo "=== $t $f"
   timeout "${T_LIMIT:-300}" "$S/tests/$t" --test-threads=1 --nocapture $f 2>&1 | tee "$O/$t.log" | grep -vE "^  \[" | tail -60
   r=${PIPESTATUS[0]}; echo "=== $t exit $r"; [ "$r" = 0 ] || rc=1
