@@ -211,7 +211,7 @@ pub fn gpu_available() -> bool {
 pub fn rank_gpu_ordinal(local_rank: u32) -> crate::Result<usize> {
     let n = driver_info()?.gpus.len();
     if n == 0 {
-        return Err(crate::Error::BadInput("no GPU visible".into()));
+        return Err(crate::Error::BadInput("no GPU visible to this rank".into()));
     }
     match std::env::var("LOCKSTEP_GPU") {
         Ok(v) => v

@@ -97,8 +97,8 @@ impl NcclPlane {
     /// The GPU and mode a rank uses: `LOCKSTEP_GPU` or `local_rank mod #GPUs`;
     /// `LOCKSTEP_NCCL_BLOCKING=1` for blocking communicators.
     pub fn for_rank(local_rank: u32) -> Result<NcclPlane> {
-        let ordinal = crate::cuda::probe::rank_gpu_ordinal(local_rank)
-            .map_err(|e| Error::BadInput(format!("NCCL data plane: {e}")))?;
+        // A missing driver stays a device error (76); no GPU or a bad LOCKSTEP_GPU is bad input.
+        let ordinal = crate::cuda::probe::rank_gpu_ordinal(local_rank)?;
         let blocking = std::env::var("LOCKSTEP_NCCL_BLOCKING").is_ok_and(|v| v == "1");
         NcclPlane::open(ordinal, blocking)
     }
