@@ -610,10 +610,12 @@ mod tests {
         let mut len = 0usize;
         // SAFETY: env is live; the bytes are read before it is freed.
         let p = unsafe { lockstep_envelope_header_bytes(env, &mut len) };
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let bytes = unsafe { std::slice::from_raw_parts(p, len) };
         let mut h = Header::zeroed();
         // SAFETY: bytes/len from the accessor; h is writable.
         assert_eq!(
+            // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
             unsafe { lockstep_header_decode(bytes.as_ptr(), bytes.len(), &mut h) },
             STATUS_OK
         );
@@ -658,6 +660,7 @@ mod tests {
         let mut mlen = 0usize;
         // SAFETY: env is live until freed below.
         let mp = unsafe { lockstep_envelope_meta_bytes(env, &mut mlen) };
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let meta = unsafe { std::slice::from_raw_parts(mp, mlen) }.to_vec();
         assert_eq!(meta, rust.meta_bytes());
         assert_eq!(h, *rust.header());
@@ -764,6 +767,7 @@ mod tests {
         raw = d.raw();
         raw.data = std::ptr::null();
         let st =
+            // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
             unsafe { lockstep_envelope_prepare(1, 0, 0, 0, std::ptr::null(), &raw, 1, &mut out) };
         assert_eq!(st, ExitCode::BadInput.code());
         assert!(
@@ -771,6 +775,7 @@ mod tests {
             "{}",
             last_error()
         );
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let st = unsafe {
             lockstep_envelope_prepare(
                 1,
@@ -804,6 +809,7 @@ mod tests {
         // SAFETY: env live.
         let _ = unsafe { lockstep_envelope_meta_bytes(env, &mut len) };
         assert_eq!(len, 0);
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         unsafe { lockstep_envelope_free(env) };
         let (st, env) = prepare(3, Some("{}"), &[]);
         assert_eq!(st, ExitCode::BadInput.code());
@@ -819,10 +825,12 @@ mod tests {
     fn ffi_header_decode_gives_typed_codes_for_garbage() {
         let (_, env) = prepare(1, Some("{}"), &[latents()]);
         let mut len = 0usize;
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let good = unsafe {
             std::slice::from_raw_parts(lockstep_envelope_header_bytes(env, &mut len), len)
         }
         .to_vec();
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         unsafe { lockstep_envelope_free(env) };
         let decode = |b: &[u8]| {
             let mut h = Header::zeroed();
@@ -862,10 +870,12 @@ mod tests {
         assert_eq!(decode(&b), STATUS_OK);
         // NULL pointers.
         assert_eq!(
+            // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
             unsafe { lockstep_header_decode(std::ptr::null(), 0, &mut Header::zeroed()) },
             STATUS_HEADER_TRUNCATED
         );
         assert_eq!(
+            // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
             unsafe { lockstep_header_decode(good.as_ptr(), good.len(), std::ptr::null_mut()) },
             ExitCode::BadInput.code()
         );
@@ -881,18 +891,23 @@ mod tests {
 
     #[test]
     fn ffi_static_strings_and_doctor_json() {
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let v = unsafe { CStr::from_ptr(lockstep_version()) }
             .to_str()
             .unwrap();
         assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let id = unsafe { CStr::from_ptr(lockstep_kernel_build_id()) }
             .to_str()
             .unwrap();
         assert_eq!(id, crate::cuda::embedded::KERNEL_BUILD_ID);
         let p = lockstep_doctor_json();
         assert!(!p.is_null(), "{}", last_error());
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         let text = unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned();
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         unsafe { lockstep_string_free(p) };
+        // SAFETY: test call of the C ABI with live pointers (an envelope not yet freed, locals, or the NULLs under test), valid for the call.
         unsafe { lockstep_string_free(std::ptr::null_mut()) };
         let j: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(j["lockstep_version"], env!("CARGO_PKG_VERSION"));

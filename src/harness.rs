@@ -871,6 +871,7 @@ fn thread_cpu_us() -> (f64, f64, f64, f64) {
     };
     // SAFETY: as above; `rusage` is plain old data.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live, writable rusage; getrusage only writes it.
     let (user, sys) = if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } == 0 {
         let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
         (us(ru.ru_utime), us(ru.ru_stime))

@@ -3,6 +3,7 @@
 //! every rank moves in lockstep, or the job crashes fast with a diagnosis. Never a hang.
 //!
 //! Start at `docs/architecture.md` for which module does what.
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bench;

@@ -38,6 +38,7 @@ struct Module {
 
 // SAFETY: a CUmodule handle may be used from any thread once its context is bound.
 unsafe impl Send for Module {}
+// SAFETY: as for Send: the handle is immutable and the driver serializes its use.
 unsafe impl Sync for Module {}
 
 impl Drop for Module {
@@ -60,6 +61,7 @@ pub struct Kernel {
 
 // SAFETY: CUfunction handles are usable from any thread with the context bound.
 unsafe impl Send for Kernel {}
+// SAFETY: as for Send: the handle is immutable and the driver serializes its use.
 unsafe impl Sync for Kernel {}
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -16,8 +16,10 @@ pub struct Library {
     pub path: String,
 }
 
-// The handle is only used for dlsym, which is thread-safe.
+// SAFETY: the dlopen handle is only passed to dlsym, which is thread-safe; it is never freed
+// while shared.
 unsafe impl Send for Library {}
+// SAFETY: as for Send: shared use is dlsym only.
 unsafe impl Sync for Library {}
 
 impl Library {
