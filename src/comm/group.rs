@@ -34,6 +34,24 @@ pub enum GroupRole {
 
 /// A group as every rank agrees on it: name, creation index, members (global ranks, in group-rank
 /// order).
+///
+/// Group ranks and global ranks do not mix (SPEC §1): translating takes the other type.
+/// ```
+/// use lockstep::comm::group::{GroupRole, GroupSpec};
+/// use lockstep::ids::{GlobalRank, GroupRank};
+/// let mesh = GroupSpec { name: "mesh".into(), id: 2, role: GroupRole::Mesh,
+///                        members: vec![GlobalRank(1), GlobalRank(2)] };
+/// assert_eq!(mesh.global_rank_of(GroupRank(0)), Some(GlobalRank(1)));
+/// ```
+/// Passing a global rank where a group rank is due is a type error (E0308), not a wrong peer; the
+/// example above is the same code with the right type, so the mismatch is the only error:
+/// ```compile_fail,E0308
+/// use lockstep::comm::group::{GroupRole, GroupSpec};
+/// use lockstep::ids::GlobalRank;
+/// let mesh = GroupSpec { name: "mesh".into(), id: 2, role: GroupRole::Mesh,
+///                        members: vec![GlobalRank(1), GlobalRank(2)] };
+/// let _ = mesh.global_rank_of(GlobalRank(1));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupSpec {
     pub name: String,

@@ -136,9 +136,17 @@ impl EnvelopeIds {
 /// Fields are private: only [`prepare`], [`prepare_untyped`], [`PreparedEnvelope::noop`] and
 /// [`PreparedEnvelope::shutdown`] make one.
 ///
-/// Break-it C2 ("sender fails after the header") cannot be written: this does not compile.
-/// ```compile_fail
-/// let _ = lockstep::wire::PreparedEnvelope { header: unimplemented!(), meta: Vec::new(), tensors: Vec::new() };
+/// Break-it C2 ("sender fails after the header") cannot be written: building one outside
+/// preflight fails on the private fields (E0451) and on nothing else — the same literal compiles
+/// inside this module (`c2_doctest_literal_is_well_typed_so_only_privacy_rejects_it_outside`).
+/// ```compile_fail,E0451
+/// use lockstep::wire::{Header, PreparedEnvelope};
+/// let header: Header = bytemuck::Zeroable::zeroed();
+/// let _: PreparedEnvelope = PreparedEnvelope { header, meta: Vec::new(), tensors: Vec::new() };
+/// ```
+/// ```
+/// use lockstep::wire::{EnvelopeIds, PreparedEnvelope};
+/// let _: PreparedEnvelope = PreparedEnvelope::noop(EnvelopeIds::default());
 /// ```
 #[derive(Clone, Debug)]
 pub struct PreparedEnvelope<S = Vec<u8>> {
@@ -291,6 +299,20 @@ impl<S> ReceivedEnvelope<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The C2 doctest's struct literal, verbatim, compiles where the fields are visible: so
+    /// outside this module its only error is privacy (stable rustdoc does not check the pinned
+    /// error code; this control does the pinning's job).
+    #[test]
+    fn c2_doctest_literal_is_well_typed_so_only_privacy_rejects_it_outside() {
+        let header: Header = bytemuck::Zeroable::zeroed();
+        let e: PreparedEnvelope = PreparedEnvelope {
+            header,
+            meta: Vec::new(),
+            tensors: Vec::new(),
+        };
+        assert!(e.tensors.is_empty());
+    }
 
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Plan {
