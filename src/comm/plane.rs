@@ -1,4 +1,4 @@
-//! The data-plane trait: one interface, two backends (`host` here, `nccl` in `nccl.rs`).
+//! The data-plane trait: one interface, two backends (`host.rs`, and `nccl/` for NCCL).
 //!
 //! Contract (shaped after NCCL so that backend fits without contortions):
 //! - Buffers are backend-owned (`Buffer`: host `Vec<u8>`, NCCL device memory). An op takes its
