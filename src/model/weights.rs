@@ -311,8 +311,23 @@ impl WeightFile {
     /// Maps and parses `path` (header and offsets only; no tensor data is read except what the
     /// digest covers).
     pub fn open(path: &Path) -> Result<Self> {
+        // What the user named must be a readable regular file: a missing path, a directory or
+        // a FIFO (whose open would block forever) is bad input (exit 74), said before opening.
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::BadInput(format!("weights {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            let kind = if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file (a FIFO, socket or device)"
+            };
+            return Err(Error::BadInput(format!(
+                "weights {} is {kind}; give a .safetensors file",
+                path.display()
+            )));
+        }
         let file = std::fs::File::open(path)
-            .map_err(|e| Error::io(format!("opening weights {}", path.display()), e))?;
+            .map_err(|e| Error::BadInput(format!("opening weights {}: {e}", path.display())))?;
         // SAFETY: the map is read-only and this process never writes the file; another process
         // truncating it while mapped is the documented tripwire (module comment).
         let map = unsafe { Mmap::map(&file) }
@@ -1022,6 +1037,25 @@ mod tests {
         );
         let _ = std::fs::remove_file(&p);
         let e = WeightFile::open(&tmp("absent")).unwrap_err();
-        assert!(e.to_string().contains("opening weights"), "{e}");
+        assert!(matches!(e, Error::BadInput(_)), "{e}");
+        assert!(e.to_string().contains("absent"), "{e}");
+        assert_eq!(e.exit_code().code(), 74);
+    }
+
+    #[test]
+    fn a_directory_or_a_fifo_as_weights_is_bad_input_without_blocking() {
+        let e = WeightFile::open(&std::env::temp_dir()).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        assert_eq!(e.exit_code().code(), 74);
+        let p = tmp("fifo");
+        let _ = std::fs::remove_file(&p);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Opening a FIFO for reading would block until a writer comes: the check refuses first.
+        let e = WeightFile::open(&p).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert_eq!(e.exit_code().code(), 74);
+        let _ = std::fs::remove_file(&p);
     }
 }
