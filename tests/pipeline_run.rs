@@ -274,6 +274,44 @@ fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
 }
 
 #[test]
+fn run_refuses_unwritable_output_paths_before_any_rank_starts() {
+    let dir = tmp("outputs-check");
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("no-such-dir").join("m.json");
+    let cases: [(&str, std::ffi::OsString, &str); 3] = [
+        ("--metrics", missing.clone().into(), "does not exist"),
+        ("--trace", dir.clone().into(), "is a directory"),
+        (
+            "--frames-out",
+            dir.join("m.json").join("x").into(),
+            "cannot create it",
+        ),
+    ];
+    // A regular file where --frames-out wants a directory.
+    std::fs::write(dir.join("m.json"), b"{}").unwrap();
+    for (flag, path, why) in cases {
+        let mut cmd = Command::new(common::lockstep_bin());
+        cmd.args(["run", "--quiet", "--chunks", "1"])
+            .arg(flag)
+            .arg(&path)
+            .env_remove("LOCKSTEP_FAULT");
+        let out = common::bounded(
+            cmd,
+            "lockstep run with a bad output",
+            Duration::from_secs(10),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(74), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(why),
+            "{flag}: {stderr}"
+        );
+        assert!(!stderr.contains("launch: global-rank"), "{flag}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])

@@ -714,9 +714,46 @@ pub fn launch_run(args: &RunArgs) -> i32 {
     }
 }
 
+/// An output file the run will write at its end must be writable now: a run of an hour must not
+/// end in a write error. Checks the parent is a writable directory and the path is not one.
+fn check_output_file(flag: &str, path: &std::path::Path) -> Result<()> {
+    let bad = |why: String| Error::BadInput(format!("{flag} {}: {why}", path.display()));
+    if path.is_dir() {
+        return Err(bad("is a directory".into()));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!(
+            "its directory {} does not exist",
+            parent.display()
+        )));
+    }
+    let probe = parent.join(format!(".lockstep-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| bad(format!("cannot write there: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn launch_and_report(args: &RunArgs) -> Result<i32> {
     // Refuse what every rank would refuse, before any process exists.
     let s = setup(args)?;
+    if let Some(p) = &args.metrics {
+        check_output_file("--metrics", p)?;
+    }
+    if let Some(p) = &args.trace {
+        check_output_file("--trace", p)?;
+    }
+    if let Some(d) = &args.frames_out {
+        std::fs::create_dir_all(d).map_err(|e| {
+            Error::BadInput(format!(
+                "--frames-out {}: cannot create it: {e}",
+                d.display()
+            ))
+        })?;
+    }
     let backend = backend_of(args)?;
     if let Ok(f) = std::env::var("LOCKSTEP_FAULT") {
         crate::fault::parse(&f)?;
