@@ -312,6 +312,39 @@ fn run_refuses_unwritable_output_paths_before_any_rank_starts() {
 }
 
 #[test]
+fn run_refuses_bad_numbers_and_unparsable_arguments_with_exit_74() {
+    for (args, want) in [
+        (&["--chunks", "-1"][..], "unexpected argument '-1'"),
+        (
+            &["--timeout", "1e300"][..],
+            "--timeout must be a number of seconds in 0..=604800, got 1e300",
+        ),
+        (
+            &["--timeout=-1"][..],
+            "--timeout must be a number of seconds in 0..=604800, got -1",
+        ),
+    ] {
+        let mut cmd = Command::new(common::lockstep_bin());
+        cmd.args(["run", "--quiet"])
+            .args(args)
+            .env_remove("LOCKSTEP_FAULT");
+        let out = common::bounded(
+            cmd,
+            "lockstep run with a bad number",
+            Duration::from_secs(10),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(74), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(
+            stderr.len() < 400,
+            "{args:?}: a short diagnosis, got {} bytes",
+            stderr.len()
+        );
+    }
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])

@@ -35,7 +35,16 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // A command line that does not parse is bad input (exit 74, like every other refusal of
+    // input), not clap's usage code 2; --help and --version still print and exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(lockstep::exit::ExitCode::BadInput.code());
+        }
+        Err(e) => e.exit(),
+    };
     let code = match cli.cmd {
         None => lockstep::pipeline::main(&lockstep::pipeline::RunArgs::default()),
         Some(Cmd::Run(a)) => lockstep::pipeline::main(&a),

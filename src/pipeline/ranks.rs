@@ -129,7 +129,20 @@ fn setup(args: &RunArgs) -> Result<Setup> {
         Some(p) => Some(WeightFile::open_for(p, &cfg)?),
         None => None,
     };
+    // A week bounds every duration: beyond it a "bound" bounds nothing, and the value is
+    // printed as the user could have typed it (`{v:e}` for huge numbers, never 300 digits).
     let secs = |v: f64, what: &str| -> Result<Duration> {
+        const MAX_S: f64 = 7.0 * 24.0 * 3600.0;
+        if !(0.0..=MAX_S).contains(&v) {
+            return Err(Error::BadInput(format!(
+                "{what} must be a number of seconds in 0..={MAX_S}, got {}",
+                if v.abs() >= 1e6 {
+                    format!("{v:e}")
+                } else {
+                    format!("{v}")
+                }
+            )));
+        }
         Duration::try_from_secs_f64(v)
             .map_err(|_| Error::BadInput(format!("{what} must be a non-negative number, got {v}")))
     };
