@@ -402,7 +402,7 @@ fn check_allocated_id(h: &Header, ids: EnvelopeIds) -> Result<()> {
 fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
     (addr, port)
         .to_socket_addrs()
-        .map_err(|e| Error::io(format!("resolve MASTER_ADDR {addr}:{port}"), e))?
+        .map_err(|e| Error::BadInput(format!("MASTER_ADDR {addr}:{port} does not resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::BadInput(format!("MASTER_ADDR {addr}:{port} resolves to nothing")))
 }
@@ -468,11 +468,12 @@ impl<D: DataPlane> Rank<D> {
         }
 
         let (plane, welcome, conns, lane) = if env.rank == 0 {
+            // A port in use or an address not on this host is the operator's configuration:
+            // bad input (74), not a lost peer.
             let listener = TcpListener::bind(master).map_err(|e| {
-                Error::io(
-                    format!("rendezvous: bind MASTER_ADDR:MASTER_PORT {master}"),
-                    e,
-                )
+                Error::BadInput(format!(
+                    "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT {master}: {e}"
+                ))
             })?;
             let (plane, data_addr) = make_plane(master.ip(), token_digest)?;
             fp.set("data_plane.backend", plane.name());

@@ -345,6 +345,43 @@ fn run_refuses_bad_numbers_and_unparsable_arguments_with_exit_74() {
 }
 
 #[test]
+fn unresolvable_master_addr_and_a_taken_master_port_are_bad_input() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (rank, addr, port, want) in [
+        (
+            "1",
+            "no.such.host.invalid",
+            "29555",
+            "MASTER_ADDR no.such.host.invalid:29555 does not resolve",
+        ),
+        (
+            "0",
+            "127.0.0.1",
+            port.as_str(),
+            "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT",
+        ),
+    ] {
+        let mut cmd = Command::new(common::lockstep_bin());
+        cmd.args(["run", "--quiet", "--chunks", "1", "--tp", "1"])
+            .env_remove("LOCKSTEP_FAULT")
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", rank),
+                ("MASTER_ADDR", addr),
+                ("MASTER_PORT", port),
+                ("LOCKSTEP_JOB_TOKEN", "t"),
+            ]);
+        let out = common::bounded(cmd, "rank with a bad MASTER_ADDR", Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(74), "{addr}:{port}: {stderr}");
+        assert!(stderr.contains(want), "{addr}:{port}: {stderr}");
+    }
+    drop(taken);
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])
