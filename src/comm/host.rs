@@ -111,36 +111,72 @@ impl HostPlane {
     }
 }
 
+/// Handshakes in progress at once; a connection beyond them is refused at once (a flood of
+/// stray connections costs threads only up to this).
+const MAX_PENDING_HELLOS: usize = 64;
+/// How long a connection may take to present its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accepts connections and hands each to its own short handshake thread, so a silent or
+/// garbage connection delays nobody: peers are registered as soon as their own hello arrives.
 fn accept_loop(listener: TcpListener, token_digest: u64, shared: Arc<Shared>) {
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let Ok(mut s) = conn else { continue };
-        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut hello = [0u8; 24];
-        if s.read_exact(&mut hello).is_err() {
+        let Ok(s) = conn else { continue };
+        if shared.aborted.load(Ordering::SeqCst) {
+            return;
+        }
+        if pending.load(Ordering::SeqCst) >= MAX_PENDING_HELLOS {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             crate::diag!(
-                "lockstep: data plane: refused connection from {peer}: no hello within 2 s"
+                "lockstep: data plane: refused connection from {peer}: {MAX_PENDING_HELLOS} \
+                 handshakes already pending"
             );
             continue;
         }
-        let magic = u32::from_le_bytes([hello[0], hello[1], hello[2], hello[3]]);
-        let token = u64::from_le_bytes(hello[8..16].try_into().unwrap_or([0; 8]));
-        if magic != HELLO_MAGIC || token != token_digest {
-            crate::diag!(
-                "lockstep: data plane: refused connection from {peer}: bad magic or job token"
-            );
-            continue;
+        pending.fetch_add(1, Ordering::SeqCst);
+        let (sh, pend) = (shared.clone(), pending.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lockstep-data-hello".into())
+            .spawn(move || {
+                handshake(s, token_digest, &sh);
+                pend.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            pending.fetch_sub(1, Ordering::SeqCst);
         }
-        let gid = u32::from_le_bytes(hello[16..20].try_into().unwrap_or([0; 4]));
-        let from = u32::from_le_bytes(hello[20..24].try_into().unwrap_or([0; 4]));
-        let _ = s.set_read_timeout(None);
-        let _ = s.set_nodelay(true);
-        shared.track(&s);
-        if let Ok(mut m) = shared.conns.lock() {
-            m.insert((gid, from), s);
-        }
-        shared.conn_cv.notify_all();
     }
+}
+
+/// Reads one connection's hello (bounded by `HELLO_TIMEOUT`) and registers it, or refuses it
+/// with one line naming the peer.
+fn handshake(mut s: TcpStream, token_digest: u64, shared: &Shared) {
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
+    let mut hello = [0u8; 24];
+    if s.read_exact(&mut hello).is_err() {
+        crate::diag!(
+            "lockstep: data plane: refused connection from {peer}: no hello within {HELLO_TIMEOUT:?}"
+        );
+        return;
+    }
+    let magic = u32::from_le_bytes([hello[0], hello[1], hello[2], hello[3]]);
+    let token = u64::from_le_bytes(hello[8..16].try_into().unwrap_or([0; 8]));
+    if magic != HELLO_MAGIC || token != token_digest {
+        crate::diag!(
+            "lockstep: data plane: refused connection from {peer}: bad magic or job token"
+        );
+        return;
+    }
+    let gid = u32::from_le_bytes(hello[16..20].try_into().unwrap_or([0; 4]));
+    let from = u32::from_le_bytes(hello[20..24].try_into().unwrap_or([0; 4]));
+    let _ = s.set_read_timeout(None);
+    let _ = s.set_nodelay(true);
+    shared.track(&s);
+    if let Ok(mut m) = shared.conns.lock() {
+        m.insert((gid, from), s);
+    }
+    shared.conn_cv.notify_all();
 }
 
 struct WriteReq {
@@ -888,10 +924,13 @@ mod tests {
     /// Two host planes in one process, one communicator each over `[0, 1]`.
     fn pair() -> ((HostPlane, HostComm), (HostPlane, HostComm)) {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let (a, b) = (
-            HostPlane::bind(ip, 7).unwrap(),
-            HostPlane::bind(ip, 7).unwrap(),
-        );
+        pair_with(HostPlane::bind(ip, 7).unwrap())
+    }
+
+    /// `pair` with `a` as group-rank 0.
+    fn pair_with(a: HostPlane) -> ((HostPlane, HostComm), (HostPlane, HostComm)) {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let b = HostPlane::bind(ip, 7).unwrap();
         let peers = PeerTable {
             data_addrs: vec![a.addr().to_string(), b.addr().to_string()],
             token_digest: 7,
@@ -914,6 +953,32 @@ mod tests {
             .create_comm(&spec, GroupRank(0), &[], &peers, deadline)
             .unwrap();
         ((a, ca), t.join().unwrap())
+    }
+
+    /// Stray connections during bootstrap (silent ones that never say hello, and garbage)
+    /// neither delay nor stop the real peers: handshakes run concurrently.
+    #[test]
+    fn stray_connections_do_not_delay_the_data_plane_bootstrap() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let a = HostPlane::bind(ip, 7).unwrap();
+        let mut strays = Vec::new();
+        for i in 0..20 {
+            let mut s = TcpStream::connect(a.addr()).unwrap();
+            if i % 2 == 1 {
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\ngarbage-garbage");
+            }
+            strays.push(s);
+        }
+        let t0 = Instant::now();
+        let ((_pa, _ca), (_pb, _cb)) = pair_with(a);
+        let took = t0.elapsed();
+        // One at a time with a 2 s deadline each, 10 silent strays cost 20 s; now they cost
+        // nothing.
+        assert!(
+            took < Duration::from_millis(1500),
+            "bootstrap took {took:?} behind strays"
+        );
+        drop(strays);
     }
 
     fn f32s(v: &[f32]) -> Vec<u8> {
