@@ -104,6 +104,15 @@ fn signal_name(s: i32) -> &'static str {
     }
 }
 
+/// Creates `dir` if needed and checks a file can be written in it.
+fn writable_dir(dir: &std::path::Path) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create it: {e}"))?;
+    let probe = dir.join(format!(".lockstep-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| format!("cannot write in it: {e}"))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 pub fn main(args: &LaunchArgs) -> i32 {
     match run(args) {
         Ok(code) => code,
@@ -126,6 +135,15 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("lockstep-dumps").join(&job));
     let dump_dir = std::path::absolute(&dump_dir).unwrap_or(dump_dir);
+    // The dumps are the diagnosis: a directory that cannot take them is found now (exit 74),
+    // not at the first failure, when every rank would say "dump failed".
+    if let Err(why) = writable_dir(&dump_dir) {
+        crate::diag!(
+            "launch: exit 74 (bad-input): dump directory {}: {why}",
+            dump_dir.display()
+        );
+        return Ok(ExitCode::BadInput.code());
+    }
     let port = free_port(&args.master_addr)?;
     // SAFETY: installing a handler that only stores to an atomic (async-signal-safe).
     unsafe {

@@ -382,6 +382,26 @@ fn unresolvable_master_addr_and_a_taken_master_port_are_bad_input() {
 }
 
 #[test]
+fn a_dump_directory_that_cannot_take_dumps_is_bad_input_before_any_rank_starts() {
+    let file = tmp("dump-dir-is-a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args(["launch", "-n", "2", "--dump-dir"])
+        .arg(file.join("dumps"))
+        .args(["--", "true"])
+        .env_remove("LOCKSTEP_FAULT");
+    let out = common::bounded(cmd, "launch with a bad dump dir", Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("dump directory") && stderr.contains("cannot create it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("global-rank 0 pid"), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])
