@@ -105,7 +105,15 @@ impl RankEnv {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(rank),
             master_addr: env_var("MASTER_ADDR")?,
-            master_port: env_parse("MASTER_PORT")?,
+            master_port: match env_parse::<u16>("MASTER_PORT")? {
+                // Port 0 would bind an arbitrary port no peer can know: it cannot rendezvous.
+                0 => {
+                    return Err(Error::BadInput(
+                        "MASTER_PORT=0: the rendezvous needs a fixed port every rank knows".into(),
+                    ))
+                }
+                p => p,
+            },
             token,
             dump_dir,
         })
