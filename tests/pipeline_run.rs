@@ -345,7 +345,7 @@ fn run_refuses_bad_numbers_and_unparsable_arguments_with_exit_74() {
 }
 
 #[test]
-fn unresolvable_master_addr_and_a_taken_master_port_are_bad_input() {
+fn unresolvable_master_addr_a_taken_or_zero_master_port_are_bad_input() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     for (rank, addr, port, want) in [
@@ -360,6 +360,12 @@ fn unresolvable_master_addr_and_a_taken_master_port_are_bad_input() {
             "127.0.0.1",
             port.as_str(),
             "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT",
+        ),
+        (
+            "1",
+            "127.0.0.1",
+            "0",
+            "MASTER_PORT=0: the rendezvous needs a fixed port",
         ),
     ] {
         let mut cmd = Command::new(common::lockstep_bin());
