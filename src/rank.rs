@@ -416,6 +416,8 @@ fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
 }
 
 const HELLO_MAX: u32 = 1 << 20;
+/// `FailedNotice::name` of rank 0 refusing one rank's registration (e.g. a duplicated RANK).
+const RANK_REFUSED: &str = "rank-refused";
 
 impl Rank<HostPlane> {
     /// Bootstraps a rank on the host data plane.
@@ -566,6 +568,10 @@ impl<D: DataPlane> Rank<D> {
                 Some((FrameKind::Welcome, body)) => from_json(&body, "welcome")?,
                 Some((FrameKind::Failed, body)) => {
                     let n: FailedNotice = from_json(&body, "failure notice")?;
+                    // Rank 0 refusing this rank's registration is this rank's bad input.
+                    if n.name == RANK_REFUSED {
+                        return Err(Error::BadInput(format!("rendezvous refused this rank: {}", n.message)));
+                    }
                     return Err(Error::PeerFailed(format!("global-rank {} failed during rendezvous: {}", n.origin, n.message)));
                 }
                 Some((k, _)) => return Err(Error::Decode(format!("rendezvous: expected a welcome, got {k:?}"))),
@@ -1776,12 +1782,29 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 }
                 lane = Some(s);
             }
-            Ok((h, s)) => {
+            Ok((h, mut s)) => {
                 if got.iter().any(|(g, _)| g.rank == h.rank) {
                     crate::diag!(
                         "lockstep[global-rank 0]: rendezvous: refused a second registration for rank {}",
                         h.rank
                     );
+                    // Tell the second registrant why, so it does not blame a token or rank 0.
+                    let notice = crate::comm::control::FailedNotice {
+                        origin: 0,
+                        code: crate::exit::ExitCode::BadInput.code(),
+                        name: RANK_REFUSED.into(),
+                        message: format!(
+                            "RANK={} is already registered by another process (pid {}): a \
+                             duplicated RANK in this job",
+                            h.rank,
+                            got.iter()
+                                .find(|(g, _)| g.rank == h.rank)
+                                .map_or(0, |(g, _)| g.pid)
+                        ),
+                    };
+                    if let Ok(body) = serde_json::to_vec(&notice) {
+                        let _ = write_frame(&mut s, FrameKind::Failed, &[&body]);
+                    }
                     continue;
                 }
                 got.push((h, s));

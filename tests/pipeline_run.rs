@@ -408,6 +408,64 @@ fn a_dump_directory_that_cannot_take_dumps_is_bad_input_before_any_rank_starts()
 }
 
 #[test]
+fn a_duplicated_rank_is_told_why_and_the_job_goes_on() {
+    let _serial = common::serial();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let rank = |r: &str| {
+        let mut c = Command::new(common::lockstep_bin());
+        c.args(["run", "--quiet", "--chunks", "2", "--tp", "2"])
+            .env_remove("LOCKSTEP_FAULT")
+            .envs([
+                ("RANK", r),
+                ("LOCAL_RANK", r),
+                ("WORLD_SIZE", "3"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+                ("LOCKSTEP_JOB_TOKEN", "dup-test"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut r0 = rank("0").spawn().unwrap();
+    let mut r1 = rank("1").spawn().unwrap();
+    // The second RANK=1 registers after the first (rank 0 accepts the first one it reads; give
+    // the first a head start so the test knows which one is the duplicate).
+    std::thread::sleep(Duration::from_millis(500));
+    let dup = common::bounded(rank("1"), "a duplicated RANK=1", Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&dup.stderr);
+    assert_eq!(dup.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("RANK=1 is already registered") && stderr.contains("duplicated RANK"),
+        "{stderr}"
+    );
+    let r2 = common::bounded(rank("2"), "rank 2", Duration::from_secs(60));
+    assert_eq!(
+        r2.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r2.stderr)
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    for (name, c) in [("rank 0", &mut r0), ("rank 1", &mut r1)] {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > until {
+                let _ = c.kill();
+                panic!("{name} did not finish within 30 s after rank 2 did");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(st.code(), Some(0), "{name} after the duplicate was refused");
+    }
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])
