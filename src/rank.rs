@@ -1729,10 +1729,17 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
                 if closed2.load(Ordering::SeqCst) {
                     crate::diag!("lockstep[global-rank 0]: rendezvous: refused connection from {peer}: rendezvous is closed");
+                    // Say why to a late rank (a duplicated RANK that lost the race, or a process
+                    // of another job on this port), instead of closing on it silently. Its hello
+                    // is read first (bounded), so closing does not reset the notice away.
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = read_frame(&mut s, HELLO_MAX, "late rendezvous client");
+                    refuse_late(&mut s, world);
                     continue;
                 }
                 let tx = tx.clone();
                 let token = token.clone();
+                let closed3 = closed2.clone();
                 let refused = refused.clone();
                 let _ = std::thread::Builder::new().name("lockstep-hello".into()).spawn(move || {
                     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -1762,7 +1769,14 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                         return refuse(format!("rank {} out of range for WORLD_SIZE {world}", hello.rank));
                     }
                     let _ = s.set_read_timeout(None);
-                    let _ = tx.send((hello, s));
+                    if closed3.load(Ordering::SeqCst) {
+                        return refuse_late(&mut s, world);
+                    }
+                    if let Err(mpsc::SendError((h, mut s))) = tx.send((hello, s)) {
+                        if !h.lane {
+                            refuse_late(&mut s, world);
+                        }
+                    }
                 });
             }
         })
@@ -1821,8 +1835,33 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         }
     }
     closed.store(true, Ordering::SeqCst);
+    // Registrations that were read but not taken (a duplicated RANK racing the last rank in)
+    // hear why before their connection closes.
+    while let Ok((h, mut s)) = rx.try_recv() {
+        if !h.lane {
+            refuse_late(&mut s, world);
+        }
+    }
     got.sort_by_key(|(h, _)| h.rank);
     Ok((got, lane))
+}
+
+/// Tells a client whose hello came after the rendezvous closed why it is refused (exit 74 on
+/// its side: `RANK_REFUSED`), bounded by a short write timeout.
+fn refuse_late(s: &mut TcpStream, world: u32) {
+    let notice = FailedNotice {
+        origin: 0,
+        code: crate::exit::ExitCode::BadInput.code(),
+        name: RANK_REFUSED.into(),
+        message: format!(
+            "the rendezvous is closed: all {world} ranks of this job registered already (a \
+             duplicated RANK, or a process of another job?)"
+        ),
+    };
+    if let Ok(body) = serde_json::to_vec(&notice) {
+        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = write_frame(s, FrameKind::Failed, &[&body]);
+    }
 }
 
 fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {
