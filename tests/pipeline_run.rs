@@ -474,6 +474,32 @@ fn a_duplicated_rank_is_told_why_and_the_job_goes_on() {
 }
 
 #[test]
+fn a_run_sweeps_the_run_folders_of_runs_that_were_sigkilled() {
+    let _serial = common::serial();
+    // A pid that existed and is gone: a child that has exited and been reaped.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = std::env::temp_dir().join(format!("lockstep-run-{pid}-dead"));
+    std::fs::create_dir_all(&stale).unwrap();
+    let mine = std::env::temp_dir().join(format!("lockstep-run-{}-alive", std::process::id()));
+    std::fs::create_dir_all(&mine).unwrap();
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args(["run", "--quiet", "--chunks", "1"])
+        .env_remove("LOCKSTEP_FAULT");
+    let out = common::bounded(cmd, "lockstep run", Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists(), "the folder of a dead run is swept");
+    assert!(mine.exists(), "the folder of a live process is kept");
+    let _ = std::fs::remove_dir_all(&mine);
+}
+
+#[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "1", "--backend", "gloo"])

@@ -727,6 +727,30 @@ pub fn launch_run(args: &RunArgs) -> i32 {
     }
 }
 
+/// Removes `lockstep-run-<pid>-*` folders (the per-run report exchange) left by a `lockstep run`
+/// that was SIGKILLed (no chance to clean up): those whose pid is no longer alive.
+fn sweep_dead_run_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("lockstep-run-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let alive = pid > 0
+            && (unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// An output file the run will write at its end must be writable now: a run of an hour must not
 /// end in a write error. Checks the parent is a writable directory and the path is not one.
 fn check_output_file(flag: &str, path: &std::path::Path) -> Result<()> {
@@ -772,6 +796,7 @@ fn launch_and_report(args: &RunArgs) -> Result<i32> {
         crate::fault::parse(&f)?;
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("locating this executable", e))?;
+    sweep_dead_run_dirs();
     let dir = std::env::temp_dir().join(format!(
         "lockstep-run-{}-{:x}",
         std::process::id(),
