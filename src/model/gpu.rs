@@ -43,6 +43,21 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|x| bf16::from_f32(*x)).collect()
 }
 
+/// Runs `f` (which allocates model buffers) with cudarc's event tracking off, restoring the
+/// context's previous setting after.
+fn untracked<R>(ctx: &Arc<cudarc::driver::CudaContext>, f: impl FnOnce() -> R) -> R {
+    let tracking = ctx.is_event_tracking();
+    // SAFETY: buffers made by `f` are model buffers: allocated, used and freed only on the
+    // model's one stream (module contract), so no cross-stream ordering is needed for them.
+    unsafe { ctx.disable_event_tracking() };
+    let r = f();
+    if tracking {
+        // SAFETY: restores the previous setting for buffers made after this.
+        unsafe { ctx.enable_event_tracking() };
+    }
+    r
+}
+
 /// A linear layer on the device: `w [d_out, d_in]`, bias `[d_out]`.
 struct DLinear {
     w: CudaSlice<bf16>,
@@ -277,16 +292,7 @@ impl GpuDit {
         // cross-stream event tracking has nothing to order; it is off for them because an event
         // recorded outside a CUDA-graph capture cannot be waited on inside one.
         let ctx = gpu.context().clone();
-        let tracking = ctx.is_event_tracking();
-        // SAFETY: all buffers allocated below are used only on `stream` (the model's), and
-        // freed only when the model drops (stream-ordered frees on that stream).
-        unsafe { ctx.disable_event_tracking() };
-        let r = Self::build(gpu, shard, variant);
-        if tracking {
-            // SAFETY: restores the context's previous setting for buffers made after this.
-            unsafe { ctx.enable_event_tracking() };
-        }
-        r
+        untracked(&ctx, || Self::build(gpu, shard, variant))
     }
 
     fn build(gpu: Arc<Gpu>, shard: DitShard, variant: AttentionVariant) -> Result<Self> {
@@ -418,15 +424,7 @@ impl GpuDit {
         }
         // The text K/V are read inside captured graphs: untracked like every model buffer.
         let ctx = self.gpu.context().clone();
-        let tracking = ctx.is_event_tracking();
-        // SAFETY: the buffers made here are used only on the model's stream.
-        unsafe { ctx.disable_event_tracking() };
-        let r = self.make_text_kv(prompt_seed);
-        if tracking {
-            // SAFETY: restores the previous setting for buffers made after this.
-            unsafe { ctx.enable_event_tracking() };
-        }
-        r
+        untracked(&ctx, || self.make_text_kv(prompt_seed))
     }
 
     fn make_text_kv(&mut self, prompt_seed: u64) -> Result<()> {
