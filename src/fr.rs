@@ -160,6 +160,14 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
         out.push_str(&format!(
             "missing rank: global-rank {missing:?} left no dump (killed hard, or never started)\n"
         ));
+        // Every rank alive at a failure, a watchdog or a SIGTERM writes its dump; one that did
+        // not was killed hard, stopped or wedged — the cause, not a witness. What the others'
+        // dumps disagree on below is what they saw of it.
+        out.push_str(&format!(
+            "culprit: global-rank {} (left no dump: killed hard, stopped or wedged); the \
+             disagreements below are what the other ranks saw\n",
+            missing[0]
+        ));
     }
 
     // First disagreement per group, by sequence number.
@@ -358,6 +366,9 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
                 text.push_str(&format!("  history: {e}\n"));
             }
             match culprit {
+                Some(c) if !missing.is_empty() && !missing.contains(&c) => text.push_str(&format!(
+                    "odd one out among the dumps: global-rank {c} (the culprit named above left none)\n"
+                )),
                 Some(c) => text.push_str(&format!("culprit: global-rank {c}\n")),
                 None => text.push_str(
                     "culprit: ambiguous between two ranks; compare their call paths at this op\n",

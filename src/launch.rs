@@ -68,6 +68,8 @@ struct Ended {
     rank: u32,
     code: i32,
     signal: Option<i32>,
+    /// Killed by the launcher's own SIGKILL: it did not exit on SIGTERM within the grace period.
+    killed_by_launcher: bool,
 }
 
 impl Ended {
@@ -220,12 +222,14 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
                         rank,
                         code: 0,
                         signal: Some(libc::WTERMSIG(status)),
+                        killed_by_launcher: kill_sent && libc::WTERMSIG(status) == libc::SIGKILL,
                     }
                 } else {
                     Ended {
                         rank,
                         code: libc::WEXITSTATUS(status),
                         signal: None,
+                        killed_by_launcher: false,
                     }
                 };
                 crate::diag!("launch: global-rank {rank} {}", e.describe());
@@ -296,5 +300,22 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
         primary.describe(),
         dump_dir.display()
     );
+    // A rank that had to be SIGKILLed did not act on SIGTERM: it was stopped or wedged, so it
+    // neither made progress nor dumped. That, not the timeout it caused on its peers, is the
+    // cause: name it (the exit code stays the first failure's, as the launcher contract says).
+    let wedged: Vec<u32> = ended
+        .iter()
+        .filter(|e| e.killed_by_launcher && e.rank != primary.rank)
+        .map(|e| e.rank)
+        .collect();
+    if let Some(&w) = wedged.first() {
+        crate::diag!(
+            "launch: culprit: global-rank {w}: it did not exit on SIGTERM within {} ms (stopped or \
+             wedged), was SIGKILLed and left no dump; global-rank {}'s {} is what its peers saw",
+            args.grace_ms,
+            primary.rank,
+            primary.describe()
+        );
+    }
     Ok(primary.launcher_code())
 }

@@ -499,6 +499,108 @@ fn a_run_sweeps_the_run_folders_of_runs_that_were_sigkilled() {
     let _ = std::fs::remove_dir_all(&mine);
 }
 
+/// Runs `lockstep run` (rank 0 + TP=2), sends `sig` to global rank `victim` once the ranks are
+/// up (~1.5 s in, usually mid-stream), and returns the run's stderr and `fr analyze`'s output.
+fn run_with_a_rank_signalled(name: &str, victim: u32, sig: i32) -> (Option<i32>, String, String) {
+    use std::io::BufRead;
+    let dumps = tmp(name);
+    let _ = std::fs::remove_dir_all(&dumps);
+    let mut child = Command::new(common::lockstep_bin())
+        .args(["run", "--quiet", "--chunks", "400"])
+        .env_remove("LOCKSTEP_FAULT")
+        .env("LOCKSTEP_WATCHDOG_MS", "1000")
+        .env("LOCKSTEP_DUMP_DIR", &dumps)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(err)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let want = format!("launch: global-rank {victim} pid ");
+    let pid: i32 = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the launcher names every rank's pid");
+        if let Some(p) = line.strip_prefix(&want) {
+            break p.trim().parse().unwrap();
+        }
+    };
+    // Not a synchronization point: the diagnosis must be right whenever the signal lands
+    // (bootstrap or mid-stream); the pause only makes mid-stream the usual case.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling a child process of this test (a rank of the run it started).
+    unsafe { libc::kill(pid, sig) };
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            // SAFETY: as above (un-stop the victim so nothing stays pinned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{name}: the run did not end within 40 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    let fr = Command::new(common::lockstep_bin())
+        .args(["fr", "analyze"])
+        .arg(&dumps)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dumps);
+    (
+        code,
+        stderr,
+        String::from_utf8_lossy(&fr.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn a_stopped_mesh_rank_is_named_the_culprit_by_the_launcher_and_fr_analyze() {
+    let _serial = common::serial();
+    let (code, stderr, fr) = run_with_a_rank_signalled("culprit-stop", 2, libc::SIGSTOP);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(
+        stderr.contains("launch: culprit: global-rank 2: it did not exit on SIGTERM"),
+        "{stderr}"
+    );
+    assert!(fr.contains("culprit: global-rank 2 (left no dump"), "{fr}");
+    assert!(
+        !fr.contains("culprit: global-rank 1\n") && !fr.contains("culprit: global-rank 0\n"),
+        "{fr}"
+    );
+}
+
+#[test]
+fn a_sigkilled_driver_is_named_the_culprit_by_the_launcher_and_fr_analyze() {
+    let _serial = common::serial();
+    let (code, stderr, fr) = run_with_a_rank_signalled("culprit-kill", 0, libc::SIGKILL);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(
+        stderr.contains("launch: failed: global-rank 0 killed by signal 9"),
+        "{stderr}"
+    );
+    assert!(fr.contains("culprit: global-rank 0 (left no dump"), "{fr}");
+    assert!(
+        !fr.contains("culprit: global-rank 1\n") && !fr.contains("culprit: global-rank 2\n"),
+        "{fr}"
+    );
+}
+
 #[test]
 fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
