@@ -32,6 +32,8 @@ pub struct DoctorReport {
     pub kernels: KernelReport,
     pub driver: Result<probe::DriverInfo, String>,
     pub nccl: Result<probe::NcclInfo, String>,
+    /// cuBLASLt (the GPU model's GEMMs): the library found, or why not.
+    pub cublaslt: Result<String, String>,
     /// The envelope lane rank 0 would offer on this host: `shm` (a ring file in /dev/shm could
     /// be created) or why not.
     pub lane: Result<&'static str, String>,
@@ -53,6 +55,10 @@ pub fn report() -> DoctorReport {
     };
     let driver = probe::driver_info().map_err(|e| e.to_string());
     let nccl = probe::nccl_info().map_err(|e| e.to_string());
+    let cublaslt =
+        probe::Library::open_first("cuBLASLt", &cudarc::get_lib_name_candidates("cublasLt"))
+            .map(|l| l.path)
+            .map_err(|e| e.to_string());
     let lane = lane_check();
     let mut advice = Vec::new();
     if let Err(e) = &lane {
@@ -81,6 +87,9 @@ pub fn report() -> DoctorReport {
             }
         }
     }
+    if cublaslt.is_err() {
+        advice.push("no cuBLASLt: the GPU model cannot run (install the CUDA runtime libraries, e.g. libcublas, or put libcublasLt.so on LD_LIBRARY_PATH)".to_owned());
+    }
     if nccl.is_err() {
         advice.push("no NCCL: install libnccl2 or set LOCKSTEP_NCCL_PATH=/path/to/libnccl.so.2 (the host backend still works)".to_owned());
     }
@@ -89,6 +98,7 @@ pub fn report() -> DoctorReport {
         kernels,
         driver,
         nccl,
+        cublaslt,
         lane,
         advice,
     }
@@ -172,6 +182,14 @@ fn human(r: &DoctorReport) -> String {
         }
         Err(e) => {
             let _ = writeln!(s, "nccl    : unavailable ({e})");
+        }
+    }
+    match &r.cublaslt {
+        Ok(p) => {
+            let _ = writeln!(s, "cublaslt: {p}");
+        }
+        Err(e) => {
+            let _ = writeln!(s, "cublaslt: unavailable ({e})");
         }
     }
     match &r.lane {
