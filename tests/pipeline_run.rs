@@ -86,6 +86,15 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
         serde_json::from_slice(&std::fs::read(&metrics).expect("metrics")).expect("json");
     assert_eq!(m["chunks_emitted"], 6);
     assert!(m["s1_ms"].as_f64() > Some(0.0), "{m}");
+    // Video frames/s: 3 latent frames per chunk × 4 video frames each.
+    let (cps, fps) = (
+        m["chunks_per_s"].as_f64().unwrap(),
+        m["video_fps"].as_f64().unwrap(),
+    );
+    assert!(
+        cps > 0.0 && (fps - 12.0 * cps).abs() < 1e-9 * fps.max(1.0),
+        "{m}"
+    );
 }
 
 #[test]

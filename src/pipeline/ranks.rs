@@ -61,6 +61,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where the parent wants every rank's report (set by `launch_run`).
 const RUN_DIR_ENV: &str = "LOCKSTEP_RUN_DIR";
+/// Video frames per latent frame of Wan's VAE (temporal stride 4) in steady streaming.
+const VIDEO_FRAMES_PER_LATENT_FRAME: usize = 4;
 /// The run's common time origin, µs since the Unix epoch, so every rank's timeline lines up.
 const RUN_T0_ENV: &str = "LOCKSTEP_RUN_T0_US";
 
@@ -680,6 +682,11 @@ fn metrics(
         eta,
         chunks_per_s: if period_ms > 0.0 {
             1e3 / period_ms
+        } else {
+            0.0
+        },
+        video_fps: if period_ms > 0.0 {
+            1e3 / period_ms * (s.cfg.frames_per_chunk * VIDEO_FRAMES_PER_LATENT_FRAME) as f64
         } else {
             0.0
         },

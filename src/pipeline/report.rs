@@ -98,6 +98,10 @@ pub struct Metrics {
     pub e: f64,
     pub eta: f64,
     pub chunks_per_s: f64,
+    /// Video frames per second in steady state: chunks/s × latent frames per chunk × 4 (the
+    /// Wan VAE decodes 4 video frames per latent frame once streaming).
+    #[serde(default)]
+    pub video_fps: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub stale_dropped: u64,
@@ -196,6 +200,11 @@ impl Metrics {
             &mut s,
             "throughput",
             format!("{:.2} chunks/s", self.chunks_per_s),
+        );
+        row(
+            &mut s,
+            "video frames/s",
+            format!("{:.1} (4 per latent frame)", self.video_fps),
         );
         row(
             &mut s,
