@@ -5,7 +5,9 @@
 //! by the Stage 1 executor on the GPU generator, its clean latents against the reference's.
 //! Wan 1.3B widths (dim 1536, 12 heads × 128, FFN 8960, 512 text tokens × 4096), 2 layers; the
 //! stream on a small patch grid (the CPU reference is the slow side), and one chunk at the full
-//! 30 × 52 grid. Relative L2 errors are printed. Skips, printing why, without a GPU.
+//! 30 × 52 grid. Then tensor parallel: a TP=2 group on the one GPU (two models, two threads,
+//! all-reduces staged through pinned host memory) against TP=1, both ranks bitwise equal.
+//! Relative L2 errors are printed. Skips, printing why, without a GPU.
 mod common;
 
 use lockstep::cache::{CacheGeometry, KvCache};
@@ -15,6 +17,7 @@ use lockstep::ids::CacheEpoch;
 use lockstep::model::dit::{CacheMode, DitShard};
 use lockstep::model::gpu::{GpuDit, KvAccess};
 use lockstep::model::ops;
+use lockstep::model::tp::{SoloComm, ThreadComm, TpComm};
 use lockstep::model::DitConfig;
 use lockstep::pipeline::stage1::GpuGenerator;
 use lockstep::pipeline::trace::{record_stream, record_stream_with, StreamTrace};
@@ -33,6 +36,16 @@ fn variant() -> AttentionVariant {
 /// Replays `trace` call by call on the GPU (the reference's inputs), driving a ledger the way
 /// the Stage 1 executor does; returns the worst relative error and every output.
 fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec<f32>>) {
+    replay_tp(model, &mut SoloComm, trace, label)
+}
+
+/// `replay` for one rank of a TP group: every rank makes the same calls with its `comm`.
+fn replay_tp(
+    model: &mut GpuDit,
+    comm: &mut dyn TpComm,
+    trace: &StreamTrace,
+    label: &str,
+) -> (f64, Vec<Vec<f32>>) {
     let cfg = &trace.cfg;
     let mut cache = KvCache::new(CacheGeometry {
         layers: 0,
@@ -43,7 +56,7 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec
         window_frames: cfg.window_frames,
     })
     .unwrap();
-    model.set_prompt(7).unwrap();
+    model.set_prompt(comm, 7).unwrap();
     let mut worst = 0f64;
     let mut outs = Vec::new();
     for c in &trace.calls {
@@ -56,7 +69,7 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec
                 let kv = KvAccess::from_ledger(CacheMode::Read, &cache, f).unwrap();
                 (
                     model
-                        .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv)
+                        .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv, comm)
                         .unwrap(),
                     "denoise",
                 )
@@ -66,7 +79,7 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec
                 let slots = cache.ledger_mut().append(f).unwrap();
                 let kv = KvAccess::from_ledger(CacheMode::Append(&slots), &cache, f).unwrap();
                 let out = model
-                    .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv)
+                    .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv, comm)
                     .unwrap();
                 cache.ledger_mut().mark_written();
                 (out, "clean")
@@ -79,7 +92,7 @@ fn replay(model: &mut GpuDit, trace: &StreamTrace, label: &str) -> (f64, Vec<Vec
                 let kv = KvAccess::from_ledger(CacheMode::Overwrite(&slots), &cache, f).unwrap();
                 (
                     model
-                        .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv)
+                        .forward_host(&c.x, c.frames, c.start_frame, c.t, &kv, comm)
                         .unwrap(),
                     "recompute",
                 )
@@ -181,4 +194,70 @@ fn gpu_model_matches_the_cpu_reference_at_full_wan_1_3b_geometry() {
     let mut model = GpuDit::from_shard(gpu, shard, variant()).unwrap();
     let (worst, _) = replay(&mut model, &trace, "wan-1.3b 2 layers");
     println!("{test}: worst per call {worst:.3e} (tol {TOL})");
+}
+
+#[test]
+fn gpu_tp2_on_one_gpu_matches_tp1_over_a_wrapping_stream() {
+    let test = "gpu_tp2_on_one_gpu_matches_tp1_over_a_wrapping_stream";
+    if common::skip_without_gpu(test) {
+        return;
+    }
+    let gpu = Arc::new(Gpu::open(0).unwrap_or_else(|e| panic!("open GPU 0: {e}")));
+    let cfg = wan_widths(2, Some((6, 8)));
+    let trace = record_stream(DitShard::random(&cfg, 3, 0, 1).unwrap(), 6, 4, 1, 7).unwrap();
+    // TP=1 on the GPU: the baseline TP=2 must meet (and its own error to the CPU reference).
+    let mut one = GpuDit::from_shard(
+        gpu.clone(),
+        DitShard::random(&cfg, 3, 0, 1).unwrap(),
+        variant(),
+    )
+    .unwrap();
+    let (worst1, outs1) = replay(&mut one, &trace, "TP=1");
+    drop(one);
+    // TP=2: both group ranks on this GPU, each on its own thread and stream.
+    let comms = ThreadComm::group(2, std::time::Duration::from_secs(60));
+    let results: Vec<(f64, Vec<Vec<f32>>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut comm)| {
+                let gpu = gpu.clone();
+                let (cfg, trace) = (&cfg, &trace);
+                sc.spawn(move || {
+                    let shard = DitShard::random(cfg, 3, r as u32, 2).unwrap();
+                    let mut m = GpuDit::from_shard(gpu, shard, variant()).unwrap();
+                    assert_eq!(m.tp(), (r, 2));
+                    // Graphs asked for: a TP=2 call crosses the host, so none are captured.
+                    m.set_cuda_graphs(true);
+                    let r = replay_tp(&mut m, &mut comm, trace, &format!("TP=2 rank {r}"));
+                    assert_eq!(m.captured_graphs(), None);
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut worst_vs_tp1 = 0f64;
+    for (i, ((o0, o1), base)) in results[0]
+        .1
+        .iter()
+        .zip(&results[1].1)
+        .zip(&outs1)
+        .enumerate()
+    {
+        assert!(o0 == o1, "call {i}: the two TP ranks' outputs differ");
+        let e = ops::rel_l2(o0, base);
+        println!("{test}: call {i}: TP=2 vs TP=1 (both GPU): rel L2 {e:.3e}");
+        worst_vs_tp1 = worst_vs_tp1.max(e);
+    }
+    assert_eq!(results[0].1.len(), trace.calls.len());
+    assert!(
+        worst_vs_tp1 < TOL,
+        "TP=2 vs TP=1: worst rel L2 {worst_vs_tp1}"
+    );
+    println!(
+        "{test}: TP=2 vs TP=1 worst {worst_vs_tp1:.3e}; vs the CPU reference: TP=2 {:.3e}, \
+         TP=1 {worst1:.3e} (tol {TOL})",
+        results[0].0
+    );
 }

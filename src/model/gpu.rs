@@ -22,10 +22,18 @@
 //!   window multiples of the chunk) always is.
 //! - The timestep embedding and the adaLN modulation (`dim`-sized vectors) are computed on the
 //!   host in f32 and uploaded once per call; everything per token runs on the GPU.
-//! - TP=1 only for now: a shard of TP > 1 is refused (its all-reduces are not wired yet).
+//! - Tensor parallel as the CPU model (`model::dit`): each rank holds its heads of the
+//!   attention projections and its slice of the FFN (column-parallel in, row-parallel out,
+//!   the row-parallel biases on group-rank 0 only so the sum carries them once); per layer
+//!   four all-reduces (q/k RMSNorm sums of squares, attention out, cross-attention q sums and
+//!   out, FFN out) through the call's `TpComm`. With TP > 1 they are staged through pinned
+//!   host buffers (async copies ordered by an event, never a device-wide synchronize): the
+//!   path that lets a TP=2 mesh share one GPU over the host data plane, checked against TP=1
+//!   (tests/gpu_model.rs). Such calls run eagerly (a host round trip cannot be captured).
 //! - Every launch is enqueued on this model's stream; `forward` returns with the output
 //!   enqueued, not computed (`cuda-async-execution.md`): a host read of it syncs the stream.
 use super::dit::{CacheMode, DitShard, Linear};
+use super::tp::TpComm;
 use super::DitConfig;
 use crate::cache::KvCache;
 use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape};
@@ -34,7 +42,10 @@ use crate::cuda::dit_ops::{self, RowShape};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmShape};
 use crate::cuda::kv_cache::{kv_append_rope_frame_on_device, QRope, RingGeometry, RopeGrid};
 use crate::{Error, Result};
-use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{
+    sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    PinnedHostSlice,
+};
 use half::bf16;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -237,6 +248,127 @@ pub struct GpuDit {
     frame_base: CudaSlice<u32>,
     /// Captured calls by how they meet the cache (`None`: graphs off).
     graphs: Option<HashMap<GraphKey, OwnedGraph>>,
+    /// Group rank and size of this shard.
+    tp_rank: usize,
+    tp: usize,
+    /// TP > 1: the all-reduces' device and pinned host buffers.
+    reduce: Option<TpBuffers>,
+}
+
+/// What a TP > 1 forward needs besides the TP = 1 scratch.
+struct TpBuffers {
+    /// `[2 · max(rows, text_tokens)]` f32: per-row sums of squares of the distributed RMSNorm.
+    sumsq: CudaSlice<f32>,
+    /// `[frames, dim]` of ones: the cross-attention residual's gate once it is all-reduced.
+    ones: CudaSlice<bf16>,
+    staging: HostStaging,
+}
+
+/// Pinned host buffers through which a TP > 1 all-reduce crosses the host: device → pinned
+/// (async on the model's stream), an event waited on (this stream only), the sum over the
+/// group in f32 on the host, pinned → device (async; the next download, stream-ordered after
+/// it, is waited on before the buffer is touched again).
+struct HostStaging {
+    stream: Arc<CudaStream>,
+    b16: PinnedHostSlice<bf16>,
+    f32: PinnedHostSlice<f32>,
+    host: Vec<f32>,
+    done: CudaEvent,
+}
+
+impl HostStaging {
+    fn new(stream: &Arc<CudaStream>, bf16_elems: usize, f32_elems: usize) -> Result<Self> {
+        let ctx = stream.context();
+        // SAFETY: page-locked host buffers, not write-combined (the host reads them); every
+        // element is written (by a download or by the host) before it is read.
+        let b16 = unsafe { ctx.alloc_pinned_with_flags::<bf16>(bf16_elems, 0) }
+            .map_err(|e| cuda_err(format!("pinned staging ({bf16_elems} bf16)"), e))?;
+        // SAFETY: as above.
+        let f32 = unsafe { ctx.alloc_pinned_with_flags::<f32>(f32_elems, 0) }
+            .map_err(|e| cuda_err(format!("pinned staging ({f32_elems} f32)"), e))?;
+        let done = ctx
+            .new_event(None)
+            .map_err(|e| cuda_err("event for the staged all-reduce", e))?;
+        Ok(Self {
+            stream: stream.clone(),
+            b16,
+            f32,
+            host: Vec::new(),
+            done,
+        })
+    }
+
+    /// Waits (this stream's work so far, not the device) until the download landed.
+    fn wait_download(&self, what: &str) -> Result<()> {
+        self.done
+            .record(&self.stream)
+            .and_then(|()| self.done.synchronize())
+            .map_err(|e| cuda_err(format!("wait for the {what} download"), e))
+    }
+
+    fn all_reduce_bf16(
+        &mut self,
+        comm: &mut dyn TpComm,
+        buf: &mut CudaViewMut<'_, bf16>,
+        what: &str,
+    ) -> Result<()> {
+        let n = buf.len();
+        if n > self.b16.len() {
+            return Err(Error::Invariant(format!(
+                "all-reduce of {what}: {n} values, staging holds {}",
+                self.b16.len()
+            )));
+        }
+        let st = self.stream.clone();
+        st.memcpy_dtoh(buf, &mut self.b16)
+            .map_err(|e| cuda_err(format!("download {what} for the all-reduce"), e))?;
+        self.wait_download(what)?;
+        let pinned = self
+            .b16
+            .as_mut_slice()
+            .map_err(|e| cuda_err("pinned staging", e))?;
+        self.host.clear();
+        self.host.extend(pinned[..n].iter().map(|v| v.to_f32()));
+        comm.all_reduce_sum(&mut self.host)?;
+        for (p, v) in pinned[..n].iter_mut().zip(&self.host) {
+            *p = bf16::from_f32(*v);
+        }
+        st.memcpy_htod(&pinned[..n], buf)
+            .map_err(|e| cuda_err(format!("upload the all-reduced {what}"), e))
+    }
+
+    fn all_reduce_f32(
+        &mut self,
+        comm: &mut dyn TpComm,
+        buf: &mut CudaViewMut<'_, f32>,
+        what: &str,
+    ) -> Result<()> {
+        let n = buf.len();
+        if n > self.f32.len() {
+            return Err(Error::Invariant(format!(
+                "all-reduce of {what}: {n} values, staging holds {}",
+                self.f32.len()
+            )));
+        }
+        let st = self.stream.clone();
+        st.memcpy_dtoh(buf, &mut self.f32)
+            .map_err(|e| cuda_err(format!("download {what} for the all-reduce"), e))?;
+        self.wait_download(what)?;
+        let pinned = self
+            .f32
+            .as_mut_slice()
+            .map_err(|e| cuda_err("pinned staging", e))?;
+        comm.all_reduce_sum(&mut pinned[..n])?;
+        st.memcpy_htod(&pinned[..n], buf)
+            .map_err(|e| cuda_err(format!("upload the all-reduced {what}"), e))
+    }
+}
+
+impl Drop for HostStaging {
+    fn drop(&mut self) {
+        // An upload from the pinned buffers may still be in flight: they outlive it.
+        let _ = self.stream.synchronize();
+    }
 }
 
 /// A captured graph owned by one model. CUDA graph handles are not tied to a thread; the
@@ -272,16 +404,87 @@ impl GraphKey {
     }
 }
 
+/// The collectives of one call: none at TP = 1; at TP > 1 staged through the model's
+/// buffers and the caller's `TpComm`, in the same order on every rank.
+struct Reducer<'a> {
+    comm: &'a mut dyn TpComm,
+    bufs: Option<&'a mut TpBuffers>,
+}
+
+/// One distributed RMSNorm operand: input, weight (this rank's part), output.
+type NormItem<'x, 'a, 'b> = (
+    &'x CudaView<'a, bf16>,
+    &'x CudaSlice<bf16>,
+    &'x mut CudaViewMut<'b, bf16>,
+);
+
+impl Reducer<'_> {
+    /// RMSNorm over all heads of each item: at TP = 1 the row's own sum; at TP > 1 the local
+    /// sums of squares of all items in one all-reduce, then each normalized over `total_dim`.
+    fn rms_norm<const N: usize>(
+        &mut self,
+        gpu: &Gpu,
+        st: &Arc<CudaStream>,
+        shape: RowShape,
+        items: [NormItem<'_, '_, '_>; N],
+        total_dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let Some(b) = self.bufs.as_mut() else {
+            for (x, w, out) in items {
+                dit_ops::rms_norm(gpu, st, shape, x, w, None, eps, out)?;
+            }
+            return Ok(());
+        };
+        let rows = shape.rows;
+        for (i, (x, _, _)) in items.iter().enumerate() {
+            let mut part = b.sumsq.slice_mut(i * rows..(i + 1) * rows);
+            dit_ops::rms_sum_squares(gpu, st, shape, *x, &mut part)?;
+        }
+        b.staging.all_reduce_f32(
+            &mut *self.comm,
+            &mut b.sumsq.slice_mut(..N * rows),
+            "RMSNorm sums of squares",
+        )?;
+        for (i, (x, w, out)) in items.into_iter().enumerate() {
+            let ss = b.sumsq.slice(i * rows..(i + 1) * rows);
+            dit_ops::rms_norm(gpu, st, shape, x, w, Some((&ss, total_dim)), eps, out)?;
+        }
+        Ok(())
+    }
+
+    /// Sums a row-parallel output over the group (identity at TP = 1).
+    fn all_reduce(&mut self, buf: &mut CudaViewMut<'_, bf16>, what: &str) -> Result<()> {
+        match self.bufs.as_mut() {
+            None => Ok(()),
+            Some(b) => b.staging.all_reduce_bf16(&mut *self.comm, buf, what),
+        }
+    }
+
+    /// `x += y` (the gate of ones), for a residual whose product was all-reduced.
+    fn residual_add(
+        &mut self,
+        gpu: &Gpu,
+        st: &Arc<CudaStream>,
+        shape: RowShape,
+        x: &mut CudaViewMut<'_, bf16>,
+        y: &CudaSlice<bf16>,
+    ) -> Result<()> {
+        let b = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| Error::Invariant("residual_add at TP = 1".into()))?;
+        let fd = shape.rows / shape.tokens_per_frame * shape.dim;
+        let n = shape.rows * shape.dim;
+        dit_ops::gated_residual(gpu, st, shape, x, &y.slice(..n), &b.ones.slice(..fd))
+    }
+}
+
 impl GpuDit {
-    /// Uploads `shard` (TP=1) to `gpu`; attention runs `variant`.
+    /// Uploads `shard` (group rank `shard.rank` of `shard.tp`) to `gpu`; attention runs
+    /// `variant`.
     pub fn from_shard(gpu: Arc<Gpu>, shard: DitShard, variant: AttentionVariant) -> Result<Self> {
         let cfg = shard.config().clone();
-        if shard.tp != 1 {
-            return Err(Error::BadInput(format!(
-                "the GPU model runs TP=1 for now (shard {} of {}): its all-reduces are not wired",
-                shard.rank, shard.tp
-            )));
-        }
         if cfg.head_dim != 128 {
             return Err(Error::BadInput(format!(
                 "the GPU model's attention kernels need head_dim 128 (preset {} has {})",
@@ -306,6 +509,9 @@ impl GpuDit {
         };
         let f = cfg.frames_per_chunk.max(cfg.sink_frames as usize);
         let d = cfg.dim;
+        let (tp_rank, tp) = (shard.rank, shard.tp);
+        // Row-parallel biases are added once: by group-rank 0, before the sum.
+        let once = |b: &Option<Vec<f32>>| b.clone().filter(|_| tp_rank == 0);
         let blocks = shard
             .blocks
             .iter()
@@ -321,23 +527,25 @@ impl GpuDit {
                     q: DLinear::upload(st, &b.q, None)?,
                     k: DLinear::upload(st, &b.k, None)?,
                     v: DLinear::upload(st, &b.v, None)?,
-                    o: DLinear::upload(st, &b.o, b.o_bias.as_ref())?,
+                    o: DLinear::upload(st, &b.o, once(&b.o_bias).as_ref())?,
                     norm_q: up(&b.norm_q, "norm_q")?,
                     norm_k: up(&b.norm_k, "norm_k")?,
                     cq: DLinear::upload(st, &b.cq, None)?,
                     ck: DLinear::upload(st, &b.ck, None)?,
                     cv: DLinear::upload(st, &b.cv, None)?,
-                    co: DLinear::upload(st, &b.co, b.co_bias.as_ref())?,
+                    co: DLinear::upload(st, &b.co, once(&b.co_bias).as_ref())?,
                     cnorm_q: up(&b.cnorm_q, "cnorm_q")?,
                     cnorm_k: up(&b.cnorm_k, "cnorm_k")?,
                     ffn1: DLinear::upload(st, &b.ffn1, None)?,
-                    ffn2: DLinear::upload(st, &b.ffn2, b.ffn2_bias.as_ref())?,
+                    ffn2: DLinear::upload(st, &b.ffn2, once(&b.ffn2_bias).as_ref())?,
                     norm3_mod: up(&n3, "norm3")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = f * cfg.tokens_per_frame();
-        let row_kv = cfg.heads * cfg.head_dim;
+        // This rank's heads and FFN slice.
+        let row_kv = cfg.heads / tp * cfg.head_dim;
+        let ffn = cfg.ffn_dim / tp;
         let cap = (cfg.sink_frames + cfg.window_frames) as usize + cfg.frames_per_chunk;
         let zeros = |n: usize, what: &str| -> Result<CudaSlice<bf16>> {
             st.alloc_zeros::<bf16>(n)
@@ -361,12 +569,29 @@ impl GpuDit {
             v: zeros(rows * row_kv, "v")?,
             attn: zeros(rows * row_kv, "attn")?,
             y: zeros(rows * d, "y")?,
-            h: zeros(rows * cfg.ffn_dim, "ffn hidden")?,
+            h: zeros(rows * ffn, "ffn hidden")?,
             x_in: zeros(rows * cfg.in_dim(), "x_in")?,
             out: zeros(rows * cfg.in_dim(), "out")?,
             modulation: zeros((cfg.layers * 6 + 2) * f * d, "modulation")?,
         };
+        let reduce = if tp > 1 {
+            let big = rows.max(cfg.text_tokens);
+            Some(TpBuffers {
+                sumsq: st
+                    .alloc_zeros::<f32>(2 * big)
+                    .map_err(|e| cuda_err("alloc sums of squares", e))?,
+                ones: st
+                    .clone_htod(&vec![bf16::ONE; f * d])
+                    .map_err(|e| cuda_err("upload ones", e))?,
+                staging: HostStaging::new(st, rows * d, 2 * big)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            tp_rank,
+            tp,
+            reduce,
             patch: DLinear::upload(st, &shard.patch, None)?,
             text1: DLinear::upload(st, &shard.text1, None)?,
             text2: DLinear::upload(st, &shard.text2, None)?,
@@ -418,16 +643,17 @@ impl GpuDit {
 
     /// The prompt's text K/V, once per prompt: embedding (GELU fused), then per layer K
     /// (RMSNorm over all heads) and V.
-    pub fn set_prompt(&mut self, prompt_seed: u64) -> Result<()> {
+    /// With TP > 1 every rank of the group calls it (the norm's all-reduces go through `comm`).
+    pub fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
         if self.prompt == Some(prompt_seed) {
             return Ok(());
         }
         // The text K/V are read inside captured graphs: untracked like every model buffer.
         let ctx = self.gpu.context().clone();
-        untracked(&ctx, || self.make_text_kv(prompt_seed))
+        untracked(&ctx, || self.make_text_kv(comm, prompt_seed))
     }
 
-    fn make_text_kv(&mut self, prompt_seed: u64) -> Result<()> {
+    fn make_text_kv(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
         let c = self.cfg.clone();
         let lt = c.text_tokens;
         let st = self.stream.clone();
@@ -461,10 +687,11 @@ impl GpuDit {
         )?;
         let mut ks = Vec::new();
         let mut vs = Vec::new();
-        let mut k_raw = alloc(lt * c.dim)?;
+        let local = c.heads / self.tp * c.head_dim;
+        let mut k_raw = alloc(lt * local)?;
         for b in &self.blocks {
-            let mut k = alloc(lt * c.dim)?;
-            let mut v = alloc(lt * c.dim)?;
+            let mut k = alloc(lt * local)?;
+            let mut v = alloc(lt * local)?;
             Self::linear(
                 &mut self.gemm,
                 &b.ck,
@@ -476,11 +703,20 @@ impl GpuDit {
             )?;
             let shape = RowShape {
                 rows: lt,
-                dim: c.dim,
+                dim: local,
                 tokens_per_frame: lt,
             };
-            dit_ops::rms_norm(
-                &self.gpu, &st, shape, &k_raw, &b.cnorm_k, None, c.eps, &mut k,
+            let mut red = Reducer {
+                comm: &mut *comm,
+                bufs: self.reduce.as_mut(),
+            };
+            red.rms_norm(
+                &self.gpu,
+                &st,
+                shape,
+                [(&k_raw.slice(..), &b.cnorm_k, &mut k.slice_mut(..))],
+                c.dim,
+                c.eps,
             )?;
             Self::linear(
                 &mut self.gemm,
@@ -539,13 +775,16 @@ impl GpuDit {
     /// One generator call on device data: the first `frames · tokens_per_frame` rows of the
     /// input buffer (`input_mut`) at timestep `t`, chunk starting at logical frame
     /// `start_frame`; `kv` says where its K/V go and what attention reads. Returns a view of
-    /// the output `[rows, in_dim]` (valid until the next call), enqueued on `stream()`.
+    /// the output `[rows, in_dim]` (valid until the next call), enqueued on `stream()`. With
+    /// TP > 1 every rank of the group makes the same call (its all-reduces go through `comm`);
+    /// at TP = 1 `comm` is not used.
     pub fn forward_device(
         &mut self,
         frames: usize,
         start_frame: u64,
         t: u32,
         kv: &KvAccess,
+        comm: &mut dyn TpComm,
     ) -> Result<CudaView<'_, bf16>> {
         let c = self.cfg.clone();
         let rows = frames * c.tokens_per_frame();
@@ -572,8 +811,10 @@ impl GpuDit {
         st.memcpy_htod(&[sf], &mut self.frame_base)
             .map_err(|e| cuda_err("upload the chunk's first frame", e))?;
         let key = GraphKey::of(frames, kv);
-        match self.graphs.as_ref().map(|g| g.contains_key(&key)) {
-            None => self.enqueue_call(frames, kv)?,
+        // A TP > 1 call crosses the host for its all-reduces: it cannot be captured.
+        let graphs = self.graphs.as_ref().filter(|_| self.reduce.is_none());
+        match graphs.map(|g| g.contains_key(&key)) {
+            None => self.enqueue_call(frames, kv, comm)?,
             Some(true) => {
                 let g = self
                     .graphs
@@ -586,10 +827,10 @@ impl GpuDit {
             Some(false) => {
                 // First call of this kind: run it eagerly (warms the GEMM plans, kernel
                 // attributes and clocks), then capture it for every later call.
-                self.enqueue_call(frames, kv)?;
+                self.enqueue_call(frames, kv, comm)?;
                 st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
-                let r = self.enqueue_call(frames, kv);
+                let r = self.enqueue_call(frames, kv, comm);
                 let g = st.end_capture(sys::CUgraphInstantiate_flags(0));
                 r?;
                 let g = g
@@ -604,24 +845,40 @@ impl GpuDit {
         Ok(self.s.out.slice(..on))
     }
 
-    /// Captured graphs so far (`None`: graphs off).
+    /// Captured graphs so far (`None`: graphs off, or TP > 1 where calls run eagerly).
     pub fn captured_graphs(&self) -> Option<usize> {
-        self.graphs.as_ref().map(HashMap::len)
+        self.graphs
+            .as_ref()
+            .filter(|_| self.reduce.is_none())
+            .map(HashMap::len)
     }
 
     /// Turns CUDA graphs on (each distinct kind of call is captured at its first use and
     /// replayed after) or off (every call launched kernel by kernel; drops the captured set).
+    /// At TP > 1 (all-reduces staged through the host) calls stay eager either way.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.graphs = on.then(HashMap::new);
     }
 
+    /// This shard's group rank and group size.
+    pub fn tp(&self) -> (usize, usize) {
+        (self.tp_rank, self.tp)
+    }
+
     /// Enqueues one call's kernels (eagerly, or into a capture); reads the input buffer, the
     /// modulation and the frame base from device memory.
-    fn enqueue_call(&mut self, frames: usize, kv: &KvAccess) -> Result<()> {
+    fn enqueue_call(&mut self, frames: usize, kv: &KvAccess, comm: &mut dyn TpComm) -> Result<()> {
         let c = self.cfg.clone();
         let (d, hd, tpf) = (c.dim, c.head_dim, c.tokens_per_frame());
         let rows = frames * tpf;
-        let fe_tok = c.heads * hd;
+        // This rank's heads and FFN slice.
+        let heads = c.heads / self.tp;
+        let ffn = c.ffn_dim / self.tp;
+        let fe_tok = heads * hd;
+        let mut red = Reducer {
+            comm,
+            bufs: self.reduce.as_mut(),
+        };
         let frame_elems = tpf * fe_tok;
         let lk_range = kv.attend.start as usize..kv.attend.end as usize;
         let gpu = self.gpu.clone();
@@ -693,25 +950,16 @@ impl GpuDit {
                 dim: fe_tok,
                 tokens_per_frame: tpf,
             };
-            dit_ops::rms_norm(
+            red.rms_norm(
                 &gpu,
                 &st,
                 qshape,
-                &s.q_raw.slice(..rk),
-                &b.norm_q,
-                None,
+                [
+                    (&s.q_raw.slice(..rk), &b.norm_q, &mut s.q.slice_mut(..rk)),
+                    (&s.k_raw.slice(..rk), &b.norm_k, &mut s.k.slice_mut(..rk)),
+                ],
+                d,
                 c.eps,
-                &mut s.q.slice_mut(..rk),
-            )?;
-            dit_ops::rms_norm(
-                &gpu,
-                &st,
-                qshape,
-                &s.k_raw.slice(..rk),
-                &b.norm_k,
-                None,
-                c.eps,
-                &mut s.k.slice_mut(..rk),
             )?;
             // RoPE(Q) in place and RoPE(K) + V into the cache frames, one launch per run of
             // consecutive slots.
@@ -730,7 +978,7 @@ impl GpuDit {
                     },
                     0,
                     toks,
-                    c.heads,
+                    heads,
                     hd,
                     RopeGrid {
                         start_frame: f0 as u32,
@@ -753,7 +1001,7 @@ impl GpuDit {
                 AttnShape {
                     lq: rows,
                     lk: lk_range.len() * tpf,
-                    heads: c.heads,
+                    heads,
                     head_dim: hd,
                 },
                 scale,
@@ -772,6 +1020,7 @@ impl GpuDit {
                 Epilogue::None,
                 false,
             )?;
+            red.all_reduce(&mut s.y.slice_mut(..rows * d), "attention out")?;
             // x += gate1 · y, then norm3 (affine LayerNorm as a fixed modulation) for cross-attn.
             dit_ops::gated_residual_layer_norm_modulate(
                 &gpu,
@@ -796,15 +1045,13 @@ impl GpuDit {
                 Epilogue::None,
                 false,
             )?;
-            dit_ops::rms_norm(
+            red.rms_norm(
                 &gpu,
                 &st,
                 qshape,
-                &s.q_raw.slice(..rk),
-                &b.cnorm_q,
-                None,
+                [(&s.q_raw.slice(..rk), &b.cnorm_q, &mut s.q.slice_mut(..rk))],
+                d,
                 c.eps,
-                &mut s.q.slice_mut(..rk),
             )?;
             attention_fwd(
                 &gpu,
@@ -813,7 +1060,7 @@ impl GpuDit {
                 AttnShape {
                     lq: rows,
                     lk: c.text_tokens,
-                    heads: c.heads,
+                    heads,
                     head_dim: hd,
                 },
                 scale,
@@ -823,15 +1070,30 @@ impl GpuDit {
                 &mut s.attn.slice_mut(..rk),
                 None,
             )?;
-            Self::linear(
-                gemm,
-                &b.co,
-                rows,
-                &s.attn.slice(..rk),
-                &mut s.x.slice_mut(..rows * d),
-                Epilogue::None,
-                true,
-            )?;
+            if red.bufs.is_none() {
+                Self::linear(
+                    gemm,
+                    &b.co,
+                    rows,
+                    &s.attn.slice(..rk),
+                    &mut s.x.slice_mut(..rows * d),
+                    Epilogue::None,
+                    true,
+                )?;
+            } else {
+                // TP > 1: the partial products are summed first, then added to x.
+                Self::linear(
+                    gemm,
+                    &b.co,
+                    rows,
+                    &s.attn.slice(..rk),
+                    &mut s.y.slice_mut(..rows * d),
+                    Epilogue::None,
+                    false,
+                )?;
+                red.all_reduce(&mut s.y.slice_mut(..rows * d), "cross-attention out")?;
+                red.residual_add(&gpu, &st, shape, &mut s.x.slice_mut(..rows * d), &s.y)?;
+            }
             // FFN: GELU fused into the first GEMM's epilogue.
             dit_ops::layer_norm_modulate(
                 &gpu,
@@ -848,7 +1110,7 @@ impl GpuDit {
                 &b.ffn1,
                 rows,
                 &s.xn.slice(..rows * d),
-                &mut s.h.slice_mut(..rows * c.ffn_dim),
+                &mut s.h.slice_mut(..rows * ffn),
                 Epilogue::Gelu,
                 false,
             )?;
@@ -856,11 +1118,12 @@ impl GpuDit {
                 gemm,
                 &b.ffn2,
                 rows,
-                &s.h.slice(..rows * c.ffn_dim),
+                &s.h.slice(..rows * ffn),
                 &mut s.y.slice_mut(..rows * d),
                 Epilogue::None,
                 false,
             )?;
+            red.all_reduce(&mut s.y.slice_mut(..rows * d), "FFN out")?;
             dit_ops::gated_residual(
                 &gpu,
                 &st,
@@ -908,6 +1171,7 @@ impl GpuDit {
         start_frame: u64,
         t: u32,
         kv: &KvAccess,
+        comm: &mut dyn TpComm,
     ) -> Result<Vec<f32>> {
         let n = frames * self.cfg.tokens_per_frame() * self.cfg.in_dim();
         if x.len() != n || n > self.s.x_in.len() {
@@ -919,7 +1183,7 @@ impl GpuDit {
         let st = self.stream.clone();
         st.memcpy_htod(&to_bf16(x), &mut self.s.x_in.slice_mut(..n))
             .map_err(|e| cuda_err("upload generator input", e))?;
-        let out = self.forward_device(frames, start_frame, t, kv)?;
+        let out = self.forward_device(frames, start_frame, t, kv, comm)?;
         let mut host = vec![bf16::ZERO; n];
         st.memcpy_dtoh(&out, &mut host)
             .map_err(|e| cuda_err("download generator output", e))?;

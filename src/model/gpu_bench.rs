@@ -8,6 +8,7 @@
 //! depend on its values); the ledger drives the device cache exactly as in a stream.
 use super::dit::{CacheMode, DitShard};
 use super::gpu::{GpuDit, KvAccess};
+use super::tp::SoloComm;
 use super::DitConfig;
 use crate::cache::{CacheGeometry, KvCache};
 use crate::cuda::attention::AttentionVariant;
@@ -94,7 +95,7 @@ fn run(rest: &[String]) -> Result<()> {
     let t0 = std::time::Instant::now();
     let shard = DitShard::random(&cfg, 0, 0, 1)?;
     let mut model = GpuDit::from_shard(gpu.clone(), shard, o.variant)?;
-    model.set_prompt(1)?;
+    model.set_prompt(&mut SoloComm, 1)?;
     eprintln!(
         "bench model: {} ({} layers) on {}, weights ready in {:.1?}, attention {}",
         cfg.name,
@@ -143,7 +144,7 @@ fn run(rest: &[String]) -> Result<()> {
                 for &t in &cfg.denoise_timesteps {
                     let kv = KvAccess::from_ledger(CacheMode::Read, &cache, f as u32)?;
                     timer.start(&st)?;
-                    model.forward_device(f, start, t, &kv)?;
+                    model.forward_device(f, start, t, &kv, &mut SoloComm)?;
                     calls.push(timer.stop_ms(&st)?);
                 }
                 let n = cache.ledger().evict_needed_for(f as u32);
@@ -151,7 +152,7 @@ fn run(rest: &[String]) -> Result<()> {
                 let slots = cache.ledger_mut().append(f as u32)?;
                 let kv = KvAccess::from_ledger(CacheMode::Append(&slots), &cache, f as u32)?;
                 timer.start(&st)?;
-                model.forward_device(f, start, 0, &kv)?;
+                model.forward_device(f, start, 0, &kv, &mut SoloComm)?;
                 calls.push(timer.stop_ms(&st)?);
                 cache.ledger_mut().mark_written();
                 if !warm {

@@ -107,11 +107,6 @@ pub fn effective_generator(args: &RunArgs, cfg: &DitConfig) -> Result<GeneratorK
             "--generator gpu needs a build with kernels and a visible GPU (`lockstep doctor`)"
                 .into(),
         )),
-        GeneratorKind::Gpu if args.tp != 1 => Err(Error::BadInput(format!(
-            "--generator gpu runs TP=1 for now (asked --tp {}): the GPU model's all-reduces are \
-             not wired yet",
-            args.tp
-        ))),
         g => Ok(g),
     }
 }

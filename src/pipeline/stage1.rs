@@ -185,13 +185,13 @@ impl GpuGenerator {
 }
 
 impl Generator for GpuGenerator {
-    fn set_prompt(&mut self, _comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
-        self.model.set_prompt(prompt_seed)
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
+        self.model.set_prompt(comm, prompt_seed)
     }
 
     fn call(
         &mut self,
-        _comm: &mut dyn TpComm,
+        comm: &mut dyn TpComm,
         cache: &mut KvCache,
         c: Call<'_>,
     ) -> Result<Vec<f32>> {
@@ -199,7 +199,7 @@ impl Generator for GpuGenerator {
             .map_err(|_| Error::Invariant(format!("{} frames in one call", c.frames)))?;
         let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
         self.model
-            .forward_host(c.x, c.frames, c.start_frame, c.t, &kv)
+            .forward_host(c.x, c.frames, c.start_frame, c.t, &kv, comm)
     }
 
     fn cache_geometry(&self) -> CacheGeometry {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU host, one call, most important first (what finished comes back even if the call is cut):
-# the GPU model against the CPU reference (with CUDA graphs), `lockstep bench model`, the
-# PyTorch implementation eager, `lockstep run --preset wan-1.3b`, the kernel tests touched by
+# the GPU model against the CPU reference (with CUDA graphs; TP=2 on one GPU vs TP=1),
+# `lockstep bench model`, the PyTorch implementation eager, `lockstep run --preset wan-1.3b`
+# (TP=1 with graphs, then TP=2 on the one GPU), the kernel tests touched by
 # this change, then torch.compile. Staged by tools/gpu/stage.sh --dir .gpu-stage-model
 # --script tools/gpu/final-model-round.sh gpu_kernels gpu_gemm gpu_model. Logs into $OUT.
 set -uo pipefail
@@ -15,15 +16,17 @@ fi
 export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
 P=wan-1.3b; C=8
 step() { echo "=== $* ($(date +%T))"; }
-step gpu_model wrapping_stream
-timeout 150 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$O/gpu_model.log" 2>&1; echo "exit $?" >> "$O/gpu_model.log"
-grep -vE "teacher-forced: call|CUDA graphs: call" "$O/gpu_model.log" | tail -15
+step gpu_model
+timeout 200 "$S/tests/gpu_model" --test-threads=1 --nocapture > "$O/gpu_model.log" 2>&1; echo "exit $?" >> "$O/gpu_model.log"
+grep -vE "teacher-forced: call|CUDA graphs: call|TP=1: call|2 layers: call|TP=2 vs TP=1 \(both GPU\): call" "$O/gpu_model.log" | tail -24
 step bench model
 timeout 120 "$S/lockstep" bench model --preset $P --chunks $C --json "$O/ours-$P.json" > "$O/ours-$P.log" 2>&1; echo "exit $?" >> "$O/ours-$P.log"; cat "$O/ours-$P.log"
 step torch eager
 timeout 150 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$O/torch-eager-$P.json" > "$O/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$O/torch-eager-$P.log"; tail -16 "$O/torch-eager-$P.log"
 step lockstep run
-timeout 120 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 120 --metrics "$O/run-$P.json" --trace "$O/run-$P.trace.json" > "$O/run-$P.log" 2>&1; echo "exit $?" >> "$O/run-$P.log"; tail -25 "$O/run-$P.log"
+LOCKSTEP_CUDA_GRAPHS=on timeout 120 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 120 --metrics "$O/run-$P.json" --trace "$O/run-$P.trace.json" > "$O/run-$P.log" 2>&1; echo "exit $?" >> "$O/run-$P.log"; tail -25 "$O/run-$P.log"
+step lockstep run TP=2 on one GPU
+timeout 150 "$S/lockstep" run --preset $P --tp 2 --chunks 2 --timeout 140 --metrics "$O/run-$P-tp2.json" > "$O/run-$P-tp2.log" 2>&1; echo "exit $?" >> "$O/run-$P-tp2.log"; tail -20 "$O/run-$P-tp2.log"
 step gpu_kernels + gpu_gemm
 timeout 90 "$S/tests/gpu_kernels" --test-threads=1 --nocapture kv_append attention_matches_cpu_reference_at_odd attention_rejects > "$O/gpu_kernels.log" 2>&1; echo "exit $?" >> "$O/gpu_kernels.log"; grep -E "^test |test result|exit" "$O/gpu_kernels.log"
 timeout 30 "$S/tests/gpu_gemm" --test-threads=1 --nocapture > "$O/gpu_gemm.log" 2>&1; echo "exit $?" >> "$O/gpu_gemm.log"; grep -E "^test |test result|exit|negative|tail" "$O/gpu_gemm.log"
