@@ -253,6 +253,11 @@ pub struct GpuDit {
     tp: usize,
     /// TP > 1: the all-reduces' device and pinned host buffers.
     reduce: Option<TpBuffers>,
+    /// Pinned host sides of what crosses the host every call: the modulation (up), and for
+    /// host callers (`forward_host`) the latents in and out.
+    pinned_mod: PinnedStage<bf16>,
+    pinned_in: PinnedStage<bf16>,
+    pinned_out: PinnedStage<bf16>,
 }
 
 /// What a TP > 1 forward needs besides the TP = 1 scratch.
@@ -264,46 +269,114 @@ struct TpBuffers {
     staging: HostStaging,
 }
 
-/// Pinned host buffers through which a TP > 1 all-reduce crosses the host: device → pinned
-/// (async on the model's stream), an event waited on (this stream only), the sum over the
-/// group in f32 on the host, pinned → device (async; the next download, stream-ordered after
-/// it, is waited on before the buffer is touched again).
-struct HostStaging {
+/// A page-locked host buffer the model's stream copies to and from, with the event of its
+/// last copy: the host touches it only after that copy completed (`host`), never through a
+/// device-wide or stream-wide synchronize, and copies from it are truly asynchronous.
+struct PinnedStage<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> {
     stream: Arc<CudaStream>,
-    b16: PinnedHostSlice<bf16>,
-    f32: PinnedHostSlice<f32>,
+    buf: PinnedHostSlice<T>,
+    last_copy: CudaEvent,
+}
+
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> PinnedStage<T> {
+    fn new(stream: &Arc<CudaStream>, elems: usize, what: &str) -> Result<Self> {
+        let ctx = stream.context();
+        // SAFETY: page-locked, not write-combined (the host reads it); no element is read
+        // before a download or the host wrote it.
+        let buf = unsafe { ctx.alloc_pinned_with_flags::<T>(elems, 0) }
+            .map_err(|e| cuda_err(format!("pinned {what} ({elems} elements)"), e))?;
+        let last_copy = ctx
+            .new_event(None)
+            .map_err(|e| cuda_err(format!("event for pinned {what}"), e))?;
+        Ok(Self {
+            stream: stream.clone(),
+            buf,
+            last_copy,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The host side, once the last copy to or from it has completed.
+    fn host(&mut self, what: &str) -> Result<&mut [T]> {
+        self.last_copy
+            .synchronize()
+            .map_err(|e| cuda_err(format!("wait for the {what} copy"), e))?;
+        self.buf
+            .as_mut_slice()
+            .map_err(|e| cuda_err(format!("pinned {what}"), e))
+    }
+
+    fn mark(&self, what: &str) -> Result<()> {
+        self.last_copy
+            .record(&self.stream)
+            .map_err(|e| cuda_err(format!("record the {what} copy"), e))
+    }
+
+    /// Enqueues device → `[..src.len()]`.
+    fn download(&mut self, src: &impl DevicePtr<T>, what: &str) -> Result<()> {
+        if src.len() > self.len() {
+            return Err(Error::Invariant(format!(
+                "download of {what}: {} values, pinned stage holds {}",
+                src.len(),
+                self.len()
+            )));
+        }
+        self.stream
+            .memcpy_dtoh(src, &mut self.buf)
+            .map_err(|e| cuda_err(format!("download {what}"), e))?;
+        self.mark(what)
+    }
+
+    /// Enqueues `[..dst.len()]` → device.
+    fn upload(&mut self, dst: &mut CudaViewMut<'_, T>, what: &str) -> Result<()> {
+        let n = dst.len();
+        if n > self.len() {
+            return Err(Error::Invariant(format!(
+                "upload of {what}: {n} values, pinned stage holds {}",
+                self.len()
+            )));
+        }
+        self.last_copy
+            .synchronize()
+            .map_err(|e| cuda_err(format!("wait for the {what} copy"), e))?;
+        let src = self
+            .buf
+            .as_slice()
+            .map_err(|e| cuda_err(format!("pinned {what}"), e))?;
+        self.stream
+            .memcpy_htod(&src[..n], dst)
+            .map_err(|e| cuda_err(format!("upload {what}"), e))?;
+        self.mark(what)
+    }
+}
+
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Drop for PinnedStage<T> {
+    fn drop(&mut self) {
+        // A copy may still be in flight: the host memory outlives it.
+        if let Err(e) = self.last_copy.synchronize() {
+            tracing::warn!("pinned stage dropped while its last copy failed: {e}");
+        }
+    }
+}
+
+/// The pinned buffers through which a TP > 1 all-reduce crosses the host: download, the sum
+/// over the group in f32 on the host, upload (all on the model's stream).
+struct HostStaging {
+    b16: PinnedStage<bf16>,
+    f32: PinnedStage<f32>,
     host: Vec<f32>,
-    done: CudaEvent,
 }
 
 impl HostStaging {
     fn new(stream: &Arc<CudaStream>, bf16_elems: usize, f32_elems: usize) -> Result<Self> {
-        let ctx = stream.context();
-        // SAFETY: page-locked host buffers, not write-combined (the host reads them); every
-        // element is written (by a download or by the host) before it is read.
-        let b16 = unsafe { ctx.alloc_pinned_with_flags::<bf16>(bf16_elems, 0) }
-            .map_err(|e| cuda_err(format!("pinned staging ({bf16_elems} bf16)"), e))?;
-        // SAFETY: as above.
-        let f32 = unsafe { ctx.alloc_pinned_with_flags::<f32>(f32_elems, 0) }
-            .map_err(|e| cuda_err(format!("pinned staging ({f32_elems} f32)"), e))?;
-        let done = ctx
-            .new_event(None)
-            .map_err(|e| cuda_err("event for the staged all-reduce", e))?;
         Ok(Self {
-            stream: stream.clone(),
-            b16,
-            f32,
+            b16: PinnedStage::new(stream, bf16_elems, "all-reduce staging")?,
+            f32: PinnedStage::new(stream, f32_elems, "all-reduce staging")?,
             host: Vec::new(),
-            done,
         })
-    }
-
-    /// Waits (this stream's work so far, not the device) until the download landed.
-    fn wait_download(&self, what: &str) -> Result<()> {
-        self.done
-            .record(&self.stream)
-            .and_then(|()| self.done.synchronize())
-            .map_err(|e| cuda_err(format!("wait for the {what} download"), e))
     }
 
     fn all_reduce_bf16(
@@ -313,28 +386,15 @@ impl HostStaging {
         what: &str,
     ) -> Result<()> {
         let n = buf.len();
-        if n > self.b16.len() {
-            return Err(Error::Invariant(format!(
-                "all-reduce of {what}: {n} values, staging holds {}",
-                self.b16.len()
-            )));
-        }
-        let st = self.stream.clone();
-        st.memcpy_dtoh(buf, &mut self.b16)
-            .map_err(|e| cuda_err(format!("download {what} for the all-reduce"), e))?;
-        self.wait_download(what)?;
-        let pinned = self
-            .b16
-            .as_mut_slice()
-            .map_err(|e| cuda_err("pinned staging", e))?;
+        self.b16.download(buf, what)?;
+        let pinned = self.b16.host(what)?;
         self.host.clear();
         self.host.extend(pinned[..n].iter().map(|v| v.to_f32()));
         comm.all_reduce_sum(&mut self.host)?;
         for (p, v) in pinned[..n].iter_mut().zip(&self.host) {
             *p = bf16::from_f32(*v);
         }
-        st.memcpy_htod(&pinned[..n], buf)
-            .map_err(|e| cuda_err(format!("upload the all-reduced {what}"), e))
+        self.b16.upload(buf, what)
     }
 
     fn all_reduce_f32(
@@ -344,30 +404,9 @@ impl HostStaging {
         what: &str,
     ) -> Result<()> {
         let n = buf.len();
-        if n > self.f32.len() {
-            return Err(Error::Invariant(format!(
-                "all-reduce of {what}: {n} values, staging holds {}",
-                self.f32.len()
-            )));
-        }
-        let st = self.stream.clone();
-        st.memcpy_dtoh(buf, &mut self.f32)
-            .map_err(|e| cuda_err(format!("download {what} for the all-reduce"), e))?;
-        self.wait_download(what)?;
-        let pinned = self
-            .f32
-            .as_mut_slice()
-            .map_err(|e| cuda_err("pinned staging", e))?;
-        comm.all_reduce_sum(&mut pinned[..n])?;
-        st.memcpy_htod(&pinned[..n], buf)
-            .map_err(|e| cuda_err(format!("upload the all-reduced {what}"), e))
-    }
-}
-
-impl Drop for HostStaging {
-    fn drop(&mut self) {
-        // An upload from the pinned buffers may still be in flight: they outlive it.
-        let _ = self.stream.synchronize();
+        self.f32.download(buf, what)?;
+        comm.all_reduce_sum(&mut self.f32.host(what)?[..n])?;
+        self.f32.upload(buf, what)
     }
 }
 
@@ -592,6 +631,9 @@ impl GpuDit {
             tp_rank,
             tp,
             reduce,
+            pinned_mod: PinnedStage::new(st, (cfg.layers * 6 + 2) * f * d, "modulation")?,
+            pinned_in: PinnedStage::new(st, rows * cfg.in_dim(), "generator input")?,
+            pinned_out: PinnedStage::new(st, rows * cfg.in_dim(), "generator output")?,
             patch: DLinear::upload(st, &shard.patch, None)?,
             text1: DLinear::upload(st, &shard.text1, None)?,
             text2: DLinear::upload(st, &shard.text2, None)?,
@@ -761,9 +803,13 @@ impl GpuDit {
             }
         }
         let n = m.len();
-        self.stream
-            .memcpy_htod(&to_bf16(&m), &mut self.s.modulation.slice_mut(..n))
-            .map_err(|e| cuda_err("upload modulation", e))
+        // Through pinned memory: waits only for the previous call's modulation upload.
+        let host = self.pinned_mod.host("modulation")?;
+        for (h, v) in host[..n].iter_mut().zip(&m) {
+            *h = bf16::from_f32(*v);
+        }
+        self.pinned_mod
+            .upload(&mut self.s.modulation.slice_mut(..n), "modulation")
     }
 
     /// The input buffer of the next call (`[rows, in_dim]` bf16): a caller (or a receive)
@@ -1160,8 +1206,8 @@ impl GpuDit {
 }
 
 /// Host-facing calls for the Stage 1 executor (`pipeline::stage1::GpuGenerator`): f32 latents
-/// in and out through the model's buffers. The copies wait for the stream (the output is
-/// read on the host); device-resident envelopes skip them.
+/// in and out through pinned buffers, the copies asynchronous on the model's stream; the call
+/// returns when its output download (an event) completed. Device-resident envelopes skip them.
 impl GpuDit {
     /// One generator call from and to host f32 (`[frames · tokens_per_frame, in_dim]`).
     pub fn forward_host(
@@ -1180,16 +1226,18 @@ impl GpuDit {
                 x.len()
             )));
         }
-        let st = self.stream.clone();
-        st.memcpy_htod(&to_bf16(x), &mut self.s.x_in.slice_mut(..n))
-            .map_err(|e| cuda_err("upload generator input", e))?;
-        let out = self.forward_device(frames, start_frame, t, kv, comm)?;
-        let mut host = vec![bf16::ZERO; n];
-        st.memcpy_dtoh(&out, &mut host)
-            .map_err(|e| cuda_err("download generator output", e))?;
-        st.synchronize()
-            .map_err(|e| cuda_err("synchronize after the generator call", e))?;
-        Ok(host.iter().map(|v| v.to_f32()).collect())
+        let host = self.pinned_in.host("generator input")?;
+        for (h, v) in host[..n].iter_mut().zip(x) {
+            *h = bf16::from_f32(*v);
+        }
+        self.pinned_in
+            .upload(&mut self.s.x_in.slice_mut(..n), "generator input")?;
+        self.forward_device(frames, start_frame, t, kv, comm)?;
+        let out = self.s.out.slice(..n);
+        self.pinned_out.download(&out, "generator output")?;
+        // Waits for this call's download (its event), not for the device.
+        let host = self.pinned_out.host("generator output")?;
+        Ok(host[..n].iter().map(|v| v.to_f32()).collect())
     }
 }
 
