@@ -388,6 +388,8 @@ struct RankReport {
     duplicates_dropped: u64,
     #[serde(default)]
     envelopes_awaiting_cts: u64,
+    #[serde(default)]
+    cuda_graphs: Option<usize>,
 }
 
 fn run_t0() -> Instant {
@@ -609,6 +611,8 @@ fn run_rank<D: DataPlane>(
     } else {
         run_follower(&mut mesh_rank, &mut link, &s.steps, trace)?
     };
+    drop(mesh_rank);
+    let cuda_graphs = gen.captured_graphs();
     Ok(RankReport {
         rank: me.get(),
         spans: r.trace.spans,
@@ -617,6 +621,7 @@ fn run_rank<D: DataPlane>(
         noops: r.noops,
         duplicates_dropped: r.duplicates_dropped,
         envelopes_awaiting_cts: rank.envelopes_received_awaiting_cts(),
+        cuda_graphs,
     })
 }
 
@@ -693,6 +698,7 @@ fn metrics(
         envelopes_awaiting_cts: 0,
         hard_cuts: d.stats.hard_cuts,
         noops_sent: 0,
+        cuda_graphs: None,
         max_in_flight: d.stats.max_in_flight,
         max_ready: d.stats.max_ready,
         wall_s: wall.as_secs_f64(),
@@ -866,6 +872,7 @@ fn report(args: &RunArgs, dir: &Path, world: u32, wall: Duration) -> Result<()> 
         m.duplicates_dropped = leader.duplicates_dropped;
         m.envelopes_awaiting_cts = leader.envelopes_awaiting_cts;
         m.noops_sent = leader.noops;
+        m.cuda_graphs = leader.cuda_graphs;
     }
     m.wall_s = wall.as_secs_f64();
     let traces: Vec<Trace> = reports

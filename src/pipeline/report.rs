@@ -112,6 +112,9 @@ pub struct Metrics {
     pub envelopes_awaiting_cts: u64,
     pub hard_cuts: u64,
     pub noops_sent: u64,
+    /// CUDA graphs the mesh leader's GPU generator captured (`None`: no capturing generator).
+    #[serde(default)]
+    pub cuda_graphs: Option<usize>,
     pub max_in_flight: usize,
     pub max_ready: usize,
     pub wall_s: f64,
@@ -242,6 +245,9 @@ impl Metrics {
             "max in flight / ready",
             format!("{} / {}", self.max_in_flight, self.max_ready),
         );
+        if let Some(n) = self.cuda_graphs {
+            row(&mut s, "CUDA graphs captured", format!("{n}"));
+        }
         row(&mut s, "wall", format!("{:.2} s", self.wall_s));
         if let Some(d) = &self.frames_dir {
             row(&mut s, "frames", d.clone());

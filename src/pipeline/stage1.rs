@@ -108,6 +108,10 @@ pub trait Generator: Send {
     ) -> Result<Vec<f32>>;
     /// Cache geometry this generator needs on this rank (zero layers = ledger only).
     fn cache_geometry(&self) -> CacheGeometry;
+    /// CUDA graphs captured so far (`None`: this generator does not capture).
+    fn captured_graphs(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The tiny DiT, TP-sharded.
@@ -200,6 +204,10 @@ impl Generator for GpuGenerator {
         let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
         self.model
             .forward_host(c.x, c.frames, c.start_frame, c.t, &kv, comm)
+    }
+
+    fn captured_graphs(&self) -> Option<usize> {
+        self.model.captured_graphs()
     }
 
     fn cache_geometry(&self) -> CacheGeometry {
