@@ -78,12 +78,14 @@ LS_DEVICE void attn_sm90_epilogue(const AttnParams& p, const float (&o)[64],
 // v3t, one split piece (cluster rank `piece` of SPLIT), called by both consumer warpgroups
 // once their last GEMM is done. `smem` is the block's dynamic shared memory (generic pointer)
 // and `sK` the shared-window address of the K stages, which the partials overwrite. The
-// producer warpgroup takes part in both cluster barriers (see kernel_sm90.cuh).
+// producer warpgroup takes part in both cluster barriers (see kernel_sm90.cuh). mq, wq, acc are
+// scratch owned by the caller (why: attn_sm90_consumer_mainloop in mainloop_sm90.cuh).
 template <int BN, int SPLIT>
 LS_DEVICE void attn_sm90_epilogue_split(const AttnParams& p, const float (&o)[64],
                                         const AttnSm90Softmax<BN>& sm, int lq, float sl,
                                         uint8_t* smem, uint32_t sK, int piece, int h, int m0,
-                                        int cw, int warp, int lane, int tid) {
+                                        int cw, int warp, int lane, int tid, float (&mq)[SPLIT],
+                                        float (&wq)[SPLIT], float (&acc)[8]) {
     using namespace attn_v3;
     // Both consumers have finished every GEMM (so every TMA write to the stages completed and
     // was read) before either overwrites the stages with generic stores.
@@ -115,7 +117,6 @@ LS_DEVICE void attn_sm90_epilogue_split(const AttnParams& p, const float (&o)[64
     constexpr int DPT = D / TPR;      // dims per thread (64 / SPLIT)
     const int t = tid - 128;
     const int rl = piece * RPC + t / TPR, d0 = (t % TPR) * DPT;
-    float mq[SPLIT], wq[SPLIT];
     float mmax = -INFINITY;
 #pragma unroll
     for (int q = 0; q < SPLIT; ++q) {
@@ -134,7 +135,6 @@ LS_DEVICE void attn_sm90_epilogue_split(const AttnParams& p, const float (&o)[64
         __nv_bfloat16* og = p.o + (uint64_t)row * p.o_row_stride + (uint64_t)h * D + d0;
 #pragma unroll
         for (int c = 0; c < DPT / 8; ++c) {
-            float acc[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[e] = 0.f;
 #pragma unroll

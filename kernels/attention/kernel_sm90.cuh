@@ -60,17 +60,22 @@ LS_DEVICE void attention_fwd_sm90(const AttnV3Params& P) {
 
     int it = 0;  // K/V tiles consumed so far by this block (all work tiles)
     int tc = 0;
-    for (int tile = sched.first_tile; tile < sched.total; tile += sched.tile_stride, ++tc, it += sched.ntiles) {
+    for (int tile = sched.first_tile; tile < sched.total;
+         tile += sched.tile_stride, ++tc, it += sched.ntiles) {
         const int h = sched.head(tile), m0 = sched.row0(tile);
         const bool last_work = sched.last(tile);
 #pragma unroll
         for (int i = 0; i < 64; ++i) o[i] = 0.f;
         softmax.init();
+        // Scratch of the role functions lives here (see attn_sm90_consumer_mainloop for why).
+        float s_first[BN / 2], corr_first[2], s_next[BN / 2], corr_next[2];
         attn_sm90_consumer_mainloop<PINGPONG, BN>(sm, qWg, tc, it, sched.ntiles, sched.j0, cw, lane,
-                                                  lk, sl, last_work, o, pa, softmax);
+                                                  lk, sl, last_work, o, pa, softmax, s_first,
+                                                  corr_first, s_next, corr_next);
         if constexpr (SPLIT > 1) {
+            float mq[SPLIT], wq[SPLIT], acc[8];
             attn_sm90_epilogue_split<BN, SPLIT>(p, o, softmax, lq, sl, smem_v3, sm.sK, sched.piece,
-                                                h, m0, cw, warp, lane, tid);
+                                                h, m0, cw, warp, lane, tid, mq, wq, acc);
         } else {
             attn_sm90_epilogue<BN>(p, o, softmax, lq, sl, h, m0, cw, warp, lane);
         }

@@ -113,10 +113,13 @@ template <bool PINGPONG>
 LS_DEVICE void attn_sm90_pp_begin(int cw) {
     if constexpr (PINGPONG) ls_named_sync(attn_v3::BAR_PP_BASE + cw, 256);
 }
+// (cw, round_max, last_work by reference: taken by value they changed the v3pw SASS.)
 template <bool PINGPONG>
-LS_DEVICE void attn_sm90_pp_end(int cw, int round, int round_max, bool last_work) {
+LS_DEVICE void attn_sm90_pp_end(const int& cw, int round, const int& round_max,
+                                const bool& last_work) {
     if constexpr (PINGPONG) {
-        if (!(cw == 1 && round == round_max && last_work)) ls_named_arrive(attn_v3::BAR_PP_BASE + (cw ^ 1), 256);
+        if (!(cw == 1 && round == round_max && last_work))
+            ls_named_arrive(attn_v3::BAR_PP_BASE + (cw ^ 1), 256);
     }
 }
 
@@ -164,11 +167,18 @@ LS_DEVICE void attn_sm90_release(uint32_t bar, int lane) {
 // One work tile for consumer warpgroup cw: waits for Q (work tile tc of this block), runs the
 // ntiles key tiles of this piece (global K/V tile counter `it` at its first), leaves O
 // unnormalized in `o` and the row statistics in `sm_`. `o` must be zero and `sm_` initialised.
+// s_first/corr_first (first key tile) and s_next/corr_next (the others) are scratch for S and
+// the rescale factors, owned by the caller: an array declared inside a force-inlined function
+// is hoisted to the front of the kernel's entry block, which reorders register promotion and
+// changes ptxas's register allocation (not the math); declared in the kernel body, as before
+// the role split, they keep the v3 line's SASS byte for byte what it was.
 template <bool PINGPONG, int BN>
 LS_DEVICE void attn_sm90_consumer_mainloop(const AttnSm90Smem<BN>& sm, uint32_t qWg, int tc,
                                            int it, int ntiles, int j0, int cw, int lane, int lk,
                                            float sl, bool last_work, float (&o)[64],
-                                           uint32_t (&pa)[BN / 16][4], AttnSm90Softmax<BN>& sm_) {
+                                           uint32_t (&pa)[BN / 16][4], AttnSm90Softmax<BN>& sm_,
+                                           float (&s_first)[BN / 2], float (&corr_first)[2],
+                                           float (&s_next)[BN / 2], float (&corr_next)[2]) {
     using namespace attn_v3;
     constexpr int SMEM_KV = Tile<BN>::SMEM_KV;
     constexpr int KK = BN / 16;  // k16 steps of P V
@@ -177,7 +187,7 @@ LS_DEVICE void attn_sm90_consumer_mainloop(const AttnSm90Smem<BN>& sm, uint32_t 
     {
         const int st = it % STAGES;
         ls_mbar_wait(sm.fullK(st), (uint32_t)(it / STAGES) & 1u);
-        float s[BN / 2];
+        float (&s)[BN / 2] = s_first;
         attn_sm90_pp_begin<PINGPONG>(cw);
         ls_wgmma_fence();
         attn_sm90_issue_s<BN>(s, qWg, sm.sK + st * SMEM_KV);
@@ -187,7 +197,7 @@ LS_DEVICE void attn_sm90_consumer_mainloop(const AttnSm90Smem<BN>& sm, uint32_t 
         ls_fence_regs(s);
         attn_sm90_release(sm.emptyK(st), lane);
         if (ntiles == 1) attn_sm90_release(sm.emptyQ, lane);
-        float corr[2];
+        float (&corr)[2] = corr_first;
         sm_.online(s, j0, corr, sl, lk, lane);  // o is all zero: no rescale
         attn_sm90_pack_p<BN>(pa, s);
     }
@@ -197,7 +207,7 @@ LS_DEVICE void attn_sm90_consumer_mainloop(const AttnSm90Smem<BN>& sm, uint32_t 
         const uint32_t ph = (uint32_t)(g / STAGES) & 1u, php = (uint32_t)((g - 1) / STAGES) & 1u;
         ls_mbar_wait(sm.fullK(st), ph);
         ls_mbar_wait(sm.fullV(sp), php);
-        float s[BN / 2];
+        float (&s)[BN / 2] = s_next;
         attn_sm90_pp_begin<PINGPONG>(cw);
         ls_fence_regs(o);
         ls_wgmma_fence();
@@ -210,7 +220,7 @@ LS_DEVICE void attn_sm90_consumer_mainloop(const AttnSm90Smem<BN>& sm, uint32_t 
         ls_fence_regs(s);
         attn_sm90_release(sm.emptyK(st), lane);
         if (j == ntiles - 1) attn_sm90_release(sm.emptyQ, lane);  // last S GEMM of this work tile is done
-        float corr[2];
+        float (&corr)[2] = corr_next;
         const bool grew = sm_.online(s, j0 + j, corr, sl, lk, lane);
         ls_wgmma_wait<0>();  // P_{j-1} V_{j-1} done: O holds tiles < j, pa is free
         ls_fence_regs(o);
