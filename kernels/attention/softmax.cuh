@@ -18,8 +18,8 @@
 // 8 below. One SUB-key step of the online softmax.
 struct AttnSm80Softmax {
     using Scores = float[attn_v1::MT][attn_v1::NSUB][4];
-    // (lrow before mrow: the declaration order the kernel had before the role split, which
-    // keeps its register numbering and so its SASS byte for byte)
+    // (lrow before mrow: in this order the kernel keeps the register numbering, and so the
+    // SASS byte for byte, that it had before the role split, when these were two local arrays)
     float lrow[attn_v1::MT][2];  // this thread's share of the sum
     float mrow[attn_v1::MT][2];  // running max of raw scores
 
