@@ -264,6 +264,68 @@ fn attention_matches_cpu_reference_at_benchmark_shapes() {
 }
 
 #[test]
+fn attention_auto_runs_the_shape_table_kernel_bit_for_bit() {
+    let Some(d) = dev("attention_auto_runs_the_shape_table_kernel_bit_for_bit") else {
+        return;
+    };
+    let mut rng = fresh_rng("attention auto");
+    // (Lq, Lk, H): one shape per SHAPE_TABLE row and either side of its Lk bound.
+    for (lq, lk, heads) in [
+        (300, 4680, 40),
+        (300, 9360, 40),
+        (300, 9361, 40),
+        (300, 1000, 12),
+    ] {
+        let shape = AttnShape {
+            lq,
+            lk,
+            heads,
+            head_dim: 128,
+        };
+        let chosen = AttentionVariant::Auto.for_shape(&shape);
+        assert!(ALL_VARIANTS.contains(&chosen));
+        let hd = heads * 128;
+        let (q, _) = d.rand(lq * hd, 2.0, &mut rng);
+        let (k, _) = d.rand(lk * hd, 2.0, &mut rng);
+        let (v, _) = d.rand(lk * hd, 1.0, &mut rng);
+        let scale = 1.0 / (128f32).sqrt();
+        let run = |variant| {
+            let mut o = d.poisoned(lq * hd);
+            let mut lse = d
+                .stream
+                .clone_htod(&vec![f32::NAN; lq * heads])
+                .unwrap_or_else(|e| panic!("alloc lse: {e}"));
+            attention_fwd(
+                &d.gpu,
+                &d.stream,
+                variant,
+                shape,
+                scale,
+                &q,
+                &k,
+                &v,
+                &mut o,
+                Some(&mut lse),
+            )
+            .unwrap_or_else(|e| panic!("attention launch: {e}"));
+            let bits = |x: Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            (bits(d.host(&o)), bits(d.host_f32(&lse)))
+        };
+        let auto = run(AttentionVariant::Auto);
+        let named = run(chosen);
+        println!(
+            "attention auto Lq={lq} Lk={lk} H={heads}: runs {}",
+            chosen.as_str()
+        );
+        assert!(
+            auto == named,
+            "Auto at {shape:?} differs from {} run directly",
+            chosen.as_str()
+        );
+    }
+}
+
+#[test]
 fn attention_rejects_mismatched_buffers_before_launch() {
     let Some(d) = dev("attention_rejects_mismatched_buffers_before_launch") else {
         return;

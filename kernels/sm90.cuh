@@ -1,7 +1,10 @@
-// Hopper wgmma helpers (sm_90a). Generated shapes only; see attention.cu v2 for the layouts.
-// Descriptor (sm_90): bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45 stride
-// byte offset >> 4, 62-63 swizzle (1 = 128B). Operand tiles are 1024-byte aligned 8-row x 128-byte
-// swizzle atoms, so advancing the start address inside an atom (k16 steps of 32 bytes) is valid.
+// Hopper (sm_90a) PTX primitives: wgmma and its descriptors, TMA, mbarriers, setmaxnreg, named
+// barriers, thread-block clusters. Thin wrappers, one instruction each (the generated wgmma
+// shapes are the ones the attention v3 line uses); what uses them and how is in
+// kernels/attention/. wgmma descriptor (sm_90): bits 0-13 start address >> 4, 16-29 leading
+// byte offset >> 4, 32-45 stride byte offset >> 4, 62-63 swizzle (1 = 128B). Operand tiles are
+// 1024-byte aligned 8-row x 128-byte swizzle atoms, so advancing the start address inside an
+// atom (k16 steps of 32 bytes) is valid.
 #pragma once
 #include "common.cuh"
 
@@ -18,15 +21,6 @@ LS_DEVICE void ls_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned
 template <int N>
 LS_DEVICE void ls_wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 LS_DEVICE void ls_fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// D(64x64, f32) (+)= A(64x16, smem desc) * B(16x64, smem desc, K-major).
-LS_DEVICE void ls_wgmma_m64n64k16_ss(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(accumulate));
-}
 
 // D(64x128, f32) += A(64x16, registers: mma.m16n8k16 A layout per warp) * B(16x128, smem desc,
 // MN-major: transposed).
@@ -61,7 +55,7 @@ LS_DEVICE void ls_wgmma_m64n128k16_ss(float (&d)[64], uint64_t da, uint64_t db, 
 }
 
 // D(64x176, f32) (+)= A(64x16, smem desc) * B(16x176, smem desc, K-major). 176 = FA3's key tile for
-// head dim 128 (attention v3w): the widest N whose S (88) + P (44) + O (64) registers fit 240.
+// head dim 128 (attention v3pw): the widest N whose S (88) + P (44) + O (64) registers fit 240.
 LS_DEVICE void ls_wgmma_m64n176k16_ss(float (&d)[88], uint64_t da, uint64_t db, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
