@@ -26,11 +26,9 @@ use std::sync::Arc;
 /// bf16 weights and activations over 2 layers against f32 (seen: 5.5e-3 per call on an H100).
 const TOL: f64 = 1.5e-2;
 
+/// What `lockstep run` uses: `LOCKSTEP_KERNEL_VARIANT`, else the per-shape table (`Auto`).
 fn variant() -> AttentionVariant {
-    std::env::var("LOCKSTEP_KERNEL_VARIANT")
-        .ok()
-        .map(|v| AttentionVariant::parse(&v).unwrap_or_else(|e| panic!("{e}")))
-        .unwrap_or(AttentionVariant::V3TmaSplitTail)
+    AttentionVariant::from_env().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Replays `trace` call by call on the GPU (the reference's inputs), driving a ledger the way

@@ -31,7 +31,7 @@ fn parse(rest: &[String]) -> Result<Opts> {
         preset: "wan-1.3b".into(),
         layers: None,
         chunks: 8,
-        variant: AttentionVariant::V3TmaSplitTail,
+        variant: AttentionVariant::Auto,
         json: None,
     };
     let mut it = rest.iter();
