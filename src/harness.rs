@@ -69,8 +69,8 @@ pub struct HarnessArgs {
     pub cond_bytes: u64,
     #[arg(long, default_value_t = 600 * 1024)]
     pub result_bytes: u64,
-    /// stream: use the device-resident envelope API (`send_next_device`,
-    /// `recv_envelope_device`, `relay_to_mesh_device`, `recycle`); the checks read host copies.
+    /// stream: keep envelope tensors device-resident (the envelope API over `D::Buffer`, and
+    /// `recycle`); the checks read host copies.
     #[arg(long)]
     pub device: bool,
 }
@@ -113,7 +113,7 @@ pub fn main(args: &HarnessArgs) -> i32 {
     }
     match backend {
         Backend::Host => run(Rank::bootstrap_host(&env, opts), &env, args),
-        Backend::Nccl => run(crate::comm::nccl::bootstrap_nccl(&env, opts), &env, args),
+        Backend::Nccl => run(crate::rank::bootstrap_nccl(&env, opts), &env, args),
     }
 }
 
@@ -210,11 +210,14 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
         }
         let res = if args.device {
             let dev = upload_tensors(rank, &tensors)?;
-            rank.send_next_device(|ids| build(ids.with_chunk(chunk), json.as_deref(), &plan, dev))?;
-            host_copy(rank, rank.recv_envelope_device(Some(rank.deadline()))?)?
+            rank.send_next(|ids| build(ids.with_chunk(chunk), json.as_deref(), &plan, dev))?;
+            host_copy(
+                rank,
+                rank.recv_envelope::<D::Buffer>(Some(rank.deadline()))?,
+            )?
         } else {
             rank.send_next(|ids| build(ids.with_chunk(chunk), json.as_deref(), &plan, tensors))?;
-            rank.recv_envelope(Some(rank.deadline()))?
+            rank.recv_envelope::<Vec<u8>>(Some(rank.deadline()))?
         };
         if res.action() != Action::Result || res.header.chunk_index != chunk {
             return Err(Error::Invariant(format!(
@@ -275,18 +278,18 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
         let leader = rank.is_mesh_leader();
         let env = if args.device {
             let got = if leader {
-                Some(rank.recv_envelope_device(None)?)
+                Some(rank.recv_envelope::<D::Buffer>(None)?)
             } else {
                 None
             };
-            host_copy(rank, rank.relay_to_mesh_device(got)?)?
+            host_copy(rank, rank.relay_to_mesh::<D::Buffer, D::Buffer>(got)?)?
         } else {
             let got = if leader {
-                Some(rank.recv_envelope(None)?)
+                Some(rank.recv_envelope::<Vec<u8>>(None)?)
             } else {
                 None
             };
-            rank.relay_to_mesh(got.as_ref())?
+            rank.relay_to_mesh::<Vec<u8>, Vec<u8>>(got)?
         };
         match env.action() {
             Action::Noop => {
@@ -392,7 +395,7 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             let out = vec![HostTensor::from_f32("out", vec![acc.len() as u64], &acc)];
             if args.device {
                 let dev = upload_tensors(rank, &out)?;
-                let sent = rank.send_envelope_device(prepare(
+                let sent = rank.send_envelope(prepare(
                     Action::Result,
                     ids,
                     &plan,
@@ -401,12 +404,12 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
                 )?)?;
                 if sent.len() != 1 {
                     return Err(Error::Invariant(format!(
-                        "harness: send_envelope_device handed back {} tensors, sent 1",
+                        "harness: send_envelope handed back {} tensors, sent 1",
                         sent.len()
                     )));
                 }
             } else {
-                rank.send_envelope(&prepare(
+                rank.send_envelope(prepare(
                     Action::Result,
                     ids,
                     &plan,
@@ -503,7 +506,7 @@ fn bench_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> 
     for i in 0..(args.iters + warm) {
         let t = Instant::now();
         rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::noop(ids)))?;
-        rank.recv_envelope(Some(rank.deadline()))?;
+        rank.recv_envelope::<Vec<u8>>(Some(rank.deadline()))?;
         if i >= warm {
             header_us.push(t.elapsed().as_secs_f64() * 1e6);
         }
@@ -524,7 +527,7 @@ fn bench_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> 
                 &Limits::default(),
             )
         })?;
-        rank.recv_envelope(Some(rank.deadline()))?;
+        rank.recv_envelope::<Vec<u8>>(Some(rank.deadline()))?;
         if i >= 5 {
             env_us.push(t.elapsed().as_secs_f64() * 1e6);
         }
@@ -552,16 +555,16 @@ fn bench_mesh<D: DataPlane>(rank: &Rank<D>) -> Result<()> {
         return Ok(());
     }
     loop {
-        let env = rank.recv_envelope(None)?;
+        let env = rank.recv_envelope::<Vec<u8>>(None)?;
         if env.action() == Action::Shutdown {
             return Ok(());
         }
         let h = env.header;
-        rank.send_envelope(&prepare(
+        rank.send_envelope(prepare(
             Action::Result,
             EnvelopeIds::of(&h),
             &Empty {},
-            vec![],
+            Vec::<HostTensor>::new(),
             &Limits::default(),
         )?)?;
     }
@@ -626,7 +629,7 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
                 &Limits::default(),
             )
         })?;
-        let res = rank.recv_envelope(Some(rank.deadline()))?;
+        let res = rank.recv_envelope::<Vec<u8>>(Some(rank.deadline()))?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         if i == 0 && res.tensor("out").map(|t| &t.data) != Some(&want) {
             return Err(Error::Invariant(
@@ -649,7 +652,7 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
     let mut through_rank_device = Vec::new();
     for i in 0..total {
         let t = Instant::now();
-        let (_, back) = rank.send_next_device(|ids| {
+        let (_, back) = rank.send_next(|ids| {
             prepare(
                 Action::Infer,
                 ids.with_chunk(total + i),
@@ -659,7 +662,7 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
             )
         })?;
         dev = back;
-        let res = rank.recv_envelope_device(Some(rank.deadline()))?;
+        let res = rank.recv_envelope::<D::Buffer>(Some(rank.deadline()))?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         if i == 0 {
             let got = res
@@ -760,7 +763,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
     let want_c = pattern(args.cond_bytes, 3);
     for i in 0..total {
         let reply = vec![out.clone()];
-        let env = rank.recv_envelope(None)?;
+        let env = rank.recv_envelope::<Vec<u8>>(None)?;
         if env.action() != Action::Infer {
             return Err(Error::Invariant(format!(
                 "envelope bench: expected INFER {i}, got {}",
@@ -776,7 +779,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
             ));
         }
         let h = env.header;
-        rank.send_envelope(&prepare(
+        rank.send_envelope(prepare(
             Action::Result,
             EnvelopeIds::of(&h),
             &Empty {},
@@ -788,7 +791,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
     let plane = rank.plane();
     let mut reply = vec![out.clone().map_data(|d| plane.upload(&d))?];
     for i in 0..total {
-        let env = rank.recv_envelope_device(None)?;
+        let env = rank.recv_envelope::<D::Buffer>(None)?;
         if env.action() != Action::Infer {
             return Err(Error::Invariant(format!(
                 "envelope bench: expected device INFER {i}, got {}",
@@ -812,7 +815,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         }
         let h = env.header;
         rank.recycle(env.tensors);
-        reply = rank.send_envelope_device(prepare(
+        reply = rank.send_envelope(prepare(
             Action::Result,
             EnvelopeIds::of(&h),
             &Empty {},
@@ -845,7 +848,7 @@ fn envelope_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         r = plane.wait(plane.send(comm, r, peer)?, d)?;
         rank.progress();
     }
-    let env = rank.recv_envelope(None)?;
+    let env = rank.recv_envelope::<Vec<u8>>(None)?;
     if env.action() != Action::Shutdown {
         return Err(Error::Invariant(format!(
             "envelope bench: expected SHUTDOWN, got {}",
@@ -939,7 +942,7 @@ fn protocol_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
         }
         let t = Instant::now();
         dev = rank
-            .send_next_device(|ids| {
+            .send_next(|ids| {
                 prepare(
                     Action::Infer,
                     ids.with_chunk(i),
@@ -949,7 +952,7 @@ fn protocol_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
                 )
             })?
             .1;
-        let res = rank.recv_envelope_device(Some(rank.deadline()))?;
+        let res = rank.recv_envelope::<D::Buffer>(Some(rank.deadline()))?;
         if res.action() != Action::Result || res.header.chunk_index != i {
             return Err(Error::Invariant(format!(
                 "protocol bench: expected RESULT for chunk_index {i}, got {} chunk_index {}",
@@ -992,7 +995,7 @@ fn protocol_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         if i == warm {
             cpu0 = thread_cpu_us();
         }
-        let env = rank.recv_envelope_device(None)?;
+        let env = rank.recv_envelope::<D::Buffer>(None)?;
         // Time from "header read" to "RESULT sent": the leader's side of one round trip.
         let t = Instant::now();
         match env.action() {
@@ -1007,7 +1010,7 @@ fn protocol_mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()>
         }
         let h = env.header;
         rank.recycle(env.tensors);
-        reply = rank.send_envelope_device(prepare(
+        reply = rank.send_envelope(prepare(
             Action::Result,
             EnvelopeIds::of(&h),
             &Empty {},

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cache;
 pub mod comm;
 pub mod cuda;
+pub mod diag;
 pub mod digest;
 pub mod doctor;
 pub mod error;
@@ -34,6 +35,6 @@ pub use error::{Error, Result};
 #[macro_export]
 macro_rules! diag {
     ($($arg:tt)*) => {
-        $crate::comm::watchdog::diag(&format!($($arg)*))
+        $crate::diag::line(&format!($($arg)*))
     };
 }

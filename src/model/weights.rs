@@ -24,7 +24,7 @@
 //! Tripwires: the map is read-only and shared with the page cache; a file truncated or rewritten
 //! while mapped can fault the process (SIGBUS), so never rewrite a weights file under a running
 //! job — write a new file and point the job at it.
-use super::dit::gen;
+use super::ops::gen;
 use super::DitConfig;
 use crate::digest::Fnv64;
 use crate::{Error, Result};

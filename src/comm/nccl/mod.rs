@@ -3,7 +3,8 @@
 //!
 //! Layers (cudarc's habit): `api` (function table, error strings) → `comm` (`Communicator` RAII,
 //! `AbortHandle`, `Tripwire`, abort-all) → `device` (`Gpu`, `DeviceBuf`, `Completion`).
-//! `plane` is the NCCL backend of `comm::plane::DataPlane` (`bootstrap_nccl`); `bench` is the
+//! `plane` is the NCCL backend of `comm::plane::DataPlane` (a rank bootstraps on it with
+//! `rank::bootstrap_nccl`; this backend never names `rank`); `bench` is the
 //! two-process transport benchmark (`lockstep bench transport`).
 //!
 //! Contract (details in each submodule):
@@ -32,7 +33,7 @@ pub use comm::{
     InGroup, ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
 };
 pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
-pub use plane::{bootstrap_nccl, NcclComm, NcclPending, NcclPlane};
+pub use plane::{NcclComm, NcclPending, NcclPlane};
 
 /// Why NCCL work cannot run here, or `None` when there are ≥ `gpus` GPUs and a usable NCCL.
 /// Tests and benchmarks print this as their skip reason.

@@ -21,11 +21,10 @@ use super::{
     abort_all_live, AbortHandle, CommOptions, Communicator, Completion, CompletionKind, DeviceBuf,
     Gpu, ReduceDtype, Ticket, UniqueId,
 };
-use crate::comm::group::{GroupRole, GroupSpec, PeerTable};
-use crate::comm::plane::{AbortHandle as PlaneAbort, DataPlane};
+use crate::comm::plane::{AbortHandle as PlaneAbort, DataPlane, FromPlane, IntoPlane};
+use crate::comm::spec::{GroupRole, GroupSpec, PeerTable};
 use crate::exit::ExitCode;
 use crate::ids::GroupRank;
-use crate::rank::{Rank, RankEnv, RankOptions};
 use crate::wire::DType;
 use crate::{Error, Result};
 use std::cell::RefCell;
@@ -154,6 +153,19 @@ impl NcclPlane {
 
 fn deadline() -> Instant {
     Instant::now() + PLANE_OP_TIMEOUT
+}
+
+/// Device-resident on NCCL: a device buffer is envelope storage as it is (no host staging).
+impl IntoPlane<NcclPlane> for DeviceBuf {
+    fn into_plane(self, _plane: &NcclPlane) -> Result<DeviceBuf> {
+        Ok(self)
+    }
+}
+
+impl FromPlane<NcclPlane> for DeviceBuf {
+    fn from_plane(buf: DeviceBuf, _plane: &NcclPlane) -> Result<DeviceBuf> {
+        Ok(buf)
+    }
 }
 
 impl DataPlane for NcclPlane {
@@ -371,15 +383,6 @@ impl DataPlane for NcclPlane {
             ));
         })
     }
-}
-
-/// Bootstraps a rank on the NCCL data plane (rendezvous, parity, communicators, watchdog), the
-/// NCCL twin of `Rank::bootstrap_host`.
-pub fn bootstrap_nccl(env: &RankEnv, opts: RankOptions) -> Result<Rank<NcclPlane>> {
-    let local = env.local_rank;
-    Rank::bootstrap_with(env, opts, move |_ip, _token| {
-        Ok((NcclPlane::for_rank(local)?, String::new()))
-    })
 }
 
 #[cfg(test)]
