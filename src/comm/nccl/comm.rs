@@ -427,7 +427,7 @@ impl Shared {
         }
         // NCCL tears down on the communicator's device; make it current on this thread (the
         // watchdog's thread may never have touched CUDA). Abort proceeds even if this fails.
-        let _ = self.ctx.bind_to_thread();
+        self.ctx.record_err(self.ctx.bind_to_thread());
         let t_abort = Instant::now();
         // SAFETY: comm was live, no thread is inside NCCL on it, and it is not used again.
         let rc = unsafe { (self.api.comm_abort)(comm) };
@@ -487,7 +487,7 @@ impl Shared {
         if comm.is_null() {
             return Ok(Duration::ZERO);
         }
-        let _ = self.ctx.bind_to_thread();
+        self.ctx.record_err(self.ctx.bind_to_thread());
         let budget = deadline.saturating_duration_since(Instant::now());
         let _trip = Tripwire::arm(
             budget + Duration::from_secs(1),
@@ -535,12 +535,12 @@ impl Shared {
                 comm,
             ));
         }
-        if result.is_err() {
+        if let Err(e) = result {
             // SAFETY: comm is live; abort frees it.
-            unsafe { (self.api.comm_abort)(comm) };
+            let rc = unsafe { (self.api.comm_abort)(comm) };
             self.comm.store(std::ptr::null_mut(), Ordering::Release);
             unregister(self);
-            return result.map(|_| t0.elapsed());
+            return Err(with_abort_rc(self.api, e, rc, &self.label));
         }
         // SAFETY: comm finalized; destroy frees it and it is not used again.
         let rc = unsafe { (self.api.comm_destroy)(comm) };
@@ -807,16 +807,18 @@ impl Communicator {
             }
         };
         if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-            if !comm.is_null() {
-                // SAFETY: a partially created communicator is freed by abort.
-                unsafe { (api.comm_abort)(comm) };
-            }
-            return Err(api::nccl_error(
+            let err = api::nccl_error(
                 api,
                 &format!("ncclCommInitRankConfig for {label}"),
                 rc,
                 std::ptr::null_mut(),
-            ));
+            );
+            if comm.is_null() {
+                return Err(err);
+            }
+            // SAFETY: a partially created communicator is freed by abort.
+            let rc_abort = unsafe { (api.comm_abort)(comm) };
+            return Err(with_abort_rc(api, err, rc_abort, &label));
         }
         if comm.is_null() {
             return Err(Error::Nccl(format!(
@@ -841,13 +843,16 @@ impl Communicator {
         };
         if !opts.blocking {
             if let Err(e) = me.shared.wait_enqueued("ncclCommInitRankConfig", deadline) {
-                let _ = me.shared.abort(
+                let aborted = me.shared.abort(
                     "init failed or timed out",
                     ABORT_GRACE,
                     ExitCode::DeviceError,
                 );
                 drop(config);
-                return Err(e);
+                return Err(match aborted {
+                    Ok(_) => e,
+                    Err(a) => e.with_note(&format!("; cleaning up: {a}")),
+                });
             }
         }
         drop(config);
@@ -1361,6 +1366,18 @@ impl GroupOps<'_> {
         };
         self.check("ncclRecv", rc)
     }
+}
+
+/// `err` (the failure that made this code abort a communicator), with the abort's own failure
+/// added when `ncclCommAbort` failed too: no NCCL return code is dropped.
+fn with_abort_rc(api: &Api, err: Error, rc: c_int, label: &str) -> Error {
+    if rc == NCCL_SUCCESS || rc == NCCL_IN_PROGRESS {
+        return err;
+    }
+    err.with_note(&format!(
+        "; cleaning up, ncclCommAbort on {label} failed too: {} (ncclResult_t {rc})",
+        api::error_string(api, rc)
+    ))
 }
 
 #[cfg(test)]
