@@ -6,7 +6,6 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod bench;
 pub mod cache;
 pub mod comm;
 pub mod cuda;
@@ -18,8 +17,6 @@ pub mod exit;
 pub mod fault;
 pub mod ffi;
 pub mod fr;
-#[doc(hidden)]
-pub mod harness;
 pub mod ids;
 pub mod launch;
 pub mod model;

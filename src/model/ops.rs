@@ -317,7 +317,7 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Deterministic uniform values in `[-scale, scale)` for a named tensor (splitmix64).
-pub(crate) fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
+pub fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
     let mut s = seed ^ fnv64(name.as_bytes());
     (0..n)
         .map(|_| {

@@ -11,7 +11,7 @@ use crate::comm::recorder::OpContext;
 use crate::comm::recorder::OpDesc;
 use crate::error::{Error, Result};
 use crate::ids::GroupRank;
-use crate::wire::{Header, Limits, MetaDoc, ReceivedEnvelope, Tensor, HEADER_LEN};
+use crate::wire::{decode_frame, Header, MetaDoc, ReceivedEnvelope, Tensor, HEADER_LEN};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -238,14 +238,13 @@ impl<D: DataPlane> Rank<D> {
         }
         let _handled = Handled(&self.frame_busy);
         let rec = frame.rec;
-        let inb = match decode_envelope_frame(&frame.body, &self.opts.limits) {
+        let (h, meta) = match decode_frame(&frame.body, &self.opts.limits) {
             Ok(i) => i,
             Err(e) => {
                 self.recorder.fail(rec, &e.to_string());
                 return Err(e);
             }
         };
-        let h = inb.header;
         self.recorder
             .note(rec, &format!("{} call_id {}", h.action().name(), h.call_id));
         self.recorder.complete(rec);
@@ -264,19 +263,14 @@ impl<D: DataPlane> Rank<D> {
             action: h.action().name().into(),
             phase: "recv".into(),
         });
-        if self.is_driver()
-            && inb
-                .meta
-                .as_ref()
-                .is_some_and(|m| !m.tensor_specs.is_empty())
-        {
+        if self.is_driver() && meta.as_ref().is_some_and(|m| !m.tensor_specs.is_empty()) {
             self.clear_to_send(h.call_id)?;
         }
-        let tensors = self.recv_payload(&h, inb.meta.as_ref())?;
+        let tensors = self.recv_payload(&h, meta.as_ref())?;
         match verdict {
             Verdict::Accept => Ok(Some(ReceivedEnvelope {
                 header: h,
-                meta: inb.meta,
+                meta,
                 tensors,
             })),
             Verdict::DuplicateDropped => {
@@ -344,11 +338,6 @@ impl<D: DataPlane> Rank<D> {
     }
 }
 
-struct Inbound {
-    header: Header,
-    meta: Option<MetaDoc>,
-}
-
 /// allocates its receive buffers once. Bounded per length, so a caller that recycles more than
 /// it receives cannot grow it without limit.
 pub(super) struct RecvPool<B> {
@@ -387,36 +376,6 @@ pub(super) enum LaneFrame {
 pub(super) struct EnvelopeFrame {
     body: Vec<u8>,
     rec: u64,
-}
-
-fn decode_envelope_frame(body: &[u8], limits: &Limits) -> Result<Inbound> {
-    if body.len() < HEADER_LEN {
-        return Err(Error::Decode(format!(
-            "envelope frame of {} bytes is shorter than a header",
-            body.len()
-        )));
-    }
-    let header = Header::decode(&body[..HEADER_LEN])?;
-    let meta_bytes = &body[HEADER_LEN..];
-    if meta_bytes.len() as u64 != header.meta_len {
-        return Err(Error::Decode(format!(
-            "header announces meta_len {} but the frame carries {} meta bytes",
-            header.meta_len,
-            meta_bytes.len()
-        )));
-    }
-    let meta = if header.action().has_payload() {
-        Some(MetaDoc::decode(
-            meta_bytes,
-            header.meta_digest,
-            header.n_tensors,
-            header.payload_bytes,
-            limits,
-        )?)
-    } else {
-        None
-    };
-    Ok(Inbound { header, meta })
 }
 
 #[cfg(test)]

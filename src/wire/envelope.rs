@@ -335,6 +335,39 @@ impl<S: TensorBytes> ReceivedEnvelope<S> {
     }
 }
 
+/// Decodes an envelope frame (header, then meta) as every receiver does: the header checked,
+/// `meta_len` against the frame, the meta against the header's digest, counts and [`Limits`].
+/// Never panics, whatever the bytes (the `lockstep bench wire` fuzz and `tests/wire_props.rs`).
+pub fn decode_frame(body: &[u8], limits: &Limits) -> Result<(Header, Option<MetaDoc>)> {
+    if body.len() < HEADER_LEN {
+        return Err(Error::Decode(format!(
+            "envelope frame of {} bytes is shorter than a header",
+            body.len()
+        )));
+    }
+    let header = Header::decode(&body[..HEADER_LEN])?;
+    let meta_bytes = &body[HEADER_LEN..];
+    if meta_bytes.len() as u64 != header.meta_len {
+        return Err(Error::Decode(format!(
+            "header announces meta_len {} but the frame carries {} meta bytes",
+            header.meta_len,
+            meta_bytes.len()
+        )));
+    }
+    let meta = if header.action().has_payload() {
+        Some(MetaDoc::decode(
+            meta_bytes,
+            header.meta_digest,
+            header.n_tensors,
+            header.payload_bytes,
+            limits,
+        )?)
+    } else {
+        None
+    };
+    Ok((header, meta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

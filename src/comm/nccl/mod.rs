@@ -23,7 +23,6 @@
 //! Tripwires: two ranks of one communicator must not share a GPU; `ncclGroupStart/End` pairs are
 //! per thread; a non-blocking call queried before it is enqueued looks complete with stale data.
 pub mod api;
-pub mod bench;
 pub mod comm;
 pub mod device;
 pub mod plane;

@@ -17,13 +17,13 @@
 //! conditioning tensor, RESULT with a 600 KB tensor) through `Rank`, then the same bytes as raw
 //! data-plane ops on the same `pp` communicator, then rank 0's host staging copies alone — all in
 //! one run, so `protocol overhead = Rank round trip − raw round trip` uses one baseline.
-use crate::comm::{DataPlane, NullPlane};
-use crate::error::{Error, Result};
-use crate::fault::{self, points};
+use lockstep::comm::{DataPlane, NullPlane};
+use lockstep::error::{Error, Result};
+use lockstep::fault::{self, points};
 
-use crate::ids::GroupRank;
-use crate::rank::{Backend, Rank, RankEnv, RankOptions};
-use crate::wire::{
+use lockstep::ids::GroupRank;
+use lockstep::rank::{Backend, Rank, RankEnv, RankOptions};
+use lockstep::wire::{
     prepare, prepare_untyped, Action, DType, EnvelopeIds, HostTensor, Limits, PreparedEnvelope,
     ReceivedEnvelope, Tensor, TensorBytes,
 };
@@ -85,8 +85,8 @@ struct ChunkPlan {
 
 pub fn main(args: &HarnessArgs) -> i32 {
     if !["stream", "bench", "envelope", "protocol"].contains(&args.scenario.as_str()) {
-        crate::diag!("harness: unknown scenario {:?}", args.scenario);
-        return crate::exit::ExitCode::BadInput.code();
+        lockstep::diag!("harness: unknown scenario {:?}", args.scenario);
+        return lockstep::exit::ExitCode::BadInput.code();
     }
     let setup = || -> Result<(RankEnv, RankOptions, Backend)> {
         let env = RankEnv::from_env()?;
@@ -102,7 +102,7 @@ pub fn main(args: &HarnessArgs) -> i32 {
     let (env, opts, backend) = match setup() {
         Ok(v) => v,
         Err(e) => {
-            crate::diag!("harness: {e}");
+            lockstep::diag!("harness: {e}");
             return e.exit_code().code();
         }
     };
@@ -113,7 +113,7 @@ pub fn main(args: &HarnessArgs) -> i32 {
     }
     match backend {
         Backend::Host => run(Rank::bootstrap_host(&env, opts), &env, args),
-        Backend::Nccl => run(crate::rank::bootstrap_nccl(&env, opts), &env, args),
+        Backend::Nccl => run(lockstep::rank::bootstrap_nccl(&env, opts), &env, args),
     }
 }
 
@@ -121,7 +121,7 @@ fn run<D: DataPlane>(rank: Result<Rank<D>>, env: &RankEnv, args: &HarnessArgs) -
     let rank = match rank {
         Ok(r) => r,
         Err(e) => {
-            crate::diag!(
+            lockstep::diag!(
                 "lockstep[global-rank {}]: exit {} ({}): {e}",
                 env.rank,
                 e.exit_code().code(),
@@ -143,7 +143,7 @@ fn run<D: DataPlane>(rank: Result<Rank<D>>, env: &RankEnv, args: &HarnessArgs) -
     match r {
         Ok(()) => match rank.finish() {
             Ok(()) => 0,
-            Err(e) => crate::comm::watchdog::crash(&e, true),
+            Err(e) => lockstep::comm::watchdog::crash(&e, true),
         },
         Err(e) => rank.crash(&e),
     }
@@ -238,9 +238,9 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
                 "harness: chunk {chunk} result {out:?}, expected {want}"
             )));
         }
-        crate::diag!("harness[global-rank 0]: chunk {chunk} ok ({out:?})");
+        lockstep::diag!("harness[global-rank 0]: chunk {chunk} ok ({out:?})");
         if args.hold {
-            crate::diag!(
+            lockstep::diag!(
                 "harness[global-rank 0]: holding (heartbeats on); pid {}",
                 std::process::id()
             );
@@ -249,21 +249,21 @@ fn driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             }
         }
         if fault::hit(points::KILL_DRIVER) {
-            crate::diag!("harness[global-rank 0]: fault: SIGKILL self");
+            lockstep::diag!("harness[global-rank 0]: fault: SIGKILL self");
             // SAFETY: signalling our own pid.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
     rank.stop_heartbeats();
-    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    rank.send_next(|ids| Ok(lockstep::wire::PreparedEnvelope::shutdown(ids)))?;
     if args.device {
-        crate::diag!(
+        lockstep::diag!(
             "harness[global-rank 0]: device-resident: {} receive buffer(s) allocated for {} RESULT(s)",
             rank.recv_buffers_allocated(),
             args.chunks
         );
     }
-    crate::diag!("harness[global-rank 0]: drained: SHUTDOWN sent");
+    lockstep::diag!("harness[global-rank 0]: drained: SHUTDOWN sent");
     Ok(())
 }
 
@@ -295,7 +295,7 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             Action::Noop => {
                 if args.hold && rank.is_mesh_leader() && !told_idle {
                     told_idle = true;
-                    crate::comm::watchdog::diag(&format!(
+                    lockstep::comm::watchdog::diag(&format!(
                         "harness[global-rank 1]: idle between chunks (heartbeat call_id {}), waiting for a header",
                         env.header.call_id
                     ));
@@ -304,13 +304,13 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             }
             Action::Shutdown => {
                 if args.device {
-                    crate::diag!(
+                    lockstep::diag!(
                         "harness[{}]: device-resident: {} receive buffer(s) allocated for {infers} INFER(s)",
                         rank.global(),
                         rank.recv_buffers_allocated()
                     );
                 }
-                crate::diag!("harness[{}]: SHUTDOWN received; draining", rank.global());
+                lockstep::diag!("harness[{}]: SHUTDOWN received; draining", rank.global());
                 return Ok(());
             }
             Action::Result => {
@@ -505,7 +505,7 @@ fn bench_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> 
     let warm = 500u64;
     for i in 0..(args.iters + warm) {
         let t = Instant::now();
-        rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::noop(ids)))?;
+        rank.send_next(|ids| Ok(lockstep::wire::PreparedEnvelope::noop(ids)))?;
         rank.recv_envelope::<Vec<u8>>(Some(rank.deadline()))?;
         if i >= warm {
             header_us.push(t.elapsed().as_secs_f64() * 1e6);
@@ -543,7 +543,7 @@ fn bench_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> 
         n * 4,
         (n * 4) as f64 / e50 / 1e3
     );
-    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    rank.send_next(|ids| Ok(lockstep::wire::PreparedEnvelope::shutdown(ids)))?;
     Ok(())
 }
 
@@ -730,7 +730,7 @@ fn envelope_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
             staging.push(us);
         }
     }
-    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    rank.send_next(|ids| Ok(lockstep::wire::PreparedEnvelope::shutdown(ids)))?;
 
     let (p_rank, row_rank) = json_row("envelope.rank", backend, bytes, through_rank);
     let (p_dev, row_dev) = json_row("envelope.rank_device", backend, bytes, through_rank_device);
@@ -881,7 +881,7 @@ fn thread_cpu_us() -> (f64, f64, f64, f64) {
     } else {
         (f64::NAN, f64::NAN)
     };
-    (total, user, sys, crate::comm::lane::spin_us())
+    (total, user, sys, lockstep::comm::lane::spin_us())
 }
 
 /// Per-round-trip CPU of this rank's thread over the timed iterations, as one RESULT line.
@@ -973,7 +973,7 @@ fn protocol_driver<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<(
         wall,
         cpu0,
     );
-    rank.send_next(|ids| Ok(crate::wire::PreparedEnvelope::shutdown(ids)))?;
+    rank.send_next(|ids| Ok(lockstep::wire::PreparedEnvelope::shutdown(ids)))?;
     println!("RESULT {row}");
     Ok(())
 }
