@@ -109,13 +109,15 @@ impl<D: DataPlane> Rank<D> {
         let n = tensors.len();
         let mut tensors = tensors.into_iter();
         if fault::hit(fault::points::KILL_MID_PAYLOAD) {
-            // C2: the header and the first tensor are out; die before the rest.
-            if let Some(t) = tensors.next() {
+            // C2: the header and the first half of the tensors (none of one) are out; die
+            // before the rest, so the receiver is always left inside the payload.
+            let half = n / 2;
+            for t in tensors.by_ref().take(half) {
                 let tk = pp.send(t.data, peer, t.dtype, &t.shape)?;
                 pp.wait(tk, self.deadline())?;
             }
             crate::diag!(
-                "lockstep[{}]: fault: SIGKILL after the header and 1 of {n} tensors",
+                "lockstep[{}]: fault: SIGKILL after the header and {half} of {n} tensors",
                 self.me
             );
             // SAFETY: sending a signal to our own pid.
