@@ -28,8 +28,8 @@ pub mod device;
 pub mod plane;
 
 pub use comm::{
-    abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, GroupOps,
-    InGroup, ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
+    abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, ReduceDtype,
+    Tripwire, UniqueId, ABORT_GRACE,
 };
 pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
 pub use plane::{NcclComm, NcclPending, NcclPlane};

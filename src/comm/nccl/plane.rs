@@ -124,7 +124,7 @@ impl NcclPlane {
         what: &'static str,
         buf: DeviceBuf,
         keep: Option<DeviceBuf>,
-        f: impl FnOnce(&Communicator, &mut DeviceBuf, Option<&DeviceBuf>, bool) -> Result<()>,
+        f: impl FnOnce(&Communicator, &mut DeviceBuf, Option<&DeviceBuf>) -> Result<()>,
     ) -> Result<NcclPending> {
         let comm = self.comm(c)?;
         let mut buf = buf;
@@ -134,7 +134,7 @@ impl NcclPlane {
             .stream_lock
             .lock()
             .map_err(|_| Error::Invariant("NCCL plane stream lock poisoned".into()))?;
-        f(comm, &mut buf, keep.as_ref(), in_group)?;
+        f(comm, &mut buf, keep.as_ref())?;
         if in_group {
             OPEN_GROUP.with(|g| g.borrow_mut().1.push(slot.clone()));
         } else {
@@ -240,25 +240,17 @@ impl DataPlane for NcclPlane {
 
     fn send(&self, comm: &NcclComm, buf: DeviceBuf, peer: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "send", buf, None, |c, b, _, grp| {
+        self.issue(comm, "send", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().send(gpu, b, n, peer)
-            } else {
-                c.send(gpu, b, n, peer, deadline())
-            }
+            c.send(gpu, b, n, peer, deadline())
         })
     }
 
     fn recv(&self, comm: &NcclComm, buf: DeviceBuf, peer: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "recv", buf, None, |c, b, _, grp| {
+        self.issue(comm, "recv", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().recv(gpu, b, n, peer)
-            } else {
-                c.recv(gpu, b, n, peer, deadline())
-            }
+            c.recv(gpu, b, n, peer, deadline())
         })
     }
 
@@ -271,39 +263,27 @@ impl DataPlane for NcclPlane {
             )));
         }
         let gpu = &self.gpu;
-        self.issue(comm, "all-reduce", buf, None, |c, b, _, grp| {
+        self.issue(comm, "all-reduce", buf, None, |c, b, _| {
             let n = b.len() / dt.size();
-            if grp {
-                c.in_group().all_reduce_sum(gpu, b, n, dt)
-            } else {
-                c.all_reduce_sum(gpu, b, n, dt, deadline())
-            }
+            c.all_reduce_sum(gpu, b, n, dt, deadline())
         })
     }
 
     fn broadcast(&self, comm: &NcclComm, buf: DeviceBuf, root: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "broadcast", buf, None, |c, b, _, grp| {
+        self.issue(comm, "broadcast", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().broadcast(gpu, b, n, root)
-            } else {
-                c.broadcast(gpu, b, n, root, deadline())
-            }
+            c.broadcast(gpu, b, n, root, deadline())
         })
     }
 
     fn all_gather(&self, comm: &NcclComm, send: DeviceBuf, recv: DeviceBuf) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "all-gather", recv, Some(send), |c, r, s, grp| {
+        self.issue(comm, "all-gather", recv, Some(send), |c, r, s| {
             let s =
                 s.ok_or_else(|| Error::Invariant("all-gather without its send buffer".into()))?;
             let n = s.len();
-            if grp {
-                c.in_group().all_gather(gpu, s, n, r)
-            } else {
-                c.all_gather(gpu, s, n, r, deadline())
-            }
+            c.all_gather(gpu, s, n, r, deadline())
         })
     }
 
