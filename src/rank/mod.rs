@@ -111,8 +111,8 @@ pub struct Rank<D: DataPlane = HostPlane> {
     outbox: Option<Arc<Outbox>>,
     /// The envelope lane (rank 0 ↔ leader), read by the receiving thread itself.
     inbox: Option<Mutex<LaneReader>>,
-    /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order
-    /// (device-resident: the host API converts when it hands one up).
+    /// Leader: envelopes received whole while waiting for a `ClearToSend`, in arrival order (in
+    /// data-plane buffers: `recv_envelope` moves one to the caller's storage as it hands it up).
     stash: Mutex<VecDeque<ReceivedEnvelope<D::Buffer>>>,
     /// Receive buffers handed back with [`Rank::recycle`], by byte length (bounded).
     recv_pool: Mutex<RecvPool<D::Buffer>>,

@@ -6,6 +6,10 @@ mod bench;
 mod harness;
 mod weights;
 
+// The benchmarks under `bench/` were library modules and keep their `crate::…` paths (`crate::cuda`,
+// `crate::diag!`, `crate::{Error, Result}`, …): they name the library's items through these imports.
+use lockstep::{cache, comm, cuda, diag, ids, model, Error, Result};
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

@@ -6,19 +6,19 @@
 //! inputs rotated across several buffer sets when one set would sit in L2, random data (never
 //! zeros). The PyTorch baselines (benches/baselines/attention_torch.py) run in the same device
 //! command; BENCHMARKS.md pairs the figures.
+use crate::cuda::attention::{attention_fwd, AttentionVariant, AttnShape, ALL_VARIANTS};
+use crate::cuda::context::{fill_bf16, EventTimer, Fill, Gpu};
+use crate::cuda::dit_ops::{self, RowShape};
+use crate::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
+use crate::{Error, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use lockstep::cuda::attention::{attention_fwd, AttentionVariant, AttnShape, ALL_VARIANTS};
-use lockstep::cuda::context::{fill_bf16, EventTimer, Fill, Gpu};
-use lockstep::cuda::dit_ops::{self, RowShape};
-use lockstep::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
-use lockstep::{Error, Result};
 use std::sync::Arc;
 
 fn alloc(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<bf16>> {
     stream
         .alloc_zeros::<bf16>(n)
-        .map_err(|e| lockstep::cuda::context::cuda_err(format!("alloc {n} bf16"), e))
+        .map_err(|e| crate::cuda::context::cuda_err(format!("alloc {n} bf16"), e))
 }
 
 fn rand_buf(gpu: &Gpu, stream: &Arc<CudaStream>, n: usize, seed: u64) -> Result<CudaSlice<bf16>> {
@@ -65,7 +65,7 @@ pub fn main(rest: &[String]) -> i32 {
     match run(rest) {
         Ok(()) => 0,
         Err(e) => {
-            lockstep::diag!("bench kernels: {e}");
+            crate::diag!("bench kernels: {e}");
             e.exit_code().code()
         }
     }
@@ -106,7 +106,7 @@ fn run(rest: &[String]) -> Result<()> {
     let ms = time_median(&gpu, &stream, 3, iters, |_| {
         stream
             .memcpy_dtod(&src, &mut dst)
-            .map_err(|e| lockstep::cuda::context::cuda_err("memcpy_dtod", e))
+            .map_err(|e| crate::cuda::context::cuda_err("memcpy_dtod", e))
     })?;
     let copy_gbs = 2.0 * (copy_n * 2) as f64 / (ms * 1e-3) / 1e9;
     rows.push(Row {
@@ -228,11 +228,11 @@ fn run(rest: &[String]) -> Result<()> {
             let mut kd = kc.slice_mut(off..off + n);
             stream
                 .memcpy_dtod(&k_new, &mut kd)
-                .map_err(|e| lockstep::cuda::context::cuda_err("memcpy_dtod", e))?;
+                .map_err(|e| crate::cuda::context::cuda_err("memcpy_dtod", e))?;
             let mut vd = vc.slice_mut(off..off + n);
             stream
                 .memcpy_dtod(&v_new, &mut vd)
-                .map_err(|e| lockstep::cuda::context::cuda_err("memcpy_dtod", e))
+                .map_err(|e| crate::cuda::context::cuda_err("memcpy_dtod", e))
         })?;
         let bytes = 4.0 * (n * 2) as f64;
         let gbs = |ms: f64, b: f64| b / (ms * 1e-3) / 1e9;

@@ -6,15 +6,15 @@
 //! [--json FILE]`. The cache fills by one chunk per chunk until the window is full (fills 0, 3,
 //! …, sinks + window − 3 frames), then rolls. The input is one random latent (timing does not
 //! depend on its values); the ledger drives the device cache exactly as in a stream.
-use lockstep::cache::{CacheGeometry, KvCache};
-use lockstep::cuda::attention::AttentionVariant;
-use lockstep::cuda::context::{cuda_err, EventTimer, Gpu};
-use lockstep::cuda::gemm::{bench_shapes, Epilogue, GemmCase, GemmShape};
-use lockstep::ids::CacheEpoch;
-use lockstep::model::dit::{CacheMode, DitShard};
-use lockstep::model::gpu::{GpuDit, KvAccess};
-use lockstep::model::DitConfig;
-use lockstep::{Error, Result};
+use crate::cache::{CacheGeometry, KvCache};
+use crate::cuda::attention::AttentionVariant;
+use crate::cuda::context::{cuda_err, EventTimer, Gpu};
+use crate::cuda::gemm::{bench_shapes, Epilogue, GemmCase, GemmShape};
+use crate::ids::CacheEpoch;
+use crate::model::dit::{CacheMode, DitShard};
+use crate::model::gpu::{GpuDit, KvAccess};
+use crate::model::DitConfig;
+use crate::{Error, Result};
 use std::sync::Arc;
 
 struct Opts {
@@ -81,7 +81,7 @@ pub fn main(rest: &[String]) -> i32 {
     match run(rest) {
         Ok(()) => 0,
         Err(e) => {
-            lockstep::diag!("bench model: {e}");
+            crate::diag!("bench model: {e}");
             e.exit_code().code()
         }
     }
@@ -105,7 +105,7 @@ fn run(rest: &[String]) -> Result<()> {
     );
     let f = cfg.frames_per_chunk;
     let x: Vec<f32> =
-        lockstep::model::ops::gen(3, "bench-x", f * cfg.tokens_per_frame() * cfg.in_dim(), 1.0);
+        crate::model::ops::gen(3, "bench-x", f * cfg.tokens_per_frame() * cfg.in_dim(), 1.0);
     {
         let st = model.stream().clone();
         let xb: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();

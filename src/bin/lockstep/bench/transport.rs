@@ -21,12 +21,12 @@
 //! ops captured once into a CUDA graph, one `cuGraphLaunch` per step; `+gated` = the next step's
 //! ops enqueued ahead behind a `Gate` (stream wait on a host word), released by one host store
 //! once the host has seen the previous hop complete (rows report release → completion seen).
-use lockstep::comm::nccl::{
+use crate::comm::nccl::{
     CommOptions, Communicator, Completion, CompletionKind, DeviceBuf, Gate, Gpu, ReduceDtype,
     Ticket, UniqueId,
 };
-use lockstep::ids::GroupRank;
-use lockstep::{Error, Result};
+use crate::ids::GroupRank;
+use crate::{Error, Result};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -114,14 +114,14 @@ pub fn main(rest: &[String]) -> i32 {
     match r {
         Ok(()) => 0,
         Err(e) => {
-            lockstep::diag!("bench transport: {e}");
+            crate::diag!("bench transport: {e}");
             e.exit_code().code()
         }
     }
 }
 
 fn parent(o: &Opts) -> Result<()> {
-    if let Some(why) = lockstep::comm::nccl::unavailable_reason(2) {
+    if let Some(why) = crate::comm::nccl::unavailable_reason(2) {
         return Err(Error::BadInput(format!(
             "cannot run on this machine: {why}"
         )));
@@ -500,7 +500,7 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
 
 // ---- graph and gated variants ---------------------------------------------------------------
 
-fn launch(g: &lockstep::comm::nccl::CapturedOps) -> Result<()> {
+fn launch(g: &crate::comm::nccl::CapturedOps) -> Result<()> {
     g.launch()
 }
 
