@@ -8,9 +8,10 @@
 //!   or a gap crashes at once naming both values. Nothing is relayed for a dropped duplicate.
 //! - The leader validates the envelope (plan, manifest) before any mesh collective, then relays
 //!   it (header, meta, tensors: the one wire framing) to the mesh; every rank decodes the plan
-//!   from the same canonical meta, executes `PhasePlan::phases()` in order, counts its generator
-//!   calls against `expected_generator_calls`, and all-gathers its `StateDigest` at chunk end:
-//!   any difference crashes with a per-field diff (F3).
+//!   from the same canonical meta, executes `PhasePlan::phases()` in order, counts each generator
+//!   call against `expected_generator_calls` before issuing it and the total before the chunk-end
+//!   collective (B2), and all-gathers its `StateDigest` at chunk end: any difference crashes with
+//!   a per-field diff (F3).
 //! - Warm-up captures the step-graph set (the CPU stand-in for CUDA-graph capture) from the
 //!   parity-checked configuration, before the first INFER, and all-gathers its fingerprint: ranks
 //!   whose sets differ crash there (G2); a production call whose signature was not captured is
