@@ -24,7 +24,8 @@ use std::time::Duration;
 /// How long a lost data connection waits for the peer's failure notice.
 const NOTICE_GRACE: Duration = Duration::from_millis(300);
 
-/// One diagnosis line (lives in the base module `crate::diag`; kept here for its callers).
+/// One diagnosis line: the base module's `crate::diag::line`, under the name the pipeline's rank
+/// adapters import.
 pub use crate::diag::line as diag;
 
 /// Upper bound on the whole abort path.

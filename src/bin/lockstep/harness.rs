@@ -295,7 +295,7 @@ fn mesh<D: DataPlane>(rank: &Rank<D>, args: &HarnessArgs) -> Result<()> {
             Action::Noop => {
                 if args.hold && rank.is_mesh_leader() && !told_idle {
                     told_idle = true;
-                    lockstep::comm::watchdog::diag(&format!(
+                    lockstep::diag::line(&format!(
                         "harness[global-rank 1]: idle between chunks (heartbeat call_id {}), waiting for a header",
                         env.header.call_id
                     ));

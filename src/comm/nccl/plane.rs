@@ -356,7 +356,7 @@ impl DataPlane for NcclPlane {
             );
             // One line the break-it tests (C1) and operators can read: the communicators were
             // aborted, not left alive at exit.
-            crate::comm::watchdog::diag(&format!(
+            crate::diag::line(&format!(
                 "lockstep: nccl data plane: aborted {n} communicator(s) in {} ms (pid {})",
                 t.elapsed().as_millis(),
                 std::process::id()
