@@ -103,3 +103,20 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_keeps_the_variant_and_so_the_exit_code() {
+        let e = Error::Timeout("ncclCommFinalize on pp did not finish".into())
+            .with_note("; cleaning up, ncclCommAbort on pp failed too");
+        assert_eq!(e.exit_code(), ExitCode::WatchdogTimeout);
+        assert_eq!(
+            e.to_string(),
+            "timed out: ncclCommFinalize on pp did not finish; cleaning up, ncclCommAbort on pp \
+             failed too"
+        );
+    }
+}

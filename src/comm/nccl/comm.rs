@@ -1260,6 +1260,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ops_inside_an_open_group_skip_their_own_enqueue_wait() {
+        let d = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            op_deadline(d),
+            Some(d),
+            "outside a group an op waits to be enqueued"
+        );
+        OPEN_GROUPS.with(|g| g.set(g.get() + 1));
+        let inside = op_deadline(d);
+        OPEN_GROUPS.with(|g| g.set(g.get() - 1));
+        assert_eq!(
+            inside, None,
+            "NCCL enqueues a grouped op at the group's end"
+        );
+        assert_eq!(op_deadline(d), Some(d));
+    }
+
+    #[test]
     fn abort_concurrently_runs_every_abort_at_the_same_time() {
         // Each fake abort counts itself in and waits (bounded) until all have: run one after
         // another, the first would never see the others and report not done.
