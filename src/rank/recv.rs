@@ -51,13 +51,8 @@ impl<D: DataPlane> Rank<D> {
             .transpose()
     }
 
-    /// Moves a device-resident envelope's tensors to host memory (NCCL: one download each;
-    /// host backend: no copy).
-    pub fn to_host(&self, env: ReceivedEnvelope<D::Buffer>) -> Result<ReceivedEnvelope> {
-        self.hand_up(env)
-    }
-
-    /// A received envelope's tensors, from data-plane buffers into the caller's storage.
+    /// A received envelope's tensors, from data-plane buffers into the caller's storage (host
+    /// bytes: one download each on NCCL, a move on the host backend).
     pub(super) fn hand_up<S: FromPlane<D>>(
         &self,
         env: ReceivedEnvelope<D::Buffer>,
