@@ -571,12 +571,15 @@ fn b2_plan_missing_generator_call_crashes_before_chunk_end() {
 
 /// C2: rank 0 SIGKILLs itself after the INFER header and the first half of its payload (none of
 /// the one `noise` tensor); the mesh leader, inside the pipeline's receive, is told by the
-/// control plane at once (exit 72, naming how far the payload got).
+/// control plane at once (exit 72, naming how far the payload got). The second INFER (call_id 2)
+/// at depth 1 is the one: rank 0 sends it only after the first RESULT, so the leader is already
+/// waiting for it (the first can arrive while the leader is still in warm-up, before any receive
+/// exists to interrupt); heartbeats at 1 s keep NOOPs out of the call_id sequence.
 fn c2_case(name: &str, env: &[(&str, &str)]) {
     let r = run_env(
         name,
-        &args(&["--chunks", "4"]),
-        Some("send.kill_mid_payload@0"),
+        &args(&["--chunks", "4", "--depth", "1", "--heartbeat-ms", "1000"]),
+        Some("send.kill_mid_payload@0#2"),
         env,
         BOUND,
     );
@@ -584,7 +587,7 @@ fn c2_case(name: &str, env: &[(&str, &str)]) {
     for needle in [
         "launch: global-rank 0 killed by signal 9 (SIGKILL)",
         "global-rank 1]: exit 72 (peer-lost): peer lost: global-rank 0 (driver)",
-        "(receiving the payload of INFER call_id 1: ",
+        "(receiving the payload of INFER call_id 2: 0 of 1 tensors complete)",
     ] {
         assert!(
             r.stderr.contains(needle),
