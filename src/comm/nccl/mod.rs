@@ -4,8 +4,8 @@
 //! Layers (cudarc's habit): `api` (function table, error strings) → `comm` (`Communicator` RAII,
 //! `AbortHandle`, `Tripwire`, abort-all) → `device` (`Gpu`, `DeviceBuf`, `Completion`).
 //! `plane` is the NCCL backend of `comm::plane::DataPlane` (a rank bootstraps on it with
-//! `rank::bootstrap_nccl`; this backend never names `rank`); `bench` is the
-//! two-process transport benchmark (`lockstep bench transport`).
+//! `rank::bootstrap_nccl`; this backend never names `rank`). The two-process transport benchmark
+//! (`lockstep bench transport`) is tooling in the CLI binary: `src/bin/lockstep/bench/transport.rs`.
 //!
 //! Contract (details in each submodule):
 //! - A missing or too-old libnccl is `Error::LibraryMissing`, never a panic. Lookup order:
