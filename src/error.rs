@@ -63,6 +63,30 @@ impl Error {
         }
     }
 
+    /// The same error with `note` appended to its message: the variant, and so the exit code,
+    /// stays (a cleanup that failed after the first error is reported beside it, not dropped).
+    pub fn with_note(self, note: &str) -> Self {
+        match self {
+            Error::BadInput(m) => Error::BadInput(m + note),
+            Error::Preflight(m) => Error::Preflight(m + note),
+            Error::Decode(m) => Error::Decode(m + note),
+            Error::Invariant(m) => Error::Invariant(m + note),
+            Error::Parity(m) => Error::Parity(m + note),
+            Error::PeerLost(m) => Error::PeerLost(m + note),
+            Error::PeerFailed(m) => Error::PeerFailed(m + note),
+            Error::Timeout(m) => Error::Timeout(m + note),
+            Error::Io { context, source } => Error::Io {
+                context: context + note,
+                source,
+            },
+            Error::LibraryMissing(m) => Error::LibraryMissing(m + note),
+            Error::Cuda(m) => Error::Cuda(m + note),
+            Error::Nccl(m) => Error::Nccl(m + note),
+            Error::NoKernels(m) => Error::NoKernels(m + note),
+            Error::Signal(m) => Error::Signal(m + note),
+        }
+    }
+
     /// The exit code a rank uses when this error ends it.
     pub fn exit_code(&self) -> ExitCode {
         match self {
@@ -77,5 +101,22 @@ impl Error {
             }
             Error::Signal(_) => ExitCode::Signal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_keeps_the_variant_and_so_the_exit_code() {
+        let e = Error::Timeout("ncclCommFinalize on pp did not finish".into())
+            .with_note("; cleaning up, ncclCommAbort on pp failed too");
+        assert_eq!(e.exit_code(), ExitCode::WatchdogTimeout);
+        assert_eq!(
+            e.to_string(),
+            "timed out: ncclCommFinalize on pp did not finish; cleaning up, ncclCommAbort on pp \
+             failed too"
+        );
     }
 }

@@ -27,22 +27,24 @@ pub mod points {
     pub const TP_ON_PP: &str = "harness.tp_on_pp";
     /// Harness rank 0 (non-member): issue a `mesh` collective (B1 guard).
     pub const NON_MEMBER_COLLECTIVE: &str = "harness.non_member_collective";
-    /// Harness mesh rank: make one generator call more than the plan says (B2).
-    pub const EXTRA_GENERATOR_CALL: &str = "harness.extra_generator_call";
-    /// Harness mesh rank: make one generator call fewer than the plan says (B2).
-    pub const SKIP_GENERATOR_CALL: &str = "harness.skip_generator_call";
+    /// Pipeline mesh rank: make one generator call more than the plan says (B2).
+    pub const EXTRA_GENERATOR_CALL: &str = "pipeline.extra_generator_call";
+    /// Pipeline mesh rank: leave out one denoising step's generator call (B2).
+    pub const SKIP_GENERATOR_CALL: &str = "pipeline.skip_generator_call";
     /// Rank bootstrap: create the groups in another order (B3).
     pub const GROUPS_REORDER: &str = "groups.reorder";
     /// Harness rank 0: SIGKILL itself while the mesh waits for the next header (C1).
     pub const KILL_DRIVER: &str = "harness.kill_driver";
-    /// Envelope send: SIGKILL the sender after the header and half the payload (C2).
+    /// Envelope send: SIGKILL the sender after the header and the first half of the payload's
+    /// tensors (none of a one-tensor payload) (C2).
     pub const KILL_MID_PAYLOAD: &str = "send.kill_mid_payload";
     /// Teardown: block forever where communicators are destroyed (C5).
     pub const TEARDOWN_HANG: &str = "teardown.hang";
     /// Parity fingerprint: flip the CUDA-graphs execution flag on this rank (G1).
     pub const FLIP_GRAPHS: &str = "parity.flip_graphs";
-    /// Harness mesh rank: expect a different latent shape than the envelope carries (G3).
-    pub const SHAPE_SKEW: &str = "harness.shape_skew";
+    /// Pipeline mesh rank: expect one frame more in the noise tensor than the envelope and its
+    /// plan carry (G3).
+    pub const SHAPE_SKEW: &str = "pipeline.shape_skew";
     /// Harness mesh rank: issue the generator all_reduce in bf16 instead of f32 (fr analyze demo).
     pub const DTYPE_SKEW: &str = "harness.dtype_skew";
     /// Pipeline stage 0: send the next INFER envelope twice (D1).

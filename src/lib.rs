@@ -6,10 +6,10 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod bench;
 pub mod cache;
 pub mod comm;
 pub mod cuda;
+pub mod diag;
 pub mod digest;
 pub mod doctor;
 pub mod error;
@@ -17,8 +17,6 @@ pub mod exit;
 pub mod fault;
 pub mod ffi;
 pub mod fr;
-#[doc(hidden)]
-pub mod harness;
 pub mod ids;
 pub mod launch;
 pub mod model;
@@ -34,6 +32,6 @@ pub use error::{Error, Result};
 #[macro_export]
 macro_rules! diag {
     ($($arg:tt)*) => {
-        $crate::comm::watchdog::diag(&format!($($arg)*))
+        $crate::diag::line(&format!($($arg)*))
     };
 }

@@ -1,4 +1,4 @@
-//! Break-it tests D1–D3, E1–E3, F1–F3, G2 (SPEC §12) against `lockstep run`, i.e. real rank
+//! Break-it tests B2, C2, D1–D3, E1–E3, F1–F3, G2, G3 (SPEC §12) against `lockstep run`, i.e. real rank
 //! processes (rank 0 + the mesh, launched by the protocol's launcher) on the data plane
 //! `LOCKSTEP_BACKEND` names (`host` by default, in CI; `nccl` on a 2-GPU host: rank 0 → GPU 0, the
 //! TP=2 mesh → GPU 1 and GPU 0; the ranks inherit the variable, and every clean run's metrics must
@@ -28,6 +28,17 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Runs `lockstep run --quiet <args>` with `LOCKSTEP_FAULT=fault`, bounded by `bound`.
 fn run(name: &str, args: &[&str], fault: Option<&str>, bound: Duration) -> Run {
+    run_env(name, args, fault, &[], bound)
+}
+
+/// [`run`] with extra environment for every rank.
+fn run_env(
+    name: &str,
+    args: &[&str],
+    fault: Option<&str>,
+    env: &[(&str, &str)],
+    bound: Duration,
+) -> Run {
     let metrics = tmp(&format!("{name}.json"));
     let _ = std::fs::remove_file(&metrics);
     let mut cmd = Command::new(common::lockstep_bin());
@@ -36,8 +47,11 @@ fn run(name: &str, args: &[&str], fault: Option<&str>, bound: Duration) -> Run {
         .args(args)
         .arg("--metrics")
         .arg(&metrics);
+    let dumps = tmp(&format!("{name}-dumps"));
+    let _ = std::fs::remove_dir_all(&dumps);
     cmd.env_remove("LOCKSTEP_FAULT")
-        .env("LOCKSTEP_DUMP_DIR", tmp(&format!("{name}-dumps")));
+        .env("LOCKSTEP_DUMP_DIR", dumps)
+        .envs(env.iter().copied());
     if let Some(f) = fault {
         cmd.env("LOCKSTEP_FAULT", f);
     }
@@ -484,4 +498,150 @@ fn g2_graph_set_skew_fails_in_warmup_not_in_production() {
         r.stderr
     );
     assert!(!r.stderr.contains("generate"), "{}", r.stderr);
+}
+
+/// A rank's flight-recorder dump of a [`run`] named `name`.
+fn dump(name: &str, rank: u32) -> String {
+    std::fs::read_to_string(tmp(&format!("{name}-dumps")).join(format!("rank-{rank}.jsonl")))
+        .unwrap_or_default()
+}
+
+#[test]
+fn b2_plan_extra_generator_call_crashes_before_collective() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("b2_plan_extra_generator_call_crashes_before_collective") {
+        return;
+    }
+    // Stage 1's executor counts each call against the plan before issuing it (tiny preset: 4
+    // denoising steps + the clean pass = 5 calls per chunk).
+    let r = run(
+        "b2x",
+        &args(&["--chunks", "4"]),
+        Some("pipeline.extra_generator_call@2"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "lockstep[global-rank 2]: exit 70 (invariant-violation): invariant violated: plan \
+             mismatch: plan says 5 generator calls, this rank is about to make call 6 (stopped \
+             before issuing it)"
+        ),
+        "{}",
+        r.stderr
+    );
+    // One rank's failure reaches every rank: each dumps and exits 77 naming the origin.
+    for rank in [0, 1] {
+        assert!(
+            r.stderr.contains(&format!(
+                "lockstep[global-rank {rank}]: exit 77 (peer-failed): peer failed: global-rank 2 \
+                 failed with exit 70"
+            )) && !dump("b2x", rank).is_empty(),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(!r.stderr.contains("watchdog"), "{}", r.stderr);
+}
+
+#[test]
+fn b2_plan_missing_generator_call_crashes_before_chunk_end() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("b2_plan_missing_generator_call_crashes_before_chunk_end") {
+        return;
+    }
+    let r = run(
+        "b2m",
+        &args(&["--chunks", "4"]),
+        Some("pipeline.skip_generator_call@2#1"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "lockstep[global-rank 2]: exit 70 (invariant-violation): invariant violated: plan \
+             mismatch: plan says 5 generator calls, this rank made 4 (checked before the \
+             chunk-end collective)"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("watchdog"), "{}", r.stderr);
+}
+
+/// C2: rank 0 SIGKILLs itself after the INFER header and the first half of its payload (none of
+/// the one `noise` tensor); the mesh leader, inside the pipeline's receive, is told by the
+/// control plane at once (exit 72, naming how far the payload got). The second INFER (call_id 2)
+/// at depth 1 is the one: rank 0 sends it only after the first RESULT, so the leader is already
+/// waiting for it (the first can arrive while the leader is still in warm-up, before any receive
+/// exists to interrupt); heartbeats at 1 s keep NOOPs out of the call_id sequence.
+fn c2_case(name: &str, env: &[(&str, &str)]) {
+    let r = run_env(
+        name,
+        &args(&["--chunks", "4", "--depth", "1", "--heartbeat-ms", "1000"]),
+        Some("send.kill_mid_payload@0#2"),
+        env,
+        BOUND,
+    );
+    assert_eq!(r.code, 137, "{}", r.stderr);
+    for needle in [
+        "launch: global-rank 0 killed by signal 9 (SIGKILL)",
+        "global-rank 1]: exit 72 (peer-lost): peer lost: global-rank 0 (driver)",
+        "(receiving the payload of INFER call_id 2: 0 of 1 tensors complete)",
+    ] {
+        assert!(
+            r.stderr.contains(needle),
+            "missing {needle:?}:\n{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn c2_sender_killed_mid_payload_detected_by_receiver() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("c2_sender_killed_mid_payload_detected_by_receiver") {
+        return;
+    }
+    c2_case("c2", &[]);
+}
+
+#[test]
+fn c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver")
+    {
+        return;
+    }
+    // The same C2 with the envelope lane forced onto TCP (shared memory is the default on one
+    // host): the header travels on the socket itself, and its EOF is the death notice.
+    c2_case("c2tcp", &[("LOCKSTEP_LANE", "tcp")]);
+}
+
+#[test]
+fn g3_shape_skew_caught_before_forward() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("g3_shape_skew_caught_before_forward") {
+        return;
+    }
+    // Rank 2 expects one frame (64 tokens) more than the envelope and its plan carry.
+    let r = run(
+        "g3",
+        &args(&["--chunks", "4"]),
+        Some("pipeline.shape_skew@2"),
+        BOUND,
+    );
+    assert_eq!(r.code, 70, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "lockstep[global-rank 2]: exit 70 (invariant-violation): invariant violated: shape \
+             skew caught by envelope validation before any forward: tensor `noise` has shape \
+             [192, 64] (plan says [192, 64]), this rank expects [256, 64]"
+        ),
+        "{}",
+        r.stderr
+    );
+    let d = dump("g3", 2);
+    assert!(!d.is_empty(), "rank 2 left no dump");
+    assert!(!d.contains("\"phase\":\"generate\""), "a forward ran:\n{d}");
 }

@@ -2,9 +2,9 @@
 //! with the torchrun-style environment), `bootstrap_nccl`, an INFER envelope with device tensors
 //! from rank 0 to the mesh leader, the relay to the mesh, a TP all-reduce, a RESULT back, drain.
 //! Skips with a printed reason with fewer than 2 GPUs or no NCCL.
-use lockstep::comm::nccl::{bootstrap_nccl, unavailable_reason};
-use lockstep::rank::{RankEnv, RankOptions};
-use lockstep::wire::{prepare, Action, HostTensor, Limits};
+use lockstep::comm::nccl::unavailable_reason;
+use lockstep::rank::{bootstrap_nccl, RankEnv, RankOptions};
+use lockstep::wire::{prepare, Action, HostTensor, Limits, ReceivedEnvelope};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,7 +47,8 @@ fn child() -> lockstep::Result<()> {
                 &Limits::default(),
             )
         })?;
-        let res = rank.recv_envelope(Some(Instant::now() + Duration::from_secs(60)))?;
+        let res: ReceivedEnvelope =
+            rank.recv_envelope(Some(Instant::now() + Duration::from_secs(60)))?;
         let got =
             f32s(res.tensor("result").ok_or_else(|| {
                 lockstep::Error::Invariant("RESULT without a result tensor".into())
@@ -73,7 +74,8 @@ fn child() -> lockstep::Result<()> {
         } else {
             None
         };
-        let e = rank.relay_to_mesh(first.as_ref())?;
+        let first: Option<ReceivedEnvelope> = first;
+        let e: ReceivedEnvelope = rank.relay_to_mesh(first)?;
         let mine =
             f32s(e.tensor("latent").ok_or_else(|| {
                 lockstep::Error::Invariant("INFER without a latent tensor".into())

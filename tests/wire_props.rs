@@ -1,7 +1,8 @@
 //! Property tests for envelope decoding (a bounded slice of the `lockstep bench wire` fuzz):
 //! any bytes decode to a value or a typed error, never a panic; valid envelopes round-trip.
-use lockstep::bench::decode_frame;
-use lockstep::wire::{prepare, Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc};
+use lockstep::wire::{
+    decode_frame, prepare, Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc,
+};
 use proptest::prelude::*;
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]

@@ -3,8 +3,8 @@
 //! Contract: a frame is `[kind u32 LE][len u32 LE][body]`; `read_frame` refuses unknown kinds and
 //! lengths above the caller's bound **before allocating**, and reads under the socket's deadline,
 //! so garbage or truncated bytes end in a typed error, never a crash or a stall.
-use super::group::{GroupSpec, PeerTable};
 use super::parity::Fingerprint;
+use super::spec::{GroupSpec, PeerTable};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};

@@ -12,8 +12,8 @@
 //! byte counts.
 //! Tripwires: token mismatch on a data connection (refused, logged), peer EOF (PeerLost), abort
 //! (every op fails), deadline (Timeout).
-use super::group::{GroupSpec, PeerTable};
 use super::plane::{AbortHandle, DataPlane};
+use super::spec::{GroupSpec, PeerTable};
 use crate::error::{Error, Result};
 use crate::ids::GroupRank;
 use crate::wire::DType;
@@ -808,6 +808,9 @@ impl DataPlane for HostPlane {
     }
     fn upload(&self, host: &[u8]) -> Result<Vec<u8>> {
         Ok(host.to_vec())
+    }
+    fn upload_owned(&self, host: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(host)
     }
     fn download(&self, buf: &Vec<u8>) -> Result<Vec<u8>> {
         Ok(buf.clone())

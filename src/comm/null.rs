@@ -7,8 +7,8 @@
 //! zeros), and mismatched collectives do not hang; nothing but the protocol benchmark selects it
 //! (it is not a `LOCKSTEP_BACKEND` value, and its name `null` never matches a real plane's in the
 //! parity check).
-use super::group::{GroupSpec, PeerTable};
-use super::plane::{AbortHandle, DataPlane};
+use super::plane::{AbortHandle, DataPlane, FromPlane, IntoPlane};
+use super::spec::{GroupSpec, PeerTable};
 use crate::error::Result;
 use crate::ids::GroupRank;
 use crate::wire::{DType, TensorBytes};
@@ -21,6 +21,19 @@ pub struct NullBuf(pub usize);
 impl TensorBytes for NullBuf {
     fn byte_len(&self) -> u64 {
         self.0 as u64
+    }
+}
+
+/// Device-resident on the null plane: its buffers are envelope storage as they are.
+impl IntoPlane<NullPlane> for NullBuf {
+    fn into_plane(self, _plane: &NullPlane) -> Result<NullBuf> {
+        Ok(self)
+    }
+}
+
+impl FromPlane<NullPlane> for NullBuf {
+    fn from_plane(buf: NullBuf, _plane: &NullPlane) -> Result<NullBuf> {
+        Ok(buf)
     }
 }
 

@@ -6,7 +6,7 @@
 //! differs between ranks — or exists on some ranks only — is a mismatch; [`parity_diff`] prints
 //! one line per field with the value each rank holds, and every rank exits `ParityMismatch`
 //! before inference.
-use super::group::GroupSpec;
+use super::spec::GroupSpec;
 use crate::ids::GlobalRank;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

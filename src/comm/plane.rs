@@ -1,4 +1,5 @@
-//! The data-plane trait: one interface, two backends (`host.rs`, and `nccl/` for NCCL).
+//! The data-plane trait: one interface, three backends (`host.rs`; `nccl/`, the folder, whose
+//! `nccl/plane.rs` implements it; `null.rs` for protocol-cost benchmarks).
 //!
 //! Contract (shaped after NCCL so that backend fits without contortions):
 //! - Buffers are backend-owned (`Buffer`: host `Vec<u8>`, NCCL device memory). An op takes its
@@ -18,7 +19,7 @@
 //!   collective wrapper's guards and the watchdog are what turn that into a crash.
 //! - [`AbortHandle`] is `Send + Sync` and callable from the watchdog thread while another thread
 //!   is blocked in `wait`; after an abort every pending and later op fails.
-use super::group::{GroupSpec, PeerTable};
+use super::spec::{GroupSpec, PeerTable};
 use crate::error::Result;
 use crate::ids::GroupRank;
 use crate::wire::{DType, TensorBytes};
@@ -38,9 +39,42 @@ impl AbortHandle {
     }
 }
 
-pub trait DataPlane: Send + Sync + 'static {
-    /// Memory an op reads/writes (host: `Vec<u8>`; NCCL: device allocation).
-    type Buffer: Send + TensorBytes + 'static;
+/// Where an envelope's tensor bytes live on their way **into** data plane `D`: host bytes are
+/// uploaded (owned ones without a copy where the plane keeps host memory), a plane buffer goes
+/// as it is. The envelope endpoint has one send path and one relay path over this, whichever side
+/// of the PCIe bus the caller keeps its tensors.
+pub trait IntoPlane<D: DataPlane>: TensorBytes {
+    fn into_plane(self, plane: &D) -> Result<D::Buffer>;
+}
+
+/// Where an envelope's tensor bytes live on their way **out of** data plane `D`: moved to host
+/// bytes (a download; none on the host plane), or kept in the plane's buffer.
+pub trait FromPlane<D: DataPlane>: TensorBytes + Sized {
+    fn from_plane(buf: D::Buffer, plane: &D) -> Result<Self>;
+}
+
+impl<D: DataPlane> IntoPlane<D> for Vec<u8> {
+    fn into_plane(self, plane: &D) -> Result<D::Buffer> {
+        plane.upload_owned(self)
+    }
+}
+
+impl<D: DataPlane> IntoPlane<D> for &Vec<u8> {
+    fn into_plane(self, plane: &D) -> Result<D::Buffer> {
+        plane.upload(self)
+    }
+}
+
+impl<D: DataPlane> FromPlane<D> for Vec<u8> {
+    fn from_plane(buf: D::Buffer, plane: &D) -> Result<Self> {
+        plane.take_host(buf)
+    }
+}
+
+pub trait DataPlane: Send + Sync + Sized + 'static {
+    /// Memory an op reads/writes (host: `Vec<u8>`; NCCL: device allocation). It can be an
+    /// envelope tensor's storage as it is (device-resident envelopes).
+    type Buffer: Send + TensorBytes + IntoPlane<Self> + FromPlane<Self> + 'static;
     /// One communicator (one per group this rank belongs to).
     type Comm: Send + Sync + 'static;
     /// An enqueued op.
@@ -64,6 +98,11 @@ pub trait DataPlane: Send + Sync + 'static {
 
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
     fn upload(&self, host: &[u8]) -> Result<Self::Buffer>;
+    /// [`DataPlane::upload`] of bytes the caller gives up (the host backend keeps them as they
+    /// are). Default: `upload`.
+    fn upload_owned(&self, host: Vec<u8>) -> Result<Self::Buffer> {
+        self.upload(&host)
+    }
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
     /// Moves a buffer's bytes to the host, consuming it (host backend: no copy).
     fn take_host(&self, buf: Self::Buffer) -> Result<Vec<u8>> {

@@ -24,15 +24,9 @@ use std::time::Duration;
 /// How long a lost data connection waits for the peer's failure notice.
 const NOTICE_GRACE: Duration = Duration::from_millis(300);
 
-/// Writes one diagnosis line with a single `write` (lines of ranks sharing a pipe never
-/// interleave).
-pub fn diag(line: &str) {
-    use std::io::Write;
-    let mut s = String::with_capacity(line.len() + 1);
-    s.push_str(line);
-    s.push('\n');
-    let _ = std::io::stderr().write_all(s.as_bytes());
-}
+/// One diagnosis line: the base module's `crate::diag::line`, under the name the pipeline's rank
+/// adapters import.
+pub use crate::diag::line as diag;
 
 /// Upper bound on the whole abort path.
 const HARD_EXIT: Duration = Duration::from_secs(3);

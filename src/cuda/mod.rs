@@ -2,7 +2,6 @@
 //! launches. cudarc (dynamic loading) is the driver binding; it panics if a library is absent,
 //! so every entry point here checks presence first (`probe`) and returns `Error::LibraryMissing`.
 pub mod attention;
-pub mod bench;
 pub mod context;
 pub mod dit_ops;
 pub mod embedded;

@@ -22,11 +22,12 @@
 //! once at load so the velocity comes out in the token layout above, and the Euler step
 //! `x += dt·v` adds like to like. This is the only place the layout is converted.
 use super::ops;
+/// Seeded values (in `ops`, below both this module and `weights`; the name stays for callers).
+pub(crate) use super::ops::gen;
 use super::tp::TpComm;
 use super::weights::{SeededWeights, WeightSource};
 use super::DitConfig;
 use crate::cache::KvStore;
-use crate::digest::fnv64;
 use crate::{Error, Result};
 
 /// `y = x · wᵀ + b`, weights `[d_out, d_in]`.
@@ -42,21 +43,6 @@ impl Linear {
     fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
         ops::linear(x, rows, &self.w, self.d_in, self.d_out, self.b.as_deref())
     }
-}
-
-/// Deterministic uniform values in `[-scale, scale)` for a named tensor (splitmix64).
-pub(crate) fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed ^ fnv64(name.as_bytes());
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 /// The prompt's text features `[text_tokens, text_dim]` (random from the prompt seed: the text

@@ -8,7 +8,6 @@
 //! features of that size cost CI time without testing anything new.
 pub mod dit;
 pub mod gpu;
-pub mod gpu_bench;
 pub mod ops;
 pub mod tp;
 pub mod weights;

@@ -8,6 +8,7 @@
 //! - 3D RoPE (Wan): head dim `D` splits into `D_t = D - 4·(D/6)`, `D_h = D_w = 2·(D/6)` (for
 //!   D = 128: 44, 42, 42); inside each part, pairs `(x[2j], x[2j+1])` rotate by
 //!   `pos · 10000^(-2j / D_part)` with pos = frame, row or column of the token.
+use crate::digest::fnv64;
 
 /// `y[m, out] = x[m, in] · w[out, in]ᵀ (+ b[out])`.
 pub fn linear(
@@ -313,6 +314,21 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     } else {
         (num / den).sqrt()
     }
+}
+
+/// Deterministic uniform values in `[-scale, scale)` for a named tensor (splitmix64).
+pub fn gen(seed: u64, name: &str, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed ^ fnv64(name.as_bytes());
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@
 //! Tripwires: the map is read-only and shared with the page cache; a file truncated or rewritten
 //! while mapped can fault the process (SIGBUS), so never rewrite a weights file under a running
 //! job — write a new file and point the job at it.
-use super::dit::gen;
+use super::ops::gen;
 use super::DitConfig;
 use crate::digest::Fnv64;
 use crate::{Error, Result};
@@ -679,114 +679,6 @@ pub fn save_seeded(cfg: &DitConfig, seed: u64, dtype: SaveDType, path: &Path) ->
             path.display()
         )),
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// `lockstep weights`.
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct WeightsArgs {
-    #[command(subcommand)]
-    pub cmd: WeightsCmd,
-}
-
-#[derive(clap::Subcommand, Debug, Clone)]
-pub enum WeightsCmd {
-    /// Write a preset's seeded random weights as a safetensors file (Wan's names and shapes).
-    Save {
-        /// Output file.
-        out: PathBuf,
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        /// Weight seed (the same as `lockstep run --seed`).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, value_enum, default_value_t = SaveDType::F32)]
-        dtype: SaveDType,
-        /// Override the preset's layer count (e.g. a 2-layer `wan-1.3b` for checks).
-        #[arg(long)]
-        layers: Option<usize>,
-    },
-    /// Check a weights file against a preset: names, shapes, dtypes; print its digest.
-    Check {
-        file: PathBuf,
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        #[arg(long)]
-        layers: Option<usize>,
-    },
-    /// Record a stream's generator calls (inputs and outputs) on the CPU model with a weights
-    /// file, for checking another implementation against it
-    /// (`benches/baselines/wan_reference.py check`).
-    Trace(crate::pipeline::trace::TraceArgs),
-}
-
-/// `weights check`: every problem on stderr (not truncated), the digest on stdout.
-fn check_cmd(file: &Path, preset: &str, layers: Option<usize>) -> Result<()> {
-    let cfg = DitConfig::preset(preset)?.with_layers(layers)?;
-    let f = WeightFile::open(file)?;
-    let issues = f.check(&cfg);
-    for i in &issues {
-        crate::diag!("  - {i}");
-    }
-    if !issues.is_empty() {
-        return Err(Error::BadInput(format!(
-            "weights {} do not fit preset {preset} ({} problems, listed above)",
-            file.display(),
-            issues.len()
-        )));
-    }
-    println!(
-        "{} fits preset {preset}: {} tensors, dtypes {}, {}",
-        file.display(),
-        f.tensor_count(),
-        f.dtypes().join(","),
-        f.digest()
-    );
-    Ok(())
-}
-
-/// `lockstep weights …`: returns the exit code.
-pub fn main(args: &WeightsArgs) -> i32 {
-    let r = match &args.cmd {
-        WeightsCmd::Save {
-            out,
-            preset,
-            seed,
-            dtype,
-            layers,
-        } => DitConfig::preset(preset)
-            .and_then(|cfg| cfg.with_layers(*layers))
-            .and_then(|cfg| save_seeded(&cfg, *seed, *dtype, out))
-            .and_then(|()| WeightFile::open(out))
-            .map(|f| {
-                println!(
-                    "wrote {} ({} tensors, {:?}, preset {preset}, seed {seed}): {}",
-                    out.display(),
-                    f.tensor_count(),
-                    dtype,
-                    f.digest()
-                )
-            }),
-        WeightsCmd::Check {
-            file,
-            preset,
-            layers,
-        } => check_cmd(file, preset, *layers),
-        WeightsCmd::Trace(a) => crate::pipeline::trace::trace_cmd(a),
-    };
-    match r {
-        Ok(()) => 0,
-        Err(e) => {
-            let code = e.exit_code();
-            crate::diag!(
-                "lockstep weights: exit {} ({}): {e}",
-                code.code(),
-                code.name()
-            );
-            code.code()
-        }
-    }
 }
 
 #[cfg(test)]

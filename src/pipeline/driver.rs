@@ -16,7 +16,7 @@ use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSO
 use super::report::Trace;
 use super::stage0::{InFlight, Offer, QueueConfig, Stage0, Stage0Stats};
 use super::DriverLink;
-use crate::comm::watchdog::diag;
+use crate::diag::line as diag;
 use crate::digest::fnv64;
 use crate::fault::{self, points};
 use crate::ids::{CallId, ChunkIndex, DRIVER};

@@ -8,8 +8,11 @@
 //! planned) — then `wire::prepare` runs the protocol's preflight, so what comes out is a
 //! `PreparedEnvelope`, the only sendable thing. `validate_infer` re-runs the same checks on the
 //! mesh (leader first, before any mesh collective) plus header-vs-plan id agreement.
+//! Every mesh rank then checks the chunk's tensor against its own model geometry (G3: shape skew,
+//! exit 70, before any forward).
 //! Tripwires: F1 (recompute without override: refused before send and on the leader), a tensor
 //! the plan does not declare, a header whose ids disagree with its plan.
+use crate::fault::{self, points};
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 use crate::model::DitConfig;
 use crate::plan::{PhasePlan, StateDigest, OVERRIDE_TENSOR};
@@ -142,7 +145,31 @@ pub fn validate_infer(env: &ReceivedEnvelope, cfg: &DitConfig) -> Result<PhasePl
     }
     plan.validate()?;
     check_manifest(&plan, &env.tensors, cfg)?;
+    check_rank_shapes(&plan, &env.tensors, cfg)?;
     Ok(plan)
+}
+
+/// G3, on every mesh rank after the manifest matched its plan: the chunk's tensor has the shape
+/// this rank's own model geometry computes with (`[frames_per_chunk · tokens_per_frame,
+/// in_dim]`), so a rank whose expectation differs stops here, before any forward collective.
+fn check_rank_shapes(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> Result<()> {
+    let tpf = cfg.tokens_per_frame() as u64;
+    let plan_says = vec![u64::from(plan.frames) * tpf, cfg.in_dim() as u64];
+    let mut expect = vec![cfg.frames_per_chunk as u64 * tpf, cfg.in_dim() as u64];
+    if fault::hit(points::SHAPE_SKEW) {
+        expect[0] += tpf;
+    }
+    let Some(t) = tensors.iter().find(|t| t.name == NOISE_TENSOR) else {
+        return Ok(()); // check_manifest requires it; nothing to compare.
+    };
+    if t.shape != expect {
+        return Err(Error::Invariant(format!(
+            "shape skew caught by envelope validation before any forward: tensor `{}` has shape \
+             {:?} (plan says {plan_says:?}), this rank expects {expect:?}",
+            t.name, t.shape
+        )));
+    }
+    Ok(())
 }
 
 /// The RESULT for the INFER with `ids` (same call_id, chunk_index and cache_epoch).

@@ -238,10 +238,11 @@ impl<D: DataPlane> DriverLink for RankDriver<'_, D> {
             note_send(rank, &env);
             Ok(env)
         })
+        .map(|(id, _)| id)
     }
     fn send_again(&mut self, env: &PreparedEnvelope) -> Result<()> {
         note_send(self.rank, env);
-        self.rank.send_envelope(env)
+        self.rank.send_envelope(env.by_ref()).map(drop)
     }
     fn recv(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
         recv_within(self.rank, timeout)
@@ -251,6 +252,7 @@ impl<D: DataPlane> DriverLink for RankDriver<'_, D> {
         self.rank.stop_heartbeats();
         self.rank
             .send_next(Box::new(|ids| Ok(PreparedEnvelope::shutdown(ids))))
+            .map(|(id, _)| id)
     }
 }
 
@@ -287,10 +289,10 @@ impl<D: DataPlane> MeshLink for RankMesh<'_, D> {
     }
     fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()> {
         note_send(self.rank, env);
-        self.rank.send_envelope(env)
+        self.rank.send_envelope(env.by_ref()).map(drop)
     }
     fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
-        self.rank.relay_to_mesh(env)
+        self.rank.relay_to_mesh(env.map(ReceivedEnvelope::by_ref))
     }
     fn duplicates_dropped(&self) -> u64 {
         self.rank.dropped_duplicates()
@@ -455,12 +457,7 @@ pub fn rank_main(args: &RunArgs) -> i32 {
     };
     match backend {
         Backend::Host => serve(Rank::bootstrap_host(&env, opts), &who, args, &s),
-        Backend::Nccl => serve(
-            crate::comm::nccl::bootstrap_nccl(&env, opts),
-            &who,
-            args,
-            &s,
-        ),
+        Backend::Nccl => serve(crate::rank::bootstrap_nccl(&env, opts), &who, args, &s),
     }
 }
 

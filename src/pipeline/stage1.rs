@@ -8,9 +8,10 @@
 //!   or a gap crashes at once naming both values. Nothing is relayed for a dropped duplicate.
 //! - The leader validates the envelope (plan, manifest) before any mesh collective, then relays
 //!   it (header, meta, tensors: the one wire framing) to the mesh; every rank decodes the plan
-//!   from the same canonical meta, executes `PhasePlan::phases()` in order, counts its generator
-//!   calls against `expected_generator_calls`, and all-gathers its `StateDigest` at chunk end:
-//!   any difference crashes with a per-field diff (F3).
+//!   from the same canonical meta, executes `PhasePlan::phases()` in order, counts each generator
+//!   call against `expected_generator_calls` before issuing it and the total before the chunk-end
+//!   collective (B2), and all-gathers its `StateDigest` at chunk end: any difference crashes with
+//!   a per-field diff (F3).
 //! - Warm-up captures the step-graph set (the CPU stand-in for CUDA-graph capture) from the
 //!   parity-checked configuration, before the first INFER, and all-gathers its fingerprint: ranks
 //!   whose sets differ crash there (G2); a production call whose signature was not captured is
@@ -335,7 +336,26 @@ impl<'a> MeshRank<'a> {
         Ok(())
     }
 
-    fn gen_call(&mut self, kind: &str, call: Call<'_>, calls: &mut u32) -> Result<Vec<f32>> {
+    /// One generator call, counted against the plan **before** it is issued (B2): a call the
+    /// plan does not name never reaches the collectives inside it, which the other ranks would
+    /// not join.
+    fn gen_call(
+        &mut self,
+        kind: &str,
+        call: Call<'_>,
+        calls: &mut u32,
+        plan: &PhasePlan,
+    ) -> Result<Vec<f32>> {
+        if *calls >= plan.expected_generator_calls {
+            return Err(Error::Invariant(format!(
+                "plan mismatch: plan says {} generator calls, this rank is about to make call {} \
+                 (stopped before issuing it) at {} {}",
+                plan.expected_generator_calls,
+                *calls + 1,
+                plan.chunk_index,
+                plan.cache_epoch
+            )));
+        }
         self.graphs.check(&StepGraphs::signature(
             kind,
             call.t,
@@ -386,9 +406,13 @@ impl<'a> MeshRank<'a> {
                         t: 0,
                         mode: CacheMode::Overwrite(&slots),
                     };
-                    self.gen_call("recompute", call, &mut calls)?;
+                    self.gen_call("recompute", call, &mut calls, plan)?;
                 }
                 Phase::Denoise { t, t_next } => {
+                    if fault::hit(points::SKIP_GENERATOR_CALL) {
+                        // One step the plan names is left out; the count below must catch it.
+                        continue;
+                    }
                     let call = Call {
                         x: &x,
                         frames,
@@ -396,7 +420,7 @@ impl<'a> MeshRank<'a> {
                         t,
                         mode: CacheMode::Read,
                     };
-                    let v = self.gen_call("denoise", call, &mut calls)?;
+                    let v = self.gen_call("denoise", call, &mut calls, plan)?;
                     // Flow-matching Euler step on the integer timestep grid.
                     let dt = (t_next as f32 - t as f32) / TIMESTEP_MAX as f32;
                     x.iter_mut().zip(&v).for_each(|(a, b)| *a += dt * b);
@@ -414,10 +438,22 @@ impl<'a> MeshRank<'a> {
                     // The pass attends over the readable cache (after the plan's eviction,
                     // without the slots just reserved) + the chunk, and writes the chunk's K/V
                     // into the slots in every layer; only then are they readable.
-                    self.gen_call("clean", call, &mut calls)?;
+                    self.gen_call("clean", call, &mut calls, plan)?;
                     self.cache.ledger_mut().mark_written();
                 }
             }
+        }
+        if fault::hit(points::EXTRA_GENERATOR_CALL) {
+            // One call more than the plan names, the same as the last; the check before each
+            // call must stop it.
+            let call = Call {
+                x: &x,
+                frames,
+                start_frame: plan.start_frame,
+                t: 0,
+                mode: CacheMode::Read,
+            };
+            self.gen_call("clean", call, &mut calls, plan)?;
         }
         if fault::hit(points::CACHE_OUT_OF_BAND) {
             // An out-of-band mutation: not in the plan. The digest below must catch it.
@@ -430,7 +466,8 @@ impl<'a> MeshRank<'a> {
         }
         if calls != plan.expected_generator_calls {
             return Err(Error::Invariant(format!(
-                "generator calls at {at}: made {calls}, plan expected {}",
+                "plan mismatch: plan says {} generator calls, this rank made {calls} (checked \
+                 before the chunk-end collective) at {at}",
                 plan.expected_generator_calls
             )));
         }

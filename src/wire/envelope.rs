@@ -24,6 +24,13 @@ impl TensorBytes for Vec<u8> {
     }
 }
 
+/// Borrowed storage (an envelope sent as a view of one the caller keeps: `by_ref`).
+impl<S: TensorBytes> TensorBytes for &S {
+    fn byte_len(&self) -> u64 {
+        (**self).byte_len()
+    }
+}
+
 /// A top-level envelope tensor: name, dtype, shape and its bytes in storage `S` (host memory by
 /// default; a data plane's device buffer for device-resident envelopes).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +59,15 @@ impl<S: TensorBytes> Tensor<S> {
             dtype: self.dtype,
             shape: self.shape.clone(),
             byte_len: self.data.byte_len(),
+        }
+    }
+    /// The same tensor, its bytes borrowed.
+    pub fn by_ref(&self) -> Tensor<&S> {
+        Tensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            data: &self.data,
         }
     }
     /// The same tensor with its bytes moved to other storage by `f` (upload, download).
@@ -206,6 +222,18 @@ impl<S> PreparedEnvelope<S> {
     }
 }
 
+impl<S: TensorBytes> PreparedEnvelope<S> {
+    /// The same envelope with its tensors' bytes borrowed: sending it leaves this one with the
+    /// caller (to send again, e.g. a duplicate). It passed preflight as this one did.
+    pub fn by_ref(&self) -> PreparedEnvelope<&S> {
+        PreparedEnvelope {
+            header: self.header,
+            meta: self.meta.clone(),
+            tensors: self.tensors.iter().map(Tensor::by_ref).collect(),
+        }
+    }
+}
+
 /// Preflight for typed meta: everything that can fail happens here, before a header exists.
 pub fn prepare<T: serde::Serialize + serde::de::DeserializeOwned, S: TensorBytes>(
     action: Action,
@@ -294,6 +322,50 @@ impl<S> ReceivedEnvelope<S> {
     pub fn tensor(&self, name: &str) -> Option<&Tensor<S>> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+impl<S: TensorBytes> ReceivedEnvelope<S> {
+    /// The same envelope with its tensors' bytes borrowed (to relay one the caller keeps).
+    pub fn by_ref(&self) -> ReceivedEnvelope<&S> {
+        ReceivedEnvelope {
+            header: self.header,
+            meta: self.meta.clone(),
+            tensors: self.tensors.iter().map(Tensor::by_ref).collect(),
+        }
+    }
+}
+
+/// Decodes an envelope frame (header, then meta) as every receiver does: the header checked,
+/// `meta_len` against the frame, the meta against the header's digest, counts and [`Limits`].
+/// Never panics, whatever the bytes (the `lockstep bench wire` fuzz and `tests/wire_props.rs`).
+pub fn decode_frame(body: &[u8], limits: &Limits) -> Result<(Header, Option<MetaDoc>)> {
+    if body.len() < HEADER_LEN {
+        return Err(Error::Decode(format!(
+            "envelope frame of {} bytes is shorter than a header",
+            body.len()
+        )));
+    }
+    let header = Header::decode(&body[..HEADER_LEN])?;
+    let meta_bytes = &body[HEADER_LEN..];
+    if meta_bytes.len() as u64 != header.meta_len {
+        return Err(Error::Decode(format!(
+            "header announces meta_len {} but the frame carries {} meta bytes",
+            header.meta_len,
+            meta_bytes.len()
+        )));
+    }
+    let meta = if header.action().has_payload() {
+        Some(MetaDoc::decode(
+            meta_bytes,
+            header.meta_digest,
+            header.n_tensors,
+            header.payload_bytes,
+            limits,
+        )?)
+    } else {
+        None
+    };
+    Ok((header, meta))
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ mod header;
 mod meta;
 
 pub use envelope::{
-    prepare, prepare_untyped, EnvelopeIds, HostTensor, PreparedEnvelope, ReceivedEnvelope, Tensor,
-    TensorBytes,
+    decode_frame, prepare, prepare_untyped, EnvelopeIds, HostTensor, PreparedEnvelope,
+    ReceivedEnvelope, Tensor, TensorBytes,
 };
 pub use header::{Action, Header, ENVELOPE_VERSION, HEADER_LEN, MAGIC};
 pub use meta::{canonical_json, untyped_meta_from_json, DType, Limits, MetaDoc, TensorSpec};

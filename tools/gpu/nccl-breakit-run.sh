@@ -14,6 +14,10 @@ echo "=== break-it suite, LOCKSTEP_BACKEND=nccl"
 LOCKSTEP_BACKEND=nccl timeout 170 "$S/tests/breakit_protocol" --test-threads=1 --nocapture > "$OUT/breakit-nccl.log" 2>&1
 echo "breakit rc=$? after $(( $(date +%s) - t0 )) s"
 grep -E "^test |SKIP|^C1|^C2|^B1|test result|panicked" "$OUT/breakit-nccl.log" | cut -c1-400
+# B2, C2, G3 (and D–G) run the real pipeline: the same on NCCL.
+LOCKSTEP_BACKEND=nccl timeout 120 "$S/tests/breakit_pipeline" --test-threads=1 --nocapture > "$OUT/breakit-pipeline-nccl.log" 2>&1
+echo "breakit_pipeline rc=$? after $(( $(date +%s) - t0 )) s"
+grep -E "^test |SKIP|test result|panicked" "$OUT/breakit-pipeline-nccl.log" | cut -c1-400
 echo "=== GPU compute apps after the suite (expect none)"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>&1 | tee "$OUT/leftovers.log"
 echo "lockstep processes alive: $(pgrep -c -x lockstep || true)"

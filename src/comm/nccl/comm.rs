@@ -22,9 +22,12 @@
 //!   An `atexit` hook aborts any communicator still alive when the process exits (exiting with
 //!   one alive segfaulted on the GPU host).
 //!
+//! - One op surface: `send`, `recv`, `all_reduce_sum`, `broadcast`, `all_gather` are the same
+//!   methods inside and outside an NCCL group; inside one (this thread's `group(…)`, or
+//!   `begin_group` … `end_group` for the data-plane trait, counted as "inside NCCL" while open)
+//!   they skip their own enqueue wait, because NCCL enqueues them at the group's end.
 //! - Hot-path ops can be captured once into a CUDA graph (`capture` → `CapturedOps`) and replayed
-//!   with no NCCL call; a group can also stay open across calls (`begin_group` / `in_group` /
-//!   `end_group`, for the data-plane trait), counted as "inside NCCL" while open.
+//!   with no NCCL call.
 //!
 //! Tripwires: two ranks of one communicator must not share a GPU (NCCL rejects it at init with
 //! "Duplicate GPU detected"). `ncclGroupStart/End` is per thread: a group must start and end on
@@ -427,7 +430,7 @@ impl Shared {
         }
         // NCCL tears down on the communicator's device; make it current on this thread (the
         // watchdog's thread may never have touched CUDA). Abort proceeds even if this fails.
-        let _ = self.ctx.bind_to_thread();
+        self.ctx.record_err(self.ctx.bind_to_thread());
         let t_abort = Instant::now();
         // SAFETY: comm was live, no thread is inside NCCL on it, and it is not used again.
         let rc = unsafe { (self.api.comm_abort)(comm) };
@@ -487,7 +490,7 @@ impl Shared {
         if comm.is_null() {
             return Ok(Duration::ZERO);
         }
-        let _ = self.ctx.bind_to_thread();
+        self.ctx.record_err(self.ctx.bind_to_thread());
         let budget = deadline.saturating_duration_since(Instant::now());
         let _trip = Tripwire::arm(
             budget + Duration::from_secs(1),
@@ -535,12 +538,12 @@ impl Shared {
                 comm,
             ));
         }
-        if result.is_err() {
+        if let Err(e) = result {
             // SAFETY: comm is live; abort frees it.
-            unsafe { (self.api.comm_abort)(comm) };
+            let rc = unsafe { (self.api.comm_abort)(comm) };
             self.comm.store(std::ptr::null_mut(), Ordering::Release);
             unregister(self);
-            return result.map(|_| t0.elapsed());
+            return Err(with_abort_rc(self.api, e, rc, &self.label));
         }
         // SAFETY: comm finalized; destroy frees it and it is not used again.
         let rc = unsafe { (self.api.comm_destroy)(comm) };
@@ -807,16 +810,18 @@ impl Communicator {
             }
         };
         if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-            if !comm.is_null() {
-                // SAFETY: a partially created communicator is freed by abort.
-                unsafe { (api.comm_abort)(comm) };
-            }
-            return Err(api::nccl_error(
+            let err = api::nccl_error(
                 api,
                 &format!("ncclCommInitRankConfig for {label}"),
                 rc,
                 std::ptr::null_mut(),
-            ));
+            );
+            if comm.is_null() {
+                return Err(err);
+            }
+            // SAFETY: a partially created communicator is freed by abort.
+            let rc_abort = unsafe { (api.comm_abort)(comm) };
+            return Err(with_abort_rc(api, err, rc_abort, &label));
         }
         if comm.is_null() {
             return Err(Error::Nccl(format!(
@@ -841,13 +846,16 @@ impl Communicator {
         };
         if !opts.blocking {
             if let Err(e) = me.shared.wait_enqueued("ncclCommInitRankConfig", deadline) {
-                let _ = me.shared.abort(
+                let aborted = me.shared.abort(
                     "init failed or timed out",
                     ABORT_GRACE,
                     ExitCode::DeviceError,
                 );
                 drop(config);
-                return Err(e);
+                return Err(match aborted {
+                    Ok(_) => e,
+                    Err(a) => e.with_note(&format!("; cleaning up: {a}")),
+                });
             }
         }
         drop(config);
@@ -906,7 +914,7 @@ impl Communicator {
         peer: GroupRank,
         deadline: Instant,
     ) -> Result<()> {
-        self.send_op(gpu, buf, bytes, peer, Some(deadline))
+        self.send_op(gpu, buf, bytes, peer, op_deadline(deadline))
     }
 
     /// `ncclRecv` of `bytes` into `buf` from `peer`; returns once enqueued.
@@ -918,7 +926,7 @@ impl Communicator {
         peer: GroupRank,
         deadline: Instant,
     ) -> Result<()> {
-        self.recv_op(gpu, buf, bytes, peer, Some(deadline))
+        self.recv_op(gpu, buf, bytes, peer, op_deadline(deadline))
     }
 
     /// In-place sum all-reduce of `count` elements of `buf`; returns once enqueued.
@@ -930,7 +938,7 @@ impl Communicator {
         dtype: ReduceDtype,
         deadline: Instant,
     ) -> Result<()> {
-        self.all_reduce_sum_op(gpu, buf, count, dtype, Some(deadline))
+        self.all_reduce_sum_op(gpu, buf, count, dtype, op_deadline(deadline))
     }
 
     /// In-place broadcast of `bytes` of `buf` from group rank `root`; returns once enqueued.
@@ -942,7 +950,7 @@ impl Communicator {
         root: GroupRank,
         deadline: Instant,
     ) -> Result<()> {
-        self.broadcast_op(gpu, buf, bytes, root, Some(deadline))
+        self.broadcast_op(gpu, buf, bytes, root, op_deadline(deadline))
     }
 
     /// All-gather: `recv` receives every rank's first `bytes` of `send`, in group-rank order
@@ -955,7 +963,7 @@ impl Communicator {
         recv: &mut DeviceBuf,
         deadline: Instant,
     ) -> Result<()> {
-        self.all_gather_op(gpu, send, bytes, recv, Some(deadline))
+        self.all_gather_op(gpu, send, bytes, recv, op_deadline(deadline))
     }
 
     fn all_gather_op(
@@ -979,9 +987,10 @@ impl Communicator {
         })
     }
 
-    /// Opens an NCCL group that stays open across calls (for `DataPlane::group_start`); ops go
-    /// through `in_group()` until `end_group`. The communicator counts as "in NCCL" meanwhile, so
-    /// an abort waits for (or hard-exits past) the open group.
+    /// Opens an NCCL group that stays open across calls (for `DataPlane::group_start`) until
+    /// `end_group` on this thread; the ops issued meanwhile (the same methods as outside a group)
+    /// are deferred by NCCL to the group's end. The communicator counts as "in NCCL" meanwhile,
+    /// so an abort waits for (or hard-exits past) the open group.
     pub fn begin_group(&self) -> Result<()> {
         let comm = self.shared.enter_raw()?;
         // SAFETY: paired with ncclGroupEnd in end_group on this thread.
@@ -990,6 +999,7 @@ impl Communicator {
             self.shared.leave_raw();
             return Err(self.shared.fail("ncclGroupStart", rc, comm));
         }
+        OPEN_GROUPS.with(|d| d.set(d.get() + 1));
         Ok(())
     }
 
@@ -997,6 +1007,7 @@ impl Communicator {
     pub fn end_group(&self, deadline: Instant) -> Result<()> {
         // SAFETY: ends the group begun on this thread.
         let rc = unsafe { (self.shared.api.group_end)() };
+        OPEN_GROUPS.with(|d| d.set(d.get().saturating_sub(1)));
         self.shared.leave_raw();
         if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
             return Err(self.shared.fail(
@@ -1009,11 +1020,6 @@ impl Communicator {
             self.shared.wait_enqueued("ncclGroupEnd", deadline)?;
         }
         Ok(())
-    }
-
-    /// The ops of an open group (no per-op poll: NCCL defers them to `end_group`).
-    pub fn in_group(&self) -> InGroup<'_> {
-        InGroup { comm: self }
     }
 
     /// `ncclSend` of the first `bytes` of `buf` to `peer` on `gpu`'s stream.
@@ -1108,46 +1114,21 @@ impl Communicator {
     }
 
     /// Runs `ops` between `ncclGroupStart` and `ncclGroupEnd` so that the point-to-point ops in
-    /// it progress together (one launch; no deadlock between a send and a recv posted in either
-    /// order). The group always ends, even when an op inside failed.
-    pub fn group(
-        &self,
-        deadline: Instant,
-        ops: impl FnOnce(&mut GroupOps<'_>) -> Result<()>,
-    ) -> Result<()> {
-        let api = self.shared.api;
-        let rc_end = {
-            let (_g, comm) = self.shared.enter()?;
-            // SAFETY: group start has no arguments; paired with the end below on this thread.
-            let rc = unsafe { (api.group_start)() };
-            if rc != NCCL_SUCCESS {
-                return Err(self.shared.fail("ncclGroupStart", rc, comm));
-            }
-            let mut g = GroupOps {
-                comm: self,
-                raw: comm,
-                error: None,
-            };
-            let r = ops(&mut g);
-            let op_err = g.error.take();
-            // SAFETY: ends the group started above, on the same thread.
-            let rc_end = unsafe { (api.group_end)() };
-            if let Err(e) = r {
-                self.shared.poisoned.store(true, Ordering::Release);
-                return Err(e);
-            }
-            if let Some(e) = op_err {
-                return Err(e);
-            }
-            if rc_end != NCCL_SUCCESS && rc_end != NCCL_IN_PROGRESS {
-                return Err(self.shared.fail("ncclGroupEnd", rc_end, comm));
-            }
-            rc_end
-        };
-        if rc_end == NCCL_IN_PROGRESS || !self.shared.blocking {
-            self.shared.wait_enqueued("ncclGroupEnd", deadline)?;
+    /// it (this communicator's ordinary methods) progress together: one launch, no deadlock
+    /// between a send and a recv posted in either order. The group always ends, even when an op
+    /// inside failed; a failed op poisons the communicator (it will be aborted, not finalized).
+    pub fn group(&self, deadline: Instant, ops: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.begin_group()?;
+        let r = ops();
+        let end = self.end_group(deadline);
+        if let Err(e) = r {
+            self.shared.poisoned.store(true, Ordering::Release);
+            return Err(match end {
+                Ok(()) => e,
+                Err(end) => e.with_note(&format!("; then {end}")),
+            });
         }
-        Ok(())
+        end
     }
 
     /// Spins until `ticket` of `completion` is reached, polling NCCL's async error and the abort
@@ -1249,123 +1230,52 @@ impl Drop for CapturedOps {
     }
 }
 
-/// Ops issued inside a group opened with `Communicator::begin_group`.
-pub struct InGroup<'a> {
-    comm: &'a Communicator,
+thread_local! {
+    /// How many NCCL groups this thread has open (`begin_group` … `end_group`, `group`). NCCL's
+    /// groups are per thread: an op issued inside one is deferred to the group's end, so it must
+    /// not wait to be enqueued on its own.
+    static OPEN_GROUPS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-impl InGroup<'_> {
-    pub fn send(&self, gpu: &Gpu, buf: &DeviceBuf, bytes: usize, peer: GroupRank) -> Result<()> {
-        self.comm.send_op(gpu, buf, bytes, peer, None)
-    }
-    pub fn recv(
-        &self,
-        gpu: &Gpu,
-        buf: &mut DeviceBuf,
-        bytes: usize,
-        peer: GroupRank,
-    ) -> Result<()> {
-        self.comm.recv_op(gpu, buf, bytes, peer, None)
-    }
-    pub fn all_reduce_sum(
-        &self,
-        gpu: &Gpu,
-        buf: &mut DeviceBuf,
-        count: usize,
-        dtype: ReduceDtype,
-    ) -> Result<()> {
-        self.comm.all_reduce_sum_op(gpu, buf, count, dtype, None)
-    }
-    pub fn broadcast(
-        &self,
-        gpu: &Gpu,
-        buf: &mut DeviceBuf,
-        bytes: usize,
-        root: GroupRank,
-    ) -> Result<()> {
-        self.comm.broadcast_op(gpu, buf, bytes, root, None)
-    }
-    pub fn all_gather(
-        &self,
-        gpu: &Gpu,
-        send: &DeviceBuf,
-        bytes: usize,
-        recv: &mut DeviceBuf,
-    ) -> Result<()> {
-        self.comm.all_gather_op(gpu, send, bytes, recv, None)
-    }
+/// The enqueue deadline of an op issued now: none inside an open group (NCCL enqueues it at
+/// the group's end), `deadline` otherwise.
+fn op_deadline(deadline: Instant) -> Option<Instant> {
+    (OPEN_GROUPS.with(|d| d.get()) == 0).then_some(deadline)
 }
 
-/// The ops allowed inside `Communicator::group` (no guard or poll per op: the group holds them).
-pub struct GroupOps<'a> {
-    comm: &'a Communicator,
-    raw: ncclComm_t,
-    error: Option<Error>,
-}
-
-impl GroupOps<'_> {
-    fn check(&mut self, what: &str, rc: c_int) -> Result<()> {
-        if rc == NCCL_SUCCESS || rc == NCCL_IN_PROGRESS {
-            return Ok(());
-        }
-        let e = self.comm.shared.fail(what, rc, self.raw);
-        let text = e.to_string();
-        self.error.get_or_insert(e);
-        Err(Error::Nccl(text))
+/// `err` (the failure that made this code abort a communicator), with the abort's own failure
+/// added when `ncclCommAbort` failed too: no NCCL return code is dropped.
+fn with_abort_rc(api: &Api, err: Error, rc: c_int, label: &str) -> Error {
+    if rc == NCCL_SUCCESS || rc == NCCL_IN_PROGRESS {
+        return err;
     }
-
-    pub fn send(
-        &mut self,
-        gpu: &Gpu,
-        buf: &DeviceBuf,
-        bytes: usize,
-        peer: GroupRank,
-    ) -> Result<()> {
-        self.comm.check_len("send", bytes, buf.len())?;
-        let p = self.comm.check_peer(peer)?;
-        let api = self.comm.shared.api;
-        // SAFETY: live device buffer of at least `bytes`; inside a group on this thread.
-        let rc = unsafe {
-            (api.send)(
-                buf.ptr(gpu),
-                bytes,
-                api::NCCL_UINT8,
-                p,
-                self.raw,
-                gpu.raw_stream(),
-            )
-        };
-        self.check("ncclSend", rc)
-    }
-
-    pub fn recv(
-        &mut self,
-        gpu: &Gpu,
-        buf: &mut DeviceBuf,
-        bytes: usize,
-        peer: GroupRank,
-    ) -> Result<()> {
-        self.comm.check_len("recv", bytes, buf.len())?;
-        let p = self.comm.check_peer(peer)?;
-        let api = self.comm.shared.api;
-        // SAFETY: live device buffer of at least `bytes`; inside a group on this thread.
-        let rc = unsafe {
-            (api.recv)(
-                buf.ptr_mut(gpu),
-                bytes,
-                api::NCCL_UINT8,
-                p,
-                self.raw,
-                gpu.raw_stream(),
-            )
-        };
-        self.check("ncclRecv", rc)
-    }
+    err.with_note(&format!(
+        "; cleaning up, ncclCommAbort on {label} failed too: {} (ncclResult_t {rc})",
+        api::error_string(api, rc)
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ops_inside_an_open_group_skip_their_own_enqueue_wait() {
+        let d = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            op_deadline(d),
+            Some(d),
+            "outside a group an op waits to be enqueued"
+        );
+        OPEN_GROUPS.with(|g| g.set(g.get() + 1));
+        let inside = op_deadline(d);
+        OPEN_GROUPS.with(|g| g.set(g.get() - 1));
+        assert_eq!(
+            inside, None,
+            "NCCL enqueues a grouped op at the group's end"
+        );
+        assert_eq!(op_deadline(d), Some(d));
+    }
 
     #[test]
     fn abort_concurrently_runs_every_abort_at_the_same_time() {

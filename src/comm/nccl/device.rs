@@ -72,8 +72,11 @@ impl MappedWord {
         let rc = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) };
         if let Err(e) = cu_check("cuMemHostGetDevicePointer", rc) {
             // SAFETY: host came from cuMemHostAlloc above and is not used after this.
-            let _ = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
-            return Err(e);
+            let freed = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
+            return Err(match freed {
+                Ok(()) => e,
+                Err(f) => e.with_note(&format!("; cuMemFreeHost failed too: {f}")),
+            });
         }
         Ok(MappedWord { host, dev })
     }
@@ -140,12 +143,14 @@ impl Drop for Gate {
         // Open the gate for good so no stream stays parked on it, then let the stream drain
         // before the word is freed (errors ignored: drop never panics).
         self.release(u32::MAX / 2);
-        let _ = self.ctx.bind_to_thread();
+        self.ctx.record_err(self.ctx.bind_to_thread());
         // SAFETY: the stream is live (we hold an Arc); it can pass every wait now.
         let rc = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
         if rc == sys::CUresult::CUDA_SUCCESS {
             // SAFETY: the word came from cuMemHostAlloc, nothing pending reads it, freed once.
-            let _ = unsafe { cudarc::driver::result::free_host(self.word.host as *mut c_void) };
+            let freed = unsafe { cudarc::driver::result::free_host(self.word.host as *mut c_void) };
+            // Recorded in the context (surfaces at its next checked call): drop never panics.
+            self.ctx.record_err(freed);
         }
         // Otherwise leak 4 bytes rather than free memory a queued wait may still read.
     }
@@ -410,8 +415,11 @@ impl Completion {
                     unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) };
                 if let Err(e) = cu_check("cuMemHostGetDevicePointer", rc) {
                     // SAFETY: host came from cuMemHostAlloc above and is not used after this.
-                    let _ = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
-                    return Err(e);
+                    let freed = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
+                    return Err(match freed {
+                        Ok(()) => e,
+                        Err(f) => e.with_note(&format!("; cuMemFreeHost failed too: {f}")),
+                    });
                 }
                 CompletionInner::HostFlag { host, dev }
             }
@@ -527,9 +535,11 @@ impl Drop for Completion {
             // still write is worse.
             let last = Ticket(self.seq.load(Ordering::Acquire));
             if matches!(self.is_done(last), Ok(true)) {
-                let _ = self.ctx.bind_to_thread();
+                self.ctx.record_err(self.ctx.bind_to_thread());
                 // SAFETY: host came from cuMemHostAlloc in new(), no write is pending, freed once.
-                let _ = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
+                let freed = unsafe { cudarc::driver::result::free_host(host as *mut c_void) };
+                // Recorded in the context (surfaces at its next checked call): drop never panics.
+                self.ctx.record_err(freed);
             }
         }
     }

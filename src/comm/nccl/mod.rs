@@ -3,8 +3,9 @@
 //!
 //! Layers (cudarc's habit): `api` (function table, error strings) → `comm` (`Communicator` RAII,
 //! `AbortHandle`, `Tripwire`, abort-all) → `device` (`Gpu`, `DeviceBuf`, `Completion`).
-//! `plane` is the NCCL backend of `comm::plane::DataPlane` (`bootstrap_nccl`); `bench` is the
-//! two-process transport benchmark (`lockstep bench transport`).
+//! `plane` is the NCCL backend of `comm::plane::DataPlane` (a rank bootstraps on it with
+//! `rank::bootstrap_nccl`; this backend never names `rank`). The two-process transport benchmark
+//! (`lockstep bench transport`) is tooling in the CLI binary: `src/bin/lockstep/bench/transport.rs`.
 //!
 //! Contract (details in each submodule):
 //! - A missing or too-old libnccl is `Error::LibraryMissing`, never a panic. Lookup order:
@@ -22,17 +23,16 @@
 //! Tripwires: two ranks of one communicator must not share a GPU; `ncclGroupStart/End` pairs are
 //! per thread; a non-blocking call queried before it is enqueued looks complete with stale data.
 pub mod api;
-pub mod bench;
 pub mod comm;
 pub mod device;
 pub mod plane;
 
 pub use comm::{
-    abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, GroupOps,
-    InGroup, ReduceDtype, Tripwire, UniqueId, ABORT_GRACE,
+    abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, ReduceDtype,
+    Tripwire, UniqueId, ABORT_GRACE,
 };
 pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
-pub use plane::{bootstrap_nccl, NcclComm, NcclPending, NcclPlane};
+pub use plane::{NcclComm, NcclPending, NcclPlane};
 
 /// Why NCCL work cannot run here, or `None` when there are ≥ `gpus` GPUs and a usable NCCL.
 /// Tests and benchmarks print this as their skip reason.

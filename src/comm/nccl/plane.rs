@@ -21,11 +21,10 @@ use super::{
     abort_all_live, AbortHandle, CommOptions, Communicator, Completion, CompletionKind, DeviceBuf,
     Gpu, ReduceDtype, Ticket, UniqueId,
 };
-use crate::comm::group::{GroupRole, GroupSpec, PeerTable};
-use crate::comm::plane::{AbortHandle as PlaneAbort, DataPlane};
+use crate::comm::plane::{AbortHandle as PlaneAbort, DataPlane, FromPlane, IntoPlane};
+use crate::comm::spec::{GroupRole, GroupSpec, PeerTable};
 use crate::exit::ExitCode;
 use crate::ids::GroupRank;
-use crate::rank::{Rank, RankEnv, RankOptions};
 use crate::wire::DType;
 use crate::{Error, Result};
 use std::cell::RefCell;
@@ -125,7 +124,7 @@ impl NcclPlane {
         what: &'static str,
         buf: DeviceBuf,
         keep: Option<DeviceBuf>,
-        f: impl FnOnce(&Communicator, &mut DeviceBuf, Option<&DeviceBuf>, bool) -> Result<()>,
+        f: impl FnOnce(&Communicator, &mut DeviceBuf, Option<&DeviceBuf>) -> Result<()>,
     ) -> Result<NcclPending> {
         let comm = self.comm(c)?;
         let mut buf = buf;
@@ -135,7 +134,7 @@ impl NcclPlane {
             .stream_lock
             .lock()
             .map_err(|_| Error::Invariant("NCCL plane stream lock poisoned".into()))?;
-        f(comm, &mut buf, keep.as_ref(), in_group)?;
+        f(comm, &mut buf, keep.as_ref())?;
         if in_group {
             OPEN_GROUP.with(|g| g.borrow_mut().1.push(slot.clone()));
         } else {
@@ -154,6 +153,19 @@ impl NcclPlane {
 
 fn deadline() -> Instant {
     Instant::now() + PLANE_OP_TIMEOUT
+}
+
+/// Device-resident on NCCL: a device buffer is envelope storage as it is (no host staging).
+impl IntoPlane<NcclPlane> for DeviceBuf {
+    fn into_plane(self, _plane: &NcclPlane) -> Result<DeviceBuf> {
+        Ok(self)
+    }
+}
+
+impl FromPlane<NcclPlane> for DeviceBuf {
+    fn from_plane(buf: DeviceBuf, _plane: &NcclPlane) -> Result<DeviceBuf> {
+        Ok(buf)
+    }
 }
 
 impl DataPlane for NcclPlane {
@@ -228,25 +240,17 @@ impl DataPlane for NcclPlane {
 
     fn send(&self, comm: &NcclComm, buf: DeviceBuf, peer: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "send", buf, None, |c, b, _, grp| {
+        self.issue(comm, "send", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().send(gpu, b, n, peer)
-            } else {
-                c.send(gpu, b, n, peer, deadline())
-            }
+            c.send(gpu, b, n, peer, deadline())
         })
     }
 
     fn recv(&self, comm: &NcclComm, buf: DeviceBuf, peer: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "recv", buf, None, |c, b, _, grp| {
+        self.issue(comm, "recv", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().recv(gpu, b, n, peer)
-            } else {
-                c.recv(gpu, b, n, peer, deadline())
-            }
+            c.recv(gpu, b, n, peer, deadline())
         })
     }
 
@@ -259,39 +263,27 @@ impl DataPlane for NcclPlane {
             )));
         }
         let gpu = &self.gpu;
-        self.issue(comm, "all-reduce", buf, None, |c, b, _, grp| {
+        self.issue(comm, "all-reduce", buf, None, |c, b, _| {
             let n = b.len() / dt.size();
-            if grp {
-                c.in_group().all_reduce_sum(gpu, b, n, dt)
-            } else {
-                c.all_reduce_sum(gpu, b, n, dt, deadline())
-            }
+            c.all_reduce_sum(gpu, b, n, dt, deadline())
         })
     }
 
     fn broadcast(&self, comm: &NcclComm, buf: DeviceBuf, root: GroupRank) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "broadcast", buf, None, |c, b, _, grp| {
+        self.issue(comm, "broadcast", buf, None, |c, b, _| {
             let n = b.len();
-            if grp {
-                c.in_group().broadcast(gpu, b, n, root)
-            } else {
-                c.broadcast(gpu, b, n, root, deadline())
-            }
+            c.broadcast(gpu, b, n, root, deadline())
         })
     }
 
     fn all_gather(&self, comm: &NcclComm, send: DeviceBuf, recv: DeviceBuf) -> Result<NcclPending> {
         let gpu = &self.gpu;
-        self.issue(comm, "all-gather", recv, Some(send), |c, r, s, grp| {
+        self.issue(comm, "all-gather", recv, Some(send), |c, r, s| {
             let s =
                 s.ok_or_else(|| Error::Invariant("all-gather without its send buffer".into()))?;
             let n = s.len();
-            if grp {
-                c.in_group().all_gather(gpu, s, n, r)
-            } else {
-                c.all_gather(gpu, s, n, r, deadline())
-            }
+            c.all_gather(gpu, s, n, r, deadline())
         })
     }
 
@@ -364,22 +356,13 @@ impl DataPlane for NcclPlane {
             );
             // One line the break-it tests (C1) and operators can read: the communicators were
             // aborted, not left alive at exit.
-            crate::comm::watchdog::diag(&format!(
+            crate::diag::line(&format!(
                 "lockstep: nccl data plane: aborted {n} communicator(s) in {} ms (pid {})",
                 t.elapsed().as_millis(),
                 std::process::id()
             ));
         })
     }
-}
-
-/// Bootstraps a rank on the NCCL data plane (rendezvous, parity, communicators, watchdog), the
-/// NCCL twin of `Rank::bootstrap_host`.
-pub fn bootstrap_nccl(env: &RankEnv, opts: RankOptions) -> Result<Rank<NcclPlane>> {
-    let local = env.local_rank;
-    Rank::bootstrap_with(env, opts, move |_ip, _token| {
-        Ok((NcclPlane::for_rank(local)?, String::new()))
-    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,15 @@
-//! The `lockstep` command line: run, launch, doctor, bench, fr. Each subcommand's arguments and
-//! implementation live in the library module that owns it; this file only dispatches.
+//! The `lockstep` command line: run, launch, doctor, bench, fr, weights. The runtime's
+//! subcommands (run, launch, doctor, fr) live in the library module that owns them; the tooling
+//! (benchmarks, the protocol harness of the break-it tests, the weights tools) lives beside this
+//! file, outside the library. This file only dispatches.
+mod bench;
+mod harness;
+mod weights;
+
+// The benchmarks under `bench/` were library modules and keep their `crate::…` paths (`crate::cuda`,
+// `crate::diag!`, `crate::{Error, Result}`, …): they name the library's items through these imports.
+use lockstep::{cache, comm, cuda, diag, ids, model, Error, Result};
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -23,15 +33,15 @@ enum Cmd {
     /// What this machine has: kernels, CUDA driver, GPUs, NCCL.
     Doctor(lockstep::doctor::DoctorArgs),
     /// Benchmarks (kernels, transport, wire).
-    Bench(lockstep::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Flight-recorder tools: `fr analyze DIR`, `fr dump PID…`.
     Fr(lockstep::fr::FrArgs),
     /// DiT weights files: `weights save FILE` (a preset's seeded weights as safetensors),
     /// `weights check FILE` (names, shapes, dtypes, digest).
-    Weights(lockstep::model::weights::WeightsArgs),
+    Weights(weights::WeightsArgs),
     /// Multi-process protocol harness used by the break-it tests.
     #[command(hide = true)]
-    Harness(lockstep::harness::HarnessArgs),
+    Harness(harness::HarnessArgs),
 }
 
 fn main() {
@@ -50,10 +60,10 @@ fn main() {
         Some(Cmd::Run(a)) => lockstep::pipeline::main(&a),
         Some(Cmd::Launch(a)) => lockstep::launch::main(&a),
         Some(Cmd::Doctor(a)) => lockstep::doctor::main(&a),
-        Some(Cmd::Bench(a)) => lockstep::bench::main(&a),
+        Some(Cmd::Bench(a)) => bench::main(&a),
         Some(Cmd::Fr(a)) => lockstep::fr::main(&a),
-        Some(Cmd::Harness(a)) => lockstep::harness::main(&a),
-        Some(Cmd::Weights(a)) => lockstep::model::weights::main(&a),
+        Some(Cmd::Harness(a)) => harness::main(&a),
+        Some(Cmd::Weights(a)) => weights::main(&a),
     };
     std::process::exit(code);
 }

@@ -21,7 +21,7 @@
 //! ops captured once into a CUDA graph, one `cuGraphLaunch` per step; `+gated` = the next step's
 //! ops enqueued ahead behind a `Gate` (stream wait on a host word), released by one host store
 //! once the host has seen the previous hop complete (rows report release → completion seen).
-use super::{
+use crate::comm::nccl::{
     CommOptions, Communicator, Completion, CompletionKind, DeviceBuf, Gate, Gpu, ReduceDtype,
     Ticket, UniqueId,
 };
@@ -121,7 +121,7 @@ pub fn main(rest: &[String]) -> i32 {
 }
 
 fn parent(o: &Opts) -> Result<()> {
-    if let Some(why) = super::unavailable_reason(2) {
+    if let Some(why) = crate::comm::nccl::unavailable_reason(2) {
         return Err(Error::BadInput(format!(
             "cannot run on this machine: {why}"
         )));
@@ -437,10 +437,10 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
         let dl = t + OP_TIMEOUT;
         if r.me == 0 {
             if grouped {
-                r.comm.group(dl, |g| {
-                    g.send(r.gpu, &hdr, HEADER_BYTES, peer)?;
-                    g.send(r.gpu, &lat, LATENT_BYTES, peer)?;
-                    g.send(r.gpu, &cond, COND_BYTES, peer)
+                r.comm.group(dl, || {
+                    r.comm.send(r.gpu, &hdr, HEADER_BYTES, peer, dl)?;
+                    r.comm.send(r.gpu, &lat, LATENT_BYTES, peer, dl)?;
+                    r.comm.send(r.gpu, &cond, COND_BYTES, peer, dl)
                 })?;
             } else {
                 r.comm.send(r.gpu, &hdr, HEADER_BYTES, peer, dl)?;
@@ -451,10 +451,10 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
             r.wait("envelope result")?;
         } else {
             if grouped {
-                r.comm.group(dl, |g| {
-                    g.recv(r.gpu, &mut hdr_in, HEADER_BYTES, peer)?;
-                    g.recv(r.gpu, &mut lat_in, LATENT_BYTES, peer)?;
-                    g.recv(r.gpu, &mut cond_in, COND_BYTES, peer)
+                r.comm.group(dl, || {
+                    r.comm.recv(r.gpu, &mut hdr_in, HEADER_BYTES, peer, dl)?;
+                    r.comm.recv(r.gpu, &mut lat_in, LATENT_BYTES, peer, dl)?;
+                    r.comm.recv(r.gpu, &mut cond_in, COND_BYTES, peer, dl)
                 })?;
             } else {
                 r.comm.recv(r.gpu, &mut hdr_in, HEADER_BYTES, peer, dl)?;
@@ -500,7 +500,7 @@ fn envelope(r: &mut Rank<'_>, tag: &str, scale: f64, grouped: bool) -> Result<()
 
 // ---- graph and gated variants ---------------------------------------------------------------
 
-fn launch(g: &super::CapturedOps) -> Result<()> {
+fn launch(g: &crate::comm::nccl::CapturedOps) -> Result<()> {
     g.launch()
 }
 
@@ -619,10 +619,10 @@ impl EnvBufs {
     fn enqueue_rank0(&mut self, gpu: &Gpu, comm: &Communicator, dl: Instant) -> Result<()> {
         let peer = GroupRank(1);
         let (hdr, lat, cond) = (&self.hdr, &self.lat, &self.cond);
-        comm.group(dl, |g| {
-            g.send(gpu, hdr, HEADER_BYTES, peer)?;
-            g.send(gpu, lat, LATENT_BYTES, peer)?;
-            g.send(gpu, cond, COND_BYTES, peer)
+        comm.group(dl, || {
+            comm.send(gpu, hdr, HEADER_BYTES, peer, dl)?;
+            comm.send(gpu, lat, LATENT_BYTES, peer, dl)?;
+            comm.send(gpu, cond, COND_BYTES, peer, dl)
         })?;
         comm.recv(gpu, &mut self.res_in, RESULT_BYTES, peer, dl)
     }
@@ -631,10 +631,10 @@ impl EnvBufs {
     fn enqueue_rank1_recv(&mut self, gpu: &Gpu, comm: &Communicator, dl: Instant) -> Result<()> {
         let peer = GroupRank(0);
         let (h, l, c) = (&mut self.hdr_in, &mut self.lat_in, &mut self.cond_in);
-        comm.group(dl, |g| {
-            g.recv(gpu, h, HEADER_BYTES, peer)?;
-            g.recv(gpu, l, LATENT_BYTES, peer)?;
-            g.recv(gpu, c, COND_BYTES, peer)
+        comm.group(dl, || {
+            comm.recv(gpu, h, HEADER_BYTES, peer, dl)?;
+            comm.recv(gpu, l, LATENT_BYTES, peer, dl)?;
+            comm.recv(gpu, c, COND_BYTES, peer, dl)
         })
     }
 

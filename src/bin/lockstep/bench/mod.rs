@@ -5,7 +5,11 @@
 //! envelopes through `Header::decode` + `MetaDoc::decode`; any panic is counted and fails the
 //! run), (2) the header round trip and the 4.6 MB envelope round trip between two processes on
 //! this host (`lockstep launch -n 2 -- lockstep harness bench`).
-use crate::wire::{prepare, Action, EnvelopeIds, Header, HostTensor, Limits, MetaDoc, HEADER_LEN};
+mod kernels;
+mod model;
+mod transport;
+
+use lockstep::wire::{decode_frame, prepare, Action, EnvelopeIds, HostTensor, Limits, HEADER_LEN};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -20,12 +24,12 @@ pub fn main(args: &BenchArgs) -> i32 {
     match args.what.as_str() {
         "wire" => wire(args),
         "echo-peer" => echo_peer(args),
-        "transport" => crate::comm::nccl::bench::main(&args.rest),
-        "kernels" => crate::cuda::bench::main(&args.rest),
-        "model" => crate::model::gpu_bench::main(&args.rest),
+        "transport" => transport::main(&args.rest),
+        "kernels" => kernels::main(&args.rest),
+        "model" => model::main(&args.rest),
         other => {
-            crate::diag!("bench: unknown benchmark {other:?}");
-            crate::exit::ExitCode::BadInput.code()
+            lockstep::diag!("bench: unknown benchmark {other:?}");
+            lockstep::exit::ExitCode::BadInput.code()
         }
     }
 }
@@ -38,22 +42,6 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
-}
-
-/// Decodes one candidate frame (header + meta) like a receiver would. Never panics by contract.
-pub fn decode_frame(bytes: &[u8], limits: &Limits) -> bool {
-    if bytes.len() < HEADER_LEN {
-        return Header::decode(bytes).is_ok();
-    }
-    let Ok(h) = Header::decode(&bytes[..HEADER_LEN]) else {
-        return false;
-    };
-    let meta = &bytes[HEADER_LEN..];
-    if meta.len() as u64 != h.meta_len {
-        return false;
-    }
-    !h.action().has_payload()
-        || MetaDoc::decode(meta, h.meta_digest, h.n_tensors, h.payload_bytes, limits).is_ok()
 }
 
 fn seed_frames() -> Vec<Vec<u8>> {
@@ -134,11 +122,11 @@ fn wire(args: &BenchArgs) -> i32 {
         if i % 2 == 0 {
             // Keep the checksum valid sometimes, so meta decoding sees hostile input too.
             if f.len() >= HEADER_LEN {
-                let sum = crate::digest::fnv64(&f[..HEADER_LEN - 8]);
+                let sum = lockstep::digest::fnv64(&f[..HEADER_LEN - 8]);
                 f[HEADER_LEN - 8..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
             }
         }
-        match std::panic::catch_unwind(|| decode_frame(&f, &limits)) {
+        match std::panic::catch_unwind(|| decode_frame(&f, &limits).is_ok()) {
             Ok(true) => ok += 1,
             Ok(false) => err += 1,
             Err(_) => panics += 1,
@@ -151,15 +139,15 @@ fn wire(args: &BenchArgs) -> i32 {
         cases as f64 / secs
     );
     if panics > 0 {
-        crate::diag!("bench wire: {panics} decode panics");
-        return crate::exit::ExitCode::InvariantViolation.code();
+        lockstep::diag!("bench wire: {panics} decode panics");
+        return lockstep::exit::ExitCode::InvariantViolation.code();
     }
     let Ok(me) = std::env::current_exe() else {
-        crate::diag!("bench wire: cannot find own executable");
-        return crate::exit::ExitCode::BadInput.code();
+        lockstep::diag!("bench wire: cannot find own executable");
+        return lockstep::exit::ExitCode::BadInput.code();
     };
     if let Err(e) = raw_tcp_baseline(&me, iters) {
-        crate::diag!("bench wire: raw TCP baseline failed: {e}");
+        lockstep::diag!("bench wire: raw TCP baseline failed: {e}");
     }
     // Header and envelope round trips, then the protocol's own cost per envelope (`Rank` over
     // the null data plane, `docs/manual/envelope-lane.md`).
@@ -172,10 +160,10 @@ fn wire(args: &BenchArgs) -> i32 {
             .status();
         match st {
             Ok(s) if s.success() => {}
-            Ok(s) => return s.code().unwrap_or(crate::exit::ExitCode::Signal.code()),
+            Ok(s) => return s.code().unwrap_or(lockstep::exit::ExitCode::Signal.code()),
             Err(e) => {
-                crate::diag!("bench wire: launch: {e}");
-                return crate::exit::ExitCode::BadInput.code();
+                lockstep::diag!("bench wire: launch: {e}");
+                return lockstep::exit::ExitCode::BadInput.code();
             }
         }
     }
@@ -223,10 +211,10 @@ fn raw_tcp_baseline(me: &std::path::Path, iters: u64) -> std::io::Result<()> {
 fn echo_peer(args: &BenchArgs) -> i32 {
     use std::io::{Read, Write};
     let Some(addr) = args.rest.first() else {
-        return crate::exit::ExitCode::BadInput.code();
+        return lockstep::exit::ExitCode::BadInput.code();
     };
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return crate::exit::ExitCode::PeerLost.code();
+        return lockstep::exit::ExitCode::PeerLost.code();
     };
     let _ = s.set_nodelay(true);
     let mut b = [0u8; 88];

@@ -6,15 +6,15 @@
 //! [--json FILE]`. The cache fills by one chunk per chunk until the window is full (fills 0, 3,
 //! …, sinks + window − 3 frames), then rolls. The input is one random latent (timing does not
 //! depend on its values); the ledger drives the device cache exactly as in a stream.
-use super::dit::{CacheMode, DitShard};
-use super::gpu::{GpuDit, KvAccess};
-use super::tp::SoloComm;
-use super::DitConfig;
 use crate::cache::{CacheGeometry, KvCache};
 use crate::cuda::attention::AttentionVariant;
 use crate::cuda::context::{cuda_err, EventTimer, Gpu};
 use crate::cuda::gemm::{bench_shapes, Epilogue, GemmCase, GemmShape};
 use crate::ids::CacheEpoch;
+use crate::model::dit::{CacheMode, DitShard};
+use crate::model::gpu::{GpuDit, KvAccess};
+use crate::model::tp::SoloComm;
+use crate::model::DitConfig;
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -105,7 +105,8 @@ fn run(rest: &[String]) -> Result<()> {
         o.variant.as_str()
     );
     let f = cfg.frames_per_chunk;
-    let x: Vec<f32> = super::dit::gen(3, "bench-x", f * cfg.tokens_per_frame() * cfg.in_dim(), 1.0);
+    let x: Vec<f32> =
+        crate::model::ops::gen(3, "bench-x", f * cfg.tokens_per_frame() * cfg.in_dim(), 1.0);
     {
         let st = model.stream().clone();
         let xb: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();
