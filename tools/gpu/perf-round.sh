@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU host, one short call: `lockstep bench model` against PyTorch (torch.compile, then eager)
+# in the same call on the same card, the GPU model's stream check (with CUDA graphs), and
+# `lockstep run --preset wan-1.3b` with graphs. Staged by tools/gpu/stage.sh --dir
+# .gpu-stage-perf --script tools/gpu/perf-round.sh gpu_model. Logs go into one archive,
+# $OUT/perf-round.tgz, refreshed after every step (the device returns only a few files).
+set -uo pipefail
+S="$(cd "$(dirname "$0")" && pwd)"
+O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
+if ! ldconfig -p | grep -q 'libcublasLt.so'; then
+  d=$(dirname "$(find / -name 'libcublasLt.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
+  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+fi
+export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
+P=wan-1.3b; C=8
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"
+pack() { tar czf "$O/perf-round.tgz" -C "$L" .; }
+step() { echo "=== $* ($(date +%T))"; pack; }
+step bench model
+timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
+step torch compile
+timeout 120 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --compile --chunks $C --json "$L/torch-compile-$P.json" > "$L/torch-compile-$P.log" 2>&1; echo "exit $?" >> "$L/torch-compile-$P.log"; tail -12 "$L/torch-compile-$P.log"
+step gpu_model wrapping stream
+timeout 100 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
+grep -E "graphs captured|worst|test result|^exit" "$L/gpu_model.log"
+step lockstep run
+LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
+step torch eager
+timeout 90 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$L/torch-eager-$P.json" > "$L/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$L/torch-eager-$P.log"; tail -12 "$L/torch-eager-$P.log"
+step done
