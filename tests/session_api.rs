@@ -254,6 +254,11 @@ fn session_bad_input_is_refused_with_a_clear_message() {
     assert!(e.to_string().contains("bytes"), "{e}");
     let e = Conditioning::from_safetensors(&model, &tmp("missing.safetensors"), None).unwrap_err();
     assert_eq!(e.exit_code(), ExitCode::BadInput);
+    let junk = tmp("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").expect("write");
+    let e = Conditioning::from_safetensors(&model, &junk, None).unwrap_err();
+    assert!(e.to_string().contains("not safetensors"), "{e}");
+    let _ = std::fs::remove_file(&junk);
 
     let mut cfg = config(GeneratorKind::Calibrated);
     cfg.run.preset = "no-such-preset".into();
@@ -324,5 +329,55 @@ fn session_opened_twice_on_one_port_fails_the_second_with_bad_input() {
     for mut m in mesh {
         let st = m.wait().expect("mesh rank exit");
         assert_eq!(st.code(), Some(0));
+    }
+}
+
+#[test]
+fn session_conditioning_from_a_safetensors_file_equals_the_same_tensor_given_directly() {
+    let model = lockstep::model::DitConfig::preset("tiny").expect("tiny");
+    let (t, c) = (model.text_tokens, model.text_dim);
+    let vals: Vec<f32> = (0..t * c).map(|i| (i % 13) as f32 * 0.5).collect();
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, c], &bytes)
+        .expect("view");
+    let file = tmp("prompt.safetensors");
+    safetensors::serialize_to_file([("text", view)], &None, &file).expect("save");
+    let direct = Conditioning::from_tensor(&model, DType::F32, &[t as u64, c as u64], &bytes)
+        .expect("tensor");
+    let from_file = Conditioning::from_safetensors(&model, &file, None).expect("file");
+    assert_eq!(direct, from_file);
+    let named = Conditioning::from_safetensors(&model, &file, Some("text")).expect("named");
+    assert_eq!(direct, named);
+    let e = Conditioning::from_safetensors(&model, &file, Some("other")).unwrap_err();
+    assert_eq!(e.exit_code(), ExitCode::BadInput);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn session_dropped_without_close_leaves_no_rank_running() {
+    let _serial = common::serial();
+    if common::skip_backend_unrunnable("session_drop") {
+        return;
+    }
+    let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
+    fill(&mut s);
+    let pids: Vec<u32> = (0..3).filter_map(|r| s.rank_pid(r)).collect();
+    assert_eq!(pids.len(), 3, "every rank's pid");
+    let t0 = Instant::now();
+    drop(s);
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "drop took {:?}",
+        t0.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in pids {
+        assert!(
+            !pid_alive(p),
+            "rank pid {p} still running after the session was dropped"
+        );
     }
 }

@@ -17,14 +17,21 @@ fn run_video_out_writes_a_y4m_with_every_emitted_frame() {
     let video = dir.join("preview.y4m");
     let frames = dir.join("png");
     let mut cmd = Command::new(common::lockstep_bin());
-    cmd.args(["run", "--quiet", "--chunks", "3", "--generator", "calibrated"])
-        .args(["--gen-cost-ms", "1"])
-        .arg("--video-out")
-        .arg(&video)
-        .arg("--frames-out")
-        .arg(&frames)
-        .env("LOCKSTEP_DUMP_DIR", dir.join("dumps"))
-        .env_remove("LOCKSTEP_FAULT");
+    cmd.args([
+        "run",
+        "--quiet",
+        "--chunks",
+        "3",
+        "--generator",
+        "calibrated",
+    ])
+    .args(["--gen-cost-ms", "1"])
+    .arg("--video-out")
+    .arg(&video)
+    .arg("--frames-out")
+    .arg(&frames)
+    .env("LOCKSTEP_DUMP_DIR", dir.join("dumps"))
+    .env_remove("LOCKSTEP_FAULT");
     let out = common::bounded(cmd, "lockstep run --video-out", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -54,12 +61,22 @@ fn run_video_out_writes_a_y4m_with_every_emitted_frame() {
 #[test]
 fn run_video_out_to_a_missing_directory_is_bad_input_before_any_rank_starts() {
     let mut cmd = Command::new(common::lockstep_bin());
-    cmd.args(["run", "--quiet", "--chunks", "1", "--generator", "calibrated"])
-        .arg("--video-out")
-        .arg("/nonexistent-lockstep-dir/x.y4m");
+    cmd.args([
+        "run",
+        "--quiet",
+        "--chunks",
+        "1",
+        "--generator",
+        "calibrated",
+    ])
+    .arg("--video-out")
+    .arg("/nonexistent-lockstep-dir/x.y4m");
     let out = common::bounded(cmd, "lockstep run --video-out bad", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(74), "{stderr}");
-    assert!(stderr.contains("--video-out /nonexistent-lockstep-dir/x.y4m"), "{stderr}");
+    assert!(
+        stderr.contains("--video-out /nonexistent-lockstep-dir/x.y4m"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("launch:"), "a rank started: {stderr}");
 }
