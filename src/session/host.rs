@@ -29,6 +29,33 @@ pub fn socket_from_env() -> Option<PathBuf> {
 /// Set (to `1`) when the client wants the preview decoder's RGB frames with every result.
 pub const FRAMES_ENV: &str = "LOCKSTEP_SESSION_FRAMES";
 
+/// While results are due and the client is away, how often rank 0 polls the lane for them.
+const PREFETCH_EVERY: Duration = Duration::from_micros(200);
+
+/// Waits up to `wait` for a request (or EOF) to be readable on the client's socket.
+fn request_waiting(s: &UnixStream, wait: Duration) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
+    };
+    // SAFETY: one valid pollfd and timespec for the duration of the call; no signal mask.
+    let n = unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Error::io("session: polling the client socket", e));
+    }
+    Ok(n > 0)
+}
+
 /// Serves the session on `socket` until `Close` (drain, SHUTDOWN) or an error.
 pub fn serve(
     socket: &std::path::Path,
@@ -59,6 +86,15 @@ pub fn serve(
         &[],
     )?;
     loop {
+        // While the client is away, take the mesh's results as they come (bounded by D_out):
+        // the leader sends a RESULT's payload only once rank 0 clears it from its receive path,
+        // so a rank 0 that received only on request would idle the mesh for every turn of the
+        // client. Decoding still waits for the client's `Recv`.
+        // Rank 0 sleeps on the socket (a request wakes it at once) and looks at the lane every
+        // `PREFETCH_EVERY` while results are due.
+        while d.outstanding() > 0 && d.can_receive() && !request_waiting(&s, PREFETCH_EVERY)? {
+            d.receive(link, Duration::ZERO)?;
+        }
         let Some((req, _)) = read_frame::<Request>(&mut s)? else {
             return Err(Error::PeerLost(
                 "session: the client closed its connection without closing the session".into(),
@@ -72,6 +108,7 @@ pub fn serve(
                         call_id: ids.call_id.get(),
                         chunk_index: ids.chunk_index.get(),
                         cache_epoch: ids.cache_epoch.get(),
+                        room: d.can_send(),
                     }
                 } else {
                     Reply::Again {

@@ -231,6 +231,9 @@ pub struct Session {
     epoch: u64,
     sent_in_epoch: u64,
     in_flight: usize,
+    /// Rank 0 said D_in is full after the last `Sent`; `submit` answers `Again` without asking
+    /// until a `recv` or `cut` may have made room.
+    full: bool,
     /// Bound on one request beyond its own wait: the job's watchdog + grace.
     margin: Duration,
     /// Bound on the job's exit after a failure or SHUTDOWN.
@@ -480,6 +483,7 @@ impl Session {
             epoch: 0,
             sent_in_epoch: 0,
             in_flight: 0,
+            full: false,
             margin: timeout * 4 + Duration::from_secs(2),
             exit_bound: watchdog + Duration::from_secs(4),
         };
@@ -608,12 +612,17 @@ impl Session {
 
     /// Sends the next chunk, or `Submit::Again` when D_in is full (never waits for room).
     pub fn submit(&mut self) -> Result<Submit> {
+        if self.full && matches!(self.state, State::Open) {
+            return Ok(Submit::Again);
+        }
         match self.request(&Request::Submit, None, false)?.0 {
             Reply::Sent {
                 call_id,
                 chunk_index,
                 cache_epoch,
+                room,
             } => {
+                self.full = !room;
                 self.in_flight += 1;
                 self.sent_in_epoch += 1;
                 Ok(Submit::Sent(EnvelopeIds {
@@ -635,6 +644,7 @@ impl Session {
         let us = timeout.as_micros().min(u128::from(u64::MAX)) as u64;
         let (reply, payload) =
             self.request(&Request::Recv { timeout_us: us }, Some(timeout), false)?;
+        self.full = false;
         match reply {
             Reply::Nothing { outstanding } => {
                 self.in_flight = self.in_flight.min(outstanding);
@@ -697,6 +707,7 @@ impl Session {
         };
         match self.request(&req, None, false)?.0 {
             Reply::Cut { cache_epoch } => {
+                self.full = false;
                 self.epoch = cache_epoch;
                 self.sent_in_epoch = 0;
                 self.in_flight = 0;

@@ -46,6 +46,10 @@ pub enum Reply {
         call_id: u64,
         chunk_index: u64,
         cache_epoch: u64,
+        /// D_in (and D_out) has room for another chunk now. When false, the client answers
+        /// `Again` itself until its next `Recv` or `Cut` (nothing else frees room): one round
+        /// trip per chunk saved.
+        room: bool,
     },
     /// D_in is full: receive a result first.
     Again {
