@@ -51,6 +51,10 @@ static int32_t decode(void *user, const lockstep_chunk *c) {
     if (c->latent == NULL || c->latent_len != c->latent_shape[0] * c->latent_shape[1]) {
         return 1;
     }
+    /* The stream asked for the preview decoder's frames: RGB, frame_h x frame_w x 3 each. */
+    if (c->n_frames == 0 || c->frames == NULL || c->frame_h == 0 || c->frame_w == 0) {
+        return 2;
+    }
     d->chunks++;
     d->last_epoch = c->ids.cache_epoch;
     return 0;
@@ -111,6 +115,7 @@ static int run_stream(void) {
     EXPECT(lockstep_session_open(&cfg, &s) == LOCKSTEP_ERR_BAD_INPUT, "short struct_size");
     EXPECT(strstr(lockstep_last_error(), "struct_size") != NULL, "message names struct_size");
     cfg.struct_size = sizeof cfg;
+    cfg.frames = 1;
 
     int32_t st = lockstep_session_open(&cfg, &s);
     EXPECT(st == LOCKSTEP_OK && s != NULL, "open: status %d", st);

@@ -29,6 +29,9 @@ pub fn socket_from_env() -> Option<PathBuf> {
 /// Set (to `1`) when the client wants the preview decoder's RGB frames with every result.
 pub const FRAMES_ENV: &str = "LOCKSTEP_SESSION_FRAMES";
 
+/// The longest `Recv` wait rank 0 honours.
+const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// While results are due and the client is away, how often rank 0 polls the lane for them.
 const PREFETCH_EVERY: Duration = Duration::from_micros(200);
 
@@ -118,7 +121,9 @@ pub fn serve(
                 write_frame(&mut s, &reply, &[])?;
             }
             Request::Recv { timeout_us } => {
-                let deadline = Instant::now() + Duration::from_micros(timeout_us);
+                // A client may ask for "forever"; a week bounds it (and the arithmetic).
+                let wait = Duration::from_micros(timeout_us).min(MAX_WAIT);
+                let deadline = Instant::now() + wait;
                 let out = loop {
                     if let Some(e) = d.decode_next(decoder)? {
                         break Some(e);

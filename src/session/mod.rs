@@ -641,7 +641,8 @@ impl Session {
     /// The next result of the current epoch, waiting at most `timeout` (zero = poll); `None`
     /// when none came (or none is in flight).
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
-        let us = timeout.as_micros().min(u128::from(u64::MAX)) as u64;
+        let timeout = timeout.min(Duration::from_secs(7 * 24 * 3600));
+        let us = timeout.as_micros() as u64;
         let (reply, payload) =
             self.request(&Request::Recv { timeout_us: us }, Some(timeout), false)?;
         self.full = false;
