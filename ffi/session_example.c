@@ -44,10 +44,15 @@ static double now_s(void) {
 typedef struct decoded {
     uint64_t chunks;
     uint64_t last_epoch;
+    int fail_next; /* make the next call fail, as a server's VAE might */
 } decoded;
 
 static int32_t decode(void *user, const lockstep_chunk *c) {
     decoded *d = (decoded *)user;
+    if (d->fail_next) {
+        d->fail_next = 0;
+        return 5;
+    }
     if (c->latent == NULL || c->latent_len != c->latent_shape[0] * c->latent_shape[1]) {
         return 1;
     }
@@ -143,13 +148,28 @@ static int run_stream(void) {
     st = lockstep_session_set_conditioning(s, LOCKSTEP_DTYPE_F32, text, 2, emb, n * 4);
     EXPECT(st == LOCKSTEP_OK, "conditioning: status %d", st);
 
-    decoded d = {0, 0};
+    decoded d = {0, 0, 0};
     EXPECT(lockstep_session_set_decoder(s, decode, &d) == LOCKSTEP_OK, "set decoder");
 
     uint64_t next = 0;
     int got = stream(s, 4, 0, &next);
     EXPECT(got == 4, "4 results in epoch 0, got %d", got);
     EXPECT(d.chunks == 4, "decoder saw %llu chunks", (unsigned long long)d.chunks);
+
+    /* A failing decoder: status DECODER_FAILED naming the chunk, the chunk still handed out,
+     * the stream goes on. */
+    d.fail_next = 1;
+    lockstep_chunk *fc = NULL;
+    st = lockstep_session_submit(s, NULL);
+    EXPECT(st == LOCKSTEP_OK || st == LOCKSTEP_AGAIN, "submit before the failing decode: %d", st);
+    st = lockstep_session_recv(s, 5000, &fc);
+    EXPECT(st == LOCKSTEP_ERR_DECODER_FAILED && fc != NULL, "failing decoder: status %d", st);
+    EXPECT(strstr(lockstep_last_error(), "decode callback returned 5") != NULL,
+           "failing decoder message");
+    if (fc != NULL) {
+        next = fc->ids.chunk_index + 1;
+    }
+    lockstep_chunk_free(fc);
 
     /* Mid-epoch prompt change is refused; a hard cut takes a new prompt. */
     st = lockstep_session_set_prompt_seed(s, 7);
@@ -165,7 +185,7 @@ static int run_stream(void) {
 
     lockstep_session_stats stats;
     EXPECT(lockstep_session_get_stats(s, &stats) == LOCKSTEP_OK, "stats");
-    EXPECT(stats.received == 7 && stats.again > 0, "stats: received %llu again %llu",
+    EXPECT(stats.received == 8 && stats.again > 0, "stats: received %llu again %llu",
            (unsigned long long)stats.received, (unsigned long long)stats.again);
 
     st = lockstep_session_close(s);

@@ -98,7 +98,7 @@ fn c_example_streams_cuts_and_closes_against_real_mesh_ranks() {
     cmd.arg("stream");
     let (code, text) = run_bounded(cmd, "session_example stream");
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("session_example stream: 7 chunks"), "{text}");
+    assert!(text.contains("session_example stream: 8 chunks"), "{text}");
     assert!(text.contains("all 3 ranks exited cleanly"), "{text}");
 }
 

@@ -236,6 +236,10 @@ pub struct Session {
     full: bool,
     /// Bound on one request beyond its own wait: the job's watchdog + grace.
     margin: Duration,
+    /// The job's `--timeout` (each result of a drain is due within it).
+    timeout: Duration,
+    /// D_in, from rank 0's greeting.
+    d_in: usize,
     /// Bound on the job's exit after a failure or SHUTDOWN.
     exit_bound: Duration,
 }
@@ -485,6 +489,8 @@ impl Session {
             in_flight: 0,
             full: false,
             margin: timeout * 4 + Duration::from_secs(2),
+            timeout,
+            d_in: 0,
             exit_bound: watchdog + Duration::from_secs(4),
         };
         // Rank 0 connects once bootstrapped: bounded by the rendezvous (its own bound ends the
@@ -516,16 +522,18 @@ impl Session {
         let _ = std::fs::remove_file(&sock);
         let _ = stream.set_nonblocking(false);
         partial.stream = stream;
-        match partial.request(&Request::Submit, None, true)? {
+        match partial.exchange(None, None)? {
             (
                 Reply::Hello {
                     latent_shape,
                     text_shape,
                     epoch,
+                    d_in,
                     ..
                 },
                 _,
             ) => {
+                partial.d_in = d_in;
                 partial.latent_shape = latent_shape;
                 partial.text_shape = text_shape;
                 partial.epoch = epoch;
@@ -598,10 +606,7 @@ impl Session {
 
     /// The conditioning of the current epoch; only before its first chunk (else `cut`).
     pub fn set_conditioning(&mut self, c: &Conditioning) -> Result<()> {
-        match self
-            .request(&Request::Prompt { seed: c.seed }, None, false)?
-            .0
-        {
+        match self.request(&Request::Prompt { seed: c.seed }, None)?.0 {
             Reply::Ok => Ok(()),
             Reply::Refused { message } => Err(Error::BadInput(format!("session: {message}"))),
             other => Err(self.fail(Error::Decode(format!(
@@ -615,7 +620,7 @@ impl Session {
         if self.full && matches!(self.state, State::Open) {
             return Ok(Submit::Again);
         }
-        match self.request(&Request::Submit, None, false)?.0 {
+        match self.request(&Request::Submit, None)?.0 {
             Reply::Sent {
                 call_id,
                 chunk_index,
@@ -643,8 +648,7 @@ impl Session {
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
         let timeout = timeout.min(Duration::from_secs(7 * 24 * 3600));
         let us = timeout.as_micros() as u64;
-        let (reply, payload) =
-            self.request(&Request::Recv { timeout_us: us }, Some(timeout), false)?;
+        let (reply, payload) = self.request(&Request::Recv { timeout_us: us }, Some(timeout))?;
         self.full = false;
         match reply {
             Reply::Nothing { outstanding } => {
@@ -706,7 +710,7 @@ impl Session {
         let req = Request::Cut {
             seed: c.map(Conditioning::seed),
         };
-        match self.request(&req, None, false)?.0 {
+        match self.request(&req, None)?.0 {
             Reply::Cut { cache_epoch } => {
                 self.full = false;
                 self.epoch = cache_epoch;
@@ -728,7 +732,11 @@ impl Session {
             }
             State::Failed { .. } | State::Open => {}
         }
-        let (reply, _) = self.request(&Request::Close, None, false)?;
+        // The drain: every chunk in flight (at most D_in) is due within the timeout each.
+        let drain = self
+            .timeout
+            .saturating_mul(self.d_in.min(1 << 16) as u32 + 1);
+        let (reply, _) = self.request(&Request::Close, Some(drain))?;
         let Reply::Closed {
             emitted,
             stale_dropped,
@@ -770,13 +778,8 @@ impl Session {
         }
     }
 
-    /// One request and its reply. `hello` reads the greeting instead of sending `req`.
-    fn request(
-        &mut self,
-        req: &Request,
-        wait: Option<Duration>,
-        hello: bool,
-    ) -> Result<(Reply, Vec<u8>)> {
+    /// One request and its reply, the reply bounded by `wait` + the job's margin.
+    fn request(&mut self, req: &Request, wait: Option<Duration>) -> Result<(Reply, Vec<u8>)> {
         match &self.state {
             State::Open => {}
             State::Closed => {
@@ -787,9 +790,18 @@ impl Session {
             }
             State::Failed { code, message } => return Err(job_error_again(*code, message)),
         }
+        self.exchange(Some(req), wait)
+    }
+
+    /// Sends `req` (none: rank 0's greeting is due) and reads the reply within the bound.
+    fn exchange(
+        &mut self,
+        req: Option<&Request>,
+        wait: Option<Duration>,
+    ) -> Result<(Reply, Vec<u8>)> {
         let bound = wait.unwrap_or_default().saturating_add(self.margin);
         let _ = self.stream.set_read_timeout(Some(bound));
-        if !hello {
+        if let Some(req) = req {
             if let Err(e) = write_frame(&mut self.stream, req, &[]) {
                 return Err(self.job_ended(e));
             }
