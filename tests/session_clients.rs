@@ -52,7 +52,12 @@ fn repo() -> &'static Path {
 fn build_c_example() -> PathBuf {
     let lib = cdylib();
     let dir = lib.parent().expect("lib dir");
-    let out = std::env::temp_dir().join(format!("lockstep-session-example-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!(
+        "lockstep-session-example-{}-{n}",
+        std::process::id()
+    ));
     let st = Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg(format!("-I{}", repo().join("ffi").display()))
@@ -97,6 +102,7 @@ fn c_example_streams_cuts_and_closes_against_real_mesh_ranks() {
     let mut cmd = Command::new(&exe);
     cmd.arg("stream");
     let (code, text) = run_bounded(cmd, "session_example stream");
+    let _ = std::fs::remove_file(&exe);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("session_example stream: 8 chunks"), "{text}");
     assert!(text.contains("all 3 ranks exited cleanly"), "{text}");
@@ -116,6 +122,7 @@ fn c_example_sees_a_killed_mesh_rank_as_an_error_in_bounded_time() {
     let mut cmd = Command::new(&exe);
     cmd.arg("kill");
     let (code, text) = run_bounded(cmd, "session_example kill");
+    let _ = std::fs::remove_file(&exe);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("session_example kill: status 7"), "{text}");
 }
