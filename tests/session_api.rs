@@ -174,6 +174,8 @@ fn session_frames_come_with_results_when_asked() {
     }
     let mut cfg = config(GeneratorKind::Calibrated);
     cfg.frames = true;
+    let video = tmp("session.y4m");
+    cfg.run.video_out = Some(video.clone());
     let mut s = Session::open(&cfg).expect("open");
     // Nothing in flight: a poll answers at once, and "forever" is a bounded wait, not a panic.
     assert!(s.recv(Duration::ZERO).expect("poll").is_none());
@@ -189,6 +191,13 @@ fn session_frames_come_with_results_when_asked() {
         assert_eq!(f.len(), (r.frame_h * r.frame_w * 3) as usize);
     }
     s.close().expect("close");
+    // Rank 0's decoder wrote the same frames as a Y4M video (`run.video_out`).
+    let y4m = std::fs::read(&video).expect("video written");
+    assert!(y4m.starts_with(b"YUV4MPEG2 W"));
+    let frame = 6 + (r.frame_w * r.frame_h * 3 / 2) as usize;
+    let header = y4m.iter().position(|b| *b == b'\n').expect("header") + 1;
+    assert_eq!(y4m.len(), header + r.frames.len() * frame);
+    let _ = std::fs::remove_file(&video);
 }
 
 #[test]
