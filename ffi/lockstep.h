@@ -42,11 +42,15 @@ enum {
  * docs/manual/03-graceful-shutdown.md): a preflight rejection or bad argument is
  * LOCKSTEP_ERR_BAD_INPUT like `Error::Preflight`, a malformed header LOCKSTEP_ERR_INVARIANT_VIOLATION
  * like `Error::Decode`. 80..83 tell apart the header faults a server must handle differently.
- * Only OK, INVARIANT_VIOLATION, BAD_INPUT, the HEADER_* codes and PANIC come out of this ABI today;
- * the others are listed so the numbering is one table. Never renumbered.
+ * The envelope functions return OK, INVARIANT_VIOLATION, BAD_INPUT, the HEADER_* codes and PANIC;
+ * the session functions return any of 70..77 (the job's own exit code when it failed), plus
+ * AGAIN and NO_RESULT (outcomes, not failures: the last error is cleared) and DECODER_FAILED.
+ * Never renumbered.
  */
 typedef enum lockstep_status {
     LOCKSTEP_OK = 0,
+    LOCKSTEP_AGAIN = 1,                    /* session submit: D_in is full; recv first (not an error) */
+    LOCKSTEP_NO_RESULT = 2,                /* session recv: nothing within the timeout (not an error) */
     LOCKSTEP_ERR_INVARIANT_VIOLATION = 70, /* header decodes but is invalid (action, flags, ...) */
     LOCKSTEP_ERR_WATCHDOG_TIMEOUT = 71,
     LOCKSTEP_ERR_PEER_LOST = 72,
@@ -59,6 +63,7 @@ typedef enum lockstep_status {
     LOCKSTEP_ERR_HEADER_BAD_MAGIC = 81,    /* not a lockstep envelope */
     LOCKSTEP_ERR_HEADER_BAD_VERSION = 82,  /* a peer speaking another envelope_version */
     LOCKSTEP_ERR_HEADER_BAD_CHECKSUM = 83, /* corrupted in transit */
+    LOCKSTEP_ERR_DECODER_FAILED = 84,      /* session recv: the decode callback returned non-zero */
     LOCKSTEP_ERR_PANIC = 101,              /* a lockstep bug, caught at the boundary */
 } lockstep_status;
 
@@ -201,12 +206,157 @@ void lockstep_envelope_free(lockstep_envelope *env);
  */
 int32_t lockstep_header_decode(const uint8_t *bytes, size_t len, lockstep_header *out);
 
+/* ------------------------------------------------------------------------------------------ *
+ * Sessions: a stream a server drives (docs/manual/session.md). Rank 0 (Stage 0) runs in a child
+ * process this library starts (`lockstep launch` + the mesh, or rank 0 alone joining mesh ranks
+ * started elsewhere); a failure of any rank ends the job, never this process, and comes back as
+ * the job's exit code (70..77) with its diagnosis in lockstep_last_error().
+ *
+ * Lifecycle: open -> [set_conditioning] -> (submit | recv)* -> [cut -> set_conditioning] ...
+ *            -> close -> free.   (free without close stops the job: no rank is left running.)
+ * Threads: a handle serializes its calls (a mutex); any thread may call; free must not race.
+ * Every call is bounded: submit never waits for room (LOCKSTEP_AGAIN), recv waits at most its
+ * timeout plus the job's watchdog bound, close at most the drain plus that bound.
+ * ------------------------------------------------------------------------------------------ */
+
+typedef struct lockstep_session lockstep_session;
+
+typedef enum lockstep_generator {
+    LOCKSTEP_GENERATOR_DIT = 0,        /* the tiny DiT on the CPU (tiny preset) */
+    LOCKSTEP_GENERATOR_CALIBRATED = 1, /* a calibrated cost per call, no math */
+    LOCKSTEP_GENERATOR_GPU = 2,        /* the DiT on a GPU (build with kernels) */
+} lockstep_generator;
+
+/*
+ * How to open a session. Zero-initialize, set struct_size = sizeof(lockstep_session_config),
+ * then the fields you need; zero/NULL means the default. Strings are borrowed for the call.
+ */
+typedef struct lockstep_session_config {
+    uint32_t struct_size;    /* sizeof(lockstep_session_config): a mismatch is BAD_INPUT */
+    uint32_t tp;             /* mesh ranks (0 = 2) */
+    const char *preset;      /* NULL = "tiny" */
+    int32_t generator;       /* a lockstep_generator */
+    uint32_t depth;          /* queue depth D = D_in = D_out (0 = 2) */
+    double gen_cost_ms;      /* LOCKSTEP_GENERATOR_CALIBRATED: cost per generator call */
+    double timeout_s;        /* bound on every wait of the job (0 = 10); watchdog = 2x */
+    uint64_t seed;           /* weights and noise seed */
+    const char *exe;         /* the lockstep executable; NULL = $LOCKSTEP_BIN, else the one
+                                beside liblockstep.so */
+    const char *master_addr; /* join mode (master_port != 0): rank 0 listens here (NULL = 127.0.0.1) */
+    uint32_t master_port;    /* 0 = launch the mesh locally; else join mode */
+    int32_t frames;          /* non-zero: every chunk carries the preview decoder's RGB frames */
+    const char *token;       /* join mode: the mesh ranks' LOCKSTEP_JOB_TOKEN */
+    const char *dump_dir;    /* flight-recorder dumps (NULL = the launcher's default) */
+} lockstep_session_config;
+
+typedef struct lockstep_ids {
+    uint64_t call_id;
+    uint64_t chunk_index;
+    uint64_t cache_epoch;
+} lockstep_ids;
+
+/*
+ * One result, owned by the caller until lockstep_chunk_free (the pointers inside belong to it).
+ *  latent      latent_len floats, row-major [latent_shape[0] tokens, latent_shape[1] channels],
+ *              host memory (this build has no device-pointer results).
+ *  frames      n_frames RGB frames of frame_h x frame_w x 3 bytes, back to back; NULL unless
+ *              the config asked for frames.
+ */
+typedef struct lockstep_chunk {
+    lockstep_ids ids;
+    uint64_t s1_us;          /* the mesh's time for this chunk */
+    const float *latent;
+    uint64_t latent_len;
+    uint64_t latent_shape[2];
+    const uint8_t *frames;
+    uint32_t n_frames;
+    uint32_t frame_h;
+    uint32_t frame_w;
+    uint32_t reserved;
+} lockstep_chunk;
+
+typedef struct lockstep_session_stats {
+    uint64_t submitted;      /* chunks sent */
+    uint64_t again;          /* submits answered LOCKSTEP_AGAIN */
+    uint64_t received;       /* chunks handed out by recv */
+    uint64_t mesh_us;        /* sum of s1_us of the chunks received */
+    uint64_t decode_us;      /* time inside the decode callback: the server decoder's share */
+    uint64_t submit_us;      /* time inside submit */
+    uint64_t recv_us;        /* time inside recv before the callback, waiting included */
+} lockstep_session_stats;
+
+/*
+ * The decode-stage plug-in (the server's VAE): called by lockstep_session_recv on the calling
+ * thread with each chunk before recv returns it. `chunk` is valid for the call only (copy what
+ * you keep); return 0, or non-zero to make recv return LOCKSTEP_ERR_DECODER_FAILED (the chunk is
+ * still handed out in *out and the session goes on).
+ */
+typedef int32_t (*lockstep_decode_fn)(void *user, const lockstep_chunk *chunk);
+
+/* Starts the job and waits until rank 0 has bootstrapped (rendezvous, parity). *out (caller-
+ * owned, lockstep_session_free) is written on OK, NULL otherwise. Bad settings are BAD_INPUT
+ * before any process starts; a port already taken (join mode) is BAD_INPUT from rank 0. */
+int32_t lockstep_session_open(const lockstep_session_config *cfg, lockstep_session **out);
+
+/* The current epoch's conditioning (the prompt), only before its first chunk (else BAD_INPUT:
+ * change it with lockstep_session_cut first). A text encoder's output of shape
+ * [text_tokens, text_dim] (512 x 4096 for the Wan presets), dtype F32/F16/BF16, byte_len exact;
+ * anything else is BAD_INPUT naming the expected shape. The model derives its text features from
+ * the tensor's digest (docs/manual/session.md). */
+int32_t lockstep_session_set_conditioning(lockstep_session *s, int32_t dtype,
+                                          const uint64_t *shape, uint32_t ndim,
+                                          const void *data, uint64_t byte_len);
+/* The same from a safetensors file: tensor `name`, or the file's only tensor when NULL. */
+int32_t lockstep_session_set_conditioning_file(lockstep_session *s, const char *path,
+                                               const char *name);
+/* The same by prompt seed (what `lockstep run --seed` derives). */
+int32_t lockstep_session_set_prompt_seed(lockstep_session *s, uint64_t seed);
+
+/* The latent shape of one chunk ([tokens, channels], f32) and the conditioning tensor's
+ * ([text_tokens, text_dim]); either array (2 values) may be NULL. */
+int32_t lockstep_session_shapes(lockstep_session *s, uint64_t *latent, uint64_t *text);
+
+/* Sends the next chunk: OK (ids in *out, which may be NULL) or LOCKSTEP_AGAIN when D_in is full.
+ * Never waits for room. */
+int32_t lockstep_session_submit(lockstep_session *s, lockstep_ids *out);
+
+/* The next result in call order, waiting at most timeout_ms (0 = poll): OK with *out, or
+ * LOCKSTEP_NO_RESULT (*out = NULL). Results of epochs before the last cut never come out. */
+int32_t lockstep_session_recv(lockstep_session *s, uint32_t timeout_ms, lockstep_chunk **out);
+
+/* Frees a chunk. NULL is a no-op. */
+void lockstep_chunk_free(lockstep_chunk *chunk);
+
+/* Hard cut: a new epoch (number in *epoch, may be NULL); chunks in flight are dropped. */
+int32_t lockstep_session_cut(lockstep_session *s, uint64_t *epoch);
+
+/* Drain (every chunk in flight comes back), SHUTDOWN, every rank exits 0. A second close, or any
+ * call but free after it, is BAD_INPUT. */
+int32_t lockstep_session_close(lockstep_session *s);
+
+/* Frees the handle; a session not closed is stopped first (SIGTERM, then SIGKILL). NULL is a
+ * no-op. */
+void lockstep_session_free(lockstep_session *s);
+
+/* Sets (f != NULL) or clears the decode callback. */
+int32_t lockstep_session_set_decoder(lockstep_session *s, lockstep_decode_fn f, void *user);
+
+/* This handle's counters. */
+int32_t lockstep_session_get_stats(lockstep_session *s, lockstep_session_stats *out);
+
+/* The pid of global rank `rank` (0 = Stage 0; 1..tp the mesh when launched locally). */
+int32_t lockstep_session_rank_pid(lockstep_session *s, uint32_t rank, uint32_t *pid);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
 
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 _Static_assert(sizeof(lockstep_header) == LOCKSTEP_HEADER_LEN, "lockstep_header must be 80 bytes");
+_Static_assert(sizeof(void *) != 8 || sizeof(lockstep_session_config) == 88,
+               "lockstep_session_config layout differs from the library's");
+_Static_assert(sizeof(void *) != 8 || sizeof(lockstep_chunk) == 88,
+               "lockstep_chunk layout differs from the library's");
 #endif
 
 #endif /* LOCKSTEP_H */

@@ -30,6 +30,9 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+// session: the stream API in C (`lockstep_session_*`).
+pub mod session;
+
 /// Success.
 pub const STATUS_OK: i32 = 0;
 /// The header buffer is shorter than [`HEADER_LEN`].

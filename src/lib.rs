@@ -23,6 +23,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod rank;
+pub mod session;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -73,7 +73,6 @@ pub struct PreviewDecoder {
     dir: PathBuf,
     cfg: DitConfig,
     next_frame: u64,
-    scale: usize,
 }
 
 impl PreviewDecoder {
@@ -84,35 +83,66 @@ impl PreviewDecoder {
             dir,
             cfg: cfg.clone(),
             next_frame: 0,
-            scale: 8,
         })
     }
+}
 
-    /// RGB of one latent frame at latent resolution (h × w × 3 bytes).
-    fn frame_rgb(&self, tokens: &[f32]) -> (usize, usize, Vec<u8>) {
-        let c = &self.cfg;
-        let (h, w) = c.latent_hw();
-        let ch = c.latent_channels;
-        let mut rgb = vec![0u8; h * w * 3];
-        for y in 0..h {
-            for x in 0..w {
-                // Token (y/2, x/2); within the token, patch position (y%2, x%2) for each channel.
-                let tok = (y / 2) * c.grid_w + x / 2;
-                let p = (y % 2) * 2 + x % 2;
-                let feat = &tokens[tok * c.in_dim()..(tok + 1) * c.in_dim()];
-                for (k, out) in rgb[(y * w + x) * 3..][..3].iter_mut().enumerate() {
-                    let mut acc = 0.0f32;
-                    for ci in 0..ch {
-                        // Fixed projection: a smooth, distinct weight per (channel, colour).
-                        let wgt = (((ci * 3 + k) as f32) * 0.7).sin() * 0.6;
-                        acc += feat[ci * 4 + p] * wgt;
-                    }
-                    *out = ((acc.tanh() * 0.5 + 0.5) * 255.0).round().clamp(0.0, 255.0) as u8;
+/// Upscale factor of the preview (a latent pixel → 8 × 8 video pixels, like Wan's VAE).
+pub const PREVIEW_SCALE: usize = 8;
+
+/// RGB of one latent frame at latent resolution (h × w × 3 bytes).
+fn frame_rgb(c: &DitConfig, tokens: &[f32]) -> (usize, usize, Vec<u8>) {
+    let (h, w) = c.latent_hw();
+    let ch = c.latent_channels;
+    let mut rgb = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            // Token (y/2, x/2); within the token, patch position (y%2, x%2) for each channel.
+            let tok = (y / 2) * c.grid_w + x / 2;
+            let p = (y % 2) * 2 + x % 2;
+            let feat = &tokens[tok * c.in_dim()..(tok + 1) * c.in_dim()];
+            for (k, out) in rgb[(y * w + x) * 3..][..3].iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                for ci in 0..ch {
+                    // Fixed projection: a smooth, distinct weight per (channel, colour).
+                    let wgt = (((ci * 3 + k) as f32) * 0.7).sin() * 0.6;
+                    acc += feat[ci * 4 + p] * wgt;
                 }
+                *out = ((acc.tanh() * 0.5 + 0.5) * 255.0).round().clamp(0.0, 255.0) as u8;
             }
         }
-        (h, w, rgb)
     }
+    (h, w, rgb)
+}
+
+/// The preview decoder's frames of one chunk's clean latent: `(height, width, frames)`, each
+/// frame `height × width × 3` RGB bytes at `PREVIEW_SCALE` × the latent resolution.
+pub fn preview_frames(cfg: &DitConfig, latent: &[f32]) -> Result<(u32, u32, Vec<Vec<u8>>)> {
+    let per = cfg.tokens_per_frame() * cfg.in_dim();
+    let frames = cfg.frames_per_chunk;
+    if latent.len() != frames * per {
+        return Err(Error::Invariant(format!(
+            "preview decoder: latent of {} values is not {frames} frames",
+            latent.len()
+        )));
+    }
+    let s = PREVIEW_SCALE;
+    let (h, w) = cfg.latent_hw();
+    let (bh, bw) = (h * s, w * s);
+    let mut out = Vec::with_capacity(frames);
+    for f in 0..frames {
+        let (h, w, rgb) = frame_rgb(cfg, &latent[f * per..(f + 1) * per]);
+        let mut big = vec![0u8; bh * bw * 3];
+        for y in 0..bh {
+            for x in 0..bw {
+                let src = ((y / s) * w + x / s) * 3;
+                big[(y * bw + x) * 3..][..3].copy_from_slice(&rgb[src..src + 3]);
+            }
+        }
+        debug_assert_eq!(h * s, bh);
+        out.push(big);
+    }
+    Ok((bh as u32, bw as u32, out))
 }
 
 impl Decoder for PreviewDecoder {
@@ -120,31 +150,102 @@ impl Decoder for PreviewDecoder {
         format!("preview png → {}", self.dir.display())
     }
     fn decode(&mut self, input: &DecodeInput<'_>) -> Result<()> {
-        let per = self.cfg.tokens_per_frame() * self.cfg.in_dim();
-        if input.latent.len() != input.frames * per {
+        if input.frames != self.cfg.frames_per_chunk {
             return Err(Error::Invariant(format!(
-                "preview decoder: latent of {} values is not {} frames",
-                input.latent.len(),
-                input.frames
+                "preview decoder: {} frames per chunk, the model makes {}",
+                input.frames, self.cfg.frames_per_chunk
             )));
         }
-        for f in 0..input.frames {
-            let (h, w, rgb) = self.frame_rgb(&input.latent[f * per..(f + 1) * per]);
-            let s = self.scale;
-            let (bh, bw) = (h * s, w * s);
-            let mut big = vec![0u8; bh * bw * 3];
-            for y in 0..bh {
-                for x in 0..bw {
-                    let src = ((y / s) * w + x / s) * 3;
-                    big[(y * bw + x) * 3..][..3].copy_from_slice(&rgb[src..src + 3]);
-                }
-            }
+        let (bh, bw, frames) = preview_frames(&self.cfg, input.latent)?;
+        for big in frames {
             let path = self.dir.join(format!("frame_{:06}.png", self.next_frame));
-            std::fs::write(&path, png_rgb(bw as u32, bh as u32, &big))
+            std::fs::write(&path, png_rgb(bw, bh, &big))
                 .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             self.next_frame += 1;
         }
         Ok(())
+    }
+}
+
+/// Writes the preview frames as a Y4M video (`--video-out`): 4:2:0 (`C420jpeg`, full-range
+/// BT.601), one video frame per latent frame at 4 frames/s — Wan's 16 frames/s over its
+/// temporal stride of 4, so the preview lasts as long as the video it stands for. Any player
+/// (ffplay, mpv, VLC) opens it. Runs an optional inner decoder first (the PNG preview).
+pub struct Y4mDecoder {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    cfg: DitConfig,
+    header: bool,
+    inner: Option<Box<dyn Decoder>>,
+}
+
+impl Y4mDecoder {
+    pub fn new(path: PathBuf, cfg: &DitConfig, inner: Option<Box<dyn Decoder>>) -> Result<Self> {
+        let f = std::fs::File::create(&path)
+            .map_err(|e| Error::io(format!("creating video {}", path.display()), e))?;
+        Ok(Self {
+            path,
+            out: std::io::BufWriter::new(f),
+            cfg: cfg.clone(),
+            header: false,
+            inner,
+        })
+    }
+}
+
+/// One RGB frame as Y4M 4:2:0 planes (`h`, `w` even), full-range BT.601.
+pub fn y4m_frame(w: usize, h: usize, rgb: &[u8]) -> Vec<u8> {
+    let mut y = Vec::with_capacity(w * h);
+    let (mut u, mut v) = (vec![0f32; (w / 2) * (h / 2)], vec![0f32; (w / 2) * (h / 2)]);
+    for py in 0..h {
+        for px in 0..w {
+            let p = &rgb[(py * w + px) * 3..][..3];
+            let (r, g, b) = (f32::from(p[0]), f32::from(p[1]), f32::from(p[2]));
+            y.push(
+                (0.299 * r + 0.587 * g + 0.114 * b)
+                    .round()
+                    .clamp(0.0, 255.0) as u8,
+            );
+            let i = (py / 2) * (w / 2) + px / 2;
+            u[i] += (-0.168_736 * r - 0.331_264 * g + 0.5 * b + 128.0) / 4.0;
+            v[i] += (0.5 * r - 0.418_688 * g - 0.081_312 * b + 128.0) / 4.0;
+        }
+    }
+    let q = |x: f32| x.round().clamp(0.0, 255.0) as u8;
+    let mut out = b"FRAME\n".to_vec();
+    out.extend_from_slice(&y);
+    out.extend(u.into_iter().map(q));
+    out.extend(v.into_iter().map(q));
+    out
+}
+
+impl Decoder for Y4mDecoder {
+    fn name(&self) -> String {
+        let me = format!("preview y4m → {}", self.path.display());
+        match &self.inner {
+            Some(i) => format!("{} + {me}", i.name()),
+            None => me,
+        }
+    }
+    fn decode(&mut self, input: &DecodeInput<'_>) -> Result<()> {
+        use std::io::Write;
+        if let Some(i) = &mut self.inner {
+            i.decode(input)?;
+        }
+        let (h, w, frames) = preview_frames(&self.cfg, input.latent)?;
+        let io = |e| Error::io(format!("writing video {}", self.path.display()), e);
+        if !self.header {
+            writeln!(self.out, "YUV4MPEG2 W{w} H{h} F4:1 Ip A1:1 C420jpeg").map_err(io)?;
+            self.header = true;
+        }
+        for f in &frames {
+            self.out
+                .write_all(&y4m_frame(w as usize, h as usize, f))
+                .map_err(io)?;
+        }
+        // Whole frames reach the file at every chunk: a run that crashes later leaves a
+        // playable video of what it emitted.
+        self.out.flush().map_err(io)
     }
 }
 

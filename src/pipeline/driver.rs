@@ -19,7 +19,7 @@ use super::DriverLink;
 use crate::diag::line as diag;
 use crate::digest::fnv64;
 use crate::fault::{self, points};
-use crate::ids::{CallId, ChunkIndex, DRIVER};
+use crate::ids::{CacheEpoch, CallId, ChunkIndex, DRIVER};
 use crate::model::DitConfig;
 use crate::plan::{PlanPolicy, Planner, StateDigest, OVERRIDE_TENSOR};
 use crate::wire::{EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
@@ -65,219 +65,362 @@ fn noise(seed: u64, epoch: u64, chunk: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// What `Driver::receive` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A result was accepted into the decode queue.
+    Accepted,
+    /// A result of an older epoch arrived and was dropped (never decoded, never surfaced).
+    DroppedStale,
+    /// Nothing arrived within the wait.
+    Nothing,
+}
+
+/// One decoded chunk as it leaves Stage 0: its ids and its clean latent.
+#[derive(Clone, Debug)]
+pub struct Emitted {
+    pub ids: EnvelopeIds,
+    /// Clean latent `[tokens_per_chunk, in_dim]`.
+    pub latent: Vec<f32>,
+    /// Mesh time for this chunk, µs.
+    pub s1_us: u64,
+}
+
+/// Stage 0 as steps: the one driver. `run_driver` (the `lockstep run` loop) and the session
+/// host (`crate::session`, commands from a server) both drive a stream through these steps;
+/// neither has a send, receive or decode path of its own.
+pub struct Driver<'a> {
+    dc: &'a DriverConfig,
+    s0: Stage0,
+    planner: Planner,
+    rep: DriverReport,
+    t_start: Instant,
+    sent: u64,
+    sent_in_epoch: u64,
+    last_call: Option<CallId>,
+    /// Sink-frame latents of the current epoch: the recompute context.
+    anchor: Option<Vec<f32>>,
+    epoch_first: Option<ChunkIndex>,
+    /// The prompt of the current epoch (`PhasePlan::prompt_seed`).
+    prompt_seed: u64,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(dc: &'a DriverConfig, trace: Trace) -> Result<Self> {
+        Ok(Self {
+            s0: Stage0::new(dc.queues)?,
+            planner: Planner::new(dc.policy.clone())?,
+            rep: DriverReport {
+                trace,
+                ..Default::default()
+            },
+            t_start: Instant::now(),
+            sent: 0,
+            sent_in_epoch: 0,
+            last_call: None,
+            anchor: None,
+            epoch_first: None,
+            prompt_seed: dc.policy.prompt_seed,
+            dc,
+        })
+    }
+
+    /// D_in (and, with backpressure, D_out) has room for one more chunk.
+    pub fn can_send(&self) -> bool {
+        self.s0.can_send()
+    }
+    /// Chunks sent so far (all epochs).
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+    /// Chunks sent in the current epoch.
+    pub fn sent_in_epoch(&self) -> u64 {
+        self.sent_in_epoch
+    }
+    pub fn epoch(&self) -> CacheEpoch {
+        self.s0.epoch()
+    }
+    pub fn outstanding(&self) -> usize {
+        self.s0.outstanding()
+    }
+    pub fn ready_len(&self) -> usize {
+        self.s0.ready_len()
+    }
+    pub fn can_receive(&self) -> bool {
+        self.s0.can_receive()
+    }
+    pub fn prompt_seed(&self) -> u64 {
+        self.prompt_seed
+    }
+    /// The prompt the next chunk's plan names (takes effect at the next plan; the session
+    /// changes it only together with a hard cut).
+    pub fn set_prompt_seed(&mut self, seed: u64) {
+        self.prompt_seed = seed;
+    }
+
+    /// Plans, preflights and sends the next chunk (the caller checked `can_send`).
+    pub fn send_chunk(&mut self, link: &mut dyn DriverLink) -> Result<EnvelopeIds> {
+        let dc = self.dc;
+        let cfg = &dc.cfg;
+        let (tpf, in_dim) = (cfg.tokens_per_frame(), cfg.in_dim());
+        let chunk_len = cfg.tokens_per_chunk() * in_dim;
+        let t = Instant::now();
+        let chunk = ChunkIndex(self.sent);
+        let epoch = self.s0.epoch();
+        let mut plan = self.planner.next_plan(chunk, epoch);
+        plan.prompt_seed = self.prompt_seed;
+        if plan.recompute.is_some() && self.anchor.is_none() {
+            // The anchor chunk's result is not back yet (deep queues): no recompute this
+            // chunk. Decided here, on rank 0, and sent explicitly in the plan.
+            plan.recompute = None;
+            plan.context_frames_override = None;
+            plan.expected_generator_calls = plan.implied_generator_calls();
+        }
+        let mut tensors = vec![HostTensor::from_f32(
+            NOISE_TENSOR,
+            vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
+            &noise(dc.noise_seed, epoch.get(), chunk.get(), chunk_len),
+        )];
+        if let (Some(r), Some(a)) = (plan.recompute, &self.anchor) {
+            let n = r.frames as usize * tpf * in_dim;
+            let ctx = a.get(..n).ok_or_else(|| {
+                Error::Invariant("anchor latent shorter than the sink frames".into())
+            })?;
+            tensors.push(HostTensor::from_f32(
+                OVERRIDE_TENSOR,
+                vec![(r.frames as usize * tpf) as u64, in_dim as u64],
+                ctx,
+            ));
+        }
+        if plan.recompute.is_some() && fault::hit(points::OMIT_OVERRIDE) {
+            plan.context_frames_override = None;
+            tensors.retain(|t| t.name != OVERRIDE_TENSOR);
+        }
+        let skip_preflight = fault::hit(points::SKIP_PREFLIGHT);
+        let regress = fault::hit(points::CALL_ID_REGRESSION);
+        let dup = fault::hit(points::DUP_ENVELOPE);
+        let (call_id, env_copy) = if regress {
+            // D3: an INFER carrying a call_id older than the last one, sent as is.
+            let used = CallId(self.last_call.map_or(0, |c| c.get().saturating_sub(1)));
+            let ids = EnvelopeIds {
+                call_id: used,
+                chunk_index: chunk,
+                cache_epoch: epoch,
+            };
+            let env = prepare_infer(&plan, ids, tensors, cfg, &dc.limits)?;
+            link.send_again(&env)?;
+            (used, None)
+        } else {
+            let mut copy: Option<PreparedEnvelope> = None;
+            let (plan_ref, limits, copy_ref) = (&plan, &dc.limits, &mut copy);
+            let call_id = link.send_next(Box::new(move |ids| {
+                let env = if skip_preflight {
+                    unchecked_infer(plan_ref, ids, tensors, limits)?
+                } else {
+                    prepare_infer(plan_ref, ids, tensors, cfg, limits)?
+                };
+                if dup {
+                    *copy_ref = Some(env.clone());
+                }
+                Ok(env)
+            }))?;
+            (call_id, copy)
+        };
+        self.last_call = Some(call_id);
+        if let Some(env) = env_copy {
+            link.send_again(&env)?;
+        }
+        let expected = if skip_preflight {
+            // The mesh must refuse this envelope; nothing will come back to compare.
+            StateDigest::from_words(&[0; 6])?
+        } else {
+            let after = self.planner.commit(&plan)?;
+            StateDigest::from_ledger(
+                u64::from(plan.expected_generator_calls),
+                &after,
+                dc.graph_count,
+            )
+        };
+        self.s0.on_sent(InFlight {
+            call_id,
+            chunk_index: chunk,
+            cache_epoch: epoch,
+            expected,
+            sent_at: t,
+        });
+        if plan.cache_actions.reset {
+            self.epoch_first = Some(chunk);
+            self.sent_in_epoch = 0;
+        }
+        self.sent += 1;
+        self.sent_in_epoch += 1;
+        let now = Instant::now();
+        self.rep.s0_total += now - t;
+        self.rep
+            .trace
+            .span("stage0", &format!("send {chunk} {epoch}"), t, now);
+        Ok(EnvelopeIds {
+            call_id,
+            chunk_index: chunk,
+            cache_epoch: epoch,
+        })
+    }
+
+    /// Hard cut: a new epoch; results of the old one still in flight are dropped on arrival and
+    /// accepted ones not yet decoded are flushed (stale results never surface).
+    pub fn hard_cut(&mut self) -> CacheEpoch {
+        let e = self.s0.hard_cut();
+        self.planner.hard_cut();
+        self.anchor = None;
+        self.epoch_first = None;
+        self.sent_in_epoch = 0;
+        let now = Instant::now();
+        self.rep
+            .trace
+            .span("stage0", &format!("hard cut → {e}"), now, now);
+        e
+    }
+
+    /// Waits up to `wait` (zero = poll) for one RESULT and offers it to Stage 0's acceptance.
+    pub fn receive(&mut self, link: &mut dyn DriverLink, wait: Duration) -> Result<Received> {
+        let cfg = &self.dc.cfg;
+        let (tpf, in_dim) = (cfg.tokens_per_frame(), cfg.in_dim());
+        let t = Instant::now();
+        let Some(env) = link.recv(wait)? else {
+            return Ok(Received::Nothing);
+        };
+        let r = decode_result(&env)?;
+        if self.s0.ready_len() == 0 {
+            self.rep
+                .trace
+                .span("stage0", "wait result", t, Instant::now());
+        }
+        let (epoch, chunk) = (r.cache_epoch.get(), r.chunk_index.get());
+        let is_anchor = self.epoch_first == Some(r.chunk_index) && r.cache_epoch == self.s0.epoch();
+        let latent_head: Option<Vec<f32>> = is_anchor.then(|| {
+            let n = (cfg.sink_frames as usize * tpf * in_dim).min(r.latent.len());
+            r.latent[..n].to_vec()
+        });
+        match self.s0.offer(r)? {
+            Offer::Accepted => {
+                if let Some(a) = latent_head {
+                    self.anchor = Some(a);
+                }
+                Ok(Received::Accepted)
+            }
+            Offer::DroppedStale => {
+                diag(&format!(
+                    "lockstep[{DRIVER}]: dropped stale result chunk_index {chunk} cache_epoch \
+                     {epoch} (current {})",
+                    self.s0.epoch()
+                ));
+                self.rep.stale.push((epoch, chunk));
+                Ok(Received::DroppedStale)
+            }
+        }
+    }
+
+    /// The error of a receive that waited its whole bound with nothing to decode.
+    pub fn result_timeout(&self) -> Error {
+        Error::Timeout(format!(
+            "stage 0 waited {:?} for a RESULT (expected_next {}, {} outstanding, {})",
+            self.dc.timeout,
+            self.s0
+                .expected_next()
+                .map_or("none (only cut envelopes)".into(), |c| c.to_string()),
+            self.s0.outstanding(),
+            self.s0.epoch()
+        ))
+    }
+
+    /// Decodes the next accepted result, in order, and records it; `None` when none is ready.
+    pub fn decode_next(&mut self, decoder: &mut dyn Decoder) -> Result<Option<Emitted>> {
+        let Some(r) = self.s0.pop_ready() else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        decoder.decode(&DecodeInput {
+            chunk_index: r.chunk_index.get(),
+            cache_epoch: r.cache_epoch.get(),
+            latent: &r.latent,
+            frames: self.dc.cfg.frames_per_chunk,
+        })?;
+        let now = Instant::now();
+        let rep = &mut self.rep;
+        rep.s0_total += now - t;
+        rep.trace
+            .span("stage0", &format!("decode {}", r.chunk_index), t, now);
+        rep.s1_us.push(r.s1_us);
+        rep.latencies_ms
+            .push(now.duration_since(r.sent_at).as_secs_f64() * 1e3);
+        rep.emit_s
+            .push(now.duration_since(self.t_start).as_secs_f64());
+        rep.emitted.push((r.cache_epoch.get(), r.chunk_index.get()));
+        if let Some(pb) = &self.dc.progress {
+            pb.inc(1);
+        }
+        Ok(Some(Emitted {
+            ids: EnvelopeIds {
+                call_id: r.call_id,
+                chunk_index: r.chunk_index,
+                cache_epoch: r.cache_epoch,
+            },
+            latent: r.latent,
+            s1_us: r.s1_us,
+        }))
+    }
+
+    /// Drain is the caller's (nothing outstanding); sends SHUTDOWN and hands back the report.
+    pub fn finish(self, link: &mut dyn DriverLink) -> Result<DriverReport> {
+        link.shutdown()?;
+        let mut rep = self.rep;
+        rep.stats = self.s0.stats().clone();
+        Ok(rep)
+    }
+}
+
+/// `lockstep run`'s Stage 0: sends `dc.chunks` chunks through the `Driver` steps, hard cuts on
+/// schedule, then drains.
 pub fn run_driver(
     link: &mut dyn DriverLink,
     decoder: &mut dyn Decoder,
     dc: &DriverConfig,
     trace: Trace,
 ) -> Result<DriverReport> {
-    let cfg = &dc.cfg;
-    let mut s0 = Stage0::new(dc.queues)?;
-    let mut planner = Planner::new(dc.policy.clone())?;
-    let mut rep = DriverReport {
-        trace,
-        ..Default::default()
-    };
-    let t_start = Instant::now();
-    let (tpf, in_dim) = (cfg.tokens_per_frame(), cfg.in_dim());
-    let chunk_len = cfg.tokens_per_chunk() * in_dim;
-    let mut sent = 0u64;
-    let mut sent_in_epoch = 0u64;
-    let mut last_call: Option<CallId> = None;
-    // Sink-frame latents of the current epoch: the recompute context.
-    let mut anchor: Option<Vec<f32>> = None;
-    let mut epoch_first: Option<ChunkIndex> = None;
+    let mut d = Driver::new(dc, trace)?;
     loop {
-        if sent < dc.chunks && s0.can_send() {
-            let t = Instant::now();
-            let chunk = ChunkIndex(sent);
-            let epoch = s0.epoch();
-            let mut plan = planner.next_plan(chunk, epoch);
-            if plan.recompute.is_some() && anchor.is_none() {
-                // The anchor chunk's result is not back yet (deep queues): no recompute this
-                // chunk. Decided here, on rank 0, and sent explicitly in the plan.
-                plan.recompute = None;
-                plan.context_frames_override = None;
-                plan.expected_generator_calls = plan.implied_generator_calls();
-            }
-            let mut tensors = vec![HostTensor::from_f32(
-                NOISE_TENSOR,
-                vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
-                &noise(dc.noise_seed, epoch.get(), chunk.get(), chunk_len),
-            )];
-            if let (Some(r), Some(a)) = (plan.recompute, &anchor) {
-                let n = r.frames as usize * tpf * in_dim;
-                let ctx = a.get(..n).ok_or_else(|| {
-                    Error::Invariant("anchor latent shorter than the sink frames".into())
-                })?;
-                tensors.push(HostTensor::from_f32(
-                    OVERRIDE_TENSOR,
-                    vec![(r.frames as usize * tpf) as u64, in_dim as u64],
-                    ctx,
-                ));
-            }
-            if plan.recompute.is_some() && fault::hit(points::OMIT_OVERRIDE) {
-                plan.context_frames_override = None;
-                tensors.retain(|t| t.name != OVERRIDE_TENSOR);
-            }
-            let skip_preflight = fault::hit(points::SKIP_PREFLIGHT);
-            let regress = fault::hit(points::CALL_ID_REGRESSION);
-            let dup = fault::hit(points::DUP_ENVELOPE);
-            let (call_id, env_copy) = if regress {
-                // D3: an INFER carrying a call_id older than the last one, sent as is.
-                let used = CallId(last_call.map_or(0, |c| c.get().saturating_sub(1)));
-                let ids = EnvelopeIds {
-                    call_id: used,
-                    chunk_index: chunk,
-                    cache_epoch: epoch,
-                };
-                let env = prepare_infer(&plan, ids, tensors, cfg, &dc.limits)?;
-                link.send_again(&env)?;
-                (used, None)
-            } else {
-                let mut copy: Option<PreparedEnvelope> = None;
-                let (plan_ref, limits, copy_ref) = (&plan, &dc.limits, &mut copy);
-                let call_id = link.send_next(Box::new(move |ids| {
-                    let env = if skip_preflight {
-                        unchecked_infer(plan_ref, ids, tensors, limits)?
-                    } else {
-                        prepare_infer(plan_ref, ids, tensors, cfg, limits)?
-                    };
-                    if dup {
-                        *copy_ref = Some(env.clone());
-                    }
-                    Ok(env)
-                }))?;
-                (call_id, copy)
-            };
-            last_call = Some(call_id);
-            if let Some(env) = env_copy {
-                link.send_again(&env)?;
-            }
-            let expected = if skip_preflight {
-                // The mesh must refuse this envelope; nothing will come back to compare.
-                StateDigest::from_words(&[0; 6])?
-            } else {
-                let after = planner.commit(&plan)?;
-                StateDigest::from_ledger(
-                    u64::from(plan.expected_generator_calls),
-                    &after,
-                    dc.graph_count,
-                )
-            };
-            s0.on_sent(InFlight {
-                call_id,
-                chunk_index: chunk,
-                cache_epoch: epoch,
-                expected,
-                sent_at: t,
-            });
-            if plan.cache_actions.reset {
-                epoch_first = Some(chunk);
-                sent_in_epoch = 0;
-            }
-            sent += 1;
-            sent_in_epoch += 1;
-            let now = Instant::now();
-            rep.s0_total += now - t;
-            rep.trace
-                .span("stage0", &format!("send {chunk} {epoch}"), t, now);
-            if dc.hard_cut_every > 0 && sent_in_epoch % dc.hard_cut_every == 0 && sent < dc.chunks {
-                let e = s0.hard_cut();
-                planner.hard_cut();
-                anchor = None;
-                epoch_first = None;
-                let now = Instant::now();
-                rep.trace
-                    .span("stage0", &format!("hard cut → {e}"), now, now);
+        if d.sent() < dc.chunks && d.can_send() {
+            d.send_chunk(link)?;
+            if dc.hard_cut_every > 0
+                && d.sent_in_epoch() % dc.hard_cut_every == 0
+                && d.sent() < dc.chunks
+            {
+                d.hard_cut();
             }
             continue;
         }
-        if s0.can_receive() && (s0.ready_len() == 0 || !dc.queues.backpressure) {
-            let wait = if s0.ready_len() == 0 || !dc.queues.backpressure {
-                dc.timeout
-            } else {
-                Duration::ZERO
-            };
-            let t = Instant::now();
-            match link.recv(wait)? {
-                Some(env) => {
-                    let r = decode_result(&env)?;
-                    if s0.ready_len() == 0 {
-                        rep.trace.span("stage0", "wait result", t, Instant::now());
-                    }
-                    let (epoch, chunk) = (r.cache_epoch.get(), r.chunk_index.get());
-                    let is_anchor =
-                        epoch_first == Some(r.chunk_index) && r.cache_epoch == s0.epoch();
-                    let latent_head: Option<Vec<f32>> = is_anchor.then(|| {
-                        let n = (cfg.sink_frames as usize * tpf * in_dim).min(r.latent.len());
-                        r.latent[..n].to_vec()
-                    });
-                    match s0.offer(r)? {
-                        Offer::Accepted => {
-                            if let Some(a) = latent_head {
-                                anchor = Some(a);
-                            }
-                        }
-                        Offer::DroppedStale => {
-                            diag(&format!(
-                                "lockstep[{DRIVER}]: dropped stale result chunk_index {chunk} \
-                                 cache_epoch {epoch} (current {})",
-                                s0.epoch()
-                            ));
-                            rep.stale.push((epoch, chunk));
-                        }
-                    }
-                    continue;
-                }
-                None if s0.ready_len() == 0 => {
-                    return Err(Error::Timeout(format!(
-                        "stage 0 waited {:?} for a RESULT (expected_next {}, {} outstanding, {})",
-                        dc.timeout,
-                        s0.expected_next()
-                            .map_or("none (only cut envelopes)".into(), |c| c.to_string()),
-                        s0.outstanding(),
-                        s0.epoch()
-                    )));
-                }
-                None => {}
+        if d.can_receive() && (d.ready_len() == 0 || !dc.queues.backpressure) {
+            let wait = dc.timeout;
+            match d.receive(link, wait)? {
+                Received::Accepted | Received::DroppedStale => continue,
+                Received::Nothing if d.ready_len() == 0 => return Err(d.result_timeout()),
+                Received::Nothing => {}
             }
         }
-        if let Some(r) = s0.pop_ready() {
-            let t = Instant::now();
-            decoder.decode(&DecodeInput {
-                chunk_index: r.chunk_index.get(),
-                cache_epoch: r.cache_epoch.get(),
-                latent: &r.latent,
-                frames: cfg.frames_per_chunk,
-            })?;
-            let now = Instant::now();
-            rep.s0_total += now - t;
-            rep.trace
-                .span("stage0", &format!("decode {}", r.chunk_index), t, now);
-            rep.s1_us.push(r.s1_us);
-            rep.latencies_ms
-                .push(now.duration_since(r.sent_at).as_secs_f64() * 1e3);
-            rep.emit_s.push(now.duration_since(t_start).as_secs_f64());
-            rep.emitted.push((r.cache_epoch.get(), r.chunk_index.get()));
-            if let Some(pb) = &dc.progress {
-                pb.inc(1);
-            }
+        if d.decode_next(decoder)?.is_some() {
             continue;
         }
-        if sent >= dc.chunks && s0.outstanding() == 0 {
+        if d.sent() >= dc.chunks && d.outstanding() == 0 {
             break;
         }
         return Err(Error::Invariant(format!(
             "stage 0 can neither send, receive nor decode ({} outstanding, {} ready, {} of {} \
              sent)",
-            s0.outstanding(),
-            s0.ready_len(),
-            sent,
+            d.outstanding(),
+            d.ready_len(),
+            d.sent(),
             dc.chunks
         )));
     }
-    link.shutdown()?;
-    rep.stats = s0.stats().clone();
-    Ok(rep)
+    d.finish(link)
 }

@@ -112,6 +112,9 @@ pub struct RunArgs {
     /// Write preview PNG frames here (default: none).
     #[arg(long)]
     pub frames_out: Option<PathBuf>,
+    /// Write the preview decoder's frames as a Y4M video here (besides any PNGs).
+    #[arg(long)]
+    pub video_out: Option<PathBuf>,
     /// Write the run's metrics as JSON here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -155,6 +158,7 @@ impl Default for RunArgs {
             gen_cost_ms: 5.0,
             decoder_cost_ms: 0.0,
             frames_out: None,
+            video_out: None,
             metrics: None,
             trace: None,
             seed: 0,

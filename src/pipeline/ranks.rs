@@ -33,7 +33,7 @@
 //!
 //! Tripwires: a rank that dies (peer lost at once), a hung stage (its bounded wait, then the
 //! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
-use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder};
+use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder, Y4mDecoder};
 use super::driver::{run_driver, DriverConfig, DriverReport};
 use super::report::{chrome_trace, overlap, percentile, steady_period, Metrics, Span, Trace};
 use super::stage0::QueueConfig;
@@ -189,10 +189,14 @@ fn setup(args: &RunArgs) -> Result<Setup> {
 }
 
 fn make_decoder(args: &RunArgs, cfg: &DitConfig) -> Result<Box<dyn Decoder>> {
-    let inner: Option<Box<dyn Decoder>> = match &args.frames_out {
+    let mut inner: Option<Box<dyn Decoder>> = match &args.frames_out {
         Some(d) => Some(Box::new(PreviewDecoder::new(d.clone(), cfg)?)),
         None => None,
     };
+    // session/video: `--video-out` (Y4M) after any PNGs.
+    if let Some(p) = &args.video_out {
+        inner = Some(Box::new(Y4mDecoder::new(p.clone(), cfg, inner)?));
+    }
     if args.decoder_cost_ms > 0.0 {
         let cost = Duration::try_from_secs_f64(args.decoder_cost_ms / 1e3)
             .map_err(|_| Error::BadInput("--decoder-cost-ms must be ≥ 0".into()))?;
@@ -542,7 +546,14 @@ fn run_rank<D: DataPlane>(
         };
         rank.start_heartbeats(s.heartbeat)?;
         let mut link = RankDriver { rank };
-        let d = run_driver(&mut link, decoder.as_mut(), &dc, Trace::new(me.get(), t0));
+        // session: a session's rank 0 takes its schedule from the client (`crate::session`).
+        let trace = Trace::new(me.get(), t0);
+        let d = match crate::session::host::socket_from_env() {
+            Some(sock) => {
+                crate::session::host::serve(&sock, &mut link, decoder.as_mut(), &dc, trace)
+            }
+            None => run_driver(&mut link, decoder.as_mut(), &dc, trace),
+        };
         if let Some(pb) = &dc.progress {
             pb.finish_and_clear();
         }
@@ -787,6 +798,9 @@ fn launch_and_report(args: &RunArgs) -> Result<i32> {
     }
     if let Some(p) = &args.trace {
         check_output_file("--trace", p)?;
+    }
+    if let Some(p) = &args.video_out {
+        check_output_file("--video-out", p)?;
     }
     if let Some(d) = &args.frames_out {
         std::fs::create_dir_all(d).map_err(|e| {
