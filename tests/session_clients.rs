@@ -64,7 +64,9 @@ fn build_c_example() -> PathBuf {
         .arg(repo().join("ffi/session_example.c"))
         .arg(format!("-L{}", dir.display()))
         .arg("-llockstep")
-        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        // DT_RPATH (not RUNPATH): found before LD_LIBRARY_PATH, which cargo points at
+        // `target/<profile>`, where a `cargo build` may have left an older cdylib.
+        .arg(format!("-Wl,--disable-new-dtags,-rpath,{}", dir.display()))
         .arg("-o")
         .arg(&out)
         .status()
