@@ -679,3 +679,80 @@ fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
         .unwrap_or_default();
     assert_eq!(emitted, (0..8).collect::<Vec<_>>(), "in order, each once");
 }
+
+/// Ranks started by hand (not through a fault point) whose environment really differs: the
+/// attention choice (`LOCKSTEP_KERNEL_VARIANT`) or CUDA graphs (`LOCKSTEP_CUDA_GRAPHS`) on one
+/// rank. Every rank exits 73 at startup naming the field and who holds which value; no chunk runs.
+#[test]
+fn ranks_with_a_different_attention_choice_or_graphs_setting_exit_at_startup() {
+    let _serial = common::serial();
+    for (var, odd, field, want) in [
+        (
+            "LOCKSTEP_KERNEL_VARIANT",
+            "v1",
+            "exec.kernel_variant",
+            "exec.kernel_variant: global-rank 0,1 = \"auto-shape-table-r1\"; global-rank 2 = \"v1-fa2-mma-sync\"",
+        ),
+        (
+            "LOCKSTEP_CUDA_GRAPHS",
+            "on",
+            "exec.cuda_graphs",
+            "exec.cuda_graphs: global-rank 0,1 = \"off\"; global-rank 2 = \"on\"",
+        ),
+    ] {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port().to_string()
+        };
+        let procs: Vec<std::process::Child> = ["0", "1", "2"]
+            .into_iter()
+            .map(|r| {
+                let mut c = Command::new(common::lockstep_bin());
+                c.args(["run", "--quiet", "--chunks", "2", "--tp", "2"])
+                    .args(["--generator", "calibrated"])
+                    .env_remove("LOCKSTEP_FAULT")
+                    .env_remove("LOCKSTEP_KERNEL_VARIANT")
+                    .env_remove("LOCKSTEP_CUDA_GRAPHS")
+                    .envs([
+                        ("RANK", r),
+                        ("LOCAL_RANK", r),
+                        ("WORLD_SIZE", "3"),
+                        ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", port.as_str()),
+                        ("LOCKSTEP_JOB_TOKEN", "parity-env-test"),
+                    ])
+                    .env("LOCKSTEP_DUMP_DIR", tmp("parity-env-dumps"))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped());
+                if r == "2" {
+                    c.env(var, odd);
+                }
+                c.spawn().unwrap()
+            })
+            .collect();
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        for (r, mut c) in procs.into_iter().enumerate() {
+            let st = loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    break st;
+                }
+                if std::time::Instant::now() > until {
+                    let _ = c.kill();
+                    panic!("{field}: global-rank {r} did not exit within 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let mut err = String::new();
+            if let Some(mut e) = c.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            assert_eq!(st.code(), Some(73), "{field}: global-rank {r}: {err}");
+            assert!(err.contains("parity-mismatch"), "{field}: rank {r}: {err}");
+            if r == 0 {
+                // Rank 0 holds every rank's fingerprint: it names the field and the split.
+                assert!(err.contains(want), "{field}: rank 0: {err}");
+            }
+        }
+    }
+}

@@ -21,7 +21,8 @@
 //!   is refused with the slots named, never computed wrong. The planner's default (sinks and
 //!   window multiples of the chunk) always is.
 //! - The timestep embedding and the adaLN modulation (`dim`-sized vectors) are computed on the
-//!   host in f32 and uploaded once per call; everything per token runs on the GPU.
+//!   host in f32 once per (timestep, frames) and kept on the device; everything per token runs
+//!   on the GPU.
 //! - Tensor parallel as the CPU model (`model::dit`): each rank holds its heads of the
 //!   attention projections and its slice of the FFN (column-parallel in, row-parallel out,
 //!   the row-parallel biases on group-rank 0 only so the sum carries them once); per layer
