@@ -35,7 +35,9 @@
 //! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
 use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder, Y4mDecoder};
 use super::driver::{run_driver, DriverConfig, DriverReport};
-use super::report::{chrome_trace, overlap, percentile, steady_period, Metrics, Span, Trace};
+use super::report::{
+    chrome_trace, overlap, percentile, steady_mean, steady_period, Metrics, Span, Trace,
+};
 use super::stage0::QueueConfig;
 use super::stage1::{
     run_follower, run_leader, CalibratedGenerator, DitGenerator, Generator, GpuGenerator, MeshRank,
@@ -656,7 +658,8 @@ fn metrics(
 ) -> Metrics {
     let n = d.emitted.len().max(1) as f64;
     let s0_ms = d.s0_total.as_secs_f64() * 1e3 / n;
-    let s1_ms = d.s1_us.iter().sum::<u64>() as f64 / 1e3 / n;
+    let s1: Vec<f64> = d.s1_us.iter().map(|us| *us as f64 / 1e3).collect();
+    let s1_ms = steady_mean(&s1);
     let period_ms = steady_period(&d.emit_s) * 1e3;
     let (e, eta) = overlap(s0_ms, s1_ms, period_ms);
     let mut lat = d.latencies_ms.clone();

@@ -1,10 +1,13 @@
 //! Run metrics, the summary table, and the Chrome/Perfetto trace.
 //!
 //! Definitions (SPEC §7): S0 = mean Stage 0 time per chunk (envelope build + decode), S1 = mean
-//! mesh time per chunk (envelope received → result ready, measured by the leader), period =
-//! steady-state mean interval between emitted outputs (the first quarter of the run is warm-up and
-//! excluded), E = max(S0, S1) / period, η = (S0 + S1 − period) / min(S0, S1). η ≈ 0 means the
-//! stages ran one after the other; η ≈ 1 means the shorter stage was hidden entirely.
+//! mesh time per chunk (envelope received → result ready, measured by the leader) over the
+//! steady state, period = steady-state mean interval between emitted outputs, E = max(S0, S1) /
+//! period, η = (S0 + S1 − period) / min(S0, S1). The steady state excludes the first quarter of
+//! the run (warm-up), for S1 and the period alike: a generator whose cost grows while its KV
+//! cache fills (the DiT) would otherwise be compared at its early, cheap chunks against a period
+//! of its late ones. η ≈ 0 means the stages ran one after the other; η ≈ 1 means the shorter
+//! stage was hidden entirely.
 //!
 //! The trace is Chrome trace-event JSON (`traceEvents`, complete events `ph: "X"` with
 //! pid = global rank, tid = stage lane, ts/dur in µs from the run start, plus process/thread
@@ -133,12 +136,28 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Index of the first steady-state sample of `n` (the first quarter is warm-up; at least two
+/// samples stay for a period).
+fn steady_start(n: usize) -> usize {
+    (n / 4).min(n.saturating_sub(2))
+}
+
+/// Steady-state mean of per-chunk samples (in chunk order): the same chunks `steady_period`
+/// spans.
+pub fn steady_mean(samples: &[f64]) -> f64 {
+    let tail = &samples[steady_start(samples.len())..];
+    if tail.is_empty() {
+        return 0.0;
+    }
+    tail.iter().sum::<f64>() / tail.len() as f64
+}
+
 /// Steady-state period from emit times (seconds): skip the first quarter.
 pub fn steady_period(emit_s: &[f64]) -> f64 {
     if emit_s.len() < 2 {
         return 0.0;
     }
-    let k = (emit_s.len() / 4).min(emit_s.len() - 2);
+    let k = steady_start(emit_s.len());
     (emit_s[emit_s.len() - 1] - emit_s[k]) / (emit_s.len() - 1 - k) as f64
 }
 
@@ -259,6 +278,22 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s1_is_averaged_over_the_same_steady_state_as_the_period() {
+        // A generator that gets slower while its cache fills, then flat: 8 chunks.
+        let s1 = [100.0, 200.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0];
+        assert_eq!(steady_mean(&s1), 400.0);
+        // Emits every 0.4 s once steady: the period spans the same chunks (2..8).
+        let emit = [0.1, 0.3, 0.6, 1.0, 1.4, 1.8, 2.2, 2.6];
+        assert!((steady_period(&emit) - 0.4).abs() < 1e-12);
+        let (e, _) = overlap(1.0, steady_mean(&s1), steady_period(&emit) * 1e3);
+        assert!((e - 1.0).abs() < 1e-9, "E {e}");
+        // The all-chunk mean (337.5) would have reported E = 0.84 for a mesh never idle.
+        assert!(s1.iter().sum::<f64>() / 8.0 / 400.0 < 0.85);
+        assert_eq!(steady_mean(&[]), 0.0);
+        assert_eq!(steady_mean(&[5.0]), 5.0);
+    }
 
     #[test]
     fn overlap_scores_match_their_definitions() {
