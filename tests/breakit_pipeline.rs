@@ -1,5 +1,5 @@
-//! Break-it tests B2, C2, D1–D3, E1–E3, F1–F3, G2, G3 (SPEC §12) against `lockstep run`, i.e. real rank
-//! processes (rank 0 + the mesh, launched by the protocol's launcher) on the data plane
+//! Break-it tests B2, C2, D1–D3, E1–E3, F1–F3, G2, G3 (docs/spec.md §12) against `lockstep run`,
+//! i.e. real rank processes (rank 0 + the mesh, launched by the protocol's launcher) on the data plane
 //! `LOCKSTEP_BACKEND` names (`host` by default, in CI; `nccl` on a 2-GPU host: rank 0 → GPU 0, the
 //! TP=2 mesh → GPU 1 and GPU 0; the ranks inherit the variable, and every clean run's metrics must
 //! name that plane). With `nccl` and no 2 GPUs / no usable NCCL every test prints `SKIP <test>: …`

@@ -1,4 +1,4 @@
-//! Break-it tests A1–A3, B1, B3, C1–C5, G1 (SPEC §12): real processes through `lockstep
+//! Break-it tests A1–A3, B1, B3, C1–C5, G1 (docs/spec.md §12): real processes through `lockstep
 //! launch` (or started by hand with the torchrun environment), the real protocol components
 //! (`Rank`, groups, data planes, watchdog) driven by the hidden `lockstep harness`, faults from
 //! `LOCKSTEP_FAULT`. Each asserts the exit code and the diagnosis and finishes in bounded time.

@@ -1,7 +1,7 @@
 //! Run metrics, the summary table, and the Chrome/Perfetto trace.
 //!
-//! Definitions (SPEC §7): S0 = mean Stage 0 time per chunk (envelope build + decode), S1 = mean
-//! mesh time per chunk (envelope received → result ready, measured by the leader), period =
+//! Definitions (docs/spec.md §7): S0 = mean Stage 0 time per chunk (envelope build + decode),
+//! S1 = mean mesh time per chunk (envelope received → result ready, measured by the leader), period =
 //! steady-state mean interval between emitted outputs (the first quarter of the run is warm-up and
 //! excluded), E = max(S0, S1) / period, η = (S0 + S1 − period) / min(S0, S1). η ≈ 0 means the
 //! stages ran one after the other; η ≈ 1 means the shorter stage was hidden entirely.
