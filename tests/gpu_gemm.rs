@@ -10,6 +10,7 @@
 //! fails. Skips, printing why, without a GPU, kernels or libcublasLt; with
 //! `LOCKSTEP_REQUIRE_GPU=1` a skip is a failure.
 mod common;
+use common::{fresh_rng, Rng};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
@@ -20,41 +21,6 @@ use lockstep::Error;
 use std::sync::Arc;
 
 const BF16_TOL: f64 = 1e-2;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn fresh_rng(test: &str) -> Rng {
-    let seed = std::env::var("LOCKSTEP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed} (replay with LOCKSTEP_TEST_SEED={seed})");
-    Rng(seed)
-}
-
-/// A skip for a reason `common::skip_without_gpu` does not know (libcublasLt missing): fails
-/// under `LOCKSTEP_REQUIRE_GPU=1` like every GPU skip.
-fn skipped(test: &str) -> Option<Dev> {
-    if std::env::var("LOCKSTEP_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: LOCKSTEP_REQUIRE_GPU=1 but the test would skip (reason printed above)");
-    }
-    None
-}
 
 struct Dev {
     gpu: Gpu,
@@ -71,8 +37,8 @@ fn dev(test: &str) -> Option<Dev> {
     let gemm = match Gemm::new(stream.clone()) {
         Ok(g) => g,
         Err(Error::LibraryMissing(m)) => {
-            println!("SKIP {test}: cuBLASLt is not loadable: {m}");
-            return skipped(test);
+            common::skip(test, &format!("cuBLASLt is not loadable: {m}"));
+            return None;
         }
         Err(e) => panic!("Gemm::new: {e}"),
     };

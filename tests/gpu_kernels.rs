@@ -4,6 +4,7 @@
 //! error ≤ 1e-2 for bf16 outputs; the figures are printed (`--nocapture`).
 //! Skips, printing why, without a GPU or kernels.
 mod common;
+use common::{fresh_rng, Rng};
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
@@ -17,21 +18,6 @@ use std::sync::Arc;
 
 const BF16_TOL: f64 = 1e-2;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Attention variants under test: all, or the comma list in `LOCKSTEP_ATTN_VARIANTS` (used on
 /// the GPU host to keep compute-sanitizer runs short; the default run always covers all).
 fn variants() -> Vec<AttentionVariant> {
@@ -44,20 +30,6 @@ fn variants() -> Vec<AttentionVariant> {
             .collect(),
         _ => ALL_VARIANTS.to_vec(),
     }
-}
-
-fn fresh_rng(test: &str) -> Rng {
-    let seed = std::env::var("LOCKSTEP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed} (replay with LOCKSTEP_TEST_SEED={seed})");
-    Rng(seed)
 }
 
 struct Dev {

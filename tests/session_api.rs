@@ -8,15 +8,7 @@ use lockstep::exit::ExitCode;
 use lockstep::pipeline::{GeneratorKind, RunArgs};
 use lockstep::session::{Conditioning, Launch, Session, SessionConfig, Submit};
 use lockstep::wire::DType;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "lockstep-session-test-{}-{name}",
-        std::process::id()
-    ))
-}
 
 fn config(generator: GeneratorKind) -> SessionConfig {
     SessionConfig {
@@ -28,7 +20,7 @@ fn config(generator: GeneratorKind) -> SessionConfig {
             ..RunArgs::default()
         },
         exe: Some(common::lockstep_bin()),
-        dump_dir: Some(tmp("dumps")),
+        dump_dir: Some(common::tmp("dumps")),
         ..SessionConfig::default()
     }
 }
@@ -174,7 +166,7 @@ fn session_frames_come_with_results_when_asked() {
     }
     let mut cfg = config(GeneratorKind::Calibrated);
     cfg.frames = true;
-    let video = tmp("session.y4m");
+    let video = common::tmp("session.y4m");
     cfg.run.video_out = Some(video.clone());
     let mut s = Session::open(&cfg).expect("open");
     // Nothing in flight: a poll answers at once, and "forever" is a bounded wait, not a panic.
@@ -264,9 +256,10 @@ fn session_bad_input_is_refused_with_a_clear_message() {
     assert!(e.to_string().contains("not a float type"), "{e}");
     let e = Conditioning::from_tensor(&model, DType::Bf16, &[t, c], &bytes).unwrap_err();
     assert!(e.to_string().contains("bytes"), "{e}");
-    let e = Conditioning::from_safetensors(&model, &tmp("missing.safetensors"), None).unwrap_err();
+    let e = Conditioning::from_safetensors(&model, &common::tmp("missing.safetensors"), None)
+        .unwrap_err();
     assert_eq!(e.exit_code(), ExitCode::BadInput);
-    let junk = tmp("junk.safetensors");
+    let junk = common::tmp("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").expect("write");
     let e = Conditioning::from_safetensors(&model, &junk, None).unwrap_err();
     assert!(e.to_string().contains("not safetensors"), "{e}");
@@ -277,7 +270,7 @@ fn session_bad_input_is_refused_with_a_clear_message() {
     let e = Session::open(&cfg).err().expect("unknown preset");
     assert_eq!(e.exit_code(), ExitCode::BadInput);
     let mut cfg = config(GeneratorKind::Calibrated);
-    cfg.exe = Some(tmp("not-a-binary"));
+    cfg.exe = Some(common::tmp("not-a-binary"));
     let e = Session::open(&cfg).err().expect("missing executable");
     assert!(e.to_string().contains("does not exist"), "{e}");
 }
@@ -319,7 +312,7 @@ fn session_opened_twice_on_one_port_fails_the_second_with_bad_input() {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("LOCKSTEP_JOB_TOKEN", &token)
-                .env("LOCKSTEP_DUMP_DIR", tmp("dumps"))
+                .env("LOCKSTEP_DUMP_DIR", common::tmp("dumps"))
                 .env_remove("LOCKSTEP_RUN_DIR")
                 .stdout(std::process::Stdio::null())
                 .spawn()
@@ -352,7 +345,7 @@ fn session_conditioning_from_a_safetensors_file_equals_the_same_tensor_given_dir
     let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, c], &bytes)
         .expect("view");
-    let file = tmp("prompt.safetensors");
+    let file = common::tmp("prompt.safetensors");
     safetensors::serialize_to_file([("text", view)], &None, &file).expect("save");
     let direct = Conditioning::from_tensor(&model, DType::F32, &[t as u64, c as u64], &bytes)
         .expect("tensor");

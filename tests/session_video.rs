@@ -11,8 +11,7 @@ fn run_video_out_writes_a_y4m_with_every_emitted_frame() {
     if common::skip_backend_unrunnable("run_video_out") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("lockstep-video-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::fresh_tmp("video");
     std::fs::create_dir_all(&dir).expect("dir");
     let video = dir.join("preview.y4m");
     let frames = dir.join("png");
