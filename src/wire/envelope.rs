@@ -374,7 +374,7 @@ mod tests {
 
     /// The C2 doctest's struct literal, verbatim, compiles where the fields are visible: so
     /// outside this module its only error is privacy (stable rustdoc does not check the pinned
-    /// error code; this control does the pinning's job).
+    /// error code; `tools/check-compile-fail.sh` does, and this control shows why it holds).
     #[test]
     fn c2_doctest_literal_is_well_typed_so_only_privacy_rejects_it_outside() {
         let header: Header = bytemuck::Zeroable::zeroed();
