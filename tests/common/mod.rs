@@ -1,5 +1,6 @@
 //! Shared helpers for integration tests.
 #![allow(dead_code)]
+pub mod gpu;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::Child;
