@@ -130,10 +130,7 @@ const CASE: Case = Case {
 /// else runs, asserts, and returns the run for any case-specific check. The run's dumps are
 /// [`dump`]`(test, rank)`.
 fn breakit(test: &str, case: Case) -> Option<Run> {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(test) {
-        return None;
-    }
+    let _serial = common::start(test)?;
     let r = run(test, &args(case.args), Some(case.fault), BOUND);
     assert_eq!(
         r.code, case.code,
@@ -302,10 +299,10 @@ fn g3_shape_skew_caught_before_forward() {
 
 #[test]
 fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("d1_duplicate_envelope_is_dropped_and_output_emitted_once") {
+    let Some(_serial) = common::start("d1_duplicate_envelope_is_dropped_and_output_emitted_once")
+    else {
         return;
-    }
+    };
     let r = run(
         "d1",
         &args(&["--chunks", "6"]),
@@ -335,10 +332,10 @@ fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
 
 #[test]
 fn d2_result_delayed_past_hard_cut_is_dropped_never_decoded() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("d2_result_delayed_past_hard_cut_is_dropped_never_decoded") {
+    let Some(_serial) = common::start("d2_result_delayed_past_hard_cut_is_dropped_never_decoded")
+    else {
         return;
-    }
+    };
     // The 3rd result (chunk 2) is held by the mesh leader until the next envelope arrives; a
     // hard cut happens right after chunk 2 is sent, so it comes back from a dead epoch.
     let r = run(
@@ -472,12 +469,11 @@ fn e2_depth_sweep_d1_collapses_overlap_d2_is_stable() {
 
 #[test]
 fn e3_stage1_slowed_stage0_blocks_bounded_without_accumulating() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "e3_stage1_slowed_stage0_blocks_bounded_without_accumulating",
-    ) {
+    let Some(_serial) =
+        common::start("e3_stage1_slowed_stage0_blocks_bounded_without_accumulating")
+    else {
         return;
-    }
+    };
     let r = run(
         "e3",
         &[
@@ -530,12 +526,11 @@ fn e3_stage1_slowed_stage0_blocks_bounded_without_accumulating() {
 
 #[test]
 fn f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run",
-    ) {
+    let Some(_serial) =
+        common::start("f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run")
+    else {
         return;
-    }
+    };
     let r = run(
         "f2",
         &args(&["--chunks", "9", "--hard-cut-every", "3"]),
@@ -588,20 +583,18 @@ fn c2_case(name: &str, env: &[(&str, &str)]) {
 
 #[test]
 fn c2_sender_killed_mid_payload_detected_by_receiver() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c2_sender_killed_mid_payload_detected_by_receiver") {
+    let Some(_serial) = common::start("c2_sender_killed_mid_payload_detected_by_receiver") else {
         return;
-    }
+    };
     c2_case("c2", &[]);
 }
 
 #[test]
 fn c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver")
-    {
+    let Some(_serial) = common::start("c2_tcp_lane_sender_killed_mid_payload_detected_by_receiver")
+    else {
         return;
-    }
+    };
     // The same C2 with the envelope lane forced onto TCP (shared memory is the default on one
     // host): the header travels on the socket itself, and its EOF is the death notice.
     c2_case("c2tcp", &[("LOCKSTEP_LANE", "tcp")]);

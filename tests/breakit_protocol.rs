@@ -106,10 +106,7 @@ const CASE: Case = Case {
 /// The one driver of the table's cases: skips (with the reason) where the backend cannot run,
 /// else launches, asserts, and returns the outcome for any case-specific check.
 fn breakit(test: &str, case: Case) -> Option<Outcome> {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(test) {
-        return None;
-    }
+    let _serial = common::start(test)?;
     let o = launch(test, 3, case.fault, case.env, case.args);
     o.assert(case.code, case.diagnosis);
     for a in case.absent {
@@ -246,12 +243,11 @@ fn a1_meta_unserializable_fails_before_header() {
 
 #[test]
 fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op",
-    ) {
+    let Some(_serial) =
+        common::start("b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op")
+    else {
         return;
-    }
+    };
     let o = launch("b1u", 3, "harness.tp_on_world,guard.off", &[], &[]);
     if common::backend() == "nccl" {
         // `world` has no NCCL communicator (rank 0 shares GPU 0 with a mesh rank), so even with
@@ -298,12 +294,11 @@ fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
 
 #[test]
 fn b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op",
-    ) {
+    let Some(_serial) =
+        common::start("b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op")
+    else {
         return;
-    }
+    };
     // The leader's TP all_reduce goes to `pp`, where rank 0 never joins: on NCCL a real
     // ncclAllReduce on the `pp` communicator that never completes; on host the same parked op.
     let o = launch("b1pu", 3, "harness.tp_on_pp@1,guard.off@1", &[], &[]);
@@ -383,10 +378,9 @@ fn spawn_rank_env(
 
 #[test]
 fn c1_driver_killed_worker_exits_with_peer_lost() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c1_driver_killed_worker_exits_with_peer_lost") {
+    let Some(_serial) = common::start("c1_driver_killed_worker_exits_with_peer_lost") else {
         return;
-    }
+    };
     let dumps = common::fresh_tmp("c1");
     let port = common::free_port();
     let args = ["--hold", "--heartbeat-ms", "100"];
@@ -494,23 +488,21 @@ fn c2_case(name: &str, env: &[(&str, &str)], args: &[&str]) -> Outcome {
 
 #[test]
 fn c2_device_resident_sender_killed_mid_payload_detected_by_receiver() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "c2_device_resident_sender_killed_mid_payload_detected_by_receiver",
-    ) {
+    let Some(_serial) =
+        common::start("c2_device_resident_sender_killed_mid_payload_detected_by_receiver")
+    else {
         return;
-    }
+    };
     c2_case("c2dev", &[], &["--device"]);
 }
 
 #[test]
 fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers",
-    ) {
+    let Some(_serial) =
+        common::start("device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers")
+    else {
         return;
-    }
+    };
     let o = launch("devstream", 3, "", &[], &["--device", "--chunks", "6"]);
     // Values are checked by rank 0 every chunk (chunk 5 ok = the sixth RESULT matched). With
     // recycling, the receive buffers are allocated once per manifest: the leader's 2 (latents,
@@ -529,10 +521,9 @@ fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
 
 #[test]
 fn c3_sigterm_to_launcher_reaches_every_rank() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c3_sigterm_to_launcher_reaches_every_rank") {
+    let Some(_serial) = common::start("c3_sigterm_to_launcher_reaches_every_rank") else {
         return;
-    }
+    };
     let dumps = common::fresh_tmp("c3");
     let bin = common::lockstep_bin();
     let mut child = Command::new(&bin)
@@ -604,10 +595,9 @@ fn c3_sigterm_to_launcher_reaches_every_rank() {
 
 #[test]
 fn c4_idle_gap_with_heartbeats_no_false_alarm() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c4_idle_gap_with_heartbeats_no_false_alarm") {
+    let Some(_serial) = common::start("c4_idle_gap_with_heartbeats_no_false_alarm") else {
         return;
-    }
+    };
     // On NCCL the drain's finalize + destroy takes 0.2–0.5 s per communicator (finalize is
     // collective), more than a 400 ms watchdog allows the leader's two; the gap still exceeds
     // the watchdog by 2.5×.
@@ -628,10 +618,9 @@ fn c4_idle_gap_with_heartbeats_no_false_alarm() {
 
 #[test]
 fn c4_idle_gap_without_heartbeats_watchdog_fires() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c4_idle_gap_without_heartbeats_watchdog_fires") {
+    let Some(_serial) = common::start("c4_idle_gap_without_heartbeats_watchdog_fires") else {
         return;
-    }
+    };
     let o = launch(
         "c4off",
         3,
@@ -648,10 +637,9 @@ fn c4_idle_gap_without_heartbeats_watchdog_fires() {
 
 #[test]
 fn c5_teardown_hang_still_hard_exits() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("c5_teardown_hang_still_hard_exits") {
+    let Some(_serial) = common::start("c5_teardown_hang_still_hard_exits") else {
         return;
-    }
+    };
     let o = launch("c5", 3, "teardown.hang@1", &[], &[]);
     // Rank 1 hangs in teardown. Whichever watchdog fires first ends the job — rank 1's own, or
     // rank 0's while it waits in teardown for rank 1's goodbye (seen on NCCL, where closing the
@@ -715,12 +703,11 @@ fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
 
 #[test]
 fn fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history",
-    ) {
+    let Some(_serial) =
+        common::start("fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history")
+    else {
         return;
-    }
+    };
     // TP=2: a dtype mismatch between the only two mesh ranks has no majority; the op history
     // (both used f32 for this all_reduce before) names the rank that changed.
     let o = launch("frhist", 3, "harness.dtype_skew@2#2", &[], &[]);
@@ -751,10 +738,9 @@ fn fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history() {
 
 #[test]
 fn rendezvous_refuses_wrong_token_and_survives_garbage() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("rendezvous_refuses_wrong_token_and_survives_garbage") {
+    let Some(_serial) = common::start("rendezvous_refuses_wrong_token_and_survives_garbage") else {
         return;
-    }
+    };
     use std::io::Write;
     let dumps = common::fresh_tmp("rdv");
     let port = common::free_port();
@@ -887,12 +873,11 @@ fn unknown_kernel_variant_is_bad_input_before_bootstrap() {
 
 #[test]
 fn rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind",
-    ) {
+    let Some(_serial) =
+        common::start("rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind")
+    else {
         return;
-    }
+    };
     if !std::path::Path::new("/dev/shm").is_dir() {
         println!(
             "SKIP rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind: no /dev/shm"

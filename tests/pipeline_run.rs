@@ -13,12 +13,11 @@ use std::time::Duration;
 
 #[test]
 fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "run_streams_tiny_dit_over_rank_processes_with_frames_and_trace",
-    ) {
+    let Some(_serial) =
+        common::start("run_streams_tiny_dit_over_rank_processes_with_frames_and_trace")
+    else {
         return;
-    }
+    };
     let (frames, trace, metrics) = (
         common::tmp("frames"),
         common::tmp("trace.json"),
@@ -98,12 +97,11 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
 
 #[test]
 fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference",
-    ) {
+    let Some(_serial) =
+        common::start("pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference")
+    else {
         return;
-    }
+    };
     // Launch the ranks by hand so that global-rank 2 gets another weight seed.
     let bin = common::lockstep_bin();
     let script = format!(
@@ -131,10 +129,9 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
 
 #[test]
 fn run_started_by_a_plain_launcher_reports_from_rank0() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("run_started_by_a_plain_launcher_reports_from_rank0") {
+    let Some(_serial) = common::start("run_started_by_a_plain_launcher_reports_from_rank0") else {
         return;
-    }
+    };
     // torchrun/Slurm style: something else starts the ranks with the torchrun environment; each
     // is `lockstep run` in rank mode, and rank 0 prints the summary and writes the metrics.
     let metrics = common::tmp("plain-metrics.json");
@@ -173,12 +170,11 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
 
 #[test]
 fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis",
-    ) {
+    let Some(_serial) =
+        common::start("c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis")
+    else {
         return;
-    }
+    };
     let frames = common::tmp("kill-frames");
     let _ = std::fs::remove_dir_all(&frames);
     let mut child = Command::new(common::lockstep_bin())
@@ -602,12 +598,11 @@ fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
 
 #[test]
 fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving",
-    ) {
+    let Some(_serial) =
+        common::start("pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving")
+    else {
         return;
-    }
+    };
     // D_in = 2: rank 0 sends INFER k+1 while the mesh still generates chunk k (20 ms a call), so
     // RESULT k and INFER k+1 want `pp` at the same time. On NCCL two opposite blocking sends on
     // one communicator wait for each other forever; the rule: the leader holds the RESULT

@@ -48,10 +48,9 @@ fn pid_alive(pid: u32) -> bool {
 
 #[test]
 fn session_streams_with_backpressure_cuts_to_a_new_prompt_and_closes_cleanly() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_streams") {
+    let Some(_serial) = common::start("session_streams") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Dit)).expect("open");
     let model = s.model().clone();
     assert_eq!(
@@ -130,10 +129,9 @@ fn session_streams_with_backpressure_cuts_to_a_new_prompt_and_closes_cleanly() {
 
 #[test]
 fn session_prompt_is_a_real_input_same_prompt_same_latents_other_prompt_other_latents() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_prompt") {
+    let Some(_serial) = common::start("session_prompt") else {
         return;
-    }
+    };
     let first = |c: Conditioning| -> Vec<f32> {
         let mut s = Session::open(&config(GeneratorKind::Dit)).expect("open");
         s.set_conditioning(&c).expect("conditioning");
@@ -160,10 +158,9 @@ fn session_prompt_is_a_real_input_same_prompt_same_latents_other_prompt_other_la
 
 #[test]
 fn session_frames_come_with_results_when_asked() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_frames") {
+    let Some(_serial) = common::start("session_frames") else {
         return;
-    }
+    };
     let mut cfg = config(GeneratorKind::Calibrated);
     cfg.frames = true;
     let video = common::tmp("session.y4m");
@@ -194,10 +191,9 @@ fn session_frames_come_with_results_when_asked() {
 
 #[test]
 fn session_mesh_rank_killed_mid_stream_is_an_error_with_exit_code_and_diagnosis_in_bound() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_kill") {
+    let Some(_serial) = common::start("session_kill") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
     fill(&mut s);
     s.recv(Duration::from_secs(5))
@@ -277,10 +273,9 @@ fn session_bad_input_is_refused_with_a_clear_message() {
 
 #[test]
 fn session_opened_twice_on_one_port_fails_the_second_with_bad_input() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_twice") {
+    let Some(_serial) = common::start("session_twice") else {
         return;
-    }
+    };
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
@@ -360,10 +355,9 @@ fn session_conditioning_from_a_safetensors_file_equals_the_same_tensor_given_dir
 
 #[test]
 fn session_dropped_without_close_leaves_no_rank_running() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_drop") {
+    let Some(_serial) = common::start("session_drop") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
     fill(&mut s);
     let pids: Vec<u32> = (0..3).filter_map(|r| s.rank_pid(r)).collect();

@@ -33,10 +33,9 @@ fn save(path: &Path, seed: u64) {
 
 #[test]
 fn run_with_weights_file_streams_over_rank_processes() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("run_with_weights_file_streams_over_rank_processes") {
+    let Some(_serial) = common::start("run_with_weights_file_streams_over_rank_processes") else {
         return;
-    }
+    };
     let w = common::tmp("stream.safetensors");
     save(&w, 3);
     let mut cmd = Command::new(common::lockstep_bin());
@@ -73,12 +72,11 @@ fn run_with_weights_file_streams_over_rank_processes() {
 
 #[test]
 fn weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts",
-    ) {
+    let Some(_serial) =
+        common::start("weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts")
+    else {
         return;
-    }
+    };
     // The tiny preset's tensors (zeros), minus one, and one with rows and columns swapped.
     let specs = param_specs(&DitConfig::tiny());
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
@@ -123,11 +121,10 @@ fn weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts() {
 
 #[test]
 fn ranks_given_different_weights_files_fail_parity_at_startup() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("ranks_given_different_weights_files_fail_parity_at_startup")
-    {
+    let Some(_serial) = common::start("ranks_given_different_weights_files_fail_parity_at_startup")
+    else {
         return;
-    }
+    };
     let (a, b) = (
         common::tmp("parity-a.safetensors"),
         common::tmp("parity-b.safetensors"),

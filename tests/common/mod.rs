@@ -56,6 +56,16 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The preamble of a multi-process test: the [`serial`] guard (hold it for the whole test), or
+/// `None` after [`skip_backend_unrunnable`] said why the selected backend cannot run here.
+pub fn start(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = serial();
+    if skip_backend_unrunnable(test) {
+        return None;
+    }
+    Some(guard)
+}
+
 /// The data plane the ranks run on: `LOCKSTEP_BACKEND` (they inherit it), `host` by default.
 pub fn backend() -> String {
     std::env::var("LOCKSTEP_BACKEND").unwrap_or_else(|_| "host".into())
