@@ -9,7 +9,7 @@ mod common;
 use lockstep::comm::nccl::{CommOptions, Communicator, CompletionKind, Gpu, ReduceDtype, UniqueId};
 use lockstep::exit::ExitCode;
 use lockstep::ids::GroupRank;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -44,18 +44,9 @@ fn spawn_self(test: &str, role: &str, uid: &UniqueId) -> Kid {
     Kid(child)
 }
 
-/// Sends each stdout line of the child to a channel (so the parent waits with a bound).
+/// Each stdout line of the child on a channel (so the parent waits with a bound).
 fn lines(kid: &mut Kid) -> mpsc::Receiver<String> {
-    let out = kid.0.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
+    common::lines_of(kid.0.stdout.take().expect("piped stdout")).0
 }
 
 fn stderr_of(kid: &mut Kid) -> mpsc::Receiver<String> {

@@ -158,16 +158,15 @@ pub fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, bound: Duration) -> 
     }
 }
 
-/// Collects a child's stderr lines on a thread; lines also arrive on the returned channel, and
-/// the thread returns all of them when the child closes stderr.
-pub fn stderr_lines(
-    child: &mut Child,
+/// Reads `r` line by line on a thread; lines arrive on the returned channel, and the thread
+/// returns all of them when `r` ends.
+pub fn lines_of<R: std::io::Read + Send + 'static>(
+    r: R,
 ) -> (mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
-    let err = child.stderr.take().expect("stderr piped");
     let (tx, rx) = mpsc::channel();
     let h = std::thread::spawn(move || {
         let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
             all.push_str(&line);
             all.push('\n');
             let _ = tx.send(line);
@@ -175,6 +174,13 @@ pub fn stderr_lines(
         all
     });
     (rx, h)
+}
+
+/// [`lines_of`] a child's stderr (piped).
+pub fn stderr_lines(
+    child: &mut Child,
+) -> (mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
+    lines_of(child.stderr.take().expect("stderr piped"))
 }
 
 /// Waits for a child with a hard bound and returns its exit code (128 + signal when killed by
