@@ -248,6 +248,16 @@ fn a1_meta_unserializable_fails_before_header() {
         return;
     };
     assert!(o.dump(1).contains("\"global_rank\":1"), "no leader dump");
+    // The launcher names the primary failure (not the receivers' 77) and its dump file.
+    let dump0 = o.dumps.join("rank-0.jsonl");
+    assert!(
+        o.stderr.contains(&format!(
+            "launch: failed: global-rank 0 exit 74 (bad-input); dump: {}",
+            dump0.display()
+        )),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
