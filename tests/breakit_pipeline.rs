@@ -86,17 +86,6 @@ fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
-fn pairs(m: &Value, key: &str) -> Vec<(u64, u64)> {
-    m[key]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A rank's flight-recorder dump of a [`run`] named `name`.
 fn dump(name: &str, rank: u32) -> String {
     std::fs::read_to_string(
@@ -321,7 +310,7 @@ fn d1_duplicate_envelope_is_dropped_and_output_emitted_once() {
     );
     let m = r.metrics.expect("metrics");
     assert_eq!(m["duplicates_dropped"], 1);
-    let emitted = pairs(&m, "emitted");
+    let emitted = common::epoch_chunk_pairs(&m, "emitted");
     assert_eq!(emitted.len(), 6);
     assert_eq!(
         emitted.iter().collect::<HashSet<_>>().len(),
@@ -354,8 +343,8 @@ fn d2_result_delayed_past_hard_cut_is_dropped_never_decoded() {
         r.stderr
     );
     let m = r.metrics.expect("metrics");
-    let stale = pairs(&m, "stale");
-    let emitted = pairs(&m, "emitted");
+    let stale = common::epoch_chunk_pairs(&m, "stale");
+    let emitted = common::epoch_chunk_pairs(&m, "emitted");
     assert!(stale.contains(&(0, 2)), "{stale:?}");
     assert!(
         !emitted.contains(&(0, 2)),
@@ -539,8 +528,8 @@ fn f2_stale_epoch_results_after_hard_cuts_are_refused_in_a_run() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = r.metrics.expect("metrics");
-    let stale = pairs(&m, "stale");
-    let emitted = pairs(&m, "emitted");
+    let stale = common::epoch_chunk_pairs(&m, "stale");
+    let emitted = common::epoch_chunk_pairs(&m, "emitted");
     assert_eq!(m["hard_cuts"], 2);
     assert!(
         !stale.is_empty(),

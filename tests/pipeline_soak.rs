@@ -56,16 +56,10 @@ fn soak_500_chunks_with_cuts_duplicates_and_delays_emits_each_output_once() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let m: Value =
         serde_json::from_slice(&std::fs::read(&metrics).expect("metrics")).expect("json");
-    let pairs = |k: &str| -> Vec<(u64, u64)> {
-        m[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (emitted, stale) = (pairs("emitted"), pairs("stale"));
+    let (emitted, stale) = (
+        common::epoch_chunk_pairs(&m, "emitted"),
+        common::epoch_chunk_pairs(&m, "stale"),
+    );
     let unique: HashSet<_> = emitted.iter().collect();
     assert_eq!(unique.len(), emitted.len(), "an output was emitted twice");
     assert!(

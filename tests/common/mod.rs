@@ -233,3 +233,15 @@ pub fn fresh_rng(test: &str) -> Rng {
     println!("{test}: seed {seed} (replay with LOCKSTEP_TEST_SEED={seed})");
     Rng(seed)
 }
+
+/// A `lockstep run --metrics` list of (cache_epoch, chunk_index) pairs: `emitted` or `stale`.
+pub fn epoch_chunk_pairs(metrics: &serde_json::Value, key: &str) -> Vec<(u64, u64)> {
+    metrics[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
