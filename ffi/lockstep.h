@@ -4,7 +4,8 @@
  * `src/ffi.rs` tests that every code below matches the Rust side).
  *
  * What it is for: a server that is not written in Rust builds envelopes with exactly the Rust
- * preflight (SPEC §3: preflight before header, dtype allowlist, top-level tensors only) and
+ * preflight (docs/spec.md §3: preflight before header, dtype allowlist, top-level tensors
+ * only) and
  * decodes headers it received, without ever getting a header for an envelope that failed.
  *
  * Link:   cc app.c -I ffi -L target/release -llockstep
@@ -30,7 +31,7 @@
 extern "C" {
 #endif
 
-/* Wire constants (SPEC §3). */
+/* Wire constants (docs/spec.md §3). */
 enum {
     LOCKSTEP_HEADER_LEN = 80,          /* bytes of an encoded header */
     LOCKSTEP_ENVELOPE_VERSION = 1,     /* the version this build speaks */
@@ -154,10 +155,10 @@ void lockstep_string_free(char *s);
 const char *lockstep_last_error(void);
 
 /*
- * Preflight (SPEC §3) from C: the same checks, in the same order and with the same messages, as
- * the Rust `wire::prepare_untyped`, then a header.
+ * Preflight (docs/spec.md §3) from C: the same checks, in the same order and with the same
+ * messages, as the Rust `wire::prepare_untyped`, then a header.
  *  action       a lockstep_action.
- *  call_id, chunk_index, cache_epoch   the envelope's ids (SPEC §4); not checked for
+ *  call_id, chunk_index, cache_epoch   the envelope's ids (docs/spec.md §4); not checked for
  *               monotonicity here (that is the sender's and the mesh's job).
  *  meta_json    INFER/RESULT: NUL-terminated UTF-8 JSON (NULL means "{}"), at most 1 MiB.
  *               Refused: invalid JSON, NaN/Infinity/out-of-range numbers (A1), integers that do

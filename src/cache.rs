@@ -1,5 +1,5 @@
-//! KV cache state machine (SPEC §6): per layer, a ring buffer with sink frames; append, O(1)
-//! evict, recompute (requires `context_frames_override`), reset by epoch. Every mutation comes
+//! KV cache state machine (docs/spec.md §6): per layer, a ring buffer with sink frames; append,
+//! O(1) evict, recompute (requires `context_frames_override`), reset by epoch. Every mutation comes
 //! from the phase plan.
 //!
 //! Contract:

@@ -1,5 +1,5 @@
-//! Fault injection (SPEC §12): `LOCKSTEP_FAULT=point[@rank][#nth]`, comma-separated, compiled in
-//! with the `fault-injection` feature (on by default).
+//! Fault injection (docs/spec.md §12): `LOCKSTEP_FAULT=point[@rank][#nth]`, comma-separated,
+//! compiled in with the `fault-injection` feature (on by default).
 //!
 //! Contract: a point fires only where the code calls [`hit`] with its name, only on the named
 //! global rank (all ranks when `@rank` is absent), and only on its `nth` hit (every hit when

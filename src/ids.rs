@@ -2,7 +2,8 @@
 //!
 //! `GlobalRank` (position in the world) and `GroupRank` (position inside one process group) are
 //! different types: a collective's `root`/`src` is a `GroupRank`, and only a `Group` can translate
-//! between the two. `CallId`, `ChunkIndex` and `CacheEpoch` are the envelope's ids (SPEC §4).
+//! between the two. `CallId`, `ChunkIndex` and `CacheEpoch` are the envelope's ids
+//! (docs/spec.md §4).
 use serde::{Deserialize, Serialize};
 use std::fmt;
 

@@ -1,4 +1,4 @@
-//! Phase plan (SPEC §5) and the chunk-end state digest.
+//! Phase plan (docs/spec.md §5) and the chunk-end state digest.
 //!
 //! Contract:
 //! - Every INFER carries a `PhasePlan`: denoise timesteps, whether a recompute call runs (then

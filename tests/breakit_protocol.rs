@@ -1,4 +1,4 @@
-//! Break-it tests A1–A3, B1, B3, C1–C5, G1 (SPEC §12): real processes through `lockstep
+//! Break-it tests A1–A3, B1, B3, C1–C5, G1 (docs/spec.md §12): real processes through `lockstep
 //! launch` (or started by hand with the torchrun environment), the real protocol components
 //! (`Rank`, groups, data planes, watchdog) driven by the hidden `lockstep harness`, faults from
 //! `LOCKSTEP_FAULT`. Each asserts the exit code and the diagnosis and finishes in bounded time.
@@ -14,48 +14,11 @@
 //! makes no sense on NCCL says why and skips only there.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BOUND: Duration = Duration::from_secs(10);
-
-/// The data plane the ranks run on (they inherit `LOCKSTEP_BACKEND`).
-fn backend() -> String {
-    std::env::var("LOCKSTEP_BACKEND").unwrap_or_else(|_| "host".into())
-}
-
-fn on_nccl() -> bool {
-    backend() == "nccl"
-}
-
-/// True (after printing why) when the selected backend cannot run here.
-fn skip_unrunnable(test: &str) -> bool {
-    if on_nccl() {
-        if let Some(why) = lockstep::comm::nccl::unavailable_reason(2) {
-            println!("SKIP {test}: LOCKSTEP_BACKEND=nccl but {why}");
-            return true;
-        }
-    }
-    false
-}
-
-/// True (after printing why) when the backend is NCCL and the test cannot apply there.
-fn skip_on_nccl(test: &str, why: &str) -> bool {
-    if on_nccl() {
-        println!("SKIP {test} on nccl: {why}");
-        return true;
-    }
-    skip_unrunnable(test)
-}
-
-fn tmp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lockstep-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 struct Outcome {
     code: i32,
@@ -81,42 +44,8 @@ impl Outcome {
     }
 }
 
-/// Collects a child's stderr lines on a thread; lines also arrive on the returned channel.
-fn collect(child: &mut Child) -> (mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
-    let err = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
-    (rx, h)
-}
-
-/// Waits for a child with a hard bound; a hang fails the test (and kills the child).
-fn wait_bounded(child: &mut Child, bound: Duration) -> i32 {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return st.code().unwrap_or_else(|| {
-                128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
-            });
-        }
-        if start.elapsed() > bound {
-            let _ = child.kill();
-            panic!("process still running after {bound:?}: a hang");
-        }
-        // Polling a child's exit status; not synchronization between test steps.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn launch(name: &str, n: u32, fault: &str, env: &[(&str, &str)], args: &[&str]) -> Outcome {
-    let dumps = tmp_dir(name);
+    let dumps = common::fresh_tmp(name);
     let bin = common::lockstep_bin();
     let mut cmd = Command::new(&bin);
     cmd.args(["launch", "-n", &n.to_string(), "--dump-dir"])
@@ -135,8 +64,8 @@ fn launch(name: &str, n: u32, fault: &str, env: &[(&str, &str)], args: &[&str]) 
     }
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawn launcher");
-    let (_rx, h) = collect(&mut child);
-    let code = wait_bounded(&mut child, BOUND + Duration::from_secs(5));
+    let (_rx, h) = common::stderr_lines(&mut child);
+    let code = common::wait_bounded(&mut child, BOUND + Duration::from_secs(5));
     let elapsed = start.elapsed();
     let stderr = h.join().unwrap_or_default();
     Outcome {
@@ -147,103 +76,199 @@ fn launch(name: &str, n: u32, fault: &str, env: &[(&str, &str)], args: &[&str]) 
     }
 }
 
+/// A break-it case of the common shape: `lockstep launch -n 3 -- lockstep harness stream` with a
+/// fault (and any environment or arguments), then the launcher's exit code, the diagnosis lines
+/// stderr must contain, what it must not contain, and an op no line of one rank's dump may show.
+struct Case {
+    /// `LOCKSTEP_FAULT` for every rank.
+    fault: &'static str,
+    env: &'static [(&'static str, &'static str)],
+    args: &'static [&'static str],
+    code: i32,
+    diagnosis: &'static [&'static str],
+    /// Text stderr must not contain (`chunk 0 ok`: inference never started).
+    absent: &'static [&'static str],
+    /// (rank, fields): no line of that rank's dump has all of these fields (the op was refused
+    /// before the call; no header was received).
+    not_dumped: Option<(u32, &'static [&'static str])>,
+}
+
+const CASE: Case = Case {
+    fault: "",
+    env: &[],
+    args: &[],
+    code: 0,
+    diagnosis: &[],
+    absent: &[],
+    not_dumped: None,
+};
+
+/// The one driver of the table's cases: skips (with the reason) where the backend cannot run,
+/// else launches, asserts, and returns the outcome for any case-specific check.
+fn breakit(test: &str, case: Case) -> Option<Outcome> {
+    let _serial = common::start(test)?;
+    let o = launch(test, 3, case.fault, case.env, case.args);
+    o.assert(case.code, case.diagnosis);
+    for a in case.absent {
+        assert!(
+            !o.stderr.contains(a),
+            "{test}: stderr contains {a:?}:\n{}",
+            o.stderr
+        );
+    }
+    if let Some((rank, fields)) = case.not_dumped {
+        let d = o.dump(rank);
+        assert!(
+            !d.lines().any(|l| fields.iter().all(|f| l.contains(f))),
+            "{test}: global-rank {rank}'s dump has an op with {fields:?}:\n{d}"
+        );
+    }
+    Some(o)
+}
+
+/// One `#[test]` per row, named by its SPEC id (`docs/spec.md §12`), so a failure names the case.
+macro_rules! breakit_cases {
+    ($($(#[$doc:meta])* fn $test:ident() = $case:expr;)*) => {$(
+        $(#[$doc])*
+        #[test]
+        fn $test() {
+            breakit(stringify!($test), $case);
+        }
+    )*};
+}
+
+const NO_HEADER_ON_LEADER: Option<(u32, &[&str])> = Some((1, &["\"note\":\"INFER"]));
+
+breakit_cases! {
+    /// A2: a bool tensor is refused by preflight; the leader never sees a header.
+    fn a2_unsupported_dtype_fails_before_header() = Case {
+        fault: "wire.dtype_bool@0",
+        code: 74,
+        diagnosis: &["preflight rejected envelope (nothing was sent): tensor `mask`: dtype bool is not in the wire allowlist"],
+        not_dumped: NO_HEADER_ON_LEADER,
+        ..CASE
+    };
+    /// A3: a tensor hidden in untyped meta is refused by preflight.
+    fn a3_tensor_hidden_in_meta_is_rejected() = Case {
+        fault: "wire.nested_tensor@0",
+        code: 74,
+        diagnosis: &["preflight rejected envelope (nothing was sent): meta field `meta.extra.mask` looks like a tensor"],
+        not_dumped: NO_HEADER_ON_LEADER,
+        ..CASE
+    };
+    /// B1: a TP all_reduce on `world` is refused by the guard; it never reaches the recorder.
+    fn b1_tp_collective_on_world_guard_fails_before_call() = Case {
+        fault: "harness.tp_on_world@2",
+        code: 70,
+        diagnosis: &["global-rank 2]: exit 70 (invariant-violation): invariant violated: wrong-group collective: refusing all_reduce on group `world` before the call"],
+        not_dumped: Some((2, &["\"group\":\"world\"", "\"op\":\"all_reduce\""])),
+        ..CASE
+    };
+    /// B1: rank 0 issuing a `mesh` collective is refused by the guard.
+    fn b1_non_member_collective_guard_fails_before_call() = Case {
+        fault: "harness.non_member_collective@0",
+        code: 70,
+        diagnosis: &["refusing all_reduce on group `mesh` before the call: global-rank 0 is not a member (members: global-rank 1, 2)"],
+        ..CASE
+    };
+    /// B1: a TP all_reduce on `pp` is refused by the guard; it never reaches the recorder.
+    fn b1_tp_collective_on_pp_guard_fails_before_call() = Case {
+        fault: "harness.tp_on_pp@1",
+        code: 70,
+        diagnosis: &["global-rank 1]: exit 70 (invariant-violation): invariant violated: wrong-group collective: refusing all_reduce on group `pp` before the call: TP collectives run only on `mesh`"],
+        not_dumped: Some((1, &["\"group\":\"pp\"", "\"op\":\"all_reduce\""])),
+        ..CASE
+    };
+    /// B3: groups created in another order on one rank: parity fails at startup on every rank.
+    fn b3_group_creation_order_mismatch_fails_at_startup() = Case {
+        fault: "groups.reorder@2",
+        code: 73,
+        diagnosis: &[
+            "startup parity handshake failed before inference",
+            "groups.creation_order: global-rank 0,1 = \"world[0,1,2] → pp[0,1] → mesh[1,2]\"; global-rank 2 = \"world[0,1,2] → mesh[1,2] → pp[0,1]\"",
+            "launch: global-rank 0 exit 73",
+            "launch: global-rank 1 exit 73",
+            "launch: global-rank 2 exit 73",
+        ],
+        absent: &["chunk 0 ok"],
+        ..CASE
+    };
+    /// C4: heartbeats off and an idle gap 3× the watchdog: the alarm fires.
+    fn c4_idle_gap_without_heartbeats_watchdog_fires() = Case {
+        env: &[("LOCKSTEP_WATCHDOG_MS", "400")],
+        args: &["--chunks", "2", "--idle-ms", "1200", "--heartbeat-ms", "0"],
+        code: 71,
+        diagnosis: &["exit 71 (watchdog-timeout): timed out: watchdog: no progress on global-rank"],
+        absent: &["chunk 1 ok"],
+        ..CASE
+    };
+    /// G1: CUDA graphs on for one rank only: parity fails at startup with the field's diff.
+    fn g1_execution_flags_differ_parity_fails_at_startup() = Case {
+        fault: "parity.flip_graphs@2",
+        code: 73,
+        diagnosis: &[
+            "exit 73 (parity-mismatch)",
+            "exec.cuda_graphs: global-rank 0,1 = \"off\"; global-rank 2 = \"on\"",
+        ],
+        absent: &["chunk 0 ok"],
+        ..CASE
+    };
+    /// Debug mode: a collective issued in bf16 on one rank is caught by the fingerprint exchange.
+    fn debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff() = Case {
+        fault: "harness.dtype_skew@2",
+        env: &[("LOCKSTEP_DEBUG_COLLECTIVES", "1")],
+        code: 70,
+        diagnosis: &[
+            "collective fingerprint mismatch on group `mesh` seq",
+            "dtype: global-rank 1 = f32; global-rank 2 = bf16",
+        ],
+        absent: &["watchdog"],
+        ..CASE
+    };
+}
+
+/// A1: NaN in rank 0's typed meta: preflight refuses it before any header; the receivers are
+/// told (77), never time out, and the leader never saw a header.
 #[test]
 fn a1_meta_unserializable_fails_before_header() {
-    let _serial = common::serial();
-    if skip_unrunnable("a1_meta_unserializable_fails_before_header") {
+    let Some(o) = breakit(
+        "a1_meta_unserializable_fails_before_header",
+        Case {
+            fault: "wire.meta_nan@0",
+            code: 74,
+            diagnosis: &[
+                "global-rank 0]: exit 74 (bad-input): preflight rejected envelope (nothing was sent): meta does not round-trip",
+                "launch: failed: global-rank 0 exit 74 (bad-input)",
+                "launch: global-rank 1 exit 77 (peer-failed)",
+            ],
+            not_dumped: NO_HEADER_ON_LEADER,
+            ..CASE
+        },
+    ) else {
         return;
-    }
-    let o = launch("a1", 3, "wire.meta_nan@0", &[], &[]);
-    o.assert(
-        74,
-        &[
-            "global-rank 0]: exit 74 (bad-input): preflight rejected envelope (nothing was sent): meta does not round-trip",
-            "launch: failed: global-rank 0 exit 74 (bad-input)",
-        ],
-    );
-    // The receiver did not block: it was told (77), never timed out.
+    };
+    assert!(o.dump(1).contains("\"global_rank\":1"), "no leader dump");
+    // The launcher names the primary failure (not the receivers' 77) and its dump file.
+    let dump0 = o.dumps.join("rank-0.jsonl");
     assert!(
-        o.stderr
-            .contains("launch: global-rank 1 exit 77 (peer-failed)"),
+        o.stderr.contains(&format!(
+            "launch: failed: global-rank 0 exit 74 (bad-input); dump: {}",
+            dump0.display()
+        )),
         "{}",
         o.stderr
-    );
-    // The receiver never saw a header.
-    let leader = o.dump(1);
-    assert!(leader.contains("\"global_rank\":1"), "no leader dump");
-    assert!(
-        !leader.contains("\"note\":\"INFER"),
-        "leader received a header:\n{leader}"
-    );
-}
-
-#[test]
-fn a2_unsupported_dtype_fails_before_header() {
-    let _serial = common::serial();
-    if skip_unrunnable("a2_unsupported_dtype_fails_before_header") {
-        return;
-    }
-    let o = launch("a2", 3, "wire.dtype_bool@0", &[], &[]);
-    o.assert(
-        74,
-        &["preflight rejected envelope (nothing was sent): tensor `mask`: dtype bool is not in the wire allowlist"],
-    );
-    assert!(!o.dump(1).contains("\"note\":\"INFER"));
-}
-
-#[test]
-fn a3_tensor_hidden_in_meta_is_rejected() {
-    let _serial = common::serial();
-    if skip_unrunnable("a3_tensor_hidden_in_meta_is_rejected") {
-        return;
-    }
-    let o = launch("a3", 3, "wire.nested_tensor@0", &[], &[]);
-    o.assert(
-        74,
-        &["preflight rejected envelope (nothing was sent): meta field `meta.extra.mask` looks like a tensor"],
-    );
-    assert!(!o.dump(1).contains("\"note\":\"INFER"));
-}
-
-#[test]
-fn b1_tp_collective_on_world_guard_fails_before_call() {
-    let _serial = common::serial();
-    if skip_unrunnable("b1_tp_collective_on_world_guard_fails_before_call") {
-        return;
-    }
-    let o = launch("b1g", 3, "harness.tp_on_world@2", &[], &[]);
-    o.assert(
-        70,
-        &["global-rank 2]: exit 70 (invariant-violation): invariant violated: wrong-group collective: refusing all_reduce on group `world` before the call"],
-    );
-    // Refused before the call: the world all_reduce never reached the recorder.
-    assert!(!o
-        .dump(2)
-        .lines()
-        .any(|l| l.contains("\"group\":\"world\"") && l.contains("\"op\":\"all_reduce\"")));
-}
-
-#[test]
-fn b1_non_member_collective_guard_fails_before_call() {
-    let _serial = common::serial();
-    if skip_unrunnable("b1_non_member_collective_guard_fails_before_call") {
-        return;
-    }
-    let o = launch("b1n", 3, "harness.non_member_collective@0", &[], &[]);
-    o.assert(
-        70,
-        &["refusing all_reduce on group `mesh` before the call: global-rank 0 is not a member (members: global-rank 1, 2)"],
     );
 }
 
 #[test]
 fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
-    let _serial = common::serial();
-    if skip_unrunnable("b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op") {
+    let Some(_serial) =
+        common::start("b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op")
+    else {
         return;
-    }
+    };
     let o = launch("b1u", 3, "harness.tp_on_world,guard.off", &[], &[]);
-    if on_nccl() {
+    if common::backend() == "nccl" {
         // `world` has no NCCL communicator (rank 0 shares GPU 0 with a mesh rank), so even with
         // the guard off the backend refuses the op before any NCCL call: no hang to catch. The
         // hang half of B1 on NCCL is `b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op`.
@@ -287,28 +312,12 @@ fn b1_unguarded_wrong_group_collective_hangs_until_watchdog_dumps_op() {
 }
 
 #[test]
-fn b1_tp_collective_on_pp_guard_fails_before_call() {
-    let _serial = common::serial();
-    if skip_unrunnable("b1_tp_collective_on_pp_guard_fails_before_call") {
-        return;
-    }
-    let o = launch("b1p", 3, "harness.tp_on_pp@1", &[], &[]);
-    o.assert(
-        70,
-        &["global-rank 1]: exit 70 (invariant-violation): invariant violated: wrong-group collective: refusing all_reduce on group `pp` before the call: TP collectives run only on `mesh`"],
-    );
-    assert!(!o
-        .dump(1)
-        .lines()
-        .any(|l| l.contains("\"group\":\"pp\"") && l.contains("\"op\":\"all_reduce\"")));
-}
-
-#[test]
 fn b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op() {
-    let _serial = common::serial();
-    if skip_unrunnable("b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op") {
+    let Some(_serial) =
+        common::start("b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op")
+    else {
         return;
-    }
+    };
     // The leader's TP all_reduce goes to `pp`, where rank 0 never joins: on NCCL a real
     // ncclAllReduce on the `pp` communicator that never completes; on host the same parked op.
     let o = launch("b1pu", 3, "harness.tp_on_pp@1,guard.off@1", &[], &[]);
@@ -331,7 +340,7 @@ fn b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op() {
             && (l.contains("\"state\":\"started\"") || l.contains("\"state\":\"failed\""))),
         "the leader's dump does not name the stuck pp all_reduce:\n{d1}"
     );
-    if on_nccl() {
+    if common::backend() == "nccl" {
         assert!(
             o.stderr.contains("nccl data plane: aborted"),
             "no communicator abort reported:\n{}",
@@ -340,40 +349,9 @@ fn b1_unguarded_tp_collective_on_pp_hangs_until_watchdog_dumps_op() {
     }
     println!(
         "B1 (pp, unguarded, backend {}): job ended {:?} after start",
-        backend(),
+        common::backend(),
         o.elapsed
     );
-}
-
-#[test]
-fn b3_group_creation_order_mismatch_fails_at_startup() {
-    let _serial = common::serial();
-    if skip_unrunnable("b3_group_creation_order_mismatch_fails_at_startup") {
-        return;
-    }
-    let o = launch("b3", 3, "groups.reorder@2", &[], &[]);
-    o.assert(
-        73,
-        &[
-            "startup parity handshake failed before inference",
-            "groups.creation_order: global-rank 0,1 = \"world[0,1,2] → pp[0,1] → mesh[1,2]\"; global-rank 2 = \"world[0,1,2] → mesh[1,2] → pp[0,1]\"",
-            "launch: global-rank 0 exit 73",
-            "launch: global-rank 1 exit 73",
-            "launch: global-rank 2 exit 73",
-        ],
-    );
-    assert!(
-        !o.stderr.contains("chunk 0 ok"),
-        "entered inference:\n{}",
-        o.stderr
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Starts one rank by hand (env only, as torchrun or a user would).
@@ -417,40 +395,27 @@ fn spawn_rank_env(
         .expect("spawn rank")
 }
 
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, bound: Duration) {
-    let end = Instant::now() + bound;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return,
-            Ok(_) => {}
-            Err(_) => panic!("no line containing {needle:?} within {bound:?}"),
-        }
-    }
-}
-
 #[test]
 fn c1_driver_killed_worker_exits_with_peer_lost() {
-    let _serial = common::serial();
-    if skip_unrunnable("c1_driver_killed_worker_exits_with_peer_lost") {
+    let Some(_serial) = common::start("c1_driver_killed_worker_exits_with_peer_lost") else {
         return;
-    }
-    let dumps = tmp_dir("c1");
-    let port = free_port();
+    };
+    let dumps = common::fresh_tmp("c1");
+    let port = common::free_port();
     let args = ["--hold", "--heartbeat-ms", "100"];
     let mut r0 = spawn_rank(0, 3, port, "c1-token", &dumps, &args);
     let mut r1 = spawn_rank(1, 3, port, "c1-token", &dumps, &args);
     let mut r2 = spawn_rank(2, 3, port, "c1-token", &dumps, &args);
-    let (rx0, _h0) = collect(&mut r0);
-    let (rx1, h1) = collect(&mut r1);
-    let (_rx2, h2) = collect(&mut r2);
-    wait_line(&rx0, "holding", BOUND);
-    wait_line(&rx1, "waiting for a header", BOUND);
+    let (rx0, _h0) = common::stderr_lines(&mut r0);
+    let (rx1, h1) = common::stderr_lines(&mut r1);
+    let (_rx2, h2) = common::stderr_lines(&mut r2);
+    common::wait_line(&rx0, "holding", BOUND);
+    common::wait_line(&rx1, "waiting for a header", BOUND);
     let t0 = Instant::now();
     r0.kill().expect("SIGKILL rank 0");
-    let c1 = wait_bounded(&mut r1, BOUND);
+    let c1 = common::wait_bounded(&mut r1, BOUND);
     let detect1 = t0.elapsed();
-    let c2 = wait_bounded(&mut r2, BOUND);
+    let c2 = common::wait_bounded(&mut r2, BOUND);
     let detect2 = t0.elapsed();
     let _ = r0.wait();
     let e1 = h1.join().unwrap_or_default();
@@ -479,8 +444,8 @@ fn c1_driver_killed_worker_exits_with_peer_lost() {
     );
     // Within the detection bound: well under watchdog (5 s) + 2 s; peer death is seen at once.
     assert!(detect2 < Duration::from_secs(2), "{detect2:?}");
-    println!("C1 time-to-detect (rank 0 SIGKILLed, worker blocked in recv; backend {}): leader {detect1:?}, rank 2 {detect2:?}", backend());
-    if on_nccl() {
+    println!("C1 time-to-detect (rank 0 SIGKILLed, worker blocked in recv; backend {}): leader {detect1:?}, rank 2 {detect2:?}", common::backend());
+    if common::backend() == "nccl" {
         // Every mesh rank aborted its communicators (leader: pp + mesh; rank 2: mesh) ...
         assert!(
             e1.contains("nccl data plane: aborted 2 communicator(s)"),
@@ -542,19 +507,21 @@ fn c2_case(name: &str, env: &[(&str, &str)], args: &[&str]) -> Outcome {
 
 #[test]
 fn c2_device_resident_sender_killed_mid_payload_detected_by_receiver() {
-    let _serial = common::serial();
-    if skip_unrunnable("c2_device_resident_sender_killed_mid_payload_detected_by_receiver") {
+    let Some(_serial) =
+        common::start("c2_device_resident_sender_killed_mid_payload_detected_by_receiver")
+    else {
         return;
-    }
+    };
     c2_case("c2dev", &[], &["--device"]);
 }
 
 #[test]
 fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
-    let _serial = common::serial();
-    if skip_unrunnable("device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers") {
+    let Some(_serial) =
+        common::start("device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers")
+    else {
         return;
-    }
+    };
     let o = launch("devstream", 3, "", &[], &["--device", "--chunks", "6"]);
     // Values are checked by rank 0 every chunk (chunk 5 ok = the sixth RESULT matched). With
     // recycling, the receive buffers are allocated once per manifest: the leader's 2 (latents,
@@ -573,11 +540,10 @@ fn device_resident_envelopes_stream_through_rank_relay_and_recycled_buffers() {
 
 #[test]
 fn c3_sigterm_to_launcher_reaches_every_rank() {
-    let _serial = common::serial();
-    if skip_unrunnable("c3_sigterm_to_launcher_reaches_every_rank") {
+    let Some(_serial) = common::start("c3_sigterm_to_launcher_reaches_every_rank") else {
         return;
-    }
-    let dumps = tmp_dir("c3");
+    };
+    let dumps = common::fresh_tmp("c3");
     let bin = common::lockstep_bin();
     let mut child = Command::new(&bin)
         .args(["launch", "-n", "3", "--dump-dir"])
@@ -591,7 +557,7 @@ fn c3_sigterm_to_launcher_reaches_every_rank() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn launcher");
-    let (rx, h) = collect(&mut child);
+    let (rx, h) = common::stderr_lines(&mut child);
     let mut pids = Vec::new();
     let end = Instant::now() + BOUND;
     loop {
@@ -612,7 +578,7 @@ fn c3_sigterm_to_launcher_reaches_every_rank() {
     let t0 = Instant::now();
     // SAFETY: signalling the launcher we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let code = wait_bounded(&mut child, BOUND);
+    let code = common::wait_bounded(&mut child, BOUND);
     let stderr = h.join().unwrap_or_default();
     assert_eq!(code, 75, "{stderr}");
     assert!(
@@ -648,14 +614,13 @@ fn c3_sigterm_to_launcher_reaches_every_rank() {
 
 #[test]
 fn c4_idle_gap_with_heartbeats_no_false_alarm() {
-    let _serial = common::serial();
-    if skip_unrunnable("c4_idle_gap_with_heartbeats_no_false_alarm") {
+    let Some(_serial) = common::start("c4_idle_gap_with_heartbeats_no_false_alarm") else {
         return;
-    }
+    };
     // On NCCL the drain's finalize + destroy takes 0.2–0.5 s per communicator (finalize is
     // collective), more than a 400 ms watchdog allows the leader's two; the gap still exceeds
     // the watchdog by 2.5×.
-    let (watchdog, idle) = if on_nccl() {
+    let (watchdog, idle) = if common::backend() == "nccl" {
         ("1000", "2500")
     } else {
         ("400", "1200")
@@ -671,31 +636,10 @@ fn c4_idle_gap_with_heartbeats_no_false_alarm() {
 }
 
 #[test]
-fn c4_idle_gap_without_heartbeats_watchdog_fires() {
-    let _serial = common::serial();
-    if skip_unrunnable("c4_idle_gap_without_heartbeats_watchdog_fires") {
-        return;
-    }
-    let o = launch(
-        "c4off",
-        3,
-        "",
-        &[("LOCKSTEP_WATCHDOG_MS", "400")],
-        &["--chunks", "2", "--idle-ms", "1200", "--heartbeat-ms", "0"],
-    );
-    o.assert(
-        71,
-        &["exit 71 (watchdog-timeout): timed out: watchdog: no progress on global-rank"],
-    );
-    assert!(!o.stderr.contains("chunk 1 ok"), "{}", o.stderr);
-}
-
-#[test]
 fn c5_teardown_hang_still_hard_exits() {
-    let _serial = common::serial();
-    if skip_unrunnable("c5_teardown_hang_still_hard_exits") {
+    let Some(_serial) = common::start("c5_teardown_hang_still_hard_exits") else {
         return;
-    }
+    };
     let o = launch("c5", 3, "teardown.hang@1", &[], &[]);
     // Rank 1 hangs in teardown. Whichever watchdog fires first ends the job — rank 1's own, or
     // rank 0's while it waits in teardown for rank 1's goodbye (seen on NCCL, where closing the
@@ -724,49 +668,9 @@ fn c5_teardown_hang_still_hard_exits() {
 }
 
 #[test]
-fn g1_execution_flags_differ_parity_fails_at_startup() {
-    let _serial = common::serial();
-    if skip_unrunnable("g1_execution_flags_differ_parity_fails_at_startup") {
-        return;
-    }
-    let o = launch("g1", 3, "parity.flip_graphs@2", &[], &[]);
-    o.assert(
-        73,
-        &[
-            "exit 73 (parity-mismatch)",
-            "exec.cuda_graphs: global-rank 0,1 = \"off\"; global-rank 2 = \"on\"",
-        ],
-    );
-    assert!(!o.stderr.contains("chunk 0 ok"), "{}", o.stderr);
-}
-
-#[test]
-fn debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff() {
-    let _serial = common::serial();
-    if skip_unrunnable("debug_mode_collective_fingerprint_mismatch_crashes_with_per_field_diff") {
-        return;
-    }
-    let o = launch(
-        "dbg",
-        3,
-        "harness.dtype_skew@2",
-        &[("LOCKSTEP_DEBUG_COLLECTIVES", "1")],
-        &[],
-    );
-    o.assert(
-        70,
-        &[
-            "collective fingerprint mismatch on group `mesh` seq",
-            "dtype: global-rank 1 = f32; global-rank 2 = bf16",
-        ],
-    );
-    assert!(!o.stderr.contains("watchdog"), "{}", o.stderr);
-}
-
-#[test]
 fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
     let _serial = common::serial();
-    if skip_on_nccl(
+    if common::skip_on_nccl(
         "new_user_launch_with_fault_then_fr_analyze_names_culprit",
         "4 ranks need a TP=3 mesh, and 2 GPUs can hold it only with two mesh ranks on one GPU, \
          which NCCL refuses inside one communicator (\"Duplicate GPU detected\")",
@@ -799,10 +703,11 @@ fn new_user_launch_with_fault_then_fr_analyze_names_culprit() {
 
 #[test]
 fn fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history() {
-    let _serial = common::serial();
-    if skip_unrunnable("fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history") {
+    let Some(_serial) =
+        common::start("fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history")
+    else {
         return;
-    }
+    };
     // TP=2: a dtype mismatch between the only two mesh ranks has no majority; the op history
     // (both used f32 for this all_reduce before) names the rank that changed.
     let o = launch("frhist", 3, "harness.dtype_skew@2#2", &[], &[]);
@@ -833,15 +738,14 @@ fn fr_analyze_with_two_mesh_ranks_names_the_culprit_from_history() {
 
 #[test]
 fn rendezvous_refuses_wrong_token_and_survives_garbage() {
-    let _serial = common::serial();
-    if skip_unrunnable("rendezvous_refuses_wrong_token_and_survives_garbage") {
+    let Some(_serial) = common::start("rendezvous_refuses_wrong_token_and_survives_garbage") else {
         return;
-    }
+    };
     use std::io::Write;
-    let dumps = tmp_dir("rdv");
-    let port = free_port();
+    let dumps = common::fresh_tmp("rdv");
+    let port = common::free_port();
     let mut r0 = spawn_rank(0, 3, port, "right-token", &dumps, &[]);
-    let (rx0, h0) = collect(&mut r0);
+    let (rx0, h0) = common::stderr_lines(&mut r0);
     let addr = format!("127.0.0.1:{port}");
     let end = Instant::now() + BOUND;
     let mut garbage = loop {
@@ -854,16 +758,16 @@ fn rendezvous_refuses_wrong_token_and_survives_garbage() {
     garbage
         .write_all(b"\xff\xff\xff\xffGET / HTTP/1.1\r\n\r\n")
         .expect("write garbage");
-    wait_line(&rx0, "refused connection", BOUND);
+    common::wait_line(&rx0, "refused connection", BOUND);
     let mut wrong = spawn_rank(1, 3, port, "wrong-token", &dumps, &[]);
-    wait_line(&rx0, "bad job token", BOUND);
-    let wrong_code = wait_bounded(&mut wrong, BOUND);
+    common::wait_line(&rx0, "bad job token", BOUND);
+    let wrong_code = common::wait_bounded(&mut wrong, BOUND);
     assert_eq!(wrong_code, 72, "a rank with the wrong token must not join");
     let mut r1 = spawn_rank(1, 3, port, "right-token", &dumps, &[]);
     let mut r2 = spawn_rank(2, 3, port, "right-token", &dumps, &[]);
-    assert_eq!(wait_bounded(&mut r0, BOUND), 0);
-    assert_eq!(wait_bounded(&mut r1, BOUND), 0);
-    assert_eq!(wait_bounded(&mut r2, BOUND), 0);
+    assert_eq!(common::wait_bounded(&mut r0, BOUND), 0);
+    assert_eq!(common::wait_bounded(&mut r1, BOUND), 0);
+    assert_eq!(common::wait_bounded(&mut r2, BOUND), 0);
     let e0 = h0.join().unwrap_or_default();
     assert!(e0.contains("unknown control frame kind"), "{e0}");
     assert!(e0.contains("chunk 2 ok"), "{e0}");
@@ -873,20 +777,22 @@ fn rendezvous_refuses_wrong_token_and_survives_garbage() {
 fn g1_data_plane_backend_differs_parity_fails_at_startup() {
     let _serial = common::serial();
     // Needs NCCL on 2 GPUs whatever LOCKSTEP_BACKEND says: ranks 0 and 1 run nccl, rank 2 host.
-    if let Some(why) = lockstep::comm::nccl::unavailable_reason(2) {
-        println!("SKIP g1_data_plane_backend_differs_parity_fails_at_startup: {why}");
+    if common::skip_without_nccl("g1_data_plane_backend_differs_parity_fails_at_startup", 2) {
         return;
     }
-    let dumps = tmp_dir("g1b");
-    let port = free_port();
+    let dumps = common::fresh_tmp("g1b");
+    let port = common::free_port();
     let mut kids: Vec<Child> = (0..3)
         .map(|r| {
             let b = if r == 2 { "host" } else { "nccl" };
             spawn_rank_env(r, 3, port, "g1b", &dumps, &[], &[("LOCKSTEP_BACKEND", b)])
         })
         .collect();
-    let handles: Vec<_> = kids.iter_mut().map(|k| collect(k).1).collect();
-    let codes: Vec<i32> = kids.iter_mut().map(|k| wait_bounded(k, BOUND)).collect();
+    let handles: Vec<_> = kids.iter_mut().map(|k| common::stderr_lines(k).1).collect();
+    let codes: Vec<i32> = kids
+        .iter_mut()
+        .map(|k| common::wait_bounded(k, BOUND))
+        .collect();
     let errs: Vec<String> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
@@ -967,10 +873,11 @@ fn unknown_kernel_variant_is_bad_input_before_bootstrap() {
 
 #[test]
 fn rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind() {
-    let _serial = common::serial();
-    if skip_unrunnable("rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind") {
+    let Some(_serial) =
+        common::start("rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind")
+    else {
         return;
-    }
+    };
     if !std::path::Path::new("/dev/shm").is_dir() {
         println!(
             "SKIP rank0_killed_during_lane_negotiation_leaves_no_ring_file_behind: no /dev/shm"

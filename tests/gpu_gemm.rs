@@ -10,129 +10,42 @@
 //! fails. Skips, printing why, without a GPU, kernels or libcublasLt; with
 //! `LOCKSTEP_REQUIRE_GPU=1` a skip is a failure.
 mod common;
+use common::{fresh_rng, Rng};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
-use lockstep::cuda::context::{fill_bf16, Fill, Gpu, BF16_NAN_BITS};
 use lockstep::cuda::gemm::{bench_shapes, Epilogue, Gemm, GemmCase, GemmShape};
 use lockstep::model::ops;
 use lockstep::Error;
-use std::sync::Arc;
 
 const BF16_TOL: f64 = 1e-2;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn fresh_rng(test: &str) -> Rng {
-    let seed = std::env::var("LOCKSTEP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed} (replay with LOCKSTEP_TEST_SEED={seed})");
-    Rng(seed)
-}
-
-/// A skip for a reason `common::skip_without_gpu` does not know (libcublasLt missing): fails
-/// under `LOCKSTEP_REQUIRE_GPU=1` like every GPU skip.
-fn skipped(test: &str) -> Option<Dev> {
-    if std::env::var("LOCKSTEP_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: LOCKSTEP_REQUIRE_GPU=1 but the test would skip (reason printed above)");
-    }
-    None
-}
-
+/// The common device plus a cuBLASLt handle on its stream.
 struct Dev {
-    gpu: Gpu,
-    stream: Arc<CudaStream>,
+    dev: common::gpu::Dev,
     gemm: Gemm,
 }
 
-fn dev(test: &str) -> Option<Dev> {
-    if common::skip_without_gpu(test) {
-        return None;
+impl std::ops::Deref for Dev {
+    type Target = common::gpu::Dev;
+    fn deref(&self) -> &common::gpu::Dev {
+        &self.dev
     }
-    let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("open GPU 0: {e}"));
-    let stream = gpu.new_stream().unwrap_or_else(|e| panic!("stream: {e}"));
-    let gemm = match Gemm::new(stream.clone()) {
+}
+
+fn dev(test: &str) -> Option<Dev> {
+    let dev = common::gpu::dev(test)?;
+    let gemm = match Gemm::new(dev.stream.clone()) {
         Ok(g) => g,
         Err(Error::LibraryMissing(m)) => {
-            println!("SKIP {test}: cuBLASLt is not loadable: {m}");
-            return skipped(test);
+            common::skip(test, &format!("cuBLASLt is not loadable: {m}"));
+            return None;
         }
         Err(e) => panic!("Gemm::new: {e}"),
     };
     let (ver, lib) = gemm.library();
-    println!("{test}: {} with cuBLASLt {ver} ({lib})", gpu.name());
-    Some(Dev { gpu, stream, gemm })
-}
-
-impl Dev {
-    /// Random bf16 in [-amp, amp) on the device, and the same values on the host as f32.
-    fn rand(&self, n: usize, amp: f32, rng: &mut Rng) -> (CudaSlice<bf16>, Vec<f32>) {
-        let mut b = self
-            .stream
-            .alloc_zeros::<bf16>(n)
-            .unwrap_or_else(|e| panic!("alloc: {e}"));
-        fill_bf16(
-            &self.gpu,
-            &self.stream,
-            &mut b,
-            Fill::Uniform {
-                seed: rng.next(),
-                amp,
-            },
-        )
-        .unwrap_or_else(|e| panic!("fill: {e}"));
-        let host = self.host(&b);
-        (b, host)
-    }
-
-    /// Writes bf16 NaN into every element.
-    fn poison(&self, b: &mut CudaSlice<bf16>) {
-        fill_bf16(&self.gpu, &self.stream, b, Fill::Bits(BF16_NAN_BITS))
-            .unwrap_or_else(|e| panic!("poison: {e}"));
-    }
-
-    fn poisoned(&self, n: usize) -> CudaSlice<bf16> {
-        let mut b = self
-            .stream
-            .alloc_zeros::<bf16>(n)
-            .unwrap_or_else(|e| panic!("alloc: {e}"));
-        self.poison(&mut b);
-        b
-    }
-
-    fn upload(&self, v: &[f32]) -> CudaSlice<bf16> {
-        let b: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
-        self.stream
-            .clone_htod(&b)
-            .unwrap_or_else(|e| panic!("upload: {e}"))
-    }
-
-    fn host(&self, b: &CudaSlice<bf16>) -> Vec<f32> {
-        self.host_bits(b).into_iter().map(f32::from).collect()
-    }
-
-    fn host_bits(&self, b: &CudaSlice<bf16>) -> Vec<bf16> {
-        self.stream
-            .clone_dtoh(b)
-            .unwrap_or_else(|e| panic!("download (kernel fault?): {e}"))
-    }
+    println!("{test}: {} with cuBLASLt {ver} ({lib})", dev.gpu.name());
+    Some(Dev { dev, gemm })
 }
 
 /// Index of the first non-finite element (unwritten NaN poison, or an overflow).

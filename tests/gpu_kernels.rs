@@ -4,33 +4,19 @@
 //! error ≤ 1e-2 for bf16 outputs; the figures are printed (`--nocapture`).
 //! Skips, printing why, without a GPU or kernels.
 mod common;
+use common::gpu::{dev, Dev};
+use common::{fresh_rng, Rng};
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use lockstep::cuda::attention::{attention_fwd, AttentionVariant, AttnShape, ALL_VARIANTS};
-use lockstep::cuda::context::{fill_bf16, Fill, Gpu, BF16_NAN_BITS};
+use lockstep::cuda::context::Gpu;
 use lockstep::cuda::dit_ops::{self, RowShape};
 use lockstep::cuda::kv_cache::{kv_append_rope, NoQRope, QRope, RingGeometry, RopeGrid};
 use lockstep::model::ops;
 use lockstep::Error;
-use std::sync::Arc;
 
 const BF16_TOL: f64 = 1e-2;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Attention variants under test: all, or the comma list in `LOCKSTEP_ATTN_VARIANTS` (used on
 /// the GPU host to keep compute-sanitizer runs short; the default run always covers all).
@@ -43,89 +29,6 @@ fn variants() -> Vec<AttentionVariant> {
             })
             .collect(),
         _ => ALL_VARIANTS.to_vec(),
-    }
-}
-
-fn fresh_rng(test: &str) -> Rng {
-    let seed = std::env::var("LOCKSTEP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("{test}: seed {seed} (replay with LOCKSTEP_TEST_SEED={seed})");
-    Rng(seed)
-}
-
-struct Dev {
-    gpu: Gpu,
-    stream: Arc<CudaStream>,
-}
-
-fn dev(test: &str) -> Option<Dev> {
-    if common::skip_without_gpu(test) {
-        return None;
-    }
-    let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("open GPU 0: {e}"));
-    let stream = gpu.new_stream().unwrap_or_else(|e| panic!("stream: {e}"));
-    Some(Dev { gpu, stream })
-}
-
-impl Dev {
-    /// Random bf16 on the device, and the same values on the host as f32.
-    fn rand(&self, n: usize, amp: f32, rng: &mut Rng) -> (CudaSlice<bf16>, Vec<f32>) {
-        let mut b = self
-            .stream
-            .alloc_zeros::<bf16>(n)
-            .unwrap_or_else(|e| panic!("alloc: {e}"));
-        fill_bf16(
-            &self.gpu,
-            &self.stream,
-            &mut b,
-            Fill::Uniform {
-                seed: rng.next(),
-                amp,
-            },
-        )
-        .unwrap_or_else(|e| panic!("fill: {e}"));
-        let host = self.host(&b);
-        (b, host)
-    }
-
-    /// A device buffer filled with bf16 NaN.
-    fn poisoned(&self, n: usize) -> CudaSlice<bf16> {
-        let mut b = self
-            .stream
-            .alloc_zeros::<bf16>(n)
-            .unwrap_or_else(|e| panic!("alloc: {e}"));
-        fill_bf16(&self.gpu, &self.stream, &mut b, Fill::Bits(BF16_NAN_BITS))
-            .unwrap_or_else(|e| panic!("poison: {e}"));
-        b
-    }
-
-    fn upload(&self, v: &[f32]) -> CudaSlice<bf16> {
-        let b: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
-        self.stream
-            .clone_htod(&b)
-            .unwrap_or_else(|e| panic!("upload: {e}"))
-    }
-
-    fn host(&self, b: &CudaSlice<bf16>) -> Vec<f32> {
-        self.stream
-            .clone_dtoh(b)
-            .unwrap_or_else(|e| panic!("download (kernel fault?): {e}"))
-            .into_iter()
-            .map(f32::from)
-            .collect()
-    }
-
-    fn host_f32(&self, b: &CudaSlice<f32>) -> Vec<f32> {
-        self.stream
-            .clone_dtoh(b)
-            .unwrap_or_else(|e| panic!("download (kernel fault?): {e}"))
     }
 }
 

@@ -2,7 +2,8 @@
 //! with the torchrun-style environment), `bootstrap_nccl`, an INFER envelope with device tensors
 //! from rank 0 to the mesh leader, the relay to the mesh, a TP all-reduce, a RESULT back, drain.
 //! Skips with a printed reason with fewer than 2 GPUs or no NCCL.
-use lockstep::comm::nccl::unavailable_reason;
+mod common;
+
 use lockstep::rank::{bootstrap_nccl, RankEnv, RankOptions};
 use lockstep::wire::{prepare, Action, HostTensor, Limits, ReceivedEnvelope};
 use std::io::Read;
@@ -115,15 +116,11 @@ fn run_world(test: &str, world: u32) {
         }
         return;
     }
-    if let Some(why) = unavailable_reason(2) {
-        println!("SKIP {test}: {why}");
+    if common::skip_without_nccl(test, 2) {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let dumps = std::env::temp_dir().join(format!("lockstep-nccl-plane-{}", std::process::id()));
+    let port = common::free_port();
+    let dumps = common::tmp("dumps");
     let exe = std::env::current_exe().expect("test binary");
     let t0 = Instant::now();
     let mut kids: Vec<std::process::Child> = (0..world)

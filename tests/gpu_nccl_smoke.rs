@@ -4,12 +4,12 @@
 //! (so no CLI is needed); the parent creates the NCCL unique id (it hosts the bootstrap root) and
 //! passes it in `LOCKSTEP_NCCL_TEST_UID`. Skips with a printed reason with fewer than 2 GPUs or no
 //! NCCL.
-use lockstep::comm::nccl::{
-    unavailable_reason, CommOptions, Communicator, CompletionKind, Gpu, ReduceDtype, UniqueId,
-};
+mod common;
+
+use lockstep::comm::nccl::{CommOptions, Communicator, CompletionKind, Gpu, ReduceDtype, UniqueId};
 use lockstep::exit::ExitCode;
 use lockstep::ids::GroupRank;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -18,16 +18,6 @@ const ROLE: &str = "LOCKSTEP_NCCL_TEST_ROLE";
 const UID: &str = "LOCKSTEP_NCCL_TEST_UID";
 /// The waiter's own bound on the recv that never completes.
 const RECV_DEADLINE: Duration = Duration::from_secs(2);
-
-fn skip(test: &str) -> bool {
-    match unavailable_reason(2) {
-        Some(why) => {
-            println!("SKIP {test}: {why}");
-            true
-        }
-        None => false,
-    }
-}
 
 /// Kills the child on drop so a failing assertion never leaves a process on a GPU.
 struct Kid(Child);
@@ -54,18 +44,9 @@ fn spawn_self(test: &str, role: &str, uid: &UniqueId) -> Kid {
     Kid(child)
 }
 
-/// Sends each stdout line of the child to a channel (so the parent waits with a bound).
+/// Each stdout line of the child on a channel (so the parent waits with a bound).
 fn lines(kid: &mut Kid) -> mpsc::Receiver<String> {
-    let out = kid.0.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
+    common::lines_of(kid.0.stdout.take().expect("piped stdout")).0
 }
 
 fn stderr_of(kid: &mut Kid) -> mpsc::Receiver<String> {
@@ -92,20 +73,6 @@ fn wait_exit(kid: &mut Kid, bound: Duration) -> Option<i32> {
                 let _ = kid.0.kill();
                 panic!("child did not exit within {bound:?}");
             }
-        }
-    }
-}
-
-/// Waits for a child's stdout line containing `needle` (the test harness may print
-/// `test name ... ` in front of the child's first line).
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, bound: Duration) -> String {
-    let until = Instant::now() + bound;
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return l,
-            Ok(_) => continue,
-            Err(_) => panic!("no line containing {needle:?} within {bound:?}"),
         }
     }
 }
@@ -172,7 +139,7 @@ fn nccl_nonblocking_pair_all_reduce_sums_across_two_processes() {
         smoke_child(rank, &uid);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let uid = UniqueId::new().expect("ncclGetUniqueId");
@@ -261,7 +228,7 @@ fn peer_killed_during_recv(name: &str, mode: &str) {
         kill_child(&role, &uid);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let uid = UniqueId::new().expect("ncclGetUniqueId");
@@ -270,8 +237,8 @@ fn peer_killed_during_recv(name: &str, mode: &str) {
     let vout = lines(&mut victim);
     let wout = lines(&mut waiter);
     let werr = stderr_of(&mut waiter);
-    wait_line(&vout, "VICTIM ready", Duration::from_secs(30));
-    wait_line(&wout, "POSTED recv", Duration::from_secs(30));
+    common::wait_line(&vout, "VICTIM ready", Duration::from_secs(30));
+    common::wait_line(&wout, "POSTED recv", Duration::from_secs(30));
     victim.0.kill().expect("SIGKILL the victim");
     let killed = Instant::now();
     let _ = victim.0.wait();
@@ -391,7 +358,7 @@ fn nccl_two_ranks_of_one_communicator_on_one_gpu_fail_init_not_hang() {
         init_child(&role, &uid);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let roles = vec![
@@ -416,7 +383,7 @@ fn nccl_blocking_init_without_its_peer_hard_exits_at_the_tripwire() {
         init_child(&role, &uid);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let t0 = Instant::now();
@@ -440,7 +407,7 @@ fn nccl_nonblocking_init_without_its_peer_times_out_and_aborts() {
         init_child(&role, &uid);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let t0 = Instant::now();
@@ -538,7 +505,7 @@ fn nccl_three_ranks_on_two_gpus_work_when_gpu_sharers_share_no_communicator() {
         three_child(rank);
         return;
     }
-    if skip(name) {
+    if common::skip_without_nccl(name, 2) {
         return;
     }
     let pp = UniqueId::new().expect("pp id");

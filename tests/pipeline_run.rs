@@ -9,22 +9,20 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("lockstep-run-test-{}-{name}", std::process::id()))
-}
 
 #[test]
 fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "run_streams_tiny_dit_over_rank_processes_with_frames_and_trace",
-    ) {
+    let Some(_serial) =
+        common::start("run_streams_tiny_dit_over_rank_processes_with_frames_and_trace")
+    else {
         return;
-    }
-    let (frames, trace, metrics) = (tmp("frames"), tmp("trace.json"), tmp("metrics.json"));
+    };
+    let (frames, trace, metrics) = (
+        common::tmp("frames"),
+        common::tmp("trace.json"),
+        common::tmp("metrics.json"),
+    );
     let _ = std::fs::remove_dir_all(&frames);
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["run", "--quiet", "--chunks", "6"])
@@ -35,7 +33,7 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
         .arg("--metrics")
         .arg(&metrics)
         .env_remove("LOCKSTEP_FAULT")
-        .env("LOCKSTEP_DUMP_DIR", tmp("dumps"));
+        .env("LOCKSTEP_DUMP_DIR", common::tmp("dumps"));
     let out = common::bounded(cmd, "lockstep run", Duration::from_secs(60));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -99,12 +97,11 @@ fn run_streams_tiny_dit_over_rank_processes_with_frames_and_trace() {
 
 #[test]
 fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference",
-    ) {
+    let Some(_serial) =
+        common::start("pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference")
+    else {
         return;
-    }
+    };
     // Launch the ranks by hand so that global-rank 2 gets another weight seed.
     let bin = common::lockstep_bin();
     let script = format!(
@@ -114,7 +111,7 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
     );
     let mut cmd = Command::new(&bin);
     cmd.args(["launch", "-n", "3", "--dump-dir"])
-        .arg(tmp("parity-dumps"))
+        .arg(common::tmp("parity-dumps"))
         .args(["--", "sh", "-c", &script])
         .env_remove("LOCKSTEP_FAULT")
         .env("LOCKSTEP_RENDEZVOUS_MS", "5000");
@@ -132,18 +129,17 @@ fn pipeline_settings_that_differ_on_one_rank_fail_parity_before_inference() {
 
 #[test]
 fn run_started_by_a_plain_launcher_reports_from_rank0() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("run_started_by_a_plain_launcher_reports_from_rank0") {
+    let Some(_serial) = common::start("run_started_by_a_plain_launcher_reports_from_rank0") else {
         return;
-    }
+    };
     // torchrun/Slurm style: something else starts the ranks with the torchrun environment; each
     // is `lockstep run` in rank mode, and rank 0 prints the summary and writes the metrics.
-    let metrics = tmp("plain-metrics.json");
+    let metrics = common::tmp("plain-metrics.json");
     let _ = std::fs::remove_file(&metrics);
     let bin = common::lockstep_bin();
     let mut cmd = Command::new(&bin);
     cmd.args(["launch", "-n", "3", "--dump-dir"])
-        .arg(tmp("plain-dumps"))
+        .arg(common::tmp("plain-dumps"))
         .arg("--")
         .arg(&bin)
         .args([
@@ -174,14 +170,12 @@ fn run_started_by_a_plain_launcher_reports_from_rank0() {
 
 #[test]
 fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis",
-    ) {
+    let Some(_serial) =
+        common::start("c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis")
+    else {
         return;
-    }
-    use std::io::{BufRead, BufReader};
-    let frames = tmp("kill-frames");
+    };
+    let frames = common::tmp("kill-frames");
     let _ = std::fs::remove_dir_all(&frames);
     let mut child = Command::new(common::lockstep_bin())
         .args([
@@ -197,22 +191,12 @@ fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
         .arg("--frames-out")
         .arg(&frames)
         .env_remove("LOCKSTEP_FAULT")
-        .env("LOCKSTEP_DUMP_DIR", tmp("kill-dumps"))
+        .env("LOCKSTEP_DUMP_DIR", common::tmp("kill-dumps"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lockstep");
-    let Some(stderr) = child.stderr.take() else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("no stderr pipe");
-    };
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            let _ = tx.send(line);
-        }
-    });
+    let (rx, _all) = common::stderr_lines(&mut child);
     let mut seen = Vec::new();
     let mut victim = None;
     while victim.is_none() {
@@ -284,7 +268,7 @@ fn c1_mesh_rank_killed_mid_stream_ends_every_rank_fast_with_a_diagnosis() {
 
 #[test]
 fn run_refuses_unwritable_output_paths_before_any_rank_starts() {
-    let dir = tmp("outputs-check");
+    let dir = common::tmp("outputs-check");
     std::fs::create_dir_all(&dir).unwrap();
     let missing = dir.join("no-such-dir").join("m.json");
     let cases: [(&str, std::ffi::OsString, &str); 3] = [
@@ -398,7 +382,7 @@ fn unresolvable_master_addr_a_taken_or_zero_master_port_are_bad_input() {
 
 #[test]
 fn a_dump_directory_that_cannot_take_dumps_is_bad_input_before_any_rank_starts() {
-    let file = tmp("dump-dir-is-a-file");
+    let file = common::tmp("dump-dir-is-a-file");
     std::fs::write(&file, b"x").unwrap();
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args(["launch", "-n", "2", "--dump-dir"])
@@ -511,8 +495,7 @@ fn a_run_sweeps_the_run_folders_of_runs_that_were_sigkilled() {
 /// Runs `lockstep run` (rank 0 + TP=2), sends `sig` to global rank `victim` once the ranks are
 /// up (~1.5 s in, usually mid-stream), and returns the run's stderr and `fr analyze`'s output.
 fn run_with_a_rank_signalled(name: &str, victim: u32, sig: i32) -> (Option<i32>, String, String) {
-    use std::io::BufRead;
-    let dumps = tmp(name);
+    let dumps = common::tmp(name);
     let _ = std::fs::remove_dir_all(&dumps);
     let mut child = Command::new(common::lockstep_bin())
         .args(["run", "--quiet", "--chunks", "400"])
@@ -523,20 +506,7 @@ fn run_with_a_rank_signalled(name: &str, victim: u32, sig: i32) -> (Option<i32>,
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(err)
-            .lines()
-            .map_while(std::result::Result::ok)
-        {
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let (rx, reader) = common::stderr_lines(&mut child);
     let want = format!("launch: global-rank {victim} pid ");
     let pid: i32 = loop {
         let line = rx
@@ -628,17 +598,16 @@ fn run_backend_option_refuses_unknown_plane_before_any_rank_starts() {
 
 #[test]
 fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving",
-    ) {
+    let Some(_serial) =
+        common::start("pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving")
+    else {
         return;
-    }
+    };
     // D_in = 2: rank 0 sends INFER k+1 while the mesh still generates chunk k (20 ms a call), so
     // RESULT k and INFER k+1 want `pp` at the same time. On NCCL two opposite blocking sends on
     // one communicator wait for each other forever; the rule: the leader holds the RESULT
     // payload until rank 0's ClearToSend, receiving the INFERs that arrive meanwhile whole.
-    let metrics = tmp("cts-metrics.json");
+    let metrics = common::tmp("cts-metrics.json");
     let _ = std::fs::remove_file(&metrics);
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args([
@@ -660,7 +629,7 @@ fn pp_result_payload_waits_for_clear_to_send_while_infers_keep_arriving() {
     .arg("--metrics")
     .arg(&metrics)
     .env_remove("LOCKSTEP_FAULT")
-    .env("LOCKSTEP_DUMP_DIR", tmp("cts-dumps"));
+    .env("LOCKSTEP_DUMP_DIR", common::tmp("cts-dumps"));
     let out = common::bounded(cmd, "lockstep run (crossing)", Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -721,7 +690,7 @@ fn ranks_with_a_different_attention_choice_or_graphs_setting_exit_at_startup() {
                         ("MASTER_PORT", port.as_str()),
                         ("LOCKSTEP_JOB_TOKEN", "parity-env-test"),
                     ])
-                    .env("LOCKSTEP_DUMP_DIR", tmp("parity-env-dumps"))
+                    .env("LOCKSTEP_DUMP_DIR", common::fresh_tmp("parity-env-dumps"))
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::piped());
                 if r == "2" {
@@ -755,4 +724,74 @@ fn ranks_with_a_different_attention_choice_or_graphs_setting_exit_at_startup() {
             }
         }
     }
+}
+
+/// SIGUSR1 (`lockstep fr dump PID`) is a dump on request: the rank writes its flight recorder and
+/// goes on; the run still drains and exits 0.
+#[test]
+fn fr_dump_pid_makes_a_rank_dump_on_request_and_the_run_goes_on() {
+    let _serial = common::serial();
+    let test = "fr_dump_pid_makes_a_rank_dump_on_request_and_the_run_goes_on";
+    if common::skip_backend_unrunnable(test) {
+        return;
+    }
+    let frames = common::fresh_tmp("usr1-frames");
+    let dumps = common::fresh_tmp("usr1-dumps");
+    let mut child = Command::new(common::lockstep_bin())
+        .args([
+            "run",
+            "--quiet",
+            "--chunks",
+            "300",
+            "--generator",
+            "calibrated",
+            "--gen-cost-ms",
+            "2",
+        ])
+        .arg("--frames-out")
+        .arg(&frames)
+        .env_remove("LOCKSTEP_FAULT")
+        .env("LOCKSTEP_DUMP_DIR", &dumps)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lockstep");
+    let (rx, all) = common::stderr_lines(&mut child);
+    let line = common::wait_line(&rx, "launch: global-rank 1 pid ", Duration::from_secs(10));
+    let pid: i32 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    // Mid-stream (rank 0 decoded a chunk, so the leader's signal thread is long up).
+    let t = std::time::Instant::now();
+    while std::fs::read_dir(&frames).map_or(0, |d| d.count()) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no frame within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fr = Command::new(common::lockstep_bin());
+    fr.args(["fr", "dump", &pid.to_string()]);
+    let out = common::bounded(fr, "lockstep fr dump", Duration::from_secs(5));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("fr dump: asked pid {pid} to dump"))
+    );
+    let code = common::wait_bounded(&mut child, Duration::from_secs(20));
+    let stderr = all.join().unwrap_or_default();
+    assert_eq!(
+        code, 0,
+        "a dump on request does not end the rank:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("lockstep: flight recorder dumped to") && stderr.contains("(on request)"),
+        "{stderr}"
+    );
+    let dump = std::fs::read_to_string(dumps.join("rank-1.jsonl")).unwrap_or_default();
+    assert!(dump.contains("dump requested (SIGUSR1)"), "{dump}");
+    let _ = std::fs::remove_dir_all(&frames);
+    let _ = std::fs::remove_dir_all(&dumps);
 }

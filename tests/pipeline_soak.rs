@@ -7,8 +7,7 @@ mod common;
 
 use serde_json::Value;
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -27,62 +26,40 @@ fn soak_500_chunks_with_cuts_duplicates_and_delays_emits_each_output_once() {
         faults.push(format!("pipeline.dup_envelope@0#{}", next(480)));
         faults.push(format!("pipeline.delay_result@1#{}", next(300)));
     }
-    let metrics = std::env::temp_dir().join(format!("lockstep-soak-{}.json", std::process::id()));
-    let child = Command::new(common::lockstep_bin())
-        .args([
-            "run",
-            "--quiet",
-            "--chunks",
-            "500",
-            "--generator",
-            "calibrated",
-            "--gen-cost-ms",
-            "0",
-            "--depth",
-            "3",
-            "--hard-cut-every",
-            "7",
-            "--recompute-every",
-            "3",
-            "--timeout",
-            "10",
-            "--heartbeat-ms",
-            "20",
-        ])
-        .arg("--metrics")
-        .arg(&metrics)
-        .env("LOCKSTEP_FAULT", faults.join(","))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lockstep");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(50)) {
-        Ok(o) => o.expect("wait"),
-        Err(_) => {
-            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("soak did not finish within 50 s");
-        }
-    };
+    let metrics = common::tmp("metrics.json");
+    let mut cmd = Command::new(common::lockstep_bin());
+    cmd.args([
+        "run",
+        "--quiet",
+        "--chunks",
+        "500",
+        "--generator",
+        "calibrated",
+        "--gen-cost-ms",
+        "0",
+        "--depth",
+        "3",
+        "--hard-cut-every",
+        "7",
+        "--recompute-every",
+        "3",
+        "--timeout",
+        "10",
+        "--heartbeat-ms",
+        "20",
+    ])
+    .arg("--metrics")
+    .arg(&metrics)
+    .env("LOCKSTEP_FAULT", faults.join(","));
+    let out = common::bounded(cmd, "soak", Duration::from_secs(50));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let m: Value =
         serde_json::from_slice(&std::fs::read(&metrics).expect("metrics")).expect("json");
-    let pairs = |k: &str| -> Vec<(u64, u64)> {
-        m[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (emitted, stale) = (pairs("emitted"), pairs("stale"));
+    let (emitted, stale) = (
+        common::epoch_chunk_pairs(&m, "emitted"),
+        common::epoch_chunk_pairs(&m, "stale"),
+    );
     let unique: HashSet<_> = emitted.iter().collect();
     assert_eq!(unique.len(), emitted.len(), "an output was emitted twice");
     assert!(

@@ -8,15 +8,7 @@ use lockstep::exit::ExitCode;
 use lockstep::pipeline::{GeneratorKind, RunArgs};
 use lockstep::session::{Conditioning, Launch, Session, SessionConfig, Submit};
 use lockstep::wire::DType;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "lockstep-session-test-{}-{name}",
-        std::process::id()
-    ))
-}
 
 fn config(generator: GeneratorKind) -> SessionConfig {
     SessionConfig {
@@ -28,7 +20,7 @@ fn config(generator: GeneratorKind) -> SessionConfig {
             ..RunArgs::default()
         },
         exe: Some(common::lockstep_bin()),
-        dump_dir: Some(tmp("dumps")),
+        dump_dir: Some(common::tmp("dumps")),
         ..SessionConfig::default()
     }
 }
@@ -56,10 +48,9 @@ fn pid_alive(pid: u32) -> bool {
 
 #[test]
 fn session_streams_with_backpressure_cuts_to_a_new_prompt_and_closes_cleanly() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_streams") {
+    let Some(_serial) = common::start("session_streams") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Dit)).expect("open");
     let model = s.model().clone();
     assert_eq!(
@@ -138,10 +129,9 @@ fn session_streams_with_backpressure_cuts_to_a_new_prompt_and_closes_cleanly() {
 
 #[test]
 fn session_prompt_is_a_real_input_same_prompt_same_latents_other_prompt_other_latents() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_prompt") {
+    let Some(_serial) = common::start("session_prompt") else {
         return;
-    }
+    };
     let first = |c: Conditioning| -> Vec<f32> {
         let mut s = Session::open(&config(GeneratorKind::Dit)).expect("open");
         s.set_conditioning(&c).expect("conditioning");
@@ -168,13 +158,12 @@ fn session_prompt_is_a_real_input_same_prompt_same_latents_other_prompt_other_la
 
 #[test]
 fn session_frames_come_with_results_when_asked() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_frames") {
+    let Some(_serial) = common::start("session_frames") else {
         return;
-    }
+    };
     let mut cfg = config(GeneratorKind::Calibrated);
     cfg.frames = true;
-    let video = tmp("session.y4m");
+    let video = common::tmp("session.y4m");
     cfg.run.video_out = Some(video.clone());
     let mut s = Session::open(&cfg).expect("open");
     // Nothing in flight: a poll answers at once, and "forever" is a bounded wait, not a panic.
@@ -202,10 +191,9 @@ fn session_frames_come_with_results_when_asked() {
 
 #[test]
 fn session_mesh_rank_killed_mid_stream_is_an_error_with_exit_code_and_diagnosis_in_bound() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_kill") {
+    let Some(_serial) = common::start("session_kill") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
     fill(&mut s);
     s.recv(Duration::from_secs(5))
@@ -264,9 +252,10 @@ fn session_bad_input_is_refused_with_a_clear_message() {
     assert!(e.to_string().contains("not a float type"), "{e}");
     let e = Conditioning::from_tensor(&model, DType::Bf16, &[t, c], &bytes).unwrap_err();
     assert!(e.to_string().contains("bytes"), "{e}");
-    let e = Conditioning::from_safetensors(&model, &tmp("missing.safetensors"), None).unwrap_err();
+    let e = Conditioning::from_safetensors(&model, &common::tmp("missing.safetensors"), None)
+        .unwrap_err();
     assert_eq!(e.exit_code(), ExitCode::BadInput);
-    let junk = tmp("junk.safetensors");
+    let junk = common::tmp("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").expect("write");
     let e = Conditioning::from_safetensors(&model, &junk, None).unwrap_err();
     assert!(e.to_string().contains("not safetensors"), "{e}");
@@ -277,17 +266,16 @@ fn session_bad_input_is_refused_with_a_clear_message() {
     let e = Session::open(&cfg).err().expect("unknown preset");
     assert_eq!(e.exit_code(), ExitCode::BadInput);
     let mut cfg = config(GeneratorKind::Calibrated);
-    cfg.exe = Some(tmp("not-a-binary"));
+    cfg.exe = Some(common::tmp("not-a-binary"));
     let e = Session::open(&cfg).err().expect("missing executable");
     assert!(e.to_string().contains("does not exist"), "{e}");
 }
 
 #[test]
 fn session_opened_twice_on_one_port_fails_the_second_with_bad_input() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_twice") {
+    let Some(_serial) = common::start("session_twice") else {
         return;
-    }
+    };
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
@@ -319,7 +307,7 @@ fn session_opened_twice_on_one_port_fails_the_second_with_bad_input() {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("LOCKSTEP_JOB_TOKEN", &token)
-                .env("LOCKSTEP_DUMP_DIR", tmp("dumps"))
+                .env("LOCKSTEP_DUMP_DIR", common::tmp("dumps"))
                 .env_remove("LOCKSTEP_RUN_DIR")
                 .stdout(std::process::Stdio::null())
                 .spawn()
@@ -352,7 +340,7 @@ fn session_conditioning_from_a_safetensors_file_equals_the_same_tensor_given_dir
     let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, c], &bytes)
         .expect("view");
-    let file = tmp("prompt.safetensors");
+    let file = common::tmp("prompt.safetensors");
     safetensors::serialize_to_file([("text", view)], &None, &file).expect("save");
     let direct = Conditioning::from_tensor(&model, DType::F32, &[t as u64, c as u64], &bytes)
         .expect("tensor");
@@ -367,10 +355,9 @@ fn session_conditioning_from_a_safetensors_file_equals_the_same_tensor_given_dir
 
 #[test]
 fn session_dropped_without_close_leaves_no_rank_running() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("session_drop") {
+    let Some(_serial) = common::start("session_drop") else {
         return;
-    }
+    };
     let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
     fill(&mut s);
     let pids: Vec<u32> = (0..3).filter_map(|r| s.rank_pid(r)).collect();

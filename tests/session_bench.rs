@@ -15,7 +15,7 @@ const CHUNKS: u64 = 3000;
 const WARMUP: u64 = 300;
 
 fn run_period_us() -> f64 {
-    let metrics = std::env::temp_dir().join(format!("lockstep-bench-{}.json", std::process::id()));
+    let metrics = common::tmp("metrics.json");
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args([
         "run",

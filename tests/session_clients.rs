@@ -54,10 +54,7 @@ fn build_c_example() -> PathBuf {
     let dir = lib.parent().expect("lib dir");
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = std::env::temp_dir().join(format!(
-        "lockstep-session-example-{}-{n}",
-        std::process::id()
-    ));
+    let out = common::tmp(&format!("example-{n}"));
     let st = Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg(format!("-I{}", repo().join("ffi").display()))
@@ -76,10 +73,8 @@ fn build_c_example() -> PathBuf {
 }
 
 fn run_bounded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
-    cmd.env("LOCKSTEP_BIN", common::lockstep_bin()).env(
-        "LOCKSTEP_DUMP_DIR",
-        std::env::temp_dir().join("lockstep-session-clients-dumps"),
-    );
+    cmd.env("LOCKSTEP_BIN", common::lockstep_bin())
+        .env("LOCKSTEP_DUMP_DIR", common::tmp("dumps"));
     let out = common::bounded(cmd, what, Duration::from_secs(40));
     let text = format!(
         "{}\n{}",

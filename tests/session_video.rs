@@ -7,12 +7,10 @@ use std::time::Duration;
 
 #[test]
 fn run_video_out_writes_a_y4m_with_every_emitted_frame() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("run_video_out") {
+    let Some(_serial) = common::start("run_video_out") else {
         return;
-    }
-    let dir = std::env::temp_dir().join(format!("lockstep-video-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    };
+    let dir = common::fresh_tmp("video");
     std::fs::create_dir_all(&dir).expect("dir");
     let video = dir.join("preview.y4m");
     let frames = dir.join("png");

@@ -1,6 +1,8 @@
 //! A safetensors file saved from the seeded weights computes the same function as the seeded
 //! model: bit for bit in f32 at TP=1 and on each TP=2 shard (each rank slicing its shard from the
 //! map), and within bf16 rounding from a bf16 file.
+mod common;
+
 use lockstep::cache::{CacheGeometry, KvCache};
 use lockstep::ids::CacheEpoch;
 use lockstep::model::dit::{CacheMode, DitShard};
@@ -8,17 +10,9 @@ use lockstep::model::ops::rel_l2;
 use lockstep::model::tp::{SoloComm, ThreadComm, TpComm};
 use lockstep::model::weights::{save_seeded, SaveDType, WeightFile, WeightSource};
 use lockstep::model::DitConfig;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const SEED: u64 = 11;
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "lockstep-weights-rt-{}-{name}.safetensors",
-        std::process::id()
-    ))
-}
 
 /// Deterministic inputs without the crate's private generator.
 fn noise(n: usize, salt: u64) -> Vec<f32> {
@@ -98,7 +92,7 @@ fn run_tp2(cfg: &DitConfig, src: impl Fn(u32) -> DitShard + Sync) -> Vec<Vec<Vec
 #[test]
 fn weights_file_round_trip_matches_seeded_forward_bitwise_at_tp1_and_tp2() {
     let cfg = DitConfig::tiny();
-    let p = tmp("f32");
+    let p = common::tmp("f32.safetensors");
     save_seeded(&cfg, SEED, SaveDType::F32, &p).unwrap();
     let file = WeightFile::open_for(&p, &cfg).unwrap();
     assert_eq!(file.seed(), None);
@@ -141,7 +135,7 @@ fn weights_file_round_trip_matches_seeded_forward_bitwise_at_tp1_and_tp2() {
 #[test]
 fn bf16_weights_file_matches_seeded_forward_within_bf16_tolerance() {
     let cfg = DitConfig::tiny();
-    let p = tmp("bf16");
+    let p = common::tmp("bf16.safetensors");
     save_seeded(&cfg, SEED, SaveDType::Bf16, &p).unwrap();
     let file = WeightFile::open_for(&p, &cfg).unwrap();
     assert_eq!(file.dtypes(), vec!["BF16".to_string()]);

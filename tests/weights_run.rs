@@ -9,16 +9,9 @@ use lockstep::model::weights::param_specs;
 use lockstep::model::DitConfig;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "lockstep-weights-run-{}-{name}",
-        std::process::id()
-    ))
-}
 
 /// `common::bounded` with no fault injection inherited from the environment.
 fn bounded(mut cmd: Command, what: &str, bound: Duration) -> Output {
@@ -40,11 +33,10 @@ fn save(path: &Path, seed: u64) {
 
 #[test]
 fn run_with_weights_file_streams_over_rank_processes() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("run_with_weights_file_streams_over_rank_processes") {
+    let Some(_serial) = common::start("run_with_weights_file_streams_over_rank_processes") else {
         return;
-    }
-    let w = tmp("stream.safetensors");
+    };
+    let w = common::tmp("stream.safetensors");
     save(&w, 3);
     let mut cmd = Command::new(common::lockstep_bin());
     cmd.args([
@@ -57,7 +49,7 @@ fn run_with_weights_file_streams_over_rank_processes() {
         "--weights",
     ])
     .arg(&w)
-    .env("LOCKSTEP_DUMP_DIR", tmp("stream-dumps"));
+    .env("LOCKSTEP_DUMP_DIR", common::tmp("stream-dumps"));
     let out = bounded(cmd, "lockstep run --weights", Duration::from_secs(60));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -80,12 +72,11 @@ fn run_with_weights_file_streams_over_rank_processes() {
 
 #[test]
 fn weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable(
-        "weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts",
-    ) {
+    let Some(_serial) =
+        common::start("weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts")
+    else {
         return;
-    }
+    };
     // The tiny preset's tensors (zeros), minus one, and one with rows and columns swapped.
     let specs = param_specs(&DitConfig::tiny());
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
@@ -107,7 +98,7 @@ fn weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts() {
             (n.clone(), v)
         })
         .collect();
-    let w = tmp("bad.safetensors");
+    let w = common::tmp("bad.safetensors");
     safetensors::serialize_to_file(views, &None, &w).expect("write bad file");
 
     let mut cmd = Command::new(common::lockstep_bin());
@@ -130,12 +121,14 @@ fn weights_file_missing_a_tensor_or_misshaped_fails_before_any_rank_starts() {
 
 #[test]
 fn ranks_given_different_weights_files_fail_parity_at_startup() {
-    let _serial = common::serial();
-    if common::skip_backend_unrunnable("ranks_given_different_weights_files_fail_parity_at_startup")
-    {
+    let Some(_serial) = common::start("ranks_given_different_weights_files_fail_parity_at_startup")
+    else {
         return;
-    }
-    let (a, b) = (tmp("parity-a.safetensors"), tmp("parity-b.safetensors"));
+    };
+    let (a, b) = (
+        common::tmp("parity-a.safetensors"),
+        common::tmp("parity-b.safetensors"),
+    );
     save(&a, 0);
     save(&b, 7);
     // Launch the ranks by hand so that global-rank 2 gets the other file.
@@ -149,7 +142,7 @@ fn ranks_given_different_weights_files_fail_parity_at_startup() {
     );
     let mut cmd = Command::new(&bin);
     cmd.args(["launch", "-n", "3", "--dump-dir"])
-        .arg(tmp("parity-dumps"))
+        .arg(common::tmp("parity-dumps"))
         .args(["--", "sh", "-c", &script])
         .env("LOCKSTEP_RENDEZVOUS_MS", "5000");
     let out = bounded(cmd, "lockstep launch", Duration::from_secs(10));

@@ -6,8 +6,8 @@
 //!   fingerprint, so a rank that differs fails at startup (B3).
 //! - Every collective and p2p op goes through [`Group`], which **before the call** checks that
 //!   this rank is a member, that the op is allowed on the group's role (TP collectives only on
-//!   `mesh`, SPEC §1), and that the root/peer is a group rank of the group; then it bumps the
-//!   group's sequence number and records the op in the flight recorder.
+//!   `mesh`, docs/spec.md §1), and that the root/peer is a group rank of the group; then it bumps
+//!   the group's sequence number and records the op in the flight recorder.
 //! - Debug mode (`LOCKSTEP_DEBUG_COLLECTIVES=1`) exchanges a fingerprint (group, seq, op, dtype,
 //!   shape, root) across the group before each collective and crashes with a per-field diff.
 //!
@@ -46,7 +46,7 @@ impl OpKind {
     fn code(self) -> u64 {
         self as u64 + 1
     }
-    /// SPEC §1: TP collectives (all_reduce, all_gather) run only on `mesh`; `pp` carries
+    /// docs/spec.md §1: TP collectives (all_reduce, all_gather) run only on `mesh`; `pp` carries
     /// envelopes (p2p + broadcast); `world` carries only broadcasts.
     fn allowed_on(self, role: GroupRole) -> bool {
         match role {

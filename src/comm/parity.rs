@@ -1,4 +1,5 @@
-//! Startup parity (SPEC §9): every rank's fingerprint, compared field by field at rendezvous.
+//! Startup parity (docs/spec.md §9): every rank's fingerprint, compared field by field at
+//! rendezvous.
 //!
 //! Contract: a [`Fingerprint`] is an open, ordered map of named fields (versions, group table and
 //! creation order, world/TP size, kernel build id, data-plane backend, execution flags, debug

@@ -18,7 +18,7 @@ pub enum GroupRole {
 /// A group as every rank agrees on it: name, creation index, members (global ranks, in group-rank
 /// order).
 ///
-/// Group ranks and global ranks do not mix (SPEC §1): translating takes the other type.
+/// Group ranks and global ranks do not mix (docs/spec.md §1): translating takes the other type.
 /// ```
 /// use lockstep::comm::group::{GroupRole, GroupSpec};
 /// use lockstep::ids::{GlobalRank, GroupRank};

@@ -1,4 +1,4 @@
-//! The abort path and the watchdog (SPEC §8: crash > hang).
+//! The abort path and the watchdog (docs/spec.md §8: crash > hang).
 //!
 //! Contract:
 //! - [`crash`] is the one way a bootstrapped rank dies on error, from any thread: print the

@@ -1,4 +1,4 @@
-//! The Wan-style causal DiT on the CPU, tensor-parallel over a `TpComm` (SPEC §11).
+//! The Wan-style causal DiT on the CPU, tensor-parallel over a `TpComm` (docs/spec.md §11).
 //!
 //! Block: adaLN-modulated self-attention over [KV cache + current chunk] with distributed q/k
 //! RMSNorm (all heads: sharded heads all-reduce their sum of squares) and 3D RoPE; cross-attention

@@ -1,5 +1,5 @@
 //! Reference DiT model: CPU reference math (the kernels' oracle), the TP comm trait, the
-//! Wan-style causal DiT on the CPU, and the model presets (SPEC §11).
+//! Wan-style causal DiT on the CPU, and the model presets (docs/spec.md §11).
 //!
 //! Presets: `tiny` runs on the CPU in CI; `wan-1.3b` and `wan-14b` are geometry-only
 //! descriptors (what the GPU path sizes itself by). The tiny preset departs from Wan in size

@@ -410,7 +410,7 @@ mod tests {
     #[test]
     fn attention_is_a_set_operation_over_keys() {
         // Permuting keys and values together leaves the output unchanged: the ring cache needs
-        // no reordering (SPEC §6).
+        // no reordering (docs/spec.md §6).
         let mut s = 4;
         let (lq, lk, h, d) = (3, 5, 2, 4);
         let q = rand_vec(lq * h * d, &mut s);

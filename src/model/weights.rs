@@ -1,5 +1,5 @@
 //! The DiT's weights: seeded random, or a safetensors file with Wan's parameter names, memory-
-//! mapped and sliced per TP rank (SPEC §11).
+//! mapped and sliced per TP rank (docs/spec.md §11).
 //!
 //! Contract:
 //! - `param_specs` is the one list of the model's parameters: Wan's names

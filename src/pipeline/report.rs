@@ -1,6 +1,6 @@
 //! Run metrics, the summary table, and the Chrome/Perfetto trace.
 //!
-//! Definitions (SPEC §7): S0 = mean Stage 0 time per chunk (envelope build + decode), S1 = mean
+//! Definitions (docs/spec.md §7): S0 = mean Stage 0 time per chunk (envelope build + decode), S1 = mean
 //! mesh time per chunk (envelope received → result ready, measured by the leader) over the
 //! steady state, period = steady-state mean interval between emitted outputs, E = max(S0, S1) /
 //! period, η = (S0 + S1 − period) / min(S0, S1). The steady state excludes the first quarter of

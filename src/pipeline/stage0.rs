@@ -1,6 +1,6 @@
 //! Stage 0 (rank 0, the driver) as a pure state machine: bounded queues, acceptance, hard cuts.
 //!
-//! Contract (SPEC §4, §7):
+//! Contract (docs/spec.md §4, §7):
 //! - At most `d_in` envelopes in flight and at most `d_out` results awaiting decode. Stage 0
 //!   sends only while both have room (with backpressure on) and receives a result only while the
 //!   decode queue has room, so a full `D_out` stops sending.

@@ -1,7 +1,7 @@
 //! Stage 1 (the mesh): plan validation on the leader, relay to the mesh, the plan executor with
 //! its generator-call count and chunk-end state digest, warm-up of the step-graph set.
 //!
-//! Contract (SPEC §4, §5, §9):
+//! Contract (docs/spec.md §4, §5, §9):
 //! - Acceptance is the protocol's (`Rank::recv_envelope` on the leader): `call_id == last + 1`;
 //!   an exact duplicate (same call_id, epoch and meta digest) is DROPPED after its payload is
 //!   drained (no result cache: Stage 0 already has the one result it will accept); a regression

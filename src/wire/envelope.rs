@@ -4,7 +4,7 @@
 //! Contract: `prepare` does every check that could fail (meta serialization and round trip,
 //! specs, dtype allowlist, sizes against [`Limits`], tensor bytes vs specs) and only then builds
 //! the header. `PreparedEnvelope` has private fields, so no code path can emit a header for an
-//! envelope that did not pass preflight (SPEC §3 anti-stranding, break-it C2).
+//! envelope that did not pass preflight (docs/spec.md §3 anti-stranding, break-it C2).
 use super::header::{Action, Header, HEADER_LEN};
 use super::meta::{canonical_json, untyped_meta_from_json, DType, Limits, MetaDoc, TensorSpec};
 use crate::digest::fnv64;
@@ -116,7 +116,7 @@ impl Tensor<Vec<u8>> {
     }
 }
 
-/// The three ids every envelope carries (SPEC §4).
+/// The three ids every envelope carries (docs/spec.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EnvelopeIds {
     pub call_id: CallId,
@@ -374,7 +374,7 @@ mod tests {
 
     /// The C2 doctest's struct literal, verbatim, compiles where the fields are visible: so
     /// outside this module its only error is privacy (stable rustdoc does not check the pinned
-    /// error code; this control does the pinning's job).
+    /// error code; `tools/check-compile-fail.sh` does, and this control shows why it holds).
     #[test]
     fn c2_doctest_literal_is_well_typed_so_only_privacy_rejects_it_outside() {
         let header: Header = bytemuck::Zeroable::zeroed();

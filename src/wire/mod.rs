@@ -1,4 +1,4 @@
-//! Envelope framing (SPEC §3): header, canonical meta, tensor manifest, preflight →
+//! Envelope framing (docs/spec.md §3): header, canonical meta, tensor manifest, preflight →
 //! `PreparedEnvelope`.
 //!
 //! Contract:

@@ -6,7 +6,7 @@
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"
-export LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 NEW="${NEW:-v3t}"
 ORDERS="${ORDERS:-v3,v3t,v3pw v3pw,v3,v3t v3t,v3pw,v3}"

@@ -8,7 +8,7 @@
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"
-export LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 NEW="${NEW:-v3,v3pw,v3t}"      # variants under development
 OLD="${OLD:-v1,v2}"       # always benched

@@ -8,7 +8,7 @@
 #   400 s budget (pass timeout_s 420 to the device call; its limit is 600 s). Logs under $OUT (8 files).
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"; OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
-export LOCKSTEP_BACKEND=nccl NCCL_NVLS_ENABLE=0 LOCKSTEP_BIN="$S/lockstep" \
+export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BACKEND=nccl NCCL_NVLS_ENABLE=0 LOCKSTEP_BIN="$S/lockstep" \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 t0=$(date +%s); BUDGET=400
 # left CAP: seconds for the next step, at most CAP and what the budget still holds (≥ 1).

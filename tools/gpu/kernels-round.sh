@@ -6,7 +6,7 @@
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"
-export LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BIN="$S/lockstep" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 what="${1:-all}"
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv; "$S/lockstep" doctor; } 2>&1 | tee "$O/doctor.log"

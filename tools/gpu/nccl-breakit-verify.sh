@@ -3,7 +3,7 @@
 # default), C1/C4/C5 again with blocking communicators, then the GPU leftover check.
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"; OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 LOCKSTEP_BIN="$S/lockstep" LOCKSTEP_BACKEND=nccl
+export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 LOCKSTEP_BIN="$S/lockstep" LOCKSTEP_BACKEND=nccl
 t0=$(date +%s)
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 timeout 100 "$S/tests/breakit_protocol" --test-threads=1 --nocapture > "$OUT/breakit-nccl.log" 2>&1

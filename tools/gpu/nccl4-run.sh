@@ -5,7 +5,7 @@
 # Staged by: STAGE=/work/main/.gpu-stage-nccl4 tools/gpu/stage-nccl4.sh (from the worktree).
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"; OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
   LOCKSTEP_BIN="$S/lockstep" PYTHONUNBUFFERED=1 TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
 t0=$(date +%s)
 { date; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; "$S/lockstep" doctor; } > "$OUT/env.log" 2>&1

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run THERE (the GPU host, from the repository root): every staged test binary, then doctor,
 # logs under $OUT (or ./out). Usage: bash .gpu-stage/run.sh [test-name-filter]
+# A test that would skip fails here (LOCKSTEP_REQUIRE_GPU=1): run it on a host with 2 GPUs.
 set -uo pipefail
 stage="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$PWD/out}"; mkdir -p "$out"
-export LOCKSTEP_BIN="$stage/lockstep" NCCL_NVLS_ENABLE=0 LOCKSTEP_NCCL_PATH="${LOCKSTEP_NCCL_PATH:-}"
+export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BIN="$stage/lockstep" NCCL_NVLS_ENABLE=0 LOCKSTEP_NCCL_PATH="${LOCKSTEP_NCCL_PATH:-}"
 filter="${1:-}"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; "$stage/lockstep" doctor; } 2>&1 | tee "$out/doctor.log"
 rc=0

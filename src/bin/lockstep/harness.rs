@@ -22,6 +22,7 @@ use lockstep::error::{Error, Result};
 use lockstep::fault::{self, points};
 
 use lockstep::ids::GroupRank;
+use lockstep::pipeline::report::percentile;
 use lockstep::rank::{Backend, Rank, RankEnv, RankOptions};
 use lockstep::wire::{
     prepare, prepare_untyped, Action, DType, EnvelopeIds, HostTensor, Limits, PreparedEnvelope,
@@ -459,13 +460,18 @@ fn generator_call<D: DataPlane>(rank: &Rank<D>, contrib: &[f32]) -> Result<Vec<f
     rank.mesh().all_reduce_f32(contrib, &shape, d)
 }
 
+/// The `q` quantile of sorted samples (the library's [`percentile`]); NaN when there are none.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        f64::NAN
+    } else {
+        percentile(sorted, q)
+    }
+}
+
 fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| {
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let at = |q: f64| quantile(&v, q);
     (
         at(0.5),
         at(0.99),
@@ -562,11 +568,7 @@ fn json_row(bench: &str, backend: &str, bytes: u64, samples: Vec<f64>) -> (f64, 
     let n = samples.len();
     let mut v = samples;
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| {
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let at = |q: f64| quantile(&v, q);
     let p50 = at(0.5);
     (
         p50,
