@@ -699,24 +699,14 @@ fn ranks_with_a_different_attention_choice_or_graphs_setting_exit_at_startup() {
                 c.spawn().unwrap()
             })
             .collect();
-        let until = std::time::Instant::now() + Duration::from_secs(30);
         for (r, mut c) in procs.into_iter().enumerate() {
-            let st = loop {
-                if let Some(st) = c.try_wait().unwrap() {
-                    break st;
-                }
-                if std::time::Instant::now() > until {
-                    let _ = c.kill();
-                    panic!("{field}: global-rank {r} did not exit within 30 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            let code = common::wait_bounded(&mut c, Duration::from_secs(30));
             let mut err = String::new();
             if let Some(mut e) = c.stderr.take() {
                 use std::io::Read;
                 let _ = e.read_to_string(&mut err);
             }
-            assert_eq!(st.code(), Some(73), "{field}: global-rank {r}: {err}");
+            assert_eq!(code, 73, "{field}: global-rank {r}: {err}");
             assert!(err.contains("parity-mismatch"), "{field}: rank {r}: {err}");
             if r == 0 {
                 // Rank 0 holds every rank's fingerprint: it names the field and the split.

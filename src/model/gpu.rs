@@ -691,6 +691,22 @@ impl GpuDit {
         gemm.linear(shape, x, &l.w, b, y, epilogue, accumulate)
     }
 
+    /// A row-parallel projection: this rank's partial product, summed over the group (at TP > 1;
+    /// the bias rides on group-rank 0's partial).
+    #[allow(clippy::too_many_arguments)]
+    fn row_parallel(
+        gemm: &mut Gemm,
+        red: &mut Reducer<'_>,
+        l: &DLinear,
+        rows: usize,
+        x: &impl DevicePtr<bf16>,
+        y: &mut CudaViewMut<'_, bf16>,
+        what: &str,
+    ) -> Result<()> {
+        Self::linear(gemm, l, rows, x, y, Epilogue::None, false)?;
+        red.all_reduce(y, what)
+    }
+
     /// The prompt's text K/V, once per prompt: embedding (GELU fused), then per layer K
     /// (RMSNorm over all heads) and V.
     /// With TP > 1 every rank of the group calls it (the norm's all-reduces go through `comm`).
@@ -1096,16 +1112,15 @@ impl GpuDit {
                 &mut s.attn.slice_mut(..rk),
                 None,
             )?;
-            Self::linear(
+            Self::row_parallel(
                 gemm,
+                &mut red,
                 &b.o,
                 rows,
                 &s.attn.slice(..rk),
                 &mut s.y.slice_mut(..rows * d),
-                Epilogue::None,
-                false,
+                "attention out",
             )?;
-            red.all_reduce(&mut s.y.slice_mut(..rows * d), "attention out")?;
             // x += gate1 · y, then norm3 (affine LayerNorm as a fixed modulation) for cross-attn.
             dit_ops::gated_residual_layer_norm_modulate(
                 &gpu,
@@ -1167,16 +1182,15 @@ impl GpuDit {
                 )?;
             } else {
                 // TP > 1: the partial products are summed first, then added to x.
-                Self::linear(
+                Self::row_parallel(
                     gemm,
+                    &mut red,
                     &b.co,
                     rows,
                     &s.attn.slice(..rk),
                     &mut s.y.slice_mut(..rows * d),
-                    Epilogue::None,
-                    false,
+                    "cross-attention out",
                 )?;
-                red.all_reduce(&mut s.y.slice_mut(..rows * d), "cross-attention out")?;
                 red.residual_add(&gpu, &st, shape, &mut s.x.slice_mut(..rows * d), &s.y)?;
             }
             // FFN: GELU fused into the first GEMM's epilogue.
@@ -1199,16 +1213,15 @@ impl GpuDit {
                 Epilogue::Gelu,
                 false,
             )?;
-            Self::linear(
+            Self::row_parallel(
                 gemm,
+                &mut red,
                 &b.ffn2,
                 rows,
                 &s.h.slice(..rows * ffn),
                 &mut s.y.slice_mut(..rows * d),
-                Epilogue::None,
-                false,
+                "FFN out",
             )?;
-            red.all_reduce(&mut s.y.slice_mut(..rows * d), "FFN out")?;
             dit_ops::gated_residual(
                 &gpu,
                 &st,
