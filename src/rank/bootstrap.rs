@@ -96,14 +96,12 @@ impl<D: DataPlane> Rank<D> {
         }
 
         let (plane, welcome, conns, lane) = if env.rank == 0 {
-            // A port in use or an address not on this host is the operator's configuration:
-            // bad input (74), not a lost peer.
-            let listener = TcpListener::bind(master).map_err(|e| {
-                Error::BadInput(format!(
-                    "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT {master}: {e}"
-                ))
-            })?;
-            let (plane, data_addr) = make_plane(master.ip(), token_digest)?;
+            let listener = bind_rendezvous(env, master, deadline)?;
+            let local_ip = listener
+                .local_addr()
+                .map_err(|e| Error::io("rendezvous listener address", e))?
+                .ip();
+            let (plane, data_addr) = make_plane(local_ip, token_digest)?;
             fp.set("data_plane.backend", plane.name());
             let (hellos, lane) = rendezvous_host(listener, env, deadline)?;
             let mut fps = vec![(me, fp.clone())];
@@ -141,6 +139,10 @@ impl<D: DataPlane> Rank<D> {
             }
             (plane, welcome, conns, lane)
         } else {
+            let master = match &env.agent_store_key {
+                Some(key) => published_rendezvous(master, key, deadline)?,
+                None => master,
+            };
             let mut s = connect_until(master, deadline)?;
             let local_ip = s
                 .local_addr()
@@ -336,6 +338,55 @@ fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
         .map_err(|e| Error::BadInput(format!("MASTER_ADDR {addr}:{port} does not resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::BadInput(format!("MASTER_ADDR {addr}:{port} resolves to nothing")))
+}
+
+/// Rank 0's rendezvous listener. On `MASTER_ADDR:MASTER_PORT`, unless torchrun's agent serves
+/// its TCPStore there: then an ephemeral port on the interface this host reaches the store
+/// through, published in the store under the job's key (`crate::torchrun`).
+fn bind_rendezvous(env: &RankEnv, master: SocketAddr, deadline: Instant) -> Result<TcpListener> {
+    let Some(key) = &env.agent_store_key else {
+        // A port in use or an address not on this host is the operator's configuration: bad
+        // input (74), not a lost peer.
+        return TcpListener::bind(master).map_err(|e| {
+            Error::BadInput(format!(
+                "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT {master}: {e}"
+            ))
+        });
+    };
+    let mut store = crate::torchrun::StoreClient::connect(master, deadline)?;
+    let ip = store.local_addr()?.ip();
+    let listener = TcpListener::bind((ip, 0))
+        .map_err(|e| Error::io(format!("rendezvous: bind an ephemeral port on {ip}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("rendezvous listener address", e))?;
+    store.set(key, addr.to_string().as_bytes())?;
+    // Read it back: the store has taken it before any rank is told to come.
+    let back = store.wait_get(key, deadline)?;
+    if back != addr.to_string().as_bytes() {
+        return Err(Error::BadInput(format!(
+            "rendezvous: torchrun store key {key} holds {:?}, not this rank's {addr}: a second \
+             global-rank 0 of this job and attempt?",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    Ok(listener)
+}
+
+/// Where global-rank 0 listens, as it published it in torchrun's store.
+fn published_rendezvous(
+    store_addr: SocketAddr,
+    key: &str,
+    deadline: Instant,
+) -> Result<SocketAddr> {
+    let mut store = crate::torchrun::StoreClient::connect(store_addr, deadline)?;
+    let v = store.wait_get(key, deadline)?;
+    let text = String::from_utf8_lossy(&v);
+    text.parse().map_err(|_| {
+        Error::Decode(format!(
+            "rendezvous: torchrun store key {key} holds {text:?}, not an address"
+        ))
+    })
 }
 
 const HELLO_MAX: u32 = 1 << 20;

@@ -34,6 +34,8 @@ pub(super) fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
     let max = 1u32 << 20;
     let mut bye = false;
     let lost = |what: String| -> ! {
+        // Known now, before the bounded wait below: a SIGTERM arriving meanwhile names it.
+        watchdog::note_peer_event(&format!("global-rank {} {what}", ctx.from));
         if let Some(lane) = ctx.lane.as_ref() {
             // The envelope lane may still hold a header this rank has not read, or the receiving
             // thread may be between reading one and posting its payload's receives: give it a
