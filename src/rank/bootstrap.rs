@@ -56,13 +56,43 @@ impl<D: DataPlane> Rank<D> {
         opts: RankOptions,
         make_plane: impl FnOnce(IpAddr, u64) -> Result<(D, String)>,
     ) -> Result<Rank<D>> {
-        let me = GlobalRank(env.rank);
         let recorder = Arc::new(Recorder::new(
             env.rank,
             env.world_size,
             opts.recorder_capacity,
             env.dump_dir.clone(),
         ));
+        let r = Self::bootstrap_inner(env, opts, make_plane, recorder.clone());
+        if let Err(e) = &r {
+            // A rank that fails its rendezvous (a peer stopped or killed before it registered)
+            // leaves a dump like any failing rank, so `fr analyze` sees the witnesses and names
+            // the rank that left none. Bad input (a duplicated RANK, a port in use) is this
+            // process's own configuration, not a witness: its dump would take a real rank's file.
+            if !matches!(e, Error::BadInput(_)) {
+                let code = e.exit_code();
+                match recorder.dump(&format!("bootstrap: {e}"), Some(code)) {
+                    Ok(p) => crate::diag!(
+                        "lockstep[global-rank {}]: flight recorder dumped to {}",
+                        env.rank,
+                        p.display()
+                    ),
+                    Err(d) => crate::diag!(
+                        "lockstep[global-rank {}]: flight recorder dump failed: {d}",
+                        env.rank
+                    ),
+                }
+            }
+        }
+        r
+    }
+
+    fn bootstrap_inner(
+        env: &RankEnv,
+        opts: RankOptions,
+        make_plane: impl FnOnce(IpAddr, u64) -> Result<(D, String)>,
+        recorder: Arc<Recorder>,
+    ) -> Result<Rank<D>> {
+        let me = GlobalRank(env.rank);
         // Signals first, so every thread spawned later inherits the blocked mask.
         watchdog::install_signal_thread(recorder.clone())
             .map_err(|e| Error::io("signal thread", e))?;
@@ -512,10 +542,25 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 closed.store(true, Ordering::SeqCst);
                 let have: Vec<u32> = got.iter().map(|(h, _)| h.rank).collect();
                 let missing: Vec<u32> = (1..world).filter(|r| !have.contains(r)).collect();
-                return Err(Error::Timeout(format!(
+                let err = Error::Timeout(format!(
                     "rendezvous: ranks {missing:?} did not register within the rendezvous timeout{}",
                     if lane.is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
-                )));
+                ));
+                // The ranks that did register hear who is missing, instead of a closed
+                // connection they could only blame on a token or on rank 0.
+                let notice = FailedNotice {
+                    origin: 0,
+                    code: err.exit_code().code(),
+                    name: err.exit_code().name().into(),
+                    message: err.to_string(),
+                };
+                if let Ok(body) = serde_json::to_vec(&notice) {
+                    for (_, s) in got.iter_mut() {
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                        let _ = write_frame(s, FrameKind::Failed, &[&body]);
+                    }
+                }
+                return Err(err);
             }
         }
     }
