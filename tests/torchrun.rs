@@ -17,11 +17,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// The stand-in's keys and values, and the condition WAIT sleeps on.
+type Shared = Arc<(Mutex<HashMap<String, Vec<u8>>>, Condvar)>;
+
 /// A TCPStore server from the protocol: one thread per connection, a key-value map, WAIT
 /// answered once every key exists.
 struct StoreStandIn {
     port: u16,
-    data: Arc<(Mutex<HashMap<String, Vec<u8>>>, Condvar)>,
+    data: Shared,
 }
 
 fn read_u64(s: &mut TcpStream) -> Option<u64> {
@@ -44,7 +47,7 @@ fn read_key(s: &mut TcpStream) -> Option<String> {
     String::from_utf8(read_bytes(s)?).ok()
 }
 
-fn serve(mut s: TcpStream, data: Arc<(Mutex<HashMap<String, Vec<u8>>>, Condvar)>) -> Option<()> {
+fn serve(mut s: TcpStream, data: Shared) -> Option<()> {
     let (map, cv) = &*data;
     // The first query of a connection validates it.
     let mut q = [0u8; 1];
@@ -104,7 +107,7 @@ impl StoreStandIn {
     fn start() -> StoreStandIn {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind the store stand-in");
         let port = l.local_addr().expect("store address").port();
-        let data = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
+        let data: Shared = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
         let d = data.clone();
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
