@@ -20,7 +20,9 @@
 //!   format, `{"message": {"message": …, "extraInfo": {"py_callstack": …, "timestamp": …}}}`, with
 //!   its diagnosis. torchrun names as "root cause" the failure with the smallest timestamp (whole
 //!   seconds, ties to the lowest local rank); a failure that is a consequence of another rank's
-//!   (peer-lost, peer-failed, signal) is stamped one second later, so the cause wins the tie.
+//!   (peer-lost, peer-failed, signal) is stamped two seconds later, so the cause wins: a rank that
+//!   was killed writes no file and is stamped by the agent when it polls (≈ 0.1 s later, which
+//!   can cross a second boundary), a rank that failed on its own stamps the second it failed in.
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use std::io::{Read, Write};
@@ -194,7 +196,7 @@ pub fn error_file_json(headline: &str, details: &str, code: ExitCode, now_s: u64
         code,
         ExitCode::PeerLost | ExitCode::PeerFailed | ExitCode::Signal
     );
-    let stamp = if consequence { now_s + 1 } else { now_s };
+    let stamp = if consequence { now_s + 2 } else { now_s };
     serde_json::json!({
         "message": {
             "message": headline,
@@ -245,7 +247,7 @@ mod tests {
         let c: serde_json::Value =
             serde_json::from_str(&error_file_json("x", "y", ExitCode::PeerLost, 100))
                 .unwrap_or_default();
-        assert_eq!(c["message"]["extraInfo"]["timestamp"], "101");
+        assert_eq!(c["message"]["extraInfo"]["timestamp"], "102");
     }
 
     #[test]

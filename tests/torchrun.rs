@@ -518,22 +518,34 @@ fn real_torchrun_root_cause_is_the_failing_rank() {
         .to_vec();
     let mut run = vec!["--tp", "2"];
     run.extend(QUICK);
-    let mut c = torchrun_cmd(&tr, &dir, &launch, &run);
-    c.env("LOCKSTEP_FAULT", "pipeline.extra_generator_call@2");
-    let res = wait_all(
-        vec![c.spawn().expect("spawn torchrun")],
-        Duration::from_secs(60),
-    );
-    let (code, err) = &res[0];
-    assert_ne!(*code, Some(0), "{err}");
-    let root = err
-        .split("Root Cause (first observed failure):")
-        .nth(1)
-        .unwrap_or_else(|| panic!("torchrun printed a root cause: {err}"));
-    let root: String = root.lines().take(12).collect::<Vec<_>>().join("\n");
-    assert!(
-        root.contains("rank      : 2") && root.contains("exit 70 (invariant-violation)"),
-        "torchrun's root cause is global-rank 2 with its diagnosis:\n{root}"
-    );
+    // A rank that fails on its own (its error file), and a rank SIGKILLed mid-payload (no file:
+    // the agent stamps it when it polls) whose consequence, rank 0's peer-lost, has a lower
+    // local rank and must still not be the root cause.
+    for (fault, culprit, root_says) in [
+        (
+            "pipeline.extra_generator_call@2",
+            2,
+            "exit 70 (invariant-violation)",
+        ),
+        ("send.kill_mid_payload@1#1", 1, "Signal 9 (SIGKILL)"),
+    ] {
+        let mut c = torchrun_cmd(&tr, &dir, &launch, &run);
+        c.env("LOCKSTEP_FAULT", fault);
+        let res = wait_all(
+            vec![c.spawn().expect("spawn torchrun")],
+            Duration::from_secs(60),
+        );
+        let (code, err) = &res[0];
+        assert_ne!(*code, Some(0), "{fault}: {err}");
+        let root = err
+            .split("Root Cause (first observed failure):")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{fault}: torchrun printed a root cause: {err}"));
+        let root: String = root.lines().take(12).collect::<Vec<_>>().join("\n");
+        assert!(
+            root.contains(&format!("rank      : {culprit}")) && root.contains(root_says),
+            "{fault}: torchrun's root cause is global-rank {culprit} ({root_says}):\n{root}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
