@@ -65,6 +65,13 @@ pub fn note_peer_event(what: &str) {
     }
 }
 
+/// The first peer's end [`note_peer_event`] recorded, without its time.
+pub fn first_peer_event() -> Option<String> {
+    let ev = PEER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    ev.first()
+        .map(|e| e.split_once(": ").map_or(e.clone(), |(_, w)| w.to_string()))
+}
+
 /// What [`note_peer_event`] recorded, as one clause (empty when nothing).
 pub fn peer_events() -> String {
     let ev = PEER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());

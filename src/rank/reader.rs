@@ -88,6 +88,19 @@ pub(super) fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
                     Ok(n) => n,
                     Err(e) => watchdog::crash(&e, true),
                 };
+                let signalled = n.code == crate::exit::ExitCode::Signal.code();
+                if let (true, Some(first)) = (signalled, watchdog::first_peer_event()) {
+                    // A launcher SIGTERMs every survivor right after a rank died: a peer that
+                    // ended on that signal is not the cause when this rank already saw a peer
+                    // die. The death is the diagnosis (and the notice relayed is ours).
+                    watchdog::crash(
+                        &Error::PeerLost(format!(
+                            "{first} (then global-rank {} ended on a signal)",
+                            n.origin
+                        )),
+                        ctx.me == 0,
+                    );
+                }
                 let err = Error::PeerFailed(format!(
                     "global-rank {} failed with exit {} ({}): {}",
                     n.origin, n.code, n.name, n.message
