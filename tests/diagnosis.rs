@@ -155,6 +155,16 @@ fn assert_named(o: &Outcome, victim: u32, sig: &str, case: &str) {
         "{case}: fr analyze gives the witnesses' evidence:\n{}",
         o.fr
     );
+    // The launcher's summary carries the same culprit and evidence.
+    assert!(
+        o.launcher.contains(&format!(
+            "launch: fr analyze: culprit: global-rank {victim} (left no dump"
+        )) && o
+            .launcher
+            .contains("launch: fr analyze: evidence from global-rank "),
+        "{case}: the launcher's summary gives the evidence:\n{}",
+        o.launcher
+    );
     for other in (0..3).filter(|r| *r != victim) {
         assert!(
             !o.fr.contains(&format!("culprit: global-rank {other}")),
