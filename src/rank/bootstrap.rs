@@ -497,19 +497,26 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         })
         .map_err(|e| Error::io("spawn rendezvous", e))?;
     let mut got: Vec<(Hello, TcpStream)> = Vec::new();
-    let mut lane: Option<TcpStream> = None;
-    while got.len() + 1 < world as usize || lane.is_none() {
+    // Envelope lanes by the pid of the process that opened them: the lane kept is the one of the
+    // process registered as rank 1, not of a duplicated RANK=1 that opened its lane first.
+    let mut lanes: Vec<(u32, TcpStream)> = Vec::new();
+    let leader_lane = |got: &[(Hello, TcpStream)], lanes: &[(u32, TcpStream)]| {
+        got.iter()
+            .find(|(g, _)| g.rank == 1)
+            .and_then(|(g, _)| lanes.iter().position(|(p, _)| *p == g.pid))
+    };
+    while got.len() + 1 < world as usize || leader_lane(&got, &lanes).is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok((h, s)) if h.lane => {
-                if h.rank != 1 || lane.is_some() {
+                if h.rank != 1 || lanes.len() >= 8 || lanes.iter().any(|(p, _)| *p == h.pid) {
                     crate::diag!(
                         "lockstep[global-rank 0]: rendezvous: refused an envelope lane from rank {}",
                         h.rank
                     );
                     continue;
                 }
-                lane = Some(s);
+                lanes.push((h.pid, s));
             }
             Ok((h, mut s)) => {
                 if got.iter().any(|(g, _)| g.rank == h.rank) {
@@ -544,7 +551,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 let missing: Vec<u32> = (1..world).filter(|r| !have.contains(r)).collect();
                 let err = Error::Timeout(format!(
                     "rendezvous: ranks {missing:?} did not register within the rendezvous timeout{}",
-                    if lane.is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
+                    if leader_lane(&got, &lanes).is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
                 ));
                 // The ranks that did register hear who is missing, instead of a closed
                 // connection they could only blame on a token or on rank 0.
@@ -573,6 +580,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         }
     }
     got.sort_by_key(|(h, _)| h.rank);
+    let lane = leader_lane(&got, &lanes).map(|i| lanes.swap_remove(i).1);
     Ok((got, lane))
 }
 
