@@ -105,6 +105,60 @@ fn view(op: Option<&OpRecord>) -> String {
     }
 }
 
+/// What the dumps of the other ranks say about `culprit`, a rank that left none: per witness,
+/// when it last completed an op with the culprit (a header, a heartbeat, a payload, a collective
+/// of a group the culprit is in) and what it was still waiting on from it when it dumped.
+fn evidence_of_silence(culprit: u32, dumps: &BTreeMap<u32, RankDump>) -> String {
+    let mut out = String::new();
+    for (r, d) in dumps {
+        let involves = |o: &OpRecord| {
+            o.peer == Some(culprit)
+                || o.root == Some(culprit)
+                || (o.peer.is_none()
+                    && d.head
+                        .groups
+                        .iter()
+                        .any(|(g, m)| *g == o.group && m.contains(&culprit)))
+        };
+        let last = d
+            .ops
+            .iter()
+            .filter(|o| involves(o) && o.state == OpState::Completed)
+            .filter_map(|o| o.t_completed_us.map(|t| (t, o)))
+            .max_by_key(|(t, _)| *t);
+        let waiting = d
+            .ops
+            .iter()
+            .filter(|o| involves(o) && matches!(o.state, OpState::Started | OpState::Enqueued))
+            .min_by_key(|o| o.t_started_us.unwrap_or(o.t_enqueued_us));
+        let ms_before = |t: u64| d.head.time_us.saturating_sub(t) / 1000;
+        let heard = match last {
+            Some((t, o)) => format!(
+                "last heard from it {} ms before its dump ({} completed)",
+                ms_before(t),
+                o.describe()
+            ),
+            None if d.ops.is_empty() => format!(
+                "never got past the rendezvous with it ({})",
+                d.head.reason.lines().next().unwrap_or("")
+            ),
+            // A witness with no op of its own with the culprit (a mesh rank and a stopped rank
+            // 0) has nothing to say about it.
+            None if waiting.is_none() => continue,
+            None => "no completed op with it in its ring".into(),
+        };
+        let wait = waiting.map_or(String::new(), |o| {
+            format!(
+                "; waiting on it for {} ms in {}",
+                ms_before(o.t_started_us.unwrap_or(o.t_enqueued_us)),
+                o.describe()
+            )
+        });
+        out.push_str(&format!("  evidence from global-rank {r}: {heard}{wait}\n"));
+    }
+    out
+}
+
 /// The analysis as text.
 pub fn analyze(dir: &Path) -> Result<String, String> {
     let mut dumps: BTreeMap<u32, RankDump> = BTreeMap::new();
@@ -168,6 +222,7 @@ pub fn analyze(dir: &Path) -> Result<String, String> {
              disagreements below are what the other ranks saw\n",
             missing[0]
         ));
+        out.push_str(&evidence_of_silence(missing[0], &dumps));
     }
 
     // First disagreement per group, by sequence number.

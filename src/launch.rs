@@ -12,6 +12,9 @@
 //!   counts as `128 + signo`. It prints every rank's exit and the failing rank's dump file.
 //! - SIGTERM/SIGINT to the launcher reaches every rank (C3), then the same grace/SIGKILL; exit
 //!   code `signal` (75).
+//! - The culprit is named with evidence: a rank that had to be SIGKILLed after the grace
+//!   ("launch: culprit: …"), and `fr analyze`'s culprit and witness lines for a rank that left no
+//!   dump ("launch: fr analyze: culprit: …", "launch: fr analyze: evidence from …").
 use crate::exit::ExitCode;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -316,6 +319,16 @@ fn run(args: &LaunchArgs) -> std::io::Result<i32> {
             primary.rank,
             primary.describe()
         );
+    }
+    // The witnesses' evidence against a rank that left no dump (when it last heard from it,
+    // what it waited on), as `lockstep fr analyze` gives it, in the summary itself.
+    if let Ok(report) = crate::fr::analyze(&dump_dir) {
+        for line in report.lines().filter(|l| {
+            (l.starts_with("culprit: ") && l.contains("left no dump"))
+                || l.starts_with("  evidence from global-rank ")
+        }) {
+            crate::diag!("launch: fr analyze: {}", line.trim_start());
+        }
     }
     Ok(primary.launcher_code())
 }

@@ -10,7 +10,12 @@
 //!   header, explicit progress) for `timeout`, naming the oldest op still in flight. It stays
 //!   armed through teardown, so a hanging teardown still ends in a hard exit (C5).
 //! - SIGTERM/SIGINT are taken by a dedicated thread (`sigwait`): dump, exit `Signal`. SIGUSR1
-//!   dumps on request and continues.
+//!   dumps on request and continues. A launcher (torchrun) SIGTERMs the survivors within ~0.1 s
+//!   of a rank's death, often before this rank's own peer-lost diagnosis is out: the signal's
+//!   diagnosis carries what this rank knew by then ([`note_peer_event`]: peers lost, failure
+//!   notices), so it still names the lost peer.
+//! - Under torchrun every ending rank writes `TORCHELASTIC_ERROR_FILE` with its diagnosis
+//!   (`crate::torchrun::write_error_file`).
 use super::control::{write_frame, FailedNotice, FrameKind};
 use super::plane::AbortHandle;
 use super::recorder::{now_us, Recorder};
@@ -28,6 +33,9 @@ const NOTICE_GRACE: Duration = Duration::from_millis(300);
 /// adapters import.
 pub use crate::diag::line as diag;
 
+/// How long a SIGTERM/SIGINT waits for this rank's own detection of a peer's end to speak first.
+const SIGNAL_SETTLE: Duration = Duration::from_millis(50);
+
 /// Upper bound on the whole abort path.
 const HARD_EXIT: Duration = Duration::from_secs(3);
 
@@ -41,6 +49,38 @@ struct FailCtx {
 
 static CTX: OnceLock<FailCtx> = OnceLock::new();
 static CRASHING: AtomicBool = AtomicBool::new(false);
+/// What this rank learnt of its peers' ends before it ended itself (see [`note_peer_event`]).
+static PEER_EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records a peer's end as this rank learnt it (a lost connection, a failure notice), with the
+/// time, the moment it is known: a SIGTERM that overtakes this rank's own diagnosis still
+/// names it.
+pub fn note_peer_event(what: &str) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut ev = PEER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    if ev.len() < 16 && !ev.iter().any(|e| e.ends_with(what)) {
+        ev.push(format!("at unix {t:.3}: {what}"));
+    }
+}
+
+/// The first peer's end [`note_peer_event`] recorded, without its time.
+pub fn first_peer_event() -> Option<String> {
+    let ev = PEER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    ev.first()
+        .map(|e| e.split_once(": ").map_or(e.clone(), |(_, w)| w.to_string()))
+}
+
+/// What [`note_peer_event`] recorded, as one clause (empty when nothing).
+pub fn peer_events() -> String {
+    let ev = PEER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    if ev.is_empty() {
+        String::new()
+    } else {
+        format!("; what this rank knew by then: {}", ev.join("; "))
+    }
+}
 
 /// Installs the abort path for this process (once, at bootstrap).
 pub fn install(rank: u32, recorder: Arc<Recorder>) {
@@ -81,6 +121,9 @@ pub fn crash(err: &Error, notify_peers: bool) -> ! {
 /// As [`crash`], relaying a peer's notice (rank 0 forwards the original origin).
 pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedNotice>) -> ! {
     let code = err.exit_code();
+    if let Error::PeerLost(m) | Error::PeerFailed(m) = err {
+        note_peer_event(m);
+    }
     if matches!(err, Error::PeerLost(m) if !m.contains("control connection")) && !is_crashing() {
         // A data connection or the envelope lane usually drops because its peer is dying; give
         // that peer's failure notice (sent on the control connection before it exited) a
@@ -102,21 +145,41 @@ pub fn crash_with_origin(err: &Error, notify_peers: bool, relay: Option<&FailedN
             unsafe { libc::_exit(code.code()) }
         });
     let rank = CTX.get().map_or(u32::MAX, |c| c.rank);
-    diag(&format!(
-        "lockstep[global-rank {rank}]: exit {} ({}): {err}",
+    // A signal that overtook this rank's own diagnosis of a peer's end carries that end.
+    let known = if matches!(err, Error::Signal(_)) {
+        peer_events()
+    } else {
+        String::new()
+    };
+    let line = format!(
+        "lockstep[global-rank {rank}]: exit {} ({}): {err}{known}",
         code.code(),
         code.name()
-    ));
+    );
+    diag(&line);
+    let mut dumped = String::new();
     if let Some(ctx) = CTX.get() {
-        match ctx.recorder.dump(&err.to_string(), Some(code)) {
-            Ok(p) => crate::diag!(
-                "lockstep[global-rank {rank}]: flight recorder dumped to {}",
-                p.display()
-            ),
+        match ctx.recorder.dump(&format!("{err}{known}"), Some(code)) {
+            Ok(p) => {
+                dumped = format!("flight recorder dumped to {}", p.display());
+                crate::diag!("lockstep[global-rank {rank}]: {dumped}");
+            }
             Err(e) => {
                 crate::diag!("lockstep[global-rank {rank}]: flight recorder dump failed: {e}")
             }
         }
+    }
+    crate::torchrun::write_error_file(
+        &format!(
+            "lockstep global-rank {rank}: exit {} ({}): {}",
+            code.code(),
+            code.name(),
+            err.to_string().lines().next().unwrap_or("")
+        ),
+        &format!("{line}\n{dumped}"),
+        code,
+    );
+    if let Some(ctx) = CTX.get() {
         if notify_peers {
             let notice = relay.cloned().unwrap_or(FailedNotice {
                 origin: rank,
@@ -219,6 +282,13 @@ pub fn install_signal_thread(recorder: Arc<Recorder>) -> std::io::Result<()> {
             } else {
                 "SIGINT"
             };
+            // A launcher SIGTERMs the survivors right after a rank died; this rank's own readers
+            // see that death within a millisecond or two. Give them a bounded moment to speak
+            // first (their diagnosis names the dead peer), and carry what they noted if not.
+            let until = std::time::Instant::now() + SIGNAL_SETTLE;
+            while std::time::Instant::now() < until && !is_crashing() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             crash(
                 &Error::Signal(format!("{name} received; dumped and exiting")),
                 true,

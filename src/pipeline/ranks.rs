@@ -421,11 +421,22 @@ fn unix_us() -> u64 {
 
 fn early_exit(rank: &str, e: &Error) -> i32 {
     let code = e.exit_code();
-    diag(&format!(
+    let line = format!(
         "lockstep[{rank}]: exit {} ({}): {e}",
         code.code(),
         code.name()
-    ));
+    );
+    diag(&line);
+    crate::torchrun::write_error_file(
+        &format!(
+            "lockstep {rank}: exit {} ({}): {}",
+            code.code(),
+            code.name(),
+            e.to_string().lines().next().unwrap_or("")
+        ),
+        &line,
+        code,
+    );
     code.code()
 }
 

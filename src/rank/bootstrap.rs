@@ -56,13 +56,43 @@ impl<D: DataPlane> Rank<D> {
         opts: RankOptions,
         make_plane: impl FnOnce(IpAddr, u64) -> Result<(D, String)>,
     ) -> Result<Rank<D>> {
-        let me = GlobalRank(env.rank);
         let recorder = Arc::new(Recorder::new(
             env.rank,
             env.world_size,
             opts.recorder_capacity,
             env.dump_dir.clone(),
         ));
+        let r = Self::bootstrap_inner(env, opts, make_plane, recorder.clone());
+        if let Err(e) = &r {
+            // A rank that fails its rendezvous (a peer stopped or killed before it registered)
+            // leaves a dump like any failing rank, so `fr analyze` sees the witnesses and names
+            // the rank that left none. Bad input (a duplicated RANK, a port in use) is this
+            // process's own configuration, not a witness: its dump would take a real rank's file.
+            if !matches!(e, Error::BadInput(_)) {
+                let code = e.exit_code();
+                match recorder.dump(&format!("bootstrap: {e}"), Some(code)) {
+                    Ok(p) => crate::diag!(
+                        "lockstep[global-rank {}]: flight recorder dumped to {}",
+                        env.rank,
+                        p.display()
+                    ),
+                    Err(d) => crate::diag!(
+                        "lockstep[global-rank {}]: flight recorder dump failed: {d}",
+                        env.rank
+                    ),
+                }
+            }
+        }
+        r
+    }
+
+    fn bootstrap_inner(
+        env: &RankEnv,
+        opts: RankOptions,
+        make_plane: impl FnOnce(IpAddr, u64) -> Result<(D, String)>,
+        recorder: Arc<Recorder>,
+    ) -> Result<Rank<D>> {
+        let me = GlobalRank(env.rank);
         // Signals first, so every thread spawned later inherits the blocked mask.
         watchdog::install_signal_thread(recorder.clone())
             .map_err(|e| Error::io("signal thread", e))?;
@@ -96,14 +126,12 @@ impl<D: DataPlane> Rank<D> {
         }
 
         let (plane, welcome, conns, lane) = if env.rank == 0 {
-            // A port in use or an address not on this host is the operator's configuration:
-            // bad input (74), not a lost peer.
-            let listener = TcpListener::bind(master).map_err(|e| {
-                Error::BadInput(format!(
-                    "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT {master}: {e}"
-                ))
-            })?;
-            let (plane, data_addr) = make_plane(master.ip(), token_digest)?;
+            let listener = bind_rendezvous(env, master, deadline)?;
+            let local_ip = listener
+                .local_addr()
+                .map_err(|e| Error::io("rendezvous listener address", e))?
+                .ip();
+            let (plane, data_addr) = make_plane(local_ip, token_digest)?;
             fp.set("data_plane.backend", plane.name());
             let (hellos, lane) = rendezvous_host(listener, env, deadline)?;
             let mut fps = vec![(me, fp.clone())];
@@ -141,6 +169,10 @@ impl<D: DataPlane> Rank<D> {
             }
             (plane, welcome, conns, lane)
         } else {
+            let master = match &env.agent_store_key {
+                Some(key) => published_rendezvous(master, key, deadline)?,
+                None => master,
+            };
             let mut s = connect_until(master, deadline)?;
             let local_ip = s
                 .local_addr()
@@ -338,6 +370,55 @@ fn resolve(addr: &str, port: u16) -> Result<SocketAddr> {
         .ok_or_else(|| Error::BadInput(format!("MASTER_ADDR {addr}:{port} resolves to nothing")))
 }
 
+/// Rank 0's rendezvous listener. On `MASTER_ADDR:MASTER_PORT`, unless torchrun's agent serves
+/// its TCPStore there: then an ephemeral port on the interface this host reaches the store
+/// through, published in the store under the job's key (`crate::torchrun`).
+fn bind_rendezvous(env: &RankEnv, master: SocketAddr, deadline: Instant) -> Result<TcpListener> {
+    let Some(key) = &env.agent_store_key else {
+        // A port in use or an address not on this host is the operator's configuration: bad
+        // input (74), not a lost peer.
+        return TcpListener::bind(master).map_err(|e| {
+            Error::BadInput(format!(
+                "rendezvous: cannot bind MASTER_ADDR:MASTER_PORT {master}: {e}"
+            ))
+        });
+    };
+    let mut store = crate::torchrun::StoreClient::connect(master, deadline)?;
+    let ip = store.local_addr()?.ip();
+    let listener = TcpListener::bind((ip, 0))
+        .map_err(|e| Error::io(format!("rendezvous: bind an ephemeral port on {ip}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("rendezvous listener address", e))?;
+    store.set(key, addr.to_string().as_bytes())?;
+    // Read it back: the store has taken it before any rank is told to come.
+    let back = store.wait_get(key, deadline)?;
+    if back != addr.to_string().as_bytes() {
+        return Err(Error::BadInput(format!(
+            "rendezvous: torchrun store key {key} holds {:?}, not this rank's {addr}: a second \
+             global-rank 0 of this job and attempt?",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    Ok(listener)
+}
+
+/// Where global-rank 0 listens, as it published it in torchrun's store.
+fn published_rendezvous(
+    store_addr: SocketAddr,
+    key: &str,
+    deadline: Instant,
+) -> Result<SocketAddr> {
+    let mut store = crate::torchrun::StoreClient::connect(store_addr, deadline)?;
+    let v = store.wait_get(key, deadline)?;
+    let text = String::from_utf8_lossy(&v);
+    text.parse().map_err(|_| {
+        Error::Decode(format!(
+            "rendezvous: torchrun store key {key} holds {text:?}, not an address"
+        ))
+    })
+}
+
 const HELLO_MAX: u32 = 1 << 20;
 /// `FailedNotice::name` of rank 0 refusing one rank's registration (e.g. a duplicated RANK).
 const RANK_REFUSED: &str = "rank-refused";
@@ -416,19 +497,26 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         })
         .map_err(|e| Error::io("spawn rendezvous", e))?;
     let mut got: Vec<(Hello, TcpStream)> = Vec::new();
-    let mut lane: Option<TcpStream> = None;
-    while got.len() + 1 < world as usize || lane.is_none() {
+    // Envelope lanes by the pid of the process that opened them: the lane kept is the one of the
+    // process registered as rank 1, not of a duplicated RANK=1 that opened its lane first.
+    let mut lanes: Vec<(u32, TcpStream)> = Vec::new();
+    let leader_lane = |got: &[(Hello, TcpStream)], lanes: &[(u32, TcpStream)]| {
+        got.iter()
+            .find(|(g, _)| g.rank == 1)
+            .and_then(|(g, _)| lanes.iter().position(|(p, _)| *p == g.pid))
+    };
+    while got.len() + 1 < world as usize || leader_lane(&got, &lanes).is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok((h, s)) if h.lane => {
-                if h.rank != 1 || lane.is_some() {
+                if h.rank != 1 || lanes.len() >= 8 || lanes.iter().any(|(p, _)| *p == h.pid) {
                     crate::diag!(
                         "lockstep[global-rank 0]: rendezvous: refused an envelope lane from rank {}",
                         h.rank
                     );
                     continue;
                 }
-                lane = Some(s);
+                lanes.push((h.pid, s));
             }
             Ok((h, mut s)) => {
                 if got.iter().any(|(g, _)| g.rank == h.rank) {
@@ -461,10 +549,25 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
                 closed.store(true, Ordering::SeqCst);
                 let have: Vec<u32> = got.iter().map(|(h, _)| h.rank).collect();
                 let missing: Vec<u32> = (1..world).filter(|r| !have.contains(r)).collect();
-                return Err(Error::Timeout(format!(
+                let err = Error::Timeout(format!(
                     "rendezvous: ranks {missing:?} did not register within the rendezvous timeout{}",
-                    if lane.is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
-                )));
+                    if leader_lane(&got, &lanes).is_none() { " (the mesh leader's envelope lane never arrived)" } else { "" }
+                ));
+                // The ranks that did register hear who is missing, instead of a closed
+                // connection they could only blame on a token or on rank 0.
+                let notice = FailedNotice {
+                    origin: 0,
+                    code: err.exit_code().code(),
+                    name: err.exit_code().name().into(),
+                    message: err.to_string(),
+                };
+                if let Ok(body) = serde_json::to_vec(&notice) {
+                    for (_, s) in got.iter_mut() {
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                        let _ = write_frame(s, FrameKind::Failed, &[&body]);
+                    }
+                }
+                return Err(err);
             }
         }
     }
@@ -477,6 +580,7 @@ fn rendezvous_host(listener: TcpListener, env: &RankEnv, deadline: Instant) -> R
         }
     }
     got.sort_by_key(|(h, _)| h.rank);
+    let lane = leader_lane(&got, &lanes).map(|i| lanes.swap_remove(i).1);
     Ok((got, lane))
 }
 

@@ -16,6 +16,10 @@ pub struct RankEnv {
     pub master_port: u16,
     pub token: String,
     pub dump_dir: PathBuf,
+    /// torchrun's agent serves its TCPStore on `MASTER_ADDR:MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`): rank 0 publishes its own rendezvous address there
+    /// under this key instead of binding `MASTER_PORT` (`crate::torchrun`).
+    pub agent_store_key: Option<String>,
 }
 
 fn env_var(name: &str) -> Result<String> {
@@ -38,9 +42,24 @@ impl RankEnv {
                 "RANK={rank} WORLD_SIZE={world_size}: need WORLD_SIZE >= 2 (rank 0 + a mesh) and RANK < WORLD_SIZE"
             )));
         }
+        let master_addr = env_var("MASTER_ADDR")?;
+        let master_port = match env_parse::<u16>("MASTER_PORT")? {
+            // Port 0 would bind an arbitrary port no peer can know: it cannot rendezvous.
+            0 => {
+                return Err(Error::BadInput(
+                    "MASTER_PORT=0: the rendezvous needs a fixed port every rank knows".into(),
+                ))
+            }
+            p => p,
+        };
+        let restart = crate::torchrun::restart_count();
         let token = match (std::env::var("LOCKSTEP_JOB_TOKEN"), std::env::var("TORCHELASTIC_RUN_ID")) {
             (Ok(t), _) if !t.is_empty() => t,
-            (_, Ok(t)) if !t.is_empty() => format!("torchelastic-{t}"),
+            // Static rendezvous sets the run id to `none` for every job: the store's address and
+            // the attempt make it this job's (`torchrun::job_token`).
+            (_, Ok(t)) if !t.is_empty() => {
+                crate::torchrun::job_token(&t, &master_addr, master_port, restart)
+            }
             _ => {
                 return Err(Error::BadInput(
                     "LOCKSTEP_JOB_TOKEN is not set (the same secret on every rank; `lockstep launch` sets it)".into(),
@@ -48,6 +67,8 @@ impl RankEnv {
             }
         };
         let job = job_id(&token);
+        let agent_store_key = crate::torchrun::agent_store_in_use()
+            .then(|| crate::torchrun::rendezvous_key(&job, restart));
         let dump_dir = std::env::var_os("LOCKSTEP_DUMP_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("lockstep-dumps").join(job));
@@ -58,18 +79,11 @@ impl RankEnv {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(rank),
-            master_addr: env_var("MASTER_ADDR")?,
-            master_port: match env_parse::<u16>("MASTER_PORT")? {
-                // Port 0 would bind an arbitrary port no peer can know: it cannot rendezvous.
-                0 => {
-                    return Err(Error::BadInput(
-                        "MASTER_PORT=0: the rendezvous needs a fixed port every rank knows".into(),
-                    ))
-                }
-                p => p,
-            },
+            master_addr,
+            master_port,
             token,
             dump_dir,
+            agent_store_key,
         })
     }
 }

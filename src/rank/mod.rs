@@ -4,9 +4,11 @@
 //!
 //! Contract:
 //! - The environment follows torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-//!   `MASTER_PORT`) plus `LOCKSTEP_JOB_TOKEN` (falls back to torchrun's `TORCHELASTIC_RUN_ID`),
-//!   `LOCKSTEP_DUMP_DIR`, `LOCKSTEP_WATCHDOG_MS`, `LOCKSTEP_DEBUG_COLLECTIVES`, `LOCKSTEP_FAULT`.
-//! - Rank 0 hosts the rendezvous. A connection without the job token, with garbage or truncated
+//!   `MASTER_PORT`) plus `LOCKSTEP_JOB_TOKEN` (falls back to torchrun's `TORCHELASTIC_RUN_ID`
+//!   with the store address and attempt, `crate::torchrun::job_token`), `LOCKSTEP_DUMP_DIR`,
+//!   `LOCKSTEP_WATCHDOG_MS`, `LOCKSTEP_DEBUG_COLLECTIVES`, `LOCKSTEP_FAULT`.
+//! - Rank 0 hosts the rendezvous (on `MASTER_PORT`, or, under torchrun's agent store, on an
+//!   ephemeral port it publishes through that store: `crate::torchrun`). A connection without the job token, with garbage or truncated
 //!   bytes, or from a duplicate rank is refused and logged; the job goes on. Every wait in
 //!   bootstrap is bounded by the rendezvous timeout.
 //! - Parity runs on the control plane **before** any communicator exists: a mismatch ends every

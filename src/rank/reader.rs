@@ -34,6 +34,8 @@ pub(super) fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
     let max = 1u32 << 20;
     let mut bye = false;
     let lost = |what: String| -> ! {
+        // Known now, before the bounded wait below: a SIGTERM arriving meanwhile names it.
+        watchdog::note_peer_event(&format!("global-rank {} {what}", ctx.from));
         if let Some(lane) = ctx.lane.as_ref() {
             // The envelope lane may still hold a header this rank has not read, or the receiving
             // thread may be between reading one and posting its payload's receives: give it a
@@ -86,6 +88,19 @@ pub(super) fn reader_loop(mut s: TcpStream, ctx: ReaderCtx) {
                     Ok(n) => n,
                     Err(e) => watchdog::crash(&e, true),
                 };
+                let signalled = n.code == crate::exit::ExitCode::Signal.code();
+                if let (true, Some(first)) = (signalled, watchdog::first_peer_event()) {
+                    // A launcher SIGTERMs every survivor right after a rank died: a peer that
+                    // ended on that signal is not the cause when this rank already saw a peer
+                    // die. The death is the diagnosis (and the notice relayed is ours).
+                    watchdog::crash(
+                        &Error::PeerLost(format!(
+                            "{first} (then global-rank {} ended on a signal)",
+                            n.origin
+                        )),
+                        ctx.me == 0,
+                    );
+                }
                 let err = Error::PeerFailed(format!(
                     "global-rank {} failed with exit {} ({}): {}",
                     n.origin, n.code, n.name, n.message
