@@ -1,4 +1,4 @@
-//! `lockstep launch -n N -- CMD…`: the local launcher (SPEC §8).
+//! `lockstep launch -n N -- CMD…`: the local launcher (docs/spec.md §8).
 //!
 //! Contract:
 //! - Spawns N ranks of CMD with the torchrun environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,

@@ -159,7 +159,7 @@ impl<D: DataPlane> Group<D> {
         }
         if !op.allowed_on(self.spec.role) {
             return Err(Error::Invariant(format!(
-                "wrong-group collective: refusing {} on group `{}` before the call: TP collectives run only on `mesh` (SPEC §1)",
+                "wrong-group collective: refusing {} on group `{}` before the call: TP collectives run only on `mesh` (docs/spec.md §1)",
                 op.name(),
                 self.spec.name
             )));

@@ -13,14 +13,14 @@
 //!   bootstrap is bounded by the rendezvous timeout.
 //! - Parity runs on the control plane **before** any communicator exists: a mismatch ends every
 //!   rank with `ParityMismatch` and the per-field diff (B3, G1).
-//! - Mesh-side acceptance (SPEC §4): `call_id == last + 1` is accepted; an exact duplicate (same
+//! - Mesh-side acceptance (docs/spec.md §4): `call_id == last + 1` is accepted; an exact duplicate (same
 //!   call_id, cache_epoch and meta digest) is **dropped** after its payload is drained (the
 //!   header is a commitment), and counted; a regression, a gap, or a reused call_id with other
 //!   content is an invariant violation naming both values. `chunk_index` strictly increases
 //!   across INFERs; `cache_epoch` never decreases.
 //! - Control-connection loss without a goodbye is `PeerLost` at once (C1); a peer's failure
 //!   notice makes every rank dump and exit `PeerFailed`.
-//! - `pp` payloads never cross (SPEC §8; `docs/manual/02-deadlock-patterns.md`): rank 0 sends
+//! - `pp` payloads never cross (docs/spec.md §8; `docs/manual/02-deadlock-patterns.md`): rank 0 sends
 //!   its INFER payloads at will, but the mesh leader sends a RESULT payload only after rank 0's
 //!   `ClearToSend` for that call_id, which rank 0 writes from its receive path right before it
 //!   posts the matching receives. Envelopes that arrive while the leader waits for the CTS are
