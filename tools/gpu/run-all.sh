@@ -6,6 +6,8 @@ set -uo pipefail
 stage="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$PWD/out}"; mkdir -p "$out"
 export LOCKSTEP_REQUIRE_GPU=1 LOCKSTEP_BIN="$stage/lockstep" NCCL_NVLS_ENABLE=0 LOCKSTEP_NCCL_PATH="${LOCKSTEP_NCCL_PATH:-}"
+# PyTorch is on the GPU hosts: tests/torchrun runs its real-torchrun cases against it.
+if command -v torchrun >/dev/null; then export LOCKSTEP_TORCHRUN="$(command -v torchrun)"; fi
 filter="${1:-}"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; "$stage/lockstep" doctor; } 2>&1 | tee "$out/doctor.log"
 rc=0
