@@ -175,9 +175,10 @@ impl Generator for DitGenerator {
     }
 }
 
-/// The DiT on one GPU (`model::gpu`), TP=1. Its K/V live on the device; the host `KvCache` it
-/// asks for holds only the ledger, which says for each call where the chunk's K/V go and which
-/// slots attention reads (`KvAccess::from_ledger`). Latents cross the host as f32 (upload
+/// The DiT on a GPU (`model::gpu`): this rank's TP shard; its all-reduces go through the call's
+/// `TpComm`. Its K/V live on the device; the host `KvCache` it asks for holds only the ledger,
+/// which says for each call where the chunk's K/V go and which slots attention reads
+/// (`KvAccess::from_ledger`). Latents cross the host as f32 through pinned buffers (upload
 /// before, download after each call).
 pub struct GpuGenerator {
     model: crate::model::gpu::GpuDit,
