@@ -234,3 +234,58 @@ fn a_sigkilled_mesh_rank_mid_stream_is_named_the_culprit_for_leader_and_member()
         assert_named(&o, victim, "KILL", &case);
     }
 }
+
+/// A rank that never shows up: rank 0's rendezvous times out (71) naming it, and the rank that
+/// did register hears that from rank 0 and exits 77 (peer-failed) with the same words, instead
+/// of blaming a token or rank 0.
+#[test]
+fn ranks_that_registered_hear_which_ranks_never_did() {
+    let _serial = common::serial();
+    let port = common::free_port().to_string();
+    let dumps = tmp("never-registered");
+    let spawn = |r: &str| {
+        let mut c = std::process::Command::new(common::lockstep_bin());
+        c.args(["run", "--quiet", "--chunks", "1", "--tp", "2"])
+            .args(["--generator", "calibrated"])
+            .env_remove("LOCKSTEP_FAULT")
+            .envs([
+                ("RANK", r),
+                ("LOCAL_RANK", r),
+                ("WORLD_SIZE", "3"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+                ("LOCKSTEP_JOB_TOKEN", "never-registered"),
+                ("LOCKSTEP_RENDEZVOUS_MS", "800"),
+            ])
+            .env("LOCKSTEP_DUMP_DIR", &dumps)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn lockstep")
+    };
+    // Global-rank 2 is never started.
+    let mut ranks = [("0", spawn("0")), ("1", spawn("1"))];
+    let mut seen = Vec::new();
+    for (r, c) in ranks.iter_mut() {
+        let code = common::wait_bounded(c, std::time::Duration::from_secs(20));
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        seen.push((r.to_string(), code, err));
+    }
+    let (_, code0, err0) = &seen[0];
+    assert_eq!(*code0, 71, "rank 0: {err0}");
+    assert!(
+        err0.contains("ranks [2] did not register"),
+        "rank 0: {err0}"
+    );
+    let (_, code1, err1) = &seen[1];
+    assert_eq!(*code1, 77, "rank 1: {err1}");
+    assert!(
+        err1.contains("peer-failed") && err1.contains("ranks [2] did not register"),
+        "rank 1: {err1}"
+    );
+    assert!(!err1.contains("wrong job token"), "rank 1: {err1}");
+    let _ = std::fs::remove_dir_all(&dumps);
+}
