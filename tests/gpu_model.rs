@@ -212,29 +212,9 @@ fn gpu_tp2_on_one_gpu_matches_tp1_over_a_wrapping_stream() {
     .unwrap();
     let (worst1, outs1) = replay(&mut one, &trace, "TP=1");
     drop(one);
-    // TP=2: both group ranks on this GPU, each on its own thread and stream.
-    let comms = ThreadComm::group(2, std::time::Duration::from_secs(60));
-    let results: Vec<(f64, Vec<Vec<f32>>)> = std::thread::scope(|sc| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(r, mut comm)| {
-                let gpu = gpu.clone();
-                let (cfg, trace) = (&cfg, &trace);
-                sc.spawn(move || {
-                    let shard = DitShard::random(cfg, 3, r as u32, 2).unwrap();
-                    let mut m = GpuDit::from_shard(gpu, shard, variant()).unwrap();
-                    assert_eq!(m.tp(), (r, 2));
-                    // Graphs asked for: a TP=2 call crosses the host, so none are captured.
-                    m.set_cuda_graphs(true);
-                    let r = replay_tp(&mut m, &mut comm, trace, &format!("TP=2 rank {r}"));
-                    assert_eq!(m.captured_graphs(), None);
-                    r
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // TP=2: both group ranks on this GPU, each on its own thread and stream; sums staged
+    // through pinned host memory by the model (a host group).
+    let results = tp2_on_one_gpu(&gpu, &cfg, &trace, false);
     let mut worst_vs_tp1 = 0f64;
     for (i, ((o0, o1), base)) in results[0]
         .1
@@ -258,4 +238,137 @@ fn gpu_tp2_on_one_gpu_matches_tp1_over_a_wrapping_stream() {
          TP=1 {worst1:.3e} (tol {TOL})",
         results[0].0
     );
+    // The same group through the model's device path (what NCCL serves on two GPUs): the sums
+    // are handed to the group as device buffers on the model's stream. Same arithmetic (bf16
+    // operands summed in f32, rounded once), so bitwise the outputs of the staged path.
+    let device = tp2_on_one_gpu(&gpu, &cfg, &trace, true);
+    for (i, (d, h)) in device[0].1.iter().zip(&results[0].1).enumerate() {
+        assert!(
+            d == h,
+            "call {i}: device-path TP=2 differs from the staged TP=2"
+        );
+    }
+    println!(
+        "{test}: device path: {} calls bitwise equal to the staged path",
+        device[0].1.len()
+    );
+}
+
+/// A host group that claims a device path, as a GPU data plane does: the model hands it its
+/// device buffers (`device_all_reduce_*` on the model's stream) instead of staging them. Here
+/// the sum itself still crosses the host (two ranks share one GPU, which NCCL refuses), but
+/// every call site of the model's device path runs, in the same order on both ranks.
+struct DevicePathComm {
+    inner: ThreadComm,
+    device_sums: usize,
+    settled: usize,
+}
+
+impl DevicePathComm {
+    fn sum_on_host<T: Copy + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, T>,
+        to: impl Fn(T) -> f32,
+        from: impl Fn(f32) -> T,
+    ) -> lockstep::Result<()> {
+        let map = |e: cudarc::driver::DriverError| lockstep::Error::Cuda(e.to_string());
+        let mut host = vec![from(0.0); buf.len()];
+        stream.memcpy_dtoh(buf, &mut host).map_err(map)?;
+        stream.synchronize().map_err(map)?;
+        let mut v: Vec<f32> = host.iter().map(|x| to(*x)).collect();
+        self.inner.all_reduce_sum(&mut v)?;
+        let back: Vec<T> = v.into_iter().map(from).collect();
+        stream.memcpy_htod(&back, buf).map_err(map)?;
+        self.device_sums += 1;
+        Ok(())
+    }
+}
+
+impl TpComm for DevicePathComm {
+    fn rank(&self) -> lockstep::ids::GroupRank {
+        self.inner.rank()
+    }
+    fn size(&self) -> u32 {
+        self.inner.size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> lockstep::Result<()> {
+        self.inner.all_reduce_sum(buf)
+    }
+    fn all_gather_u64(&mut self, local: &[u64]) -> lockstep::Result<Vec<Vec<u64>>> {
+        self.inner.all_gather_u64(local)
+    }
+    fn has_device_path(&self) -> bool {
+        true
+    }
+    fn device_all_reduce_bf16(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
+    ) -> lockstep::Result<()> {
+        self.sum_on_host(stream, buf, |x| x.to_f32(), half::bf16::from_f32)
+    }
+    fn device_all_reduce_f32(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> lockstep::Result<()> {
+        self.sum_on_host(stream, buf, |x| x, |x| x)
+    }
+    fn settle_device_ops(&mut self) {
+        self.settled += 1;
+    }
+}
+
+/// Both ranks of a TP=2 group on this GPU, each on its own thread, model and stream; with
+/// `device_path`, through `DevicePathComm` (asserting the model used only the device path).
+fn tp2_on_one_gpu(
+    gpu: &Arc<Gpu>,
+    cfg: &DitConfig,
+    trace: &StreamTrace,
+    device_path: bool,
+) -> Vec<(f64, Vec<Vec<f32>>)> {
+    let comms = ThreadComm::group(2, std::time::Duration::from_secs(60));
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let gpu = gpu.clone();
+                sc.spawn(move || {
+                    let shard = DitShard::random(cfg, 3, r as u32, 2).unwrap();
+                    let mut m = GpuDit::from_shard(gpu, shard, variant()).unwrap();
+                    assert_eq!(m.tp(), (r, 2));
+                    // Graphs asked for: TP=2 calls run eagerly, so none are captured.
+                    m.set_cuda_graphs(true);
+                    let label = format!(
+                        "TP=2 rank {r}{}",
+                        if device_path { " (device path)" } else { "" }
+                    );
+                    if !device_path {
+                        let mut comm = comm;
+                        let out = replay_tp(&mut m, &mut comm, trace, &label);
+                        assert_eq!(m.captured_graphs(), None);
+                        return out;
+                    }
+                    let mut comm = DevicePathComm {
+                        inner: comm,
+                        device_sums: 0,
+                        settled: 0,
+                    };
+                    let out = replay_tp(&mut m, &mut comm, trace, &label);
+                    // Every sum went through the device path: per layer the q/k norm, the
+                    // attention output, the cross-attention q norm and output, the FFN output
+                    // per call (5), and per prompt 1 per layer (text-K norm).
+                    let layers = cfg.layers;
+                    let want = trace.calls.len() * 5 * layers + layers;
+                    assert_eq!(comm.device_sums, want, "device-path sums on rank {r}");
+                    assert_eq!(comm.settled, trace.calls.len(), "settled calls on rank {r}");
+                    assert_eq!(m.captured_graphs(), None);
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }

@@ -95,7 +95,7 @@ fn opts(name: &str, blocking: bool) -> CommOptions {
 
 fn smoke_child(rank: u32, uid: &UniqueId) {
     const N: usize = 1 << 16;
-    let gpu = Gpu::open(rank as usize).expect("open GPU");
+    let gpu = Gpu::open_for_plane(rank as usize).expect("open GPU");
     let t0 = Instant::now();
     let comm = Communicator::init(&gpu, uid, 2, GroupRank(rank), &opts("smoke", false))
         .expect("non-blocking init");
@@ -173,7 +173,7 @@ fn kill_child(role: &str, uid: &UniqueId) {
         .expect("role kill:<victim|waiter>:<blocking|nonblocking>");
     let blocking = mode == "blocking";
     let rank = if who == "victim" { 0 } else { 1 };
-    let gpu = Gpu::open(rank as usize).expect("open GPU");
+    let gpu = Gpu::open_for_plane(rank as usize).expect("open GPU");
     let comm =
         Communicator::init(&gpu, uid, 2, GroupRank(rank), &opts("kill", blocking)).expect("init");
     let mut buf = gpu.alloc(4096).expect("alloc");
@@ -308,7 +308,7 @@ fn init_child(role: &str, uid: &UniqueId) {
         ),
         _ => panic!("role init:<gpu>:<rank>:<mode>:<timeout_s>"),
     };
-    let gpu = Gpu::open(gpu_ix).expect("open GPU");
+    let gpu = Gpu::open_for_plane(gpu_ix).expect("open GPU");
     let o = CommOptions {
         name: "init-test".into(),
         blocking,
@@ -436,7 +436,7 @@ fn three_child(rank: u32) {
         .collect();
     let (pp, mesh) = (&uids[0], &uids[1]);
     // rank 0 -> GPU 0, rank 1 -> GPU 1, rank 2 -> GPU 0 (shares GPU 0 with rank 0, never a comm).
-    let gpu = Gpu::open(if rank == 1 { 1 } else { 0 }).expect("open GPU");
+    let gpu = Gpu::open_for_plane(if rank == 1 { 1 } else { 0 }).expect("open GPU");
     let done = gpu
         .completion(CompletionKind::HostFlag)
         .expect("completion");

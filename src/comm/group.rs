@@ -84,6 +84,8 @@ pub struct Group<D: DataPlane> {
     p2p_seq: std::sync::Mutex<std::collections::HashMap<(bool, u32), u64>>,
     recorder: Arc<Recorder>,
     debug: bool,
+    /// Flight-recorder ids of device ops enqueued on a model's stream, not yet seen passed.
+    device_in_flight: std::sync::Mutex<Vec<u64>>,
 }
 
 impl<D: DataPlane> Group<D> {
@@ -107,6 +109,7 @@ impl<D: DataPlane> Group<D> {
             p2p_seq: std::sync::Mutex::new(std::collections::HashMap::new()),
             recorder,
             debug,
+            device_in_flight: std::sync::Mutex::new(Vec::new()),
         }
     }
     pub fn spec(&self) -> &GroupSpec {
@@ -204,6 +207,21 @@ impl<D: DataPlane> Group<D> {
         bytes: u64,
         call: impl FnOnce(&D, &D::Comm) -> Result<D::Pending>,
     ) -> Result<Ticket<D>> {
+        let (pending, rec_id) = self.issue_with(op, other, dtype, shape, bytes, call)?;
+        Ok(Ticket { pending, rec_id })
+    }
+
+    /// `issue` for any kind of result: guard, number, record, call; returns the call's result
+    /// and the record's id.
+    fn issue_with<R>(
+        &self,
+        op: OpKind,
+        other: Option<GroupRank>,
+        dtype: DType,
+        shape: &[u64],
+        bytes: u64,
+        call: impl FnOnce(&D, &D::Comm) -> Result<R>,
+    ) -> Result<(R, u64)> {
         self.guard(op, other)?;
         let comm = self.comm(op)?;
         let other_global = other.and_then(|r| self.spec.global_rank_of(r)).map(|g| g.0);
@@ -245,7 +263,7 @@ impl<D: DataPlane> Group<D> {
             self.recorder.enqueue_started(desc)
         };
         match call(&self.plane, comm) {
-            Ok(pending) => Ok(Ticket { pending, rec_id }),
+            Ok(r) => Ok((r, rec_id)),
             Err(e) => {
                 self.recorder.fail(rec_id, &e.to_string());
                 Err(e)
@@ -396,6 +414,72 @@ impl<D: DataPlane> Group<D> {
             p.all_gather(c, send, recv)
         })
     }
+    /// Whether this group can sum a model's own device buffers (`device_all_reduce`): a GPU
+    /// data plane (NCCL) and a member rank.
+    pub fn has_device_path(&self) -> bool {
+        self.comm
+            .as_ref()
+            .is_some_and(|c| self.plane.device_group(c).is_some())
+    }
+
+    /// This rank's GPU as the data plane opened it (NCCL), for the model to share: one context,
+    /// one set of kernels per rank. `None` on host planes.
+    pub fn device_gpu(&self) -> Option<Arc<crate::cuda::Gpu>> {
+        let c = self.comm.as_ref()?;
+        self.plane.device_group(c).map(|g| g.gpu.clone())
+    }
+
+    /// In-place sum of a model's device buffer over the group, enqueued on the model's `stream`
+    /// after the kernels that wrote it (no host crossing, no copy): guarded and recorded in the
+    /// flight recorder as every collective (numbered in the group's sequence, the same on every
+    /// member). The record stays in flight until `settle_device_ops` — called once the stream
+    /// passed the op (the caller observed an output computed after it) — so a dump taken while
+    /// the stream is stuck in it names it. Fails on a plane without a device path.
+    pub fn device_all_reduce<T: crate::comm::nccl::ReduceElem>(
+        &self,
+        stream: &cudarc::driver::CudaStream,
+        buf: &mut cudarc::driver::CudaViewMut<'_, T>,
+        shape: &[u64],
+        deadline: Instant,
+    ) -> Result<()> {
+        let dtype = match T::DTYPE {
+            crate::comm::nccl::ReduceDtype::F32 => DType::F32,
+            crate::comm::nccl::ReduceDtype::Bf16 => DType::Bf16,
+            _ => DType::F16,
+        };
+        let bytes = (buf.len() * std::mem::size_of::<T>()) as u64;
+        let ((), id) = self.issue_with(OpKind::AllReduce, None, dtype, shape, bytes, |p, c| {
+            let g = p.device_group(c).ok_or_else(|| {
+                Error::Invariant(format!(
+                    "group {}: the {} data plane has no device path",
+                    self.spec.name,
+                    p.name()
+                ))
+            })?;
+            g.comm.all_reduce_sum_on(g.gpu, stream, buf, deadline)
+        })?;
+        // The op is enqueued, not finished: its record stays in flight (see the doc).
+        self.device_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+        Ok(())
+    }
+
+    /// Marks every device op recorded since the last call completed (the caller saw the stream
+    /// pass them).
+    pub fn settle_device_ops(&self) {
+        let ids = std::mem::take(
+            &mut *self
+                .device_in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for id in ids {
+            self.recorder.complete(id);
+        }
+    }
+
     /// Whether debug mode fingerprints each collective. Its fingerprint all-gather must complete
     /// before the op is issued, so collectives cannot be batched in one group then.
     pub fn debug_collectives(&self) -> bool {

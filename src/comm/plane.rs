@@ -114,6 +114,16 @@ pub trait DataPlane: Send + Sync + Sized + 'static {
         self.alloc(bytes)
     }
     fn buffer_len(&self, buf: &Self::Buffer) -> usize;
+    /// The plane's communicator for a model's own device buffers (NCCL: the group's
+    /// `Communicator` and this rank's GPU), so that the GPU model sums its partials on its own
+    /// stream with no host crossing. `None` (the default, host planes): the model stages its
+    /// sums through the host and the plane's ordinary collectives.
+    fn device_group<'a>(
+        &'a self,
+        _comm: &'a Self::Comm,
+    ) -> Option<crate::comm::nccl::DeviceGroup<'a>> {
+        None
+    }
 
     fn send(&self, comm: &Self::Comm, buf: Self::Buffer, peer: GroupRank) -> Result<Self::Pending>;
     fn recv(&self, comm: &Self::Comm, buf: Self::Buffer, peer: GroupRank) -> Result<Self::Pending>;

@@ -72,20 +72,37 @@ pub struct LaunchCfg {
     pub smem_bytes: u32,
 }
 
-/// One GPU with every embedded kernel loaded.
+/// One GPU: its primary context, this value's stream (where a data plane's NCCL ops and its
+/// buffers' copies run), and the embedded kernels. The one device type of the crate: the model,
+/// the kernels and the NCCL layer all take it (`cuda::device` has its buffers and completions).
 pub struct Gpu {
     ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
     modules: Vec<Arc<Module>>,
     kernels: Mutex<HashMap<&'static str, Kernel>>,
     name: String,
+    /// Why no kernels were loaded (`open_plain` on a build or GPU without them).
+    no_kernels: Option<String>,
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` and loads every embedded cubin.
+    /// Opens GPU `ordinal` for kernel launches: fails with `Error::NoKernels` when the build
+    /// embeds none, `BadInput` when the GPU is not the cubins' architecture.
     pub fn open(ordinal: usize) -> Result<Gpu> {
         if !embedded::has_kernels() {
             return Err(Error::NoKernels("opening a GPU for kernel launches".into()));
         }
+        let gpu = Self::open_plain(ordinal)?;
+        match &gpu.no_kernels {
+            None => Ok(gpu),
+            Some(why) => Err(Error::BadInput(why.clone())),
+        }
+    }
+
+    /// Opens GPU `ordinal` whatever the build embeds (a data plane needs no kernels); the
+    /// embedded cubins are loaded when they match the GPU, and `kernel` says why not otherwise.
+    pub fn open_plain(ordinal: usize) -> Result<Gpu> {
         let info = probe::driver_info()?;
         let Some(g) = info.gpus.get(ordinal) else {
             return Err(Error::BadInput(format!(
@@ -93,21 +110,33 @@ impl Gpu {
                 info.gpus.len()
             )));
         };
-        if g.compute_capability != (9, 0) {
-            return Err(Error::BadInput(format!(
+        let no_kernels = if !embedded::has_kernels() {
+            Some("this build embeds no kernels".to_string())
+        } else if g.compute_capability != (9, 0) {
+            Some(format!(
                 "GPU {ordinal} ({}) has compute capability {}.{}; the embedded cubins are {}",
                 g.name,
                 g.compute_capability.0,
                 g.compute_capability.1,
                 embedded::KERNEL_ARCH
-            )));
-        }
+            ))
+        } else {
+            None
+        };
         let name = g.name.clone();
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuCtx (primary) retain", e))?;
         ctx.bind_to_thread()
             .map_err(|e| cuda_err("bind context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("cuStreamCreate", e))?;
         let mut modules = Vec::new();
-        for (file, bytes) in embedded::CUBINS {
+        let cubins: &[(&'static str, &'static [u8])] = if no_kernels.is_none() {
+            embedded::CUBINS
+        } else {
+            &[]
+        };
+        for (file, bytes) in cubins {
             // cuModuleLoadData reads the image header for its size; copy it into an aligned,
             // owned buffer so the driver never reads an unaligned static.
             let image: Vec<u64> = bytes
@@ -129,10 +158,58 @@ impl Gpu {
         }
         Ok(Gpu {
             ctx,
+            stream,
+            ordinal,
             modules,
             kernels: Mutex::new(HashMap::new()),
             name,
+            no_kernels,
         })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// This value's stream: a data plane's NCCL ops, its copies and its completions run here.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The raw stream handle NCCL takes (`cudaStream_t` and `CUstream` are the same pointer).
+    pub fn raw_stream(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+
+    /// Makes this GPU's context current on the calling thread (NCCL reads the current device).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("cuCtxSetCurrent", e))
+    }
+
+    /// Opens GPU `ordinal` for a data plane (`open_plain`, then cudarc's per-slice event
+    /// tracking off for the context): every buffer the plane makes is used on this value's one
+    /// stream, and the model on the same GPU allocates untracked and hands buffers across
+    /// streams behind explicit events, so stream order is the synchronization (and the tracking
+    /// would cost a `cuEventRecord` per buffer use, and cannot be waited on inside a capture).
+    pub fn open_for_plane(ordinal: usize) -> Result<Gpu> {
+        let gpu = Self::open_plain(ordinal)?;
+        // SAFETY: see above: this crate's users of the context order buffers by stream.
+        unsafe { gpu.stream_ordered() };
+        Ok(gpu)
+    }
+
+    /// Turns cudarc's per-slice event tracking off for this context (the process's primary
+    /// context of this GPU).
+    ///
+    /// # Safety
+    /// Every buffer of the process on this GPU must then be ordered by its streams alone: used
+    /// on one stream, or handed between streams behind an explicit event (the data plane's ops
+    /// run on `stream()`, the model's on its own stream with its own events).
+    pub unsafe fn stream_ordered(&self) {
+        // SAFETY: the caller's contract above.
+        unsafe { self.ctx.disable_event_tracking() };
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -157,6 +234,9 @@ impl Gpu {
 
     /// Kernel `func` from `kernels/<file>.cu`, looked up once and cached.
     pub fn kernel(&self, file: &'static str, func: &'static str) -> Result<Kernel> {
+        if let Some(why) = &self.no_kernels {
+            return Err(Error::NoKernels(format!("kernel {file}.cu: {func}: {why}")));
+        }
         let mut map = self
             .kernels
             .lock()

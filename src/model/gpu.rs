@@ -455,6 +455,9 @@ impl GraphKey {
 struct Reducer<'a> {
     comm: &'a mut dyn TpComm,
     bufs: Option<&'a mut TpBuffers>,
+    /// The model's stream: device-path sums are enqueued here, after the kernels that wrote
+    /// their operands.
+    stream: Arc<CudaStream>,
 }
 
 /// One distributed RMSNorm operand: input, weight (this rank's part), output.
@@ -487,11 +490,13 @@ impl Reducer<'_> {
             let mut part = b.sumsq.slice_mut(i * rows..(i + 1) * rows);
             dit_ops::rms_sum_squares(gpu, st, shape, *x, &mut part)?;
         }
-        b.staging.all_reduce_f32(
-            &mut *self.comm,
-            &mut b.sumsq.slice_mut(..N * rows),
-            "RMSNorm sums of squares",
-        )?;
+        let mut sums = b.sumsq.slice_mut(..N * rows);
+        if self.comm.has_device_path() {
+            self.comm.device_all_reduce_f32(st, &mut sums)?;
+        } else {
+            b.staging
+                .all_reduce_f32(&mut *self.comm, &mut sums, "RMSNorm sums of squares")?;
+        }
         for (i, (x, w, out)) in items.into_iter().enumerate() {
             let ss = b.sumsq.slice(i * rows..(i + 1) * rows);
             dit_ops::rms_norm(gpu, st, shape, x, w, Some((&ss, total_dim)), eps, out)?;
@@ -499,10 +504,14 @@ impl Reducer<'_> {
         Ok(())
     }
 
-    /// Sums a row-parallel output over the group (identity at TP = 1).
+    /// Sums a row-parallel output over the group (identity at TP = 1): on the model's stream
+    /// through the group's device path (NCCL, in place), else staged through pinned host memory.
     fn all_reduce(&mut self, buf: &mut CudaViewMut<'_, bf16>, what: &str) -> Result<()> {
         match self.bufs.as_mut() {
             None => Ok(()),
+            Some(_) if self.comm.has_device_path() => {
+                self.comm.device_all_reduce_bf16(&self.stream, buf)
+            }
             Some(b) => b.staging.all_reduce_bf16(&mut *self.comm, buf, what),
         }
     }
@@ -775,6 +784,7 @@ impl GpuDit {
             let mut red = Reducer {
                 comm: &mut *comm,
                 bufs: self.reduce.as_mut(),
+                stream: st.clone(),
             };
             red.rms_norm(
                 &self.gpu,
@@ -979,6 +989,7 @@ impl GpuDit {
         let mut red = Reducer {
             comm,
             bufs: self.reduce.as_mut(),
+            stream: self.stream.clone(),
         };
         let frame_elems = tpf * fe_tok;
         let lk_range = kv.attend.start as usize..kv.attend.end as usize;
@@ -1289,7 +1300,10 @@ impl GpuDit {
         self.pinned_out.download(&out, "generator output")?;
         // Waits for this call's download (its event), not for the device.
         let host = self.pinned_out.host("generator output")?;
-        Ok(host[..n].iter().map(|v| v.to_f32()).collect())
+        let out = host[..n].iter().map(|v| v.to_f32()).collect();
+        // The stream passed this call's device-path sums (if any): their records complete.
+        comm.settle_device_ops();
+        Ok(out)
     }
 }
 

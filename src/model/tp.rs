@@ -24,6 +24,36 @@ pub trait TpComm: Send {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Every rank's `local` (all the same length), indexed by group rank.
     fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>>;
+    /// Whether the group sums a model's own device buffers (a GPU data plane: NCCL): the GPU
+    /// model then calls `device_all_reduce_*` on its stream instead of staging its partial sums
+    /// through the host. Host groups (the default) say no.
+    fn has_device_path(&self) -> bool {
+        false
+    }
+    /// In-place sum over the group of a bf16 device buffer, enqueued on `stream` (only when
+    /// `has_device_path`).
+    fn device_all_reduce_bf16(
+        &mut self,
+        _stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        _buf: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
+    ) -> Result<()> {
+        Err(Error::Invariant(
+            "device all-reduce on a group without a device path".into(),
+        ))
+    }
+    /// In-place sum over the group of an f32 device buffer, enqueued on `stream`.
+    fn device_all_reduce_f32(
+        &mut self,
+        _stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        _buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        Err(Error::Invariant(
+            "device all-reduce on a group without a device path".into(),
+        ))
+    }
+    /// The caller saw its stream pass every device op issued so far (it read an output computed
+    /// after them): their flight-recorder records are completed.
+    fn settle_device_ops(&mut self) {}
 }
 
 /// TP = 1: every collective is the identity.

@@ -354,6 +354,32 @@ impl<D: DataPlane> TpComm for MeshComm<'_, D> {
         buf.copy_from_slice(&out);
         Ok(())
     }
+    fn has_device_path(&self) -> bool {
+        self.rank.mesh().has_device_path()
+    }
+    fn device_all_reduce_bf16(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
+    ) -> Result<()> {
+        let shape = [buf.len() as u64];
+        self.rank
+            .mesh()
+            .device_all_reduce(stream, buf, &shape, self.rank.deadline())
+    }
+    fn device_all_reduce_f32(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let shape = [buf.len() as u64];
+        self.rank
+            .mesh()
+            .device_all_reduce(stream, buf, &shape, self.rank.deadline())
+    }
+    fn settle_device_ops(&mut self) {
+        self.rank.mesh().settle_device_ops();
+    }
     fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>> {
         let mesh = self.rank.mesh();
         let plane = mesh.plane();
@@ -591,8 +617,15 @@ fn run_rank<D: DataPlane>(
         GeneratorKind::Gpu => {
             // The rank's GPU by the NCCL plane's rule (`LOCKSTEP_GPU`, else LOCAL_RANK mod
             // #GPUs); on one GPU rank 0 and the mesh share it (rank 0 computes nothing there).
-            let ordinal = crate::cuda::probe::rank_gpu_ordinal(rank.env().local_rank)?;
-            let gpu = std::sync::Arc::new(crate::cuda::context::Gpu::open(ordinal)?);
+            // On a GPU data plane the model shares the plane's `Gpu` (one context, one set of
+            // kernels; its TP sums run on NCCL in place, `TpComm::has_device_path`).
+            let gpu = match rank.mesh().device_gpu() {
+                Some(g) => g,
+                None => {
+                    let ordinal = crate::cuda::probe::rank_gpu_ordinal(rank.env().local_rank)?;
+                    std::sync::Arc::new(crate::cuda::context::Gpu::open(ordinal)?)
+                }
+            };
             let shard = match &s.weights {
                 Some(f) => DitShard::from_source(&s.cfg, f, comm.rank().get(), s.tp)?,
                 None => DitShard::random(&s.cfg, args.seed, comm.rank().get(), s.tp)?,

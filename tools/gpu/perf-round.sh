@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU host, one short call: `lockstep bench model` against PyTorch (torch.compile, then eager)
-# in the same call on the same card, the GPU model's stream check (with CUDA graphs), and
+# in the same call on the same card, the GPU model's stream check (with CUDA graphs), TP=2 on
+# one GPU (staged and through the model's device path), the one-GPU-layer NCCL check, and
 # `lockstep run --preset wan-1.3b` with graphs. Staged by tools/gpu/stage.sh --dir
-# .gpu-stage-perf --script tools/gpu/perf-round.sh gpu_model. Logs go into one archive,
+# .gpu-stage-perf --script tools/gpu/perf-round.sh gpu_model gpu_one_layer. Logs go into one archive,
 # $OUT/perf-round.tgz, refreshed after every step (the device returns only a few files).
 set -uo pipefail
 S="$(cd "$(dirname "$0")" && pwd)"
@@ -14,15 +15,21 @@ fi
 export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
 P=wan-1.3b; C=8
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"
+{ echo "nsys: $(command -v nsys || ls -d /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)"; ls /usr/local/cuda/bin | tr '\n' ' '; echo; } >> "$L/gpu.txt"
 pack() { tar czf "$O/perf-round.tgz" -C "$L" .; }
 step() { echo "=== $* ($(date +%T))"; pack; }
 step bench model
 timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
 step torch compile
 timeout 120 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --compile --chunks $C --json "$L/torch-compile-$P.json" > "$L/torch-compile-$P.log" 2>&1; echo "exit $?" >> "$L/torch-compile-$P.log"; tail -12 "$L/torch-compile-$P.log"
-step gpu_model wrapping stream
-timeout 100 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
-grep -E "graphs captured|worst|test result|^exit" "$L/gpu_model.log"
+step gpu_model wrapping stream and TP=2 staged + device path
+timeout 150 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream gpu_tp2 > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
+grep -E "graphs captured|worst|device path|test result|panicked|^exit" "$L/gpu_model.log"
+step one GPU layer
+if [ -x "$S/tests/gpu_one_layer" ]; then
+  timeout 60 "$S/tests/gpu_one_layer" --test-threads=1 --nocapture > "$L/gpu_one_layer.log" 2>&1; echo "exit $?" >> "$L/gpu_one_layer.log"
+  tail -5 "$L/gpu_one_layer.log"
+fi
 step lockstep run
 LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
 step torch eager

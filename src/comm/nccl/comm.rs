@@ -34,7 +34,7 @@
 //! the same thread, and ends even when an op inside it failed. A captured graph must never run or
 //! be destroyed after its communicator is gone (`CapturedOps` enforces it).
 use super::api::{self, Api, NCCL_IN_PROGRESS, NCCL_SUCCESS};
-use super::device::{Completion, DeviceBuf, Gpu, Ticket};
+use crate::cuda::{Completion, DeviceBuf, Gpu, Ticket};
 use crate::exit::ExitCode;
 use crate::ids::GroupRank;
 use crate::{Error, Result};
@@ -178,6 +178,20 @@ pub enum ReduceDtype {
     I32,
     I64,
     U8,
+}
+
+/// An element type a device buffer can be summed in (`Communicator::all_reduce_sum_on`).
+pub trait ReduceElem: cudarc::driver::DeviceRepr {
+    const DTYPE: ReduceDtype;
+}
+impl ReduceElem for f32 {
+    const DTYPE: ReduceDtype = ReduceDtype::F32;
+}
+impl ReduceElem for half::bf16 {
+    const DTYPE: ReduceDtype = ReduceDtype::Bf16;
+}
+impl ReduceElem for half::f16 {
+    const DTYPE: ReduceDtype = ReduceDtype::F16;
 }
 
 impl ReduceDtype {
@@ -985,6 +999,36 @@ impl Communicator {
         self.shared.op("ncclAllGather", when, |c| unsafe {
             (api.all_gather)(sp, rp, bytes, api::NCCL_UINT8, c, stream)
         })
+    }
+
+    /// In-place sum all-reduce of a typed device buffer on `stream` — the model's own stream:
+    /// its partial sums are summed where its kernels wrote them (no copy, no second device
+    /// type), ordered after them and before their readers by the stream alone. Returns once
+    /// enqueued (bounded by `deadline`); inside a CUDA-graph capture it is captured.
+    pub fn all_reduce_sum_on<T: ReduceElem>(
+        &self,
+        gpu: &Gpu,
+        stream: &cudarc::driver::CudaStream,
+        buf: &mut cudarc::driver::CudaViewMut<'_, T>,
+        deadline: Instant,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        let count = buf.len();
+        if count == 0 {
+            return Ok(());
+        }
+        gpu.bind()?;
+        let (p, _sync) = buf.device_ptr_mut(stream);
+        let ptr = p as usize as *mut c_void;
+        let raw = stream.cu_stream() as *mut c_void;
+        let api = self.shared.api;
+        let dtype = T::DTYPE.code();
+        // SAFETY: in-place all-reduce over `count` elements of a live device buffer of this
+        // communicator's GPU, enqueued on a live stream of the same context.
+        self.shared
+            .op("ncclAllReduce", op_deadline(deadline), |c| unsafe {
+                (api.all_reduce)(ptr, ptr, count, dtype, api::NCCL_SUM, c, raw)
+            })
     }
 
     /// Opens an NCCL group that stays open across calls (for `DataPlane::group_start`) until

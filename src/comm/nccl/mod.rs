@@ -2,7 +2,8 @@
 //! table), device buffers and stream completion through cudarc's driver API.
 //!
 //! Layers (cudarc's habit): `api` (function table, error strings) → `comm` (`Communicator` RAII,
-//! `AbortHandle`, `Tripwire`, abort-all) → `device` (`Gpu`, `DeviceBuf`, `Completion`).
+//! `AbortHandle`, `Tripwire`, abort-all), over the CUDA layer's `Gpu`, `DeviceBuf` and
+//! `Completion` (`crate::cuda`: one GPU stack for NCCL, the kernels and the model).
 //! `plane` is the NCCL backend of `comm::plane::DataPlane` (a rank bootstraps on it with
 //! `rank::bootstrap_nccl`; this backend never names `rank`). The two-process transport benchmark
 //! (`lockstep bench transport`) is tooling in the CLI binary: `src/bin/lockstep/bench/transport.rs`.
@@ -24,15 +25,23 @@
 //! per thread; a non-blocking call queried before it is enqueued looks complete with stale data.
 pub mod api;
 pub mod comm;
-pub mod device;
 pub mod plane;
 
+/// The GPU types are the CUDA layer's own (`crate::cuda`): re-exported so that NCCL users name
+/// one set of types, not a second device layer.
+pub use crate::cuda::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
 pub use comm::{
     abort_all_live, hard_exit, AbortHandle, CapturedOps, CommOptions, Communicator, ReduceDtype,
-    Tripwire, UniqueId, ABORT_GRACE,
+    ReduceElem, Tripwire, UniqueId, ABORT_GRACE,
 };
-pub use device::{gpu_count, Completion, CompletionKind, DeviceBuf, Gate, Gpu, Ticket};
 pub use plane::{NcclComm, NcclPending, NcclPlane};
+
+/// A group's NCCL communicator with this rank's GPU: what a model needs to sum its own device
+/// buffers over the group on its own stream (`DataPlane::device_group`).
+pub struct DeviceGroup<'a> {
+    pub comm: &'a Communicator,
+    pub gpu: &'a std::sync::Arc<Gpu>,
+}
 
 /// Why NCCL work cannot run here, or `None` when there are ≥ `gpus` GPUs and a usable NCCL.
 /// Tests and benchmarks print this as their skip reason.

@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 const PLANE_OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct NcclPlane {
-    gpu: Gpu,
+    /// Shared with the model on this rank (one GPU layer: the same context and kernels).
+    gpu: Arc<Gpu>,
     done: Completion,
     /// Serializes "enqueue + mark" so that ticket order is stream order.
     stream_lock: Mutex<()>,
@@ -83,7 +84,7 @@ impl NcclPlane {
     /// Opens GPU `ordinal` for this rank.
     pub fn open(ordinal: usize, blocking: bool) -> Result<NcclPlane> {
         super::api::api()?;
-        let gpu = Gpu::open(ordinal)?;
+        let gpu = Arc::new(Gpu::open_for_plane(ordinal)?);
         let done = gpu.completion(CompletionKind::HostFlag)?;
         Ok(NcclPlane {
             gpu,
@@ -102,7 +103,7 @@ impl NcclPlane {
         NcclPlane::open(ordinal, blocking)
     }
 
-    pub fn gpu(&self) -> &Gpu {
+    pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
 
@@ -232,6 +233,16 @@ impl DataPlane for NcclPlane {
 
     fn download(&self, buf: &DeviceBuf) -> Result<Vec<u8>> {
         self.gpu.download(buf)
+    }
+
+    fn device_group<'a>(&'a self, comm: &'a NcclComm) -> Option<super::DeviceGroup<'a>> {
+        match comm {
+            NcclComm::Nccl(comm) => Some(super::DeviceGroup {
+                comm,
+                gpu: &self.gpu,
+            }),
+            NcclComm::Absent(_) => None,
+        }
     }
 
     fn buffer_len(&self, buf: &DeviceBuf) -> usize {

@@ -268,7 +268,7 @@ fn child(rank: u32, o: &Opts) -> Result<()> {
     if rank > 1 {
         return Err(Error::BadInput("--child RANK must be 0 or 1".into()));
     }
-    let gpu = Gpu::open(rank as usize)?;
+    let gpu = Gpu::open_for_plane(rank as usize)?;
     let modes: [(&str, bool, Option<&String>, &[CompletionKind]); 2] = [
         (
             "blocking",

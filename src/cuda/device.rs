@@ -1,5 +1,5 @@
-//! The CUDA side the NCCL layer needs: one context + one stream per GPU, device buffers, and the
-//! way the host learns that stream work finished.
+//! Device memory, completion and gates on one `Gpu`'s streams: what the NCCL data plane and the
+//! model share (one GPU layer: a buffer NCCL receives into is a buffer the kernels read).
 //!
 //! Contract: nothing here touches cudarc before `probe` has seen a driver (cudarc panics when
 //! libcuda is absent). No device-wide synchronize anywhere: completion is observed per stream,
@@ -7,19 +7,23 @@
 //! device-mapped host memory that the stream itself writes (`cuStreamWriteValue32`) after the
 //! awaited work, which the host reads with a plain load (no driver call on the spin path).
 //!
-//! Tripwires: cudarc's per-slice event tracking is switched off for these contexts (every op here
-//! runs on the one stream, so stream order already orders them, and the tracking costs a
-//! `cuEventRecord` per buffer use). A flag value is a sequence number that only grows; waits compare
-//! with wrap-around arithmetic.
+//! Tripwires: a process whose GPU carries a data plane runs with cudarc's per-slice event
+//! tracking off (`Gpu::stream_ordered`): every op of the plane runs on the `Gpu`'s one stream and
+//! the model's buffers live on the model's stream, so stream order (and the explicit events
+//! between the two) already orders them. A flag value is a sequence number that only grows;
+//! waits compare with wrap-around arithmetic.
+use super::context::Gpu;
 use crate::{Error, Result};
 use cudarc::driver::sys;
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn cuda(what: &str, e: cudarc::driver::DriverError) -> Error {
+pub(crate) fn cuda(what: &str, e: cudarc::driver::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
 }
 
@@ -113,8 +117,8 @@ impl Gate {
         }
         Ok(Gate {
             word: MappedWord::new(gpu)?,
-            stream: gpu.stream.clone(),
-            ctx: gpu.ctx.clone(),
+            stream: gpu.stream().clone(),
+            ctx: gpu.context().clone(),
         })
     }
 
@@ -161,62 +165,12 @@ pub fn gpu_count() -> Result<usize> {
     Ok(crate::cuda::probe::driver_info()?.gpus.len())
 }
 
-/// One GPU: its primary context and the stream every NCCL op of this process runs on.
-pub struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    ordinal: usize,
-}
-
+/// Device memory, capture and completion on the `Gpu`'s own stream (the data plane's).
 impl Gpu {
-    /// Opens GPU `ordinal` (checks the driver first; an absent driver is `LibraryMissing`).
-    pub fn open(ordinal: usize) -> Result<Gpu> {
-        let n = gpu_count()?;
-        if ordinal >= n {
-            return Err(Error::BadInput(format!(
-                "GPU {ordinal} requested but the driver shows {n} GPU(s)"
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| cuda("cuDevicePrimaryCtxRetain", e))?;
-        // SAFETY: every buffer made through this Gpu is used on its single stream only, so stream
-        // order is the synchronization; no slice crosses streams.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?;
-        Ok(Gpu {
-            ctx,
-            stream,
-            ordinal,
-        })
-    }
-
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
-    /// The raw stream handle NCCL takes (`cudaStream_t` and `CUstream` are the same pointer).
-    pub fn raw_stream(&self) -> *mut c_void {
-        self.stream.cu_stream() as *mut c_void
-    }
-
-    /// Makes this GPU's context current on the calling thread (NCCL reads the current device).
-    pub fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda("cuCtxSetCurrent", e))
-    }
-
     /// `bytes` of device memory, zeroed.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
         let slice = self
-            .stream
+            .stream()
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| cuda(&format!("cuMemAlloc({bytes} B)"), e))?;
         Ok(DeviceBuf { slice, len: bytes })
@@ -227,7 +181,7 @@ impl Gpu {
     pub fn alloc_for_overwrite(&self, bytes: usize) -> Result<DeviceBuf> {
         // SAFETY: the contents are unset, not uninitialized Rust values: `u8` has no invalid bit
         // patterns, and callers only read the buffer after a receive on this stream filled it.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+        let slice = unsafe { self.stream().alloc::<u8>(bytes.max(1)) }
             .map_err(|e| cuda(&format!("cuMemAllocAsync({bytes} B)"), e))?;
         Ok(DeviceBuf { slice, len: bytes })
     }
@@ -237,7 +191,7 @@ impl Gpu {
     pub fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
         let mut b = self.alloc(data.len())?;
         if !data.is_empty() {
-            self.stream
+            self.stream()
                 .memcpy_htod(data, &mut b.slice)
                 .map_err(|e| cuda("cuMemcpyHtoDAsync", e))?;
         }
@@ -254,7 +208,7 @@ impl Gpu {
             )));
         }
         let mut view = buf.slice.slice_mut(0..data.len());
-        self.stream
+        self.stream()
             .memcpy_htod(data, &mut view)
             .map_err(|e| cuda("cuMemcpyHtoDAsync", e))
     }
@@ -265,10 +219,10 @@ impl Gpu {
         let mut out = vec![0u8; buf.len];
         if buf.len > 0 {
             let view = buf.slice.slice(0..buf.len);
-            self.stream
+            self.stream()
                 .memcpy_dtoh(&view, out.as_mut_slice())
                 .map_err(|e| cuda("cuMemcpyDtoHAsync", e))?;
-            self.stream
+            self.stream()
                 .synchronize()
                 .map_err(|e| cuda("cuStreamSynchronize", e))?;
         }
@@ -280,12 +234,12 @@ impl Gpu {
     /// `ops` fails. Replaying the graph replaces per-op enqueue cost with one `cuGraphLaunch`.
     pub fn capture(&self, ops: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
         self.bind()?;
-        self.stream
+        self.stream()
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| cuda("cuStreamBeginCapture", e))?;
         let r = ops();
         let g = self
-            .stream
+            .stream()
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(|e| cuda("cuStreamEndCapture/cuGraphInstantiate", e));
         r?;
@@ -302,9 +256,9 @@ impl Gpu {
             crate::diag!(
                 "lockstep: driver lacks cuStreamWriteValue32_v2; using event completion instead"
             );
-            return Completion::new(self, CompletionKind::Event);
+            return Completion::new(self, self.stream(), CompletionKind::Event);
         }
-        Completion::new(self, kind)
+        Completion::new(self, self.stream(), kind)
     }
 }
 
@@ -332,14 +286,57 @@ impl DeviceBuf {
 
     /// Raw device address for NCCL (valid while `self` lives).
     pub fn ptr(&self, gpu: &Gpu) -> *const c_void {
-        let (p, _sync) = self.slice.device_ptr(&gpu.stream);
+        let (p, _sync) = self.slice.device_ptr(gpu.stream());
         p as usize as *const c_void
     }
 
     /// Raw device address for NCCL to write into.
     pub fn ptr_mut(&mut self, gpu: &Gpu) -> *mut c_void {
-        let (p, _sync) = self.slice.device_ptr_mut(&gpu.stream);
+        let (p, _sync) = self.slice.device_ptr_mut(gpu.stream());
         p as usize as *mut c_void
+    }
+
+    /// The buffer's first `len` elements as `T` — e.g. an envelope's bf16 latents, received by
+    /// NCCL into this buffer, read by the kernels in place (no copy, no second device type).
+    /// Errors when `len` elements do not fit or the address is not aligned for `T`.
+    pub fn view_as<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<CudaView<'_, T>> {
+        self.check_typed::<T>(len)?;
+        // SAFETY: the view covers `len · size_of::<T>() ≤ self.len` bytes of this live
+        // allocation at an address aligned for `T` (both checked above), and every `T` used here
+        // (bf16, f16, f32, integers) is valid for any bit pattern.
+        unsafe { self.slice.transmute::<T>(len) }
+            .ok_or_else(|| Error::Invariant(format!("view of {len} elements out of range")))
+    }
+
+    /// Mutable counterpart of [`DeviceBuf::view_as`] (a kernel or NCCL writes the result here).
+    pub fn view_as_mut<T: cudarc::driver::DeviceRepr>(
+        &mut self,
+        len: usize,
+    ) -> Result<CudaViewMut<'_, T>> {
+        self.check_typed::<T>(len)?;
+        // SAFETY: as in `view_as`; the exclusive borrow of self makes the view unique.
+        unsafe { self.slice.transmute_mut::<T>(len) }
+            .ok_or_else(|| Error::Invariant(format!("view of {len} elements out of range")))
+    }
+
+    fn check_typed<T>(&self, len: usize) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        let bytes = len
+            .checked_mul(size)
+            .ok_or_else(|| Error::BadInput("typed view size overflows".into()))?;
+        if bytes > self.len {
+            return Err(Error::BadInput(format!(
+                "a view of {len} × {size} B does not fit a {} B device buffer",
+                self.len
+            )));
+        }
+        let (base, _sync) = self.slice.device_ptr(self.slice.stream());
+        if base as usize % std::mem::align_of::<T>().max(1) != 0 {
+            return Err(Error::BadInput(format!(
+                "device buffer at {base:#x} is not aligned for {size}-byte elements"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -393,11 +390,17 @@ unsafe impl Sync for Completion {}
 pub struct Ticket(u32);
 
 impl Completion {
-    fn new(gpu: &Gpu, kind: CompletionKind) -> Result<Completion> {
+    /// A completion signal for `stream` (of `gpu`'s context): the stream a data plane's ops run
+    /// on, or a model's own stream.
+    pub(crate) fn new(
+        gpu: &Gpu,
+        stream: &Arc<CudaStream>,
+        kind: CompletionKind,
+    ) -> Result<Completion> {
         gpu.bind()?;
         let inner = match kind {
             CompletionKind::Event => CompletionInner::Event(
-                gpu.ctx
+                gpu.context()
                     .new_event(None)
                     .map_err(|e| cuda("cuEventCreate", e))?,
             ),
@@ -426,8 +429,8 @@ impl Completion {
         };
         Ok(Completion {
             inner,
-            stream: gpu.stream.clone(),
-            ctx: gpu.ctx.clone(),
+            stream: stream.clone(),
+            ctx: gpu.context().clone(),
             seq: AtomicU32::new(0),
         })
     }
