@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod rank;
 pub mod session;
+pub mod spans;
 pub mod torchrun;
 pub mod wire;
 

@@ -13,7 +13,6 @@
 //! on, taking results early gains nothing: a result waits as well in the lane as in the queue.)
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
-use super::report::Trace;
 use super::stage0::{InFlight, Offer, QueueConfig, Stage0, Stage0Stats};
 use super::DriverLink;
 use crate::diag::line as diag;
@@ -22,6 +21,7 @@ use crate::fault::{self, points};
 use crate::ids::{CacheEpoch, CallId, ChunkIndex, DRIVER};
 use crate::model::DitConfig;
 use crate::plan::{PlanPolicy, Planner, StateDigest, OVERRIDE_TENSOR};
+use crate::spans::{self, Args};
 use crate::wire::{EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
 use crate::{Error, Result};
 use std::time::{Duration, Instant};
@@ -49,7 +49,10 @@ pub struct DriverReport {
     pub emit_s: Vec<f64>,
     pub emitted: Vec<(u64, u64)>,
     pub stale: Vec<(u64, u64)>,
-    pub trace: Trace,
+    /// Generator calls the plans of every sent INFER name (`expected_generator_calls`), and the
+    /// recompute calls among them: what the mesh runs, stale chunks included.
+    pub generator_calls: u64,
+    pub recompute_calls: u64,
 }
 
 fn noise(seed: u64, epoch: u64, chunk: u64, n: usize) -> Vec<f32> {
@@ -106,14 +109,11 @@ pub struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    pub fn new(dc: &'a DriverConfig, trace: Trace) -> Result<Self> {
+    pub fn new(dc: &'a DriverConfig) -> Result<Self> {
         Ok(Self {
             s0: Stage0::new(dc.queues)?,
             planner: Planner::new(dc.policy.clone())?,
-            rep: DriverReport {
-                trace,
-                ..Default::default()
-            },
+            rep: DriverReport::default(),
             t_start: Instant::now(),
             sent: 0,
             sent_in_epoch: 0,
@@ -167,6 +167,15 @@ impl<'a> Driver<'a> {
         let t = Instant::now();
         let chunk = ChunkIndex(self.sent);
         let epoch = self.s0.epoch();
+        let _span = spans::enter_with(
+            Args::Chunk {
+                // Assigned under the send lock, after this span opens.
+                call_id: None,
+                chunk: chunk.get(),
+                epoch: epoch.get(),
+            },
+            || format!("send {chunk} {epoch}"),
+        );
         let mut plan = self.planner.next_plan(chunk, epoch);
         plan.prompt_seed = self.prompt_seed;
         if plan.recompute.is_some() && self.anchor.is_none() {
@@ -230,6 +239,8 @@ impl<'a> Driver<'a> {
         if let Some(env) = env_copy {
             link.send_again(&env)?;
         }
+        self.rep.generator_calls += u64::from(plan.expected_generator_calls);
+        self.rep.recompute_calls += u64::from(plan.recompute.is_some());
         let expected = if skip_preflight {
             // The mesh must refuse this envelope; nothing will come back to compare.
             StateDigest::from_words(&[0; 6])?
@@ -254,11 +265,7 @@ impl<'a> Driver<'a> {
         }
         self.sent += 1;
         self.sent_in_epoch += 1;
-        let now = Instant::now();
-        self.rep.s0_total += now - t;
-        self.rep
-            .trace
-            .span("stage0", &format!("send {chunk} {epoch}"), t, now);
+        self.rep.s0_total += t.elapsed();
         Ok(EnvelopeIds {
             call_id,
             chunk_index: chunk,
@@ -274,10 +281,7 @@ impl<'a> Driver<'a> {
         self.anchor = None;
         self.epoch_first = None;
         self.sent_in_epoch = 0;
-        let now = Instant::now();
-        self.rep
-            .trace
-            .span("stage0", &format!("hard cut → {e}"), now, now);
+        drop(spans::enter(|| format!("hard cut → {e}")));
         e
     }
 
@@ -285,16 +289,14 @@ impl<'a> Driver<'a> {
     pub fn receive(&mut self, link: &mut dyn DriverLink, wait: Duration) -> Result<Received> {
         let cfg = &self.dc.cfg;
         let (tpf, in_dim) = (cfg.tokens_per_frame(), cfg.in_dim());
-        let t = Instant::now();
+        // A wait with nothing to decode meanwhile is Stage 0 stalled on the mesh (a poll is not).
+        let span = (!wait.is_zero() && self.s0.ready_len() == 0)
+            .then(|| spans::enter(|| "wait result".into()));
         let Some(env) = link.recv(wait)? else {
             return Ok(Received::Nothing);
         };
         let r = decode_result(&env)?;
-        if self.s0.ready_len() == 0 {
-            self.rep
-                .trace
-                .span("stage0", "wait result", t, Instant::now());
-        }
+        drop(span);
         let (epoch, chunk) = (r.cache_epoch.get(), r.chunk_index.get());
         let is_anchor = self.epoch_first == Some(r.chunk_index) && r.cache_epoch == self.s0.epoch();
         let latent_head: Option<Vec<f32>> = is_anchor.then(|| {
@@ -339,17 +341,24 @@ impl<'a> Driver<'a> {
             return Ok(None);
         };
         let t = Instant::now();
+        let span = spans::enter_with(
+            Args::Chunk {
+                call_id: Some(r.call_id.get()),
+                chunk: r.chunk_index.get(),
+                epoch: r.cache_epoch.get(),
+            },
+            || format!("decode {}", r.chunk_index),
+        );
         decoder.decode(&DecodeInput {
             chunk_index: r.chunk_index.get(),
             cache_epoch: r.cache_epoch.get(),
             latent: &r.latent,
             frames: self.dc.cfg.frames_per_chunk,
         })?;
+        drop(span);
         let now = Instant::now();
         let rep = &mut self.rep;
         rep.s0_total += now - t;
-        rep.trace
-            .span("stage0", &format!("decode {}", r.chunk_index), t, now);
         rep.s1_us.push(r.s1_us);
         rep.latencies_ms
             .push(now.duration_since(r.sent_at).as_secs_f64() * 1e3);
@@ -385,9 +394,8 @@ pub fn run_driver(
     link: &mut dyn DriverLink,
     decoder: &mut dyn Decoder,
     dc: &DriverConfig,
-    trace: Trace,
 ) -> Result<DriverReport> {
-    let mut d = Driver::new(dc, trace)?;
+    let mut d = Driver::new(dc)?;
     loop {
         if d.sent() < dc.chunks && d.can_send() {
             d.send_chunk(link)?;

@@ -118,7 +118,8 @@ pub struct RunArgs {
     /// Write the run's metrics as JSON here.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
-    /// Write a Chrome/Perfetto trace here.
+    /// Write a Chrome/Perfetto trace here: per rank, Stage 0's steps, each generator call and
+    /// each TP collective (docs/manual/tracing.md).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Weight seed (also seeds the noise and the prompt).

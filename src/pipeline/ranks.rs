@@ -55,6 +55,7 @@ use crate::model::weights::WeightFile;
 use crate::model::DitConfig;
 use crate::plan::PlanPolicy;
 use crate::rank::{Backend, Rank, RankEnv, RankOptions};
+use crate::spans;
 use crate::wire::{DType, Limits, PreparedEnvelope, ReceivedEnvelope};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -340,6 +341,9 @@ impl<D: DataPlane> TpComm for MeshComm<'_, D> {
         self.size
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        // A group of one moves nothing: no span (as `SoloComm`).
+        let _span = (self.size > 1)
+            .then(|| spans::collective("all_reduce", "f32", std::mem::size_of_val(buf) as u64));
         let out =
             self.rank
                 .mesh()
@@ -381,6 +385,8 @@ impl<D: DataPlane> TpComm for MeshComm<'_, D> {
         self.rank.mesh().settle_device_ops();
     }
     fn all_gather_u64(&mut self, local: &[u64]) -> Result<Vec<Vec<u64>>> {
+        let _span = (self.size > 1)
+            .then(|| spans::collective("all_gather", "u64", std::mem::size_of_val(local) as u64));
         let mesh = self.rank.mesh();
         let plane = mesh.plane();
         let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -558,6 +564,13 @@ fn run_rank<D: DataPlane>(
 ) -> Result<RankReport> {
     let me = rank.global();
     let limits: Limits = rank.options().limits;
+    // Fine-grained spans only when a trace was asked for (`crate::spans`: off costs nothing).
+    spans::record_trace(args.trace.is_some());
+    let timeline = || {
+        let mut t = Trace::new(me.get(), t0);
+        t.collect();
+        t.spans
+    };
     let mut graphs = StepGraphs::default();
     graphs.capture(&s.steps);
     if rank.is_driver() {
@@ -585,13 +598,11 @@ fn run_rank<D: DataPlane>(
         };
         rank.start_heartbeats(s.heartbeat)?;
         let mut link = RankDriver { rank };
+        spans::set_lane("stage0");
         // session: a session's rank 0 takes its schedule from the client (`crate::session`).
-        let trace = Trace::new(me.get(), t0);
         let d = match crate::session::host::socket_from_env() {
-            Some(sock) => {
-                crate::session::host::serve(&sock, &mut link, decoder.as_mut(), &dc, trace)
-            }
-            None => run_driver(&mut link, decoder.as_mut(), &dc, trace),
+            Some(sock) => crate::session::host::serve(&sock, &mut link, decoder.as_mut(), &dc),
+            None => run_driver(&mut link, decoder.as_mut(), &dc),
         };
         if let Some(pb) = &dc.progress {
             pb.finish_and_clear();
@@ -607,7 +618,7 @@ fn run_rank<D: DataPlane>(
         let m = metrics(args, s, what, &d, t0.elapsed());
         return Ok(RankReport {
             rank: me.get(),
-            spans: d.trace.spans.clone(),
+            spans: timeline(),
             metrics: Some(m),
             ..Default::default()
         });
@@ -652,24 +663,17 @@ fn run_rank<D: DataPlane>(
     };
     let mut mesh_rank = MeshRank::new(&mut comm, gen.as_mut(), me, &s.cfg)?;
     let mut link = RankMesh { rank };
-    let trace = Trace::new(me.get(), t0);
+    spans::set_lane("stage1");
     let r: MeshReport = if rank.is_mesh_leader() {
-        run_leader(
-            &mut mesh_rank,
-            &mut link,
-            &s.steps,
-            s.timeout,
-            &limits,
-            trace,
-        )?
+        run_leader(&mut mesh_rank, &mut link, &s.steps, s.timeout, &limits)?
     } else {
-        run_follower(&mut mesh_rank, &mut link, &s.steps, trace)?
+        run_follower(&mut mesh_rank, &mut link, &s.steps)?
     };
     drop(mesh_rank);
     let cuda_graphs = gen.captured_graphs();
     Ok(RankReport {
         rank: me.get(),
-        spans: r.trace.spans,
+        spans: timeline(),
         metrics: None,
         chunks: r.chunks,
         noops: r.noops,
@@ -730,6 +734,8 @@ fn metrics(
         backpressure: s.queues.backpressure,
         chunks_requested: args.chunks,
         chunks_emitted: d.emitted.len() as u64,
+        generator_calls: d.generator_calls,
+        recompute_calls: d.recompute_calls,
         s0_ms,
         s1_ms,
         period_ms,

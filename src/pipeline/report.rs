@@ -10,8 +10,11 @@
 //! stage was hidden entirely.
 //!
 //! The trace is Chrome trace-event JSON (`traceEvents`, complete events `ph: "X"` with
-//! pid = global rank, tid = stage lane, ts/dur in µs from the run start, plus process/thread
-//! name metadata), which Perfetto and chrome://tracing load.
+//! pid = global rank, tid = the lane (one per thread that records: `stage0`, `stage1`), ts/dur
+//! in µs from the run start, `args` where the span has them, plus process/thread name
+//! metadata), which Perfetto and chrome://tracing load. The spans come from `crate::spans`
+//! (`Trace::collect`), so each is also the NVTX range of the same name when NVTX is on.
+use crate::spans;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -21,6 +24,10 @@ pub struct Span {
     pub name: String,
     pub ts_us: f64,
     pub dur_us: f64,
+    /// The Chrome trace's `args` (generator call: kind, t, frames, chunk, …; collective: op,
+    /// dtype, bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Value>,
 }
 
 /// One rank's timeline.
@@ -41,13 +48,35 @@ impl Trace {
     }
 
     pub fn span(&mut self, lane: &str, name: &str, start: Instant, end: Instant) {
+        self.push(lane, name.into(), None, start, end);
+    }
+
+    fn push(
+        &mut self,
+        lane: &str,
+        name: String,
+        args: Option<serde_json::Value>,
+        start: Instant,
+        end: Instant,
+    ) {
         let Some(t0) = self.t0 else { return };
+        // Whole nanoseconds, so a span that ends inside another does in µs too.
+        let us = |d: std::time::Duration| d.as_nanos() as f64 / 1e3;
         self.spans.push(Span {
             lane: lane.into(),
-            name: name.into(),
-            ts_us: start.saturating_duration_since(t0).as_secs_f64() * 1e6,
-            dur_us: end.saturating_duration_since(start).as_secs_f64() * 1e6,
+            name,
+            ts_us: us(start.saturating_duration_since(t0)),
+            dur_us: us(end.saturating_duration_since(start)),
+            args,
         });
+    }
+
+    /// Takes every span this process recorded (`crate::spans::take`) into this timeline.
+    pub fn collect(&mut self) {
+        for f in spans::take() {
+            let args = f.args.to_json();
+            self.push(&f.lane, f.name, args, f.start, f.end);
+        }
     }
 }
 
@@ -75,10 +104,12 @@ pub fn chrome_trace(traces: &[Trace]) -> serde_json::Value {
         }
         for s in &t.spans {
             let tid = lanes.iter().position(|l| *l == s.lane).unwrap_or(0);
-            ev.push(
-                serde_json::json!({"ph": "X", "name": s.name, "cat": s.lane, "pid": t.rank,
-                "tid": tid, "ts": s.ts_us, "dur": s.dur_us}),
-            );
+            let mut x = serde_json::json!({"ph": "X", "name": s.name, "cat": s.lane,
+                "pid": t.rank, "tid": tid, "ts": s.ts_us, "dur": s.dur_us});
+            if let (Some(a), Some(o)) = (&s.args, x.as_object_mut()) {
+                o.insert("args".into(), a.clone());
+            }
+            ev.push(x);
         }
     }
     serde_json::json!({ "traceEvents": ev, "displayTimeUnit": "ms" })
@@ -95,6 +126,12 @@ pub struct Metrics {
     pub backpressure: bool,
     pub chunks_requested: u64,
     pub chunks_emitted: u64,
+    /// Generator calls the plans of every INFER sent named (stale chunks included: the mesh
+    /// runs them), and the recompute calls among them.
+    #[serde(default)]
+    pub generator_calls: u64,
+    #[serde(default)]
+    pub recompute_calls: u64,
     pub s0_ms: f64,
     pub s1_ms: f64,
     pub period_ms: f64,
@@ -322,6 +359,13 @@ mod tests {
             t0,
             t0 + std::time::Duration::from_millis(2),
         );
+        t.push(
+            "stage1",
+            "all_reduce f32 8 B".into(),
+            Some(serde_json::json!({"op": "all_reduce", "bytes": 8})),
+            t0,
+            t0 + std::time::Duration::from_millis(1),
+        );
         let v = chrome_trace(&[t]);
         let ev = v["traceEvents"].as_array().unwrap();
         let x = ev.iter().find(|e| e["ph"] == "X").unwrap();
@@ -329,5 +373,14 @@ mod tests {
             assert!(!x[k].is_null(), "missing {k}");
         }
         assert!((x["dur"].as_f64().unwrap() - 2000.0).abs() < 1.0);
+        assert!(x.get("args").is_none(), "{x}");
+        let c = ev
+            .iter()
+            .find(|e| e["name"] == "all_reduce f32 8 B")
+            .unwrap();
+        assert_eq!(
+            (c["args"]["bytes"].as_u64(), c["tid"].as_u64()),
+            (Some(8), x["tid"].as_u64())
+        );
     }
 }

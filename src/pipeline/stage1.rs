@@ -17,7 +17,6 @@
 //!   whose sets differ crash there (G2); a production call whose signature was not captured is
 //!   an invariant violation.
 use super::envelope::{prepare_result, validate_infer, ResultMeta, NOISE_TENSOR};
-use super::report::Trace;
 use super::MeshLink;
 use crate::cache::{CacheGeometry, KvCache};
 use crate::digest::Fnv64;
@@ -27,7 +26,8 @@ use crate::model::dit::{CacheMode, DitShard, TextKv};
 use crate::model::tp::TpComm;
 use crate::model::DitConfig;
 use crate::plan::{Phase, PhasePlan, StateDigest, OVERRIDE_TENSOR, TIMESTEP_MAX};
-use crate::wire::{Action, EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
+use crate::spans::{self, Args, GeneratorCall};
+use crate::wire::{Action, EnvelopeIds, HostTensor, Limits, PreparedEnvelope, ReceivedEnvelope};
 use crate::{Error, Result};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -339,10 +339,11 @@ impl<'a> MeshRank<'a> {
 
     /// One generator call, counted against the plan **before** it is issued (B2): a call the
     /// plan does not name never reaches the collectives inside it, which the other ranks would
-    /// not join.
+    /// not join. Each issued call is a span (`gen <kind> t=… frames=…`, `crate::spans`), with
+    /// the call's collectives inside it.
     fn gen_call(
         &mut self,
-        kind: &str,
+        kind: &'static str,
         call: Call<'_>,
         calls: &mut u32,
         plan: &PhasePlan,
@@ -363,6 +364,15 @@ impl<'a> MeshRank<'a> {
             call.x.len() / self.cfg.in_dim().max(1),
         ))?;
         *calls += 1;
+        let _span = spans::generator_call(GeneratorCall {
+            kind,
+            t: call.t,
+            frames: u32::try_from(call.frames).unwrap_or(u32::MAX),
+            chunk: plan.chunk_index.get(),
+            epoch: plan.cache_epoch.get(),
+            call: *calls,
+            of: plan.expected_generator_calls,
+        });
         self.gen.call(self.comm, &mut self.cache, call)
     }
 
@@ -490,7 +500,6 @@ pub struct MeshReport {
     pub chunks: u64,
     pub duplicates_dropped: u64,
     pub noops: u64,
-    pub trace: Trace,
 }
 
 /// Leader loop: warm-up, then receive (accepted by the protocol) → validate → relay → execute →
@@ -502,12 +511,12 @@ pub fn run_leader(
     steps: &[String],
     timeout: Duration,
     limits: &Limits,
-    mut trace: Trace,
 ) -> Result<MeshReport> {
     let mut report = MeshReport::default();
-    let t = Instant::now();
-    rank.warmup(steps)?;
-    trace.span("stage1", "warm-up", t, Instant::now());
+    {
+        let _span = spans::enter(|| "warm-up".into());
+        rank.warmup(steps)?;
+    }
     let mut held: Option<PreparedEnvelope> = None;
     loop {
         let env = link.recv_envelope(timeout)?.ok_or_else(|| {
@@ -536,18 +545,14 @@ pub fn run_leader(
                 )))
             }
             Action::Infer => {
+                let span = generate_span(&env);
                 // Validate before any mesh collective; the relay is the first one.
                 let plan = validate_infer(&env, &rank.cfg)?;
                 link.relay(Some(&env))?;
                 link.set_phase("generate");
                 let (latent, digest) = rank.execute(&plan, &env.tensors)?;
                 let t_done = Instant::now();
-                trace.span(
-                    "stage1",
-                    &format!("generate {} {}", plan.chunk_index, plan.cache_epoch),
-                    t_recv,
-                    t_done,
-                );
+                drop(span);
                 report.chunks += 1;
                 let ids = EnvelopeIds {
                     call_id: env.header.call_id(),
@@ -571,7 +576,6 @@ pub fn run_leader(
         link.send_result(&r)?;
     }
     report.duplicates_dropped = link.duplicates_dropped();
-    report.trace = trace;
     Ok(report)
 }
 
@@ -580,15 +584,14 @@ pub fn run_follower(
     rank: &mut MeshRank<'_>,
     link: &mut dyn MeshLink,
     steps: &[String],
-    mut trace: Trace,
 ) -> Result<MeshReport> {
     let mut report = MeshReport::default();
-    let t = Instant::now();
-    rank.warmup(steps)?;
-    trace.span("stage1", "warm-up", t, Instant::now());
+    {
+        let _span = spans::enter(|| "warm-up".into());
+        rank.warmup(steps)?;
+    }
     loop {
         let env = link.relay(None)?;
-        let t = Instant::now();
         match env.action() {
             Action::Noop => report.noops += 1,
             Action::Shutdown => break,
@@ -599,21 +602,29 @@ pub fn run_follower(
                 )))
             }
             Action::Infer => {
+                let _span = generate_span(&env);
                 let plan = validate_infer(&env, &rank.cfg)?;
                 link.set_phase("generate");
                 rank.execute(&plan, &env.tensors)?;
-                trace.span(
-                    "stage1",
-                    &format!("generate {} {}", plan.chunk_index, plan.cache_epoch),
-                    t,
-                    Instant::now(),
-                );
                 report.chunks += 1;
             }
         }
     }
-    report.trace = trace;
     Ok(report)
+}
+
+/// A mesh rank's chunk: `generate <chunk> <epoch>`, from the header's ids (before validation,
+/// which is inside it).
+fn generate_span(env: &ReceivedEnvelope) -> spans::Guard {
+    let h = &env.header;
+    spans::enter_with(
+        Args::Chunk {
+            call_id: Some(h.call_id().get()),
+            chunk: h.chunk_index().get(),
+            epoch: h.cache_epoch().get(),
+        },
+        || format!("generate {} {}", h.chunk_index(), h.cache_epoch()),
+    )
 }
 
 #[cfg(test)]

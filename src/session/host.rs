@@ -11,7 +11,6 @@
 use super::proto::{read_frame, write_frame, Reply, Request};
 use crate::pipeline::decode::{preview_frames, Decoder};
 use crate::pipeline::driver::{Driver, DriverConfig, DriverReport, Received};
-use crate::pipeline::report::Trace;
 use crate::pipeline::DriverLink;
 use crate::{Error, Result};
 use std::os::unix::net::UnixStream;
@@ -65,7 +64,6 @@ pub fn serve(
     link: &mut dyn DriverLink,
     decoder: &mut dyn Decoder,
     dc: &DriverConfig,
-    trace: Trace,
 ) -> Result<DriverReport> {
     let frames = std::env::var_os(FRAMES_ENV).is_some_and(|v| v == "1");
     let mut s = UnixStream::connect(socket).map_err(|e| {
@@ -74,7 +72,7 @@ pub fn serve(
             e,
         )
     })?;
-    let mut d = Driver::new(dc, trace)?;
+    let mut d = Driver::new(dc)?;
     let cfg = &dc.cfg;
     write_frame(
         &mut s,
