@@ -222,6 +222,11 @@ impl<D: DataPlane> Group<D> {
         bytes: u64,
         call: impl FnOnce(&D, &D::Comm) -> Result<R>,
     ) -> Result<(R, u64)> {
+        // Every data-plane op of every group, on the trace and as an NVTX range: `<group> <op>`
+        // (the enqueue; the TP collectives' own spans, with op, dtype and bytes, wrap it and
+        // its wait).
+        let label = self.label;
+        let _s = crate::spans::enter(|| format!("{label} {}", op.name()));
         self.guard(op, other)?;
         let comm = self.comm(op)?;
         let other_global = other.and_then(|r| self.spec.global_rank_of(r)).map(|g| g.0);

@@ -367,6 +367,9 @@ impl<D: DataPlane> TpComm for MeshComm<'_, D> {
         buf: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
     ) -> Result<()> {
         let shape = [buf.len() as u64];
+        // The span covers the enqueue (the sum itself runs on the model's stream; Nsight shows
+        // the kernel under this range's name).
+        let _s = spans::collective("device all_reduce", "bf16", shape[0] * 2);
         self.rank
             .mesh()
             .device_all_reduce(stream, buf, &shape, self.rank.deadline())
@@ -377,6 +380,7 @@ impl<D: DataPlane> TpComm for MeshComm<'_, D> {
         buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<()> {
         let shape = [buf.len() as u64];
+        let _s = spans::collective("device all_reduce", "f32", shape[0] * 4);
         self.rank
             .mesh()
             .device_all_reduce(stream, buf, &shape, self.rank.deadline())
