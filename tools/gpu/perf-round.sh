@@ -6,6 +6,7 @@
 # .gpu-stage-perf --script tools/gpu/perf-round.sh gpu_model gpu_one_layer. Logs go into one archive,
 # $OUT/perf-round.tgz, refreshed after every step (the device returns only a few files).
 set -uo pipefail
+# TORCH=0 skips the PyTorch baselines (a round that measures only same-run ratios: floors, E).
 S="$(cd "$(dirname "$0")" && pwd)"
 O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
 if ! ldconfig -p | grep -q 'libcublasLt.so'; then
@@ -21,7 +22,7 @@ step() { echo "=== $* ($(date +%T))"; pack; }
 step bench model
 timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
 step torch compile
-timeout 120 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --compile --chunks $C --json "$L/torch-compile-$P.json" > "$L/torch-compile-$P.log" 2>&1; echo "exit $?" >> "$L/torch-compile-$P.log"; tail -12 "$L/torch-compile-$P.log"
+[ "${TORCH:-1}" = 0 ] || timeout 120 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --compile --chunks $C --json "$L/torch-compile-$P.json" > "$L/torch-compile-$P.log" 2>&1; echo "exit $?" >> "$L/torch-compile-$P.log"; tail -12 "$L/torch-compile-$P.log"
 step gpu_model wrapping stream and TP=2 staged + device path
 timeout 150 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream gpu_tp2 > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
 grep -E "graphs captured|worst|device path|test result|panicked|^exit" "$L/gpu_model.log"
@@ -33,5 +34,5 @@ fi
 step lockstep run
 LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
 step torch eager
-timeout 90 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$L/torch-eager-$P.json" > "$L/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$L/torch-eager-$P.log"; tail -12 "$L/torch-eager-$P.log"
+[ "${TORCH:-1}" = 0 ] || timeout 90 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$L/torch-eager-$P.json" > "$L/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$L/torch-eager-$P.log"; tail -12 "$L/torch-eager-$P.log"
 step done

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU host, the shortest whole round (for a nearly spent device budget), most important first:
+# the one-GPU-layer NCCL check, `lockstep run --preset wan-1.3b` (E, fps), `lockstep bench model`
+# (per-call floor ratio, same run), TP=2 on one GPU (staged and device path), the wrapping stream
+# check. No PyTorch baseline: only same-run ratios are claimed from it. Lives beside the staged
+# binaries of tools/gpu/stage.sh --dir .gpu-stage-perf ... gpu_model gpu_one_layer (copied in as
+# quick.sh). Logs: $OUT/quick-round.tgz, refreshed after every step.
+set -uo pipefail
+S="$(cd "$(dirname "$0")" && pwd)"
+O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
+if ! ldconfig -p | grep -q 'libcublasLt.so'; then
+  d=$(dirname "$(find / -name 'libcublasLt.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
+  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+fi
+export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0
+P=wan-1.3b; C=8
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"
+{ echo "nsys: $(command -v nsys || ls -d /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)"; ls /usr/local/cuda/bin | tr '\n' ' '; echo; } >> "$L/gpu.txt"
+pack() { tar czf "$O/quick-round.tgz" -C "$L" .; }
+step() { echo "=== $* ($(date +%T))"; pack; }
+step one GPU layer
+timeout 60 "$S/tests/gpu_one_layer" --test-threads=1 --nocapture > "$L/gpu_one_layer.log" 2>&1; echo "exit $?" >> "$L/gpu_one_layer.log"; tail -4 "$L/gpu_one_layer.log"
+step lockstep run
+LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" --trace "$L/run-$P.trace.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
+step bench model
+timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
+step gpu_model TP=2 staged + device path
+timeout 120 "$S/tests/gpu_model" --test-threads=1 --nocapture gpu_tp2 > "$L/gpu_model_tp2.log" 2>&1; echo "exit $?" >> "$L/gpu_model_tp2.log"
+grep -E "worst|device path|test result|panicked|^exit" "$L/gpu_model_tp2.log"
+step gpu_model wrapping stream
+timeout 100 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
+grep -E "graphs captured|worst|test result|panicked|^exit" "$L/gpu_model.log"
+step done
