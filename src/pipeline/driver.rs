@@ -86,6 +86,13 @@ pub struct Emitted {
     pub s1_us: u64,
 }
 
+/// An epoch's prompt as Stage 0 names it in each plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Text features from this seed (`model::dit::prompt_features`).
+    Seed(u64),
+}
+
 /// Stage 0 as steps: the one driver. `run_driver` (the `lockstep run` loop) and the session
 /// host (`crate::session`, commands from a server) both drive a stream through these steps;
 /// neither has a send, receive or decode path of its own.
@@ -156,6 +163,12 @@ impl<'a> Driver<'a> {
     /// changes it only together with a hard cut).
     pub fn set_prompt_seed(&mut self, seed: u64) {
         self.prompt_seed = seed;
+    }
+    /// The prompt the next chunk's plan names (as `set_prompt_seed`).
+    pub fn set_prompt(&mut self, p: Prompt) {
+        match p {
+            Prompt::Seed(seed) => self.set_prompt_seed(seed),
+        }
     }
 
     /// Plans, preflights and sends the next chunk (the caller checked `can_send`).

@@ -38,7 +38,7 @@ use crate::model::DitConfig;
 use crate::pipeline::RunArgs;
 use crate::wire::{DType, EnvelopeIds};
 use crate::{Error, Result};
-use proto::{read_frame, write_frame, Reply, Request};
+use proto::{Conn, PromptMsg, Reply, Request};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -172,6 +172,10 @@ impl Conditioning {
     pub fn seed(&self) -> u64 {
         self.seed
     }
+    /// The prompt as it crosses the session socket, and the payload that goes with it.
+    fn to_msg(&self) -> (PromptMsg, &[u8]) {
+        (PromptMsg::Seed(self.seed), &[])
+    }
 }
 
 /// What `submit` did.
@@ -219,7 +223,7 @@ enum State {
 /// A running stream. Not `Sync`: one thread drives it (move it between threads freely).
 pub struct Session {
     child: Child,
-    stream: UnixStream,
+    conn: Conn,
     state: State,
     /// The child's last stderr lines (the ranks' and the launcher's diagnoses).
     diag: Arc<Mutex<VecDeque<String>>>,
@@ -245,6 +249,8 @@ pub struct Session {
 }
 
 const DIAG_LINES: usize = 40;
+/// The longest wait a call honours (a week): "forever" stays bounded, and the arithmetic too.
+const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn locate_exe(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
@@ -474,9 +480,11 @@ impl Session {
         let mut partial = Session {
             child,
             // Replaced below once rank 0 connects; a placeholder pair keeps `Drop` simple.
-            stream: UnixStream::pair()
-                .map_err(|e| Error::io("session: socket pair", e))?
-                .0,
+            conn: Conn::new(
+                UnixStream::pair()
+                    .map_err(|e| Error::io("session: socket pair", e))?
+                    .0,
+            ),
             state: State::Open,
             diag,
             dir,
@@ -521,8 +529,8 @@ impl Session {
         drop(listener);
         let _ = std::fs::remove_file(&sock);
         let _ = stream.set_nonblocking(false);
-        partial.stream = stream;
-        match partial.exchange(None, None)? {
+        partial.conn = Conn::new(stream);
+        match partial.exchange(None, &[], None)? {
             (
                 Reply::Hello {
                     latent_shape,
@@ -606,7 +614,9 @@ impl Session {
 
     /// The conditioning of the current epoch; only before its first chunk (else `cut`).
     pub fn set_conditioning(&mut self, c: &Conditioning) -> Result<()> {
-        match self.request(&Request::Prompt { seed: c.seed }, None)?.0 {
+        let (msg, bytes) = c.to_msg();
+        let req = Request::Prompt { prompt: msg };
+        match self.request(&req, bytes, None)?.0 {
             Reply::Ok => Ok(()),
             Reply::Refused { message } => Err(Error::BadInput(format!("session: {message}"))),
             other => Err(self.fail(Error::Decode(format!(
@@ -620,7 +630,54 @@ impl Session {
         if self.full && matches!(self.state, State::Open) {
             return Ok(Submit::Again);
         }
-        match self.request(&Request::Submit, None)?.0 {
+        let (reply, _) = self.request(&Request::Submit, &[], None)?;
+        self.submit_outcome(reply)
+    }
+
+    /// The next result of the current epoch, waiting at most `timeout` (zero = poll); `None`
+    /// when none came (or none is in flight).
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
+        self.recv_inner(timeout, false)
+    }
+
+    /// `recv`, except that no result within `timeout` while chunks are in flight ends the job
+    /// with the protocol's RESULT timeout (exit 71, rank 0's diagnosis and dump), as a fixed
+    /// schedule wants (`lockstep run`'s).
+    pub fn recv_strict(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
+        self.recv_inner(timeout, true)
+    }
+
+    fn recv_inner(&mut self, timeout: Duration, strict: bool) -> Result<Option<ChunkOut>> {
+        let timeout = timeout.min(MAX_WAIT);
+        let req = Request::Recv {
+            timeout_us: timeout.as_micros() as u64,
+            strict,
+        };
+        let (reply, n) = self.request(&req, &[], Some(timeout))?;
+        self.full = false;
+        self.result_of(reply, n)
+    }
+
+    /// `submit` and then a receive, in one round trip to rank 0 (the stream loop's turn for a
+    /// server that does not need to act between the two): the receive waits up to `timeout`
+    /// only when D_in has no room left after the submit (the pipeline is full, so the next
+    /// result is what the caller waits for); with room left it is a poll, and the caller's next
+    /// turn submits again. So `loop { submit_and_recv(t) }` keeps D_in chunks in flight, and
+    /// each turn hands out at most one result, in call order, like `recv`.
+    pub fn submit_and_recv(&mut self, timeout: Duration) -> Result<(Submit, Option<ChunkOut>)> {
+        let timeout = timeout.min(MAX_WAIT);
+        let req = Request::SubmitRecv {
+            timeout_us: timeout.as_micros() as u64,
+        };
+        let (reply, _) = self.request(&req, &[], Some(timeout))?;
+        let sub = self.submit_outcome(reply)?;
+        let (reply, n) = self.next_reply()?;
+        self.full = false;
+        Ok((sub, self.result_of(reply, n)?))
+    }
+
+    fn submit_outcome(&mut self, reply: Reply) -> Result<Submit> {
+        match reply {
             Reply::Sent {
                 call_id,
                 chunk_index,
@@ -643,13 +700,8 @@ impl Session {
         }
     }
 
-    /// The next result of the current epoch, waiting at most `timeout` (zero = poll); `None`
-    /// when none came (or none is in flight).
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
-        let timeout = timeout.min(Duration::from_secs(7 * 24 * 3600));
-        let us = timeout.as_micros() as u64;
-        let (reply, payload) = self.request(&Request::Recv { timeout_us: us }, Some(timeout))?;
-        self.full = false;
+    /// A receive's reply: reads the result's payload (its latent straight into the vector).
+    fn result_of(&mut self, reply: Reply, n: u64) -> Result<Option<ChunkOut>> {
         match reply {
             Reply::Nothing { outstanding } => {
                 self.in_flight = self.in_flight.min(outstanding);
@@ -665,25 +717,21 @@ impl Session {
                 frame_h,
                 frame_w,
             } => {
-                let lb = (latent_len as usize).saturating_mul(4);
-                let fb = (frame_h as usize) * (frame_w as usize) * 3;
-                if payload.len() != lb + fb * frames as usize {
+                let lb = (latent_len as u128) * 4;
+                let fb = (frame_h as u128) * (frame_w as u128) * 3;
+                if u128::from(n) != lb + fb * u128::from(frames) {
                     return Err(self.fail(Error::Decode(format!(
-                        "session: result payload of {} bytes, expected {} latent values and \
-                         {frames} frames of {frame_h}×{frame_w}",
-                        payload.len(),
-                        latent_len
+                        "session: result payload of {n} bytes, expected {latent_len} latent \
+                         values and {frames} frames of {frame_h}×{frame_w}"
                     ))));
                 }
-                let latent: Vec<f32> = payload[..lb]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                let frames = if fb == 0 {
-                    Vec::new()
-                } else {
-                    payload[lb..].chunks_exact(fb).map(<[u8]>::to_vec).collect()
-                };
+                let got = self.conn.read_f32s(latent_len as usize).and_then(|latent| {
+                    let frames = (0..frames)
+                        .map(|_| self.conn.read_payload(fb as u64))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((latent, frames))
+                });
+                let (latent, frames) = got.map_err(|e| self.job_ended(e))?;
                 self.in_flight = self.in_flight.saturating_sub(1);
                 Ok(Some(ChunkOut {
                     ids: EnvelopeIds {
@@ -707,10 +755,14 @@ impl Session {
     /// Hard cut: a new epoch (its prompt `c`, else the current one); results of older epochs
     /// never surface.
     pub fn cut(&mut self, c: Option<&Conditioning>) -> Result<CacheEpoch> {
-        let req = Request::Cut {
-            seed: c.map(Conditioning::seed),
+        let (msg, bytes) = match c {
+            Some(c) => {
+                let (m, b) = c.to_msg();
+                (Some(m), b)
+            }
+            None => (None, &[][..]),
         };
-        match self.request(&req, None)?.0 {
+        match self.request(&Request::Cut { prompt: msg }, bytes, None)?.0 {
             Reply::Cut { cache_epoch } => {
                 self.full = false;
                 self.epoch = cache_epoch;
@@ -718,6 +770,7 @@ impl Session {
                 self.in_flight = 0;
                 Ok(CacheEpoch(cache_epoch))
             }
+            Reply::Refused { message } => Err(Error::BadInput(format!("session: {message}"))),
             other => Err(self.fail(Error::Decode(format!(
                 "session: rank 0 answered a cut with {other:?}"
             )))),
@@ -736,7 +789,12 @@ impl Session {
         let drain = self
             .timeout
             .saturating_mul(self.d_in.min(1 << 16) as u32 + 1);
-        let (reply, _) = self.request(&Request::Close, Some(drain))?;
+        let (reply, n) = self.request(&Request::Close, &[], Some(drain))?;
+        if n != 0 {
+            return Err(self.fail(Error::Decode(format!(
+                "session: rank 0 answered close with a {n}-byte payload"
+            ))));
+        }
         let Reply::Closed {
             emitted,
             stale_dropped,
@@ -778,8 +836,14 @@ impl Session {
         }
     }
 
-    /// One request and its reply, the reply bounded by `wait` + the job's margin.
-    fn request(&mut self, req: &Request, wait: Option<Duration>) -> Result<(Reply, Vec<u8>)> {
+    /// One request (`payload`: a tensor's bytes) and the head of its reply, bounded by `wait` +
+    /// the job's margin.
+    fn request(
+        &mut self,
+        req: &Request,
+        payload: &[u8],
+        wait: Option<Duration>,
+    ) -> Result<(Reply, u64)> {
         match &self.state {
             State::Open => {}
             State::Closed => {
@@ -790,23 +854,31 @@ impl Session {
             }
             State::Failed { code, message } => return Err(job_error_again(*code, message)),
         }
-        self.exchange(Some(req), wait)
+        self.exchange(Some(req), payload, wait)
     }
 
-    /// Sends `req` (none: rank 0's greeting is due) and reads the reply within the bound.
+    /// Sends `req` (none: rank 0's greeting is due) and reads its reply's head within the bound.
     fn exchange(
         &mut self,
         req: Option<&Request>,
+        payload: &[u8],
         wait: Option<Duration>,
-    ) -> Result<(Reply, Vec<u8>)> {
+    ) -> Result<(Reply, u64)> {
         let bound = wait.unwrap_or_default().saturating_add(self.margin);
-        let _ = self.stream.set_read_timeout(Some(bound));
+        if let Err(e) = self.conn.set_read_timeout(Some(bound)) {
+            return Err(self.job_ended(e));
+        }
         if let Some(req) = req {
-            if let Err(e) = write_frame(&mut self.stream, req, &[]) {
+            if let Err(e) = self.conn.send(req, &[payload]) {
                 return Err(self.job_ended(e));
             }
         }
-        match read_frame::<Reply>(&mut self.stream) {
+        self.next_reply()
+    }
+
+    /// The next reply frame's head (its payload, if any, is the caller's to read).
+    fn next_reply(&mut self) -> Result<(Reply, u64)> {
+        match self.conn.read_head::<Reply>() {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(self.job_ended(Error::PeerLost("rank 0 closed the session".into()))),
             Err(e) => Err(self.job_ended(e)),
@@ -891,6 +963,7 @@ fn request_name(r: &Request) -> &'static str {
     match r {
         Request::Submit => "submit",
         Request::Recv { .. } => "recv",
+        Request::SubmitRecv { .. } => "submit_and_recv",
         Request::Prompt { .. } => "set_conditioning",
         Request::Cut { .. } => "cut",
         Request::Close => "close",
