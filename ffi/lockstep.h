@@ -304,8 +304,8 @@ int32_t lockstep_session_open(const lockstep_session_config *cfg, lockstep_sessi
 /* The current epoch's conditioning (the prompt), only before its first chunk (else BAD_INPUT:
  * change it with lockstep_session_cut first). A text encoder's output of shape
  * [text_tokens, text_dim] (512 x 4096 for the Wan presets), dtype F32/F16/BF16, byte_len exact;
- * anything else is BAD_INPUT naming the expected shape. The model derives its text features from
- * the tensor's digest (docs/manual/session.md). */
+ * anything else is BAD_INPUT naming the expected shape. The values are copied for the call and
+ * sent to every mesh rank, whose model embeds them (docs/manual/session.md). */
 int32_t lockstep_session_set_conditioning(lockstep_session *s, int32_t dtype,
                                           const uint64_t *shape, uint32_t ndim,
                                           const void *data, uint64_t byte_len);

@@ -11,6 +11,7 @@
 //! leader holds a RESULT's payload until rank 0 reads its header and clears it to send, so a
 //! Stage 0 that only looks between decodes paces the mesh to its decode rate. With backpressure
 //! on, taking results early gains nothing: a result waits as well in the lane as in the queue.)
+use super::conditioning::PromptTensor;
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
 use super::report::Trace;
@@ -21,9 +22,12 @@ use crate::digest::fnv64;
 use crate::fault::{self, points};
 use crate::ids::{CacheEpoch, CallId, ChunkIndex, DRIVER};
 use crate::model::DitConfig;
-use crate::plan::{PlanPolicy, Planner, StateDigest, OVERRIDE_TENSOR};
+use crate::plan::{
+    ConditioningSpec, PlanPolicy, Planner, StateDigest, CONDITIONING_TENSOR, OVERRIDE_TENSOR,
+};
 use crate::wire::{EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
 use crate::{Error, Result};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct DriverConfig {
@@ -38,6 +42,9 @@ pub struct DriverConfig {
     pub noise_seed: u64,
     pub limits: Limits,
     pub progress: Option<indicatif::ProgressBar>,
+    /// The first epoch's prompt as a caller's tensor (`--conditioning`); `None`: the policy's
+    /// `prompt_seed`.
+    pub conditioning: Option<Arc<PromptTensor>>,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +98,19 @@ pub struct Emitted {
 pub enum Prompt {
     /// Text features from this seed (`model::dit::prompt_features`).
     Seed(u64),
+    /// A caller's conditioning tensor: its values go to the mesh with the epoch's first chunk,
+    /// its digest names it in every plan.
+    Tensor(Arc<PromptTensor>),
+}
+
+impl Prompt {
+    /// `PhasePlan::prompt_seed`: the seed, or the tensor's digest.
+    pub fn key(&self) -> u64 {
+        match self {
+            Prompt::Seed(s) => *s,
+            Prompt::Tensor(t) => t.digest(),
+        }
+    }
 }
 
 /// Stage 0 as steps: the one driver. `run_driver` (the `lockstep run` loop) and the session
@@ -108,8 +128,8 @@ pub struct Driver<'a> {
     /// Sink-frame latents of the current epoch: the recompute context.
     anchor: Option<Vec<f32>>,
     epoch_first: Option<ChunkIndex>,
-    /// The prompt of the current epoch (`PhasePlan::prompt_seed`).
-    prompt_seed: u64,
+    /// The prompt of the current epoch.
+    prompt: Prompt,
 }
 
 impl<'a> Driver<'a> {
@@ -127,7 +147,10 @@ impl<'a> Driver<'a> {
             last_call: None,
             anchor: None,
             epoch_first: None,
-            prompt_seed: dc.policy.prompt_seed,
+            prompt: match &dc.conditioning {
+                Some(t) => Prompt::Tensor(t.clone()),
+                None => Prompt::Seed(dc.policy.prompt_seed),
+            },
             dc,
         })
     }
@@ -156,19 +179,14 @@ impl<'a> Driver<'a> {
     pub fn can_receive(&self) -> bool {
         self.s0.can_receive()
     }
+    /// The current prompt's key (`PhasePlan::prompt_seed`).
     pub fn prompt_seed(&self) -> u64 {
-        self.prompt_seed
+        self.prompt.key()
     }
     /// The prompt the next chunk's plan names (takes effect at the next plan; the session
-    /// changes it only together with a hard cut).
-    pub fn set_prompt_seed(&mut self, seed: u64) {
-        self.prompt_seed = seed;
-    }
-    /// The prompt the next chunk's plan names (as `set_prompt_seed`).
+    /// changes it only before an epoch's first chunk, or together with a hard cut).
     pub fn set_prompt(&mut self, p: Prompt) {
-        match p {
-            Prompt::Seed(seed) => self.set_prompt_seed(seed),
-        }
+        self.prompt = p;
     }
 
     /// Plans, preflights and sends the next chunk (the caller checked `can_send`).
@@ -181,7 +199,7 @@ impl<'a> Driver<'a> {
         let chunk = ChunkIndex(self.sent);
         let epoch = self.s0.epoch();
         let mut plan = self.planner.next_plan(chunk, epoch);
-        plan.prompt_seed = self.prompt_seed;
+        plan.prompt_seed = self.prompt.key();
         if plan.recompute.is_some() && self.anchor.is_none() {
             // The anchor chunk's result is not back yet (deep queues): no recompute this
             // chunk. Decided here, on rank 0, and sent explicitly in the plan.
@@ -204,6 +222,18 @@ impl<'a> Driver<'a> {
                 vec![(r.frames as usize * tpf) as u64, in_dim as u64],
                 ctx,
             ));
+        }
+        if let Prompt::Tensor(t) = &self.prompt {
+            // The values go once per epoch, with its first chunk; later plans name the digest.
+            plan.conditioning = Some(ConditioningSpec {
+                tensor: plan
+                    .cache_actions
+                    .reset
+                    .then(|| CONDITIONING_TENSOR.to_string()),
+            });
+            if plan.cache_actions.reset {
+                tensors.push(t.to_tensor());
+            }
         }
         if plan.recompute.is_some() && fault::hit(points::OMIT_OVERRIDE) {
             plan.context_frames_override = None;
@@ -245,13 +275,14 @@ impl<'a> Driver<'a> {
         }
         let expected = if skip_preflight {
             // The mesh must refuse this envelope; nothing will come back to compare.
-            StateDigest::from_words(&[0; 6])?
+            StateDigest::from_words(&[0; 7])?
         } else {
             let after = self.planner.commit(&plan)?;
             StateDigest::from_ledger(
                 u64::from(plan.expected_generator_calls),
                 &after,
                 dc.graph_count,
+                plan.prompt_seed,
             )
         };
         self.s0.on_sent(InFlight {

@@ -9,6 +9,7 @@
 //! code and diagnosis. The client vanishing (EOF without `Close`) is a lost peer: the job ends,
 //! no rank is left running.
 use super::proto::{Conn, PromptMsg, Reply, Request};
+use crate::pipeline::conditioning::PromptTensor;
 use crate::pipeline::decode::{preview_frames, Decoder};
 use crate::pipeline::driver::{Driver, DriverConfig, DriverReport, Emitted, Prompt, Received};
 use crate::pipeline::report::Trace;
@@ -304,8 +305,8 @@ fn send_result(
 fn prompt_of(cfg: &crate::model::DitConfig, p: PromptMsg, payload: Vec<u8>) -> Result<Prompt> {
     match p {
         PromptMsg::Seed(seed) => Ok(Prompt::Seed(seed)),
-        PromptMsg::Tensor { dtype, shape } => Ok(Prompt::Seed(
-            super::Conditioning::from_tensor(cfg, dtype, &shape, &payload)?.seed(),
-        )),
+        PromptMsg::Tensor { dtype, shape } => Ok(Prompt::Tensor(std::sync::Arc::new(
+            PromptTensor::new(cfg, dtype, &shape, payload)?,
+        ))),
     }
 }

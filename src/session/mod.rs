@@ -24,17 +24,18 @@
 //! - `close` drains (every chunk in flight comes back), sends SHUTDOWN and waits for every rank
 //!   to exit 0. Dropping a session that was not closed stops the job (SIGTERM, then SIGKILL):
 //!   no rank is left running.
-//! - Conditioning: the model derives its text features from a prompt seed
-//!   (`model::dit::prompt_features`); a caller's tensor selects the seed by its digest (dtype,
-//!   shape and bytes), checked for shape and dtype here. The tensor's values themselves do not
-//!   reach the mesh yet.
+//! - Conditioning: a caller's tensor (a text encoder's output, checked for shape and dtype
+//!   here) travels to every mesh rank with the first chunk of each epoch, and the model embeds
+//!   its values (`pipeline::conditioning`); its digest (dtype, shape, bytes) names the prompt in
+//!   every plan and is checked on every mesh rank at every chunk end. A seed prompt's text
+//!   features come from the seed (`model::dit::prompt_features`).
 pub mod host;
 pub mod proto;
 
-use crate::digest::fnv64;
 use crate::exit::ExitCode;
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 use crate::model::DitConfig;
+use crate::pipeline::conditioning::{self, PromptTensor};
 use crate::pipeline::RunArgs;
 use crate::wire::{DType, EnvelopeIds};
 use crate::{Error, Result};
@@ -81,100 +82,58 @@ pub struct SessionConfig {
     pub dump_dir: Option<PathBuf>,
 }
 
-/// A prompt's conditioning as the model uses it: the prompt seed its text features come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A prompt's conditioning: a text encoder's output whose values the mesh's model embeds, or a
+/// prompt seed its text features come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conditioning {
     seed: u64,
+    tensor: Option<Arc<PromptTensor>>,
 }
 
 impl Conditioning {
     /// A prompt given by its seed (what `lockstep run --seed` uses).
     pub fn from_seed(seed: u64) -> Self {
-        Self { seed }
+        Self { seed, tensor: None }
     }
     /// A text encoder's output for the model `cfg`: shape `[text_tokens, text_dim]`
     /// (512 × 4096 for the Wan presets), dtype f32, f16 or bf16, `bytes` exactly that long.
+    /// The bytes are copied; they travel to every mesh rank with the epoch's first chunk.
     pub fn from_tensor(cfg: &DitConfig, dtype: DType, shape: &[u64], bytes: &[u8]) -> Result<Self> {
-        let want = [cfg.text_tokens as u64, cfg.text_dim as u64];
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::Bf16) {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: dtype {} is not a float type (f32, f16 or bf16)",
-                dtype.name()
-            )));
-        }
-        if shape != want {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: shape {shape:?} but preset {} takes [{}, {}] \
-                 (text tokens × text dim)",
-                cfg.name, want[0], want[1]
-            )));
-        }
-        let need = want[0] * want[1] * dtype.size();
-        if bytes.len() as u64 != need {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: {} bytes but {} × {shape:?} needs {need}",
-                bytes.len(),
-                dtype.name()
-            )));
-        }
-        let mut head = Vec::with_capacity(8 + 16);
-        head.extend_from_slice(dtype.name().as_bytes());
-        for d in shape {
-            head.extend_from_slice(&d.to_le_bytes());
-        }
-        Ok(Self {
-            seed: fnv64(&head) ^ fnv64(bytes).rotate_left(17),
-        })
+        // Checked before the copy: a wrong length is refused without allocating it.
+        conditioning::check(cfg, dtype, shape, bytes.len() as u64)?;
+        Self::from_prompt_tensor(PromptTensor::new(cfg, dtype, shape, bytes.to_vec())?)
     }
     /// The tensor `name` (or the file's only tensor) of a safetensors file.
     pub fn from_safetensors(cfg: &DitConfig, path: &Path, name: Option<&str>) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::BadInput(format!("conditioning file {}: {e}", path.display())))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::BadInput(format!(
-                "conditioning file {}: not safetensors: {e}",
-                path.display()
-            ))
-        })?;
-        let names = st.names();
-        let pick = match name {
-            Some(n) => n.to_string(),
-            None if names.len() == 1 => names[0].to_string(),
-            None => {
-                return Err(Error::BadInput(format!(
-                    "conditioning file {} holds {} tensors; name the one to use",
-                    path.display(),
-                    names.len()
-                )))
-            }
-        };
-        let t = st.tensor(&pick).map_err(|e| {
-            Error::BadInput(format!(
-                "conditioning file {}: tensor {pick:?}: {e}",
-                path.display()
-            ))
-        })?;
-        let dtype = match t.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::Bf16,
-            other => {
-                return Err(Error::BadInput(format!(
-                    "conditioning file {}: tensor {pick:?} is {other:?}, not f32/f16/bf16",
-                    path.display()
-                )))
-            }
-        };
-        let shape: Vec<u64> = t.shape().iter().map(|d| *d as u64).collect();
-        Self::from_tensor(cfg, dtype, &shape, t.data())
+        Self::from_prompt_tensor(PromptTensor::from_safetensors(cfg, path, name)?)
     }
-    /// The prompt seed the mesh uses (`PhasePlan::prompt_seed`).
+    fn from_prompt_tensor(t: PromptTensor) -> Result<Self> {
+        Ok(Self {
+            seed: t.digest(),
+            tensor: Some(Arc::new(t)),
+        })
+    }
+    /// The prompt's key in the plan (`PhasePlan::prompt_seed`): the seed, or the tensor's
+    /// digest (dtype, shape and bytes), which every mesh rank recomputes from what it received.
     pub fn seed(&self) -> u64 {
         self.seed
     }
+    /// The tensor, when the prompt is one.
+    pub fn tensor(&self) -> Option<&PromptTensor> {
+        self.tensor.as_deref()
+    }
     /// The prompt as it crosses the session socket, and the payload that goes with it.
     fn to_msg(&self) -> (PromptMsg, &[u8]) {
-        (PromptMsg::Seed(self.seed), &[])
+        match &self.tensor {
+            None => (PromptMsg::Seed(self.seed), &[]),
+            Some(t) => (
+                PromptMsg::Tensor {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                },
+                t.bytes(),
+            ),
+        }
     }
 }
 
@@ -317,7 +276,12 @@ fn run_argv(a: &RunArgs) -> Vec<OsString> {
     if a.no_backpressure {
         v2.push("--no-backpressure".into());
     }
+    if let Some(t) = &a.conditioning_tensor {
+        v2.push("--conditioning-tensor".into());
+        v2.push(t.into());
+    }
     for (flag, p) in [
+        ("--conditioning", &a.conditioning),
         ("--weights", &a.weights),
         ("--frames-out", &a.frames_out),
         ("--video-out", &a.video_out),
@@ -383,6 +347,10 @@ impl Session {
     pub fn open(cfg: &SessionConfig) -> Result<Session> {
         let model = DitConfig::preset(&cfg.run.preset)?;
         model.check_tp(cfg.run.tp)?;
+        if let Some(p) = &cfg.run.conditioning {
+            // Rank 0 reads it again; a bad file is refused here, before any process starts.
+            PromptTensor::from_safetensors(&model, p, cfg.run.conditioning_tensor.as_deref())?;
+        }
         if !(cfg.run.timeout > 0.0 && cfg.run.timeout <= 7.0 * 24.0 * 3600.0) {
             return Err(Error::BadInput(format!(
                 "session: timeout must be a number of seconds in (0, 604800], got {}",
