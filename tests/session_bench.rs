@@ -1,6 +1,7 @@
 //! Session overhead per chunk (issue 11 target: ≤ 50 µs on the host plane): the same stream —
 //! calibrated generator at zero cost, null decoder, D = 2 (`LOCKSTEP_BENCH_DEPTH`) — driven by
-//! `lockstep run`'s own schedule (`run_driver`) and by a `Session` client, both ways a client
+//! `lockstep run` (its fixed schedule is a session client on a thread of rank 0; before that
+//! landed, its own loop `run_driver`) and by a `Session` client in this process, both ways it
 //! can (submit until `Again` then `recv`: two round trips per chunk; `submit_and_recv`: one),
 //! interleaved for `LOCKSTEP_BENCH_ROUNDS` rounds (default 5); the difference of the steady
 //! periods is what the session adds per chunk (socket round trips, the client's copies), and
@@ -150,7 +151,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[test]
 #[ignore = "a measurement: run with --ignored --nocapture"]
-fn session_overhead_per_chunk_against_run_driver() {
+fn session_overhead_per_chunk_against_lockstep_run() {
     let _serial = common::serial();
     let rounds = std::env::var("LOCKSTEP_BENCH_ROUNDS")
         .ok()
@@ -166,7 +167,7 @@ fn session_overhead_per_chunk_against_run_driver() {
         let (c, cc, kc) = session_period_us(Loop::Combined);
         let rtt = request_round_trip_us();
         println!(
-            "period µs/chunk: run_driver {a:.1} | submit+recv {b:.1} ({:+.1}) | submit_and_recv \
+            "period µs/chunk: lockstep run {a:.1} | submit+recv {b:.1} ({:+.1}) | submit_and_recv \
              {c:.1} ({:+.1}); CPU µs/chunk: {ca:.1} | {cb:.1} ({:+.1}) | {cc:.1} ({:+.1}); \
              bare request round trip {rtt:.1} µs; client thread CPU µs/chunk {kb:.1} | {kc:.1}",
             b - a,

@@ -1,16 +1,12 @@
-//! Stage 0's loop: plan → preflight → send while the queues have room, receive results while the
-//! decode queue has room, decode and emit in order, hard cuts on schedule, SHUTDOWN at the end
-//! (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not this loop's.
+//! Stage 0 as steps (`Driver`): plan → preflight → send while the queues have room, receive
+//! results while the decode queue has room, decode and emit in order, hard cuts, SHUTDOWN at the
+//! end (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not these steps'.
 //!
-//! Priorities per turn: send (if allowed) → decode one (if any is ready) → wait for a result,
-//! bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with a slow Stage 1 it
-//! blocks here, bounded, with at most `d_in` in flight. Only with backpressure off (the E1
-//! experiment) does it take every result as soon as the mesh has it — waiting for an outstanding
-//! result before decoding, like a consumer with an unbounded receive buffer — which is what lets
-//! the decode backlog grow with the run. (A zero-wait poll is not enough to show it: the mesh
-//! leader holds a RESULT's payload until rank 0 reads its header and clears it to send, so a
-//! Stage 0 that only looks between decodes paces the mesh to its decode rate. With backpressure
-//! on, taking results early gains nothing: a result waits as well in the lane as in the queue.)
+//! Who drives them: always the session host (`session::host`), taking one request at a time —
+//! from a server's `Session`, or from `lockstep run`'s fixed schedule, a session client on a
+//! thread of rank 0 (`session::schedule`). Stage 0 never accumulates: `send_chunk` is offered
+//! only while `can_send`, every wait for a result is bounded (`result_timeout` → 71), and with
+//! backpressure off (E1) the host takes every result the mesh owes before decoding one.
 use super::conditioning::PromptTensor;
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
@@ -113,9 +109,9 @@ impl Prompt {
     }
 }
 
-/// Stage 0 as steps: the one driver. `run_driver` (the `lockstep run` loop) and the session
-/// host (`crate::session`, commands from a server) both drive a stream through these steps;
-/// neither has a send, receive or decode path of its own.
+/// Stage 0 as steps: the one driver. The session host (`crate::session::host`) drives a stream
+/// through these steps, for a server's `Session` and for `lockstep run`'s schedule alike; it has
+/// no send, receive or decode path of its own.
 pub struct Driver<'a> {
     dc: &'a DriverConfig,
     s0: Stage0,
@@ -421,50 +417,4 @@ impl<'a> Driver<'a> {
         rep.stats = self.s0.stats().clone();
         Ok(rep)
     }
-}
-
-/// `lockstep run`'s Stage 0: sends `dc.chunks` chunks through the `Driver` steps, hard cuts on
-/// schedule, then drains.
-pub fn run_driver(
-    link: &mut dyn DriverLink,
-    decoder: &mut dyn Decoder,
-    dc: &DriverConfig,
-    trace: Trace,
-) -> Result<DriverReport> {
-    let mut d = Driver::new(dc, trace)?;
-    loop {
-        if d.sent() < dc.chunks && d.can_send() {
-            d.send_chunk(link)?;
-            if dc.hard_cut_every > 0
-                && d.sent_in_epoch() % dc.hard_cut_every == 0
-                && d.sent() < dc.chunks
-            {
-                d.hard_cut();
-            }
-            continue;
-        }
-        if d.can_receive() && (d.ready_len() == 0 || !dc.queues.backpressure) {
-            let wait = dc.timeout;
-            match d.receive(link, wait)? {
-                Received::Accepted | Received::DroppedStale => continue,
-                Received::Nothing if d.ready_len() == 0 => return Err(d.result_timeout()),
-                Received::Nothing => {}
-            }
-        }
-        if d.decode_next(decoder)?.is_some() {
-            continue;
-        }
-        if d.sent() >= dc.chunks && d.outstanding() == 0 {
-            break;
-        }
-        return Err(Error::Invariant(format!(
-            "stage 0 can neither send, receive nor decode ({} outstanding, {} ready, {} of {} \
-             sent)",
-            d.outstanding(),
-            d.ready_len(),
-            d.sent(),
-            dc.chunks
-        )));
-    }
-    d.finish(link)
 }

@@ -35,7 +35,7 @@
 //! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
 use super::conditioning::PromptTensor;
 use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder, Y4mDecoder};
-use super::driver::{run_driver, DriverConfig, DriverReport};
+use super::driver::{DriverConfig, DriverReport};
 use super::report::{
     chrome_trace, overlap, percentile, steady_mean, steady_period, Metrics, Span, Trace,
 };
@@ -561,13 +561,14 @@ fn run_rank<D: DataPlane>(
         };
         rank.start_heartbeats(s.heartbeat)?;
         let mut link = RankDriver { rank };
-        // session: a session's rank 0 takes its schedule from the client (`crate::session`).
+        // Rank 0 serves a session: a server's (`Session::open` set the socket), or this run's
+        // own fixed schedule, a session client on a thread of this process.
         let trace = Trace::new(me.get(), t0);
         let d = match crate::session::host::socket_from_env() {
             Some(sock) => {
                 crate::session::host::serve(&sock, &mut link, decoder.as_mut(), &dc, trace)
             }
-            None => run_driver(&mut link, decoder.as_mut(), &dc, trace),
+            None => crate::session::schedule::run(&mut link, decoder.as_mut(), &dc, trace),
         };
         if let Some(pb) = &dc.progress {
             pb.finish_and_clear();

@@ -1,6 +1,7 @@
-//! The session host: rank 0 of a session's job. Instead of `run_driver`'s fixed schedule it
-//! takes one command at a time from the server's process (`super::Session`) and answers it with
-//! the same `Driver` steps (`pipeline::driver`): there is one Stage 0, driven two ways.
+//! The session host: rank 0, always. It takes one command at a time from a `Session` — a
+//! server's, in another process, or `lockstep run`'s fixed schedule on a thread of this one
+//! (`super::schedule`) — and answers it with the `Driver` steps (`pipeline::driver`): there is
+//! one Stage 0 and one way to drive it.
 //!
 //! Contract: a request is answered once, in order. `Submit` answers `Again` when D_in (or, with
 //! backpressure, D_out) is full — never a wait. `Recv` waits at most its own timeout. Any error
@@ -122,27 +123,32 @@ pub fn serve_on(
         let payload = c.read_payload(payload_len)?;
         match req {
             Request::Submit => {
-                let reply = submit(&mut d, link)?;
+                let reply = submit(&mut d, link, dc)?;
                 c.send(&reply, &[])?;
             }
             Request::Recv { timeout_us, strict } => {
-                let out = recv(&mut d, link, decoder, Duration::from_micros(timeout_us))?;
+                let wait = Duration::from_micros(timeout_us);
+                let out = recv(&mut d, link, decoder, wait)?;
                 if strict && out.is_none() && d.outstanding() > 0 {
                     return Err(d.result_timeout());
                 }
                 send_result(&mut c, &d, cfg, frames, out)?;
             }
-            Request::SubmitRecv { timeout_us } => {
-                let reply = submit(&mut d, link)?;
+            Request::SubmitRecv { timeout_us, strict } => {
+                let reply = submit(&mut d, link, dc)?;
                 c.queue(&reply, 0)?;
                 // Wait only when the pipeline is full; with room left the caller's next turn
                 // submits again (a poll still hands out a result that is ready).
-                let wait = if d.can_send() {
-                    Duration::ZERO
-                } else {
+                let waits = !d.can_send();
+                let wait = if waits {
                     Duration::from_micros(timeout_us)
+                } else {
+                    Duration::ZERO
                 };
                 let out = recv(&mut d, link, decoder, wait)?;
+                if strict && waits && out.is_none() && d.outstanding() > 0 {
+                    return Err(d.result_timeout());
+                }
                 send_result(&mut c, &d, cfg, frames, out)?;
             }
             Request::Prompt { prompt } => {
@@ -215,14 +221,26 @@ pub fn serve_on(
 }
 
 /// `Submit`: the next chunk if D_in (and D_out) has room, else `Again` at once.
-fn submit(d: &mut Driver<'_>, link: &mut dyn DriverLink) -> Result<Reply> {
+///
+/// With backpressure off (the E1 experiment, `--no-backpressure`) rank 0 is a consumer with an
+/// unbounded receive buffer: a full D_in waits (up to `--timeout`) for the next result, which
+/// it takes undecoded, and sends into the slot it freed — so a decoder slower than the mesh
+/// lets the decode queue grow with the run. (Taking only what has already arrived is not
+/// enough: the leader holds a RESULT's payload until rank 0 clears it, so that would pace the
+/// mesh to the decoder.)
+fn submit(d: &mut Driver<'_>, link: &mut dyn DriverLink, dc: &DriverConfig) -> Result<Reply> {
+    if !dc.queues.backpressure && !d.can_send() && d.outstanding() > 0 {
+        d.receive(link, dc.timeout)?;
+    }
     Ok(if d.can_send() {
         let ids = d.send_chunk(link)?;
         Reply::Sent {
             call_id: ids.call_id.get(),
             chunk_index: ids.chunk_index.get(),
             cache_epoch: ids.cache_epoch.get(),
-            room: d.can_send(),
+            // Without backpressure a full D_in is not "no room": the next submit waits for a
+            // result and sends.
+            room: d.can_send() || !dc.queues.backpressure,
         }
     } else {
         Reply::Again {

@@ -31,6 +31,7 @@
 //!   features come from the seed (`model::dit::prompt_features`).
 pub mod host;
 pub mod proto;
+pub mod schedule;
 
 use crate::exit::ExitCode;
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
@@ -181,12 +182,15 @@ enum State {
 
 /// A running stream. Not `Sync`: one thread drives it (move it between threads freely).
 pub struct Session {
-    child: Child,
+    /// The job's process; `None` when the host runs in this process (`lockstep run`'s rank 0:
+    /// `schedule`), whose failure ends this process through the rank's crash path.
+    child: Option<Child>,
     conn: Conn,
     state: State,
     /// The child's last stderr lines (the ranks' and the launcher's diagnoses).
     diag: Arc<Mutex<VecDeque<String>>>,
-    dir: PathBuf,
+    /// The socket's and reports' directory (removed at the end); none in-process.
+    dir: Option<PathBuf>,
     local: bool,
     latent_shape: [u64; 2],
     text_shape: [u64; 2],
@@ -446,7 +450,7 @@ impl Session {
         }
         let watchdog = timeout * 2;
         let mut partial = Session {
-            child,
+            child: Some(child),
             // Replaced below once rank 0 connects; a placeholder pair keeps `Drop` simple.
             conn: Conn::new(
                 UnixStream::pair()
@@ -455,7 +459,7 @@ impl Session {
             ),
             state: State::Open,
             diag,
-            dir,
+            dir: Some(dir),
             local,
             latent_shape: [0; 2],
             text_shape: [0; 2],
@@ -478,7 +482,7 @@ impl Session {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(partial.fail(Error::io("session: accept", e))),
             }
-            if let Ok(Some(st)) = partial.child.try_wait() {
+            if let Some(Ok(Some(st))) = partial.child.as_mut().map(Child::try_wait) {
                 let code = exit_code_of(st);
                 let e = job_error(code, "opening", &partial.wait_diag());
                 partial.state = State::Failed {
@@ -498,7 +502,43 @@ impl Session {
         let _ = std::fs::remove_file(&sock);
         let _ = stream.set_nonblocking(false);
         partial.conn = Conn::new(stream);
-        match partial.exchange(None, &[], None)? {
+        partial.greeted()
+    }
+
+    /// A session whose host runs in this process (`lockstep run`'s rank 0, `schedule`): the
+    /// client end of a connection that `host::serve_on` serves. Errors are the connection's
+    /// (the host's own failure ends this process through the rank's crash path); there is no
+    /// job to wait for or stop.
+    pub(crate) fn attach(
+        stream: UnixStream,
+        model: &DitConfig,
+        timeout: Duration,
+    ) -> Result<Session> {
+        let s = Session {
+            child: None,
+            conn: Conn::new(stream),
+            state: State::Open,
+            diag: Arc::new(Mutex::new(VecDeque::new())),
+            dir: None,
+            local: true,
+            latent_shape: [0; 2],
+            text_shape: [0; 2],
+            cfg: model.clone(),
+            epoch: 0,
+            sent_in_epoch: 0,
+            in_flight: 0,
+            full: false,
+            margin: timeout * 4 + Duration::from_secs(2),
+            timeout,
+            d_in: 0,
+            exit_bound: timeout * 2 + Duration::from_secs(4),
+        };
+        s.greeted()
+    }
+
+    /// Reads rank 0's greeting (the stream's geometry).
+    fn greeted(mut self) -> Result<Session> {
+        match self.exchange(None, &[], None)? {
             (
                 Reply::Hello {
                     latent_shape,
@@ -509,13 +549,13 @@ impl Session {
                 },
                 _,
             ) => {
-                partial.d_in = d_in;
-                partial.latent_shape = latent_shape;
-                partial.text_shape = text_shape;
-                partial.epoch = epoch;
-                Ok(partial)
+                self.d_in = d_in;
+                self.latent_shape = latent_shape;
+                self.text_shape = text_shape;
+                self.epoch = epoch;
+                Ok(self)
             }
-            (other, _) => Err(partial.fail(Error::Decode(format!(
+            (other, _) => Err(self.fail(Error::Decode(format!(
                 "session: rank 0 greeted with {other:?}"
             )))),
         }
@@ -545,10 +585,13 @@ impl Session {
     /// The process id of global rank `rank`, when this session started it (rank 0 always;
     /// mesh ranks with `Launch::Local`). For operators and tests.
     pub fn rank_pid(&self, rank: u32) -> Option<u32> {
+        let Some(child) = &self.child else {
+            return (rank == 0).then(std::process::id);
+        };
         if !self.local {
-            return (rank == 0).then_some(self.child.id());
+            return (rank == 0).then_some(child.id());
         }
-        let parent = self.child.id();
+        let parent = child.id();
         let rd = std::fs::read_dir("/proc").ok()?;
         for e in rd.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -633,9 +676,26 @@ impl Session {
     /// turn submits again. So `loop { submit_and_recv(t) }` keeps D_in chunks in flight, and
     /// each turn hands out at most one result, in call order, like `recv`.
     pub fn submit_and_recv(&mut self, timeout: Duration) -> Result<(Submit, Option<ChunkOut>)> {
+        self.submit_and_recv_inner(timeout, false)
+    }
+
+    /// `submit_and_recv`, with the receive strict (`recv_strict`) when it waits.
+    pub fn submit_and_recv_strict(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(Submit, Option<ChunkOut>)> {
+        self.submit_and_recv_inner(timeout, true)
+    }
+
+    fn submit_and_recv_inner(
+        &mut self,
+        timeout: Duration,
+        strict: bool,
+    ) -> Result<(Submit, Option<ChunkOut>)> {
         let timeout = timeout.min(MAX_WAIT);
         let req = Request::SubmitRecv {
             timeout_us: timeout.as_micros() as u64,
+            strict,
         };
         let (reply, _) = self.request(&req, &[], Some(timeout))?;
         let sub = self.submit_outcome(reply)?;
@@ -772,10 +832,18 @@ impl Session {
                 "session: rank 0 answered close with {reply:?}"
             ))));
         };
+        if self.child.is_none() {
+            // In-process: the host returned from serving; this process goes on.
+            self.state = State::Closed;
+            return Ok(CloseReport {
+                emitted,
+                stale_dropped,
+            });
+        }
         let deadline = Instant::now() + self.exit_bound;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(st))) => {
                     let code = exit_code_of(st);
                     if code != 0 {
                         let e = job_error(code, "closing", &self.wait_diag());
@@ -786,13 +854,15 @@ impl Session {
                         return Err(e);
                     }
                     self.state = State::Closed;
-                    let _ = std::fs::remove_dir_all(&self.dir);
+                    if let Some(d) = &self.dir {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
                     return Ok(CloseReport {
                         emitted,
                         stale_dropped,
                     });
                 }
-                Ok(None) if Instant::now() < deadline => {
+                Some(Ok(None)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 _ => {
@@ -856,10 +926,18 @@ impl Session {
     /// The connection to rank 0 broke (or timed out): the job is ending or hung. Waits for its
     /// exit within the job's bound (stopping it past that) and returns its code and diagnosis.
     fn job_ended(&mut self, cause: Error) -> Error {
+        if self.child.is_none() {
+            // In-process: the host's own error ends this process; this is the connection's.
+            self.state = State::Failed {
+                code: error_code(&cause),
+                message: cause.to_string(),
+            };
+            return cause;
+        }
         let deadline = Instant::now() + self.exit_bound;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(st))) => {
                     let code = exit_code_of(st);
                     let e = job_error(code, &format!("{cause}"), &self.wait_diag());
                     self.state = State::Failed {
@@ -868,7 +946,7 @@ impl Session {
                     };
                     return e;
                 }
-                Ok(None) if Instant::now() < deadline => {
+                Some(Ok(None)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 _ => return self.fail(cause),
@@ -887,22 +965,26 @@ impl Session {
     }
 
     fn stop_job(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
+        // In-process there is no job to stop: dropping the connection ends the host's serving.
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
             return;
         }
         // SAFETY: kill on our own child's pid (not yet reaped, so not reused).
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// The diagnosis lines collected from the job's stderr (after a short wait for the pipe
@@ -947,9 +1029,11 @@ impl Drop for Session {
     fn drop(&mut self) {
         if matches!(self.state, State::Open) {
             self.stop_job();
-        } else if let Ok(None) = self.child.try_wait() {
+        } else if let Some(Ok(None)) = self.child.as_mut().map(Child::try_wait) {
             self.stop_job();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

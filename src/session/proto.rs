@@ -47,8 +47,9 @@ pub enum Request {
     /// protocol's RESULT timeout, exit 71), as `lockstep run`'s fixed schedule wants.
     Recv { timeout_us: u64, strict: bool },
     /// `Submit`, then `Recv` in the same turn: waiting up to `timeout_us` only when D_in has no
-    /// room left after the submit, else a poll. Two reply frames.
-    SubmitRecv { timeout_us: u64 },
+    /// room left after the submit, else a poll (`strict` as for `Recv`, when it waits). Two
+    /// reply frames.
+    SubmitRecv { timeout_us: u64, strict: bool },
     /// The prompt of the current epoch (only before its first chunk).
     Prompt { prompt: PromptMsg },
     /// Hard cut; with `prompt`, the new epoch's prompt.
