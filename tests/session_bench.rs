@@ -157,7 +157,7 @@ fn session_overhead_per_chunk_against_lockstep_run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    // Per round: (run_driver, submit+recv, submit_and_recv) × (period, CPU), the round trip
+    // Per round: (lockstep run, submit+recv, submit_and_recv) × (period, CPU), the round trip
     // and the client thread's CPU per chunk in the two loops.
     let mut rows: Vec<[f64; 9]> = Vec::new();
     for _ in 0..rounds {
