@@ -177,15 +177,37 @@ impl Conn {
     /// Writes the queued heads, then `payload` (the last queued frame's payload, in pieces), in
     /// one `sendmsg` when the socket takes it all.
     pub fn flush(&mut self, payload: &[&[u8]]) -> Result<()> {
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + payload.len());
+        // On the stack for the usual frame (heads + a latent + a few preview frames).
+        const STACK: usize = 8;
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let (mut stack, mut heap) = ([empty; STACK], Vec::new());
+        let mut n = 0;
         for p in std::iter::once(self.out.as_slice()).chain(payload.iter().copied()) {
-            if !p.is_empty() {
-                iov.push(libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                });
+            if p.is_empty() {
+                continue;
             }
+            let v = libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            };
+            if n < STACK {
+                stack[n] = v;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(v);
+            }
+            n += 1;
         }
+        let iov: &mut [libc::iovec] = if n <= STACK {
+            &mut stack[..n]
+        } else {
+            &mut heap
+        };
         let fd = self.fd();
         let mut first = 0;
         while first < iov.len() {
@@ -330,6 +352,12 @@ mod tests {
         assert_eq!(n as usize, latent.len() * 4 + 3);
         assert_eq!(b.read_f32s(latent.len()).unwrap(), latent);
         assert_eq!(b.read_payload(3).unwrap(), vec![1, 2, 3]);
+        // More pieces than the stack's iovecs (a frame with many preview frames).
+        let pieces: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 100 + i as usize]).collect();
+        let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        a.send(&Reply::Ok, &refs).unwrap();
+        let (m, got) = b.recv::<Reply>().unwrap().unwrap();
+        assert_eq!((m, got), (Reply::Ok, pieces.concat()));
         a.send(&Request::Close, &[]).unwrap();
         assert_eq!(b.recv::<Request>().unwrap().unwrap().0, Request::Close);
         drop(a);
