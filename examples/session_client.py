@@ -3,7 +3,8 @@
 
 Opens a job (rank 0 + a TP=2 mesh on this machine, calibrated generator), sets a prompt's
 conditioning from a float32 tensor, streams chunks with backpressure (LOCKSTEP_AGAIN means
-"receive first"), hard cuts to a new prompt, and closes cleanly; checks bad input on the way.
+"receive first"), hard cuts to a new prompt and streams it with one call per turn
+(lockstep_session_submit_and_recv), and closes cleanly; checks bad input on the way.
 Exits 0 when every expectation held.
 
     python3 examples/session_client.py [--lib target/debug/liblockstep.so] [--chunks N] [--kill]
@@ -57,6 +58,9 @@ def load(path):
             C.c_int32, [P, C.c_int32, C.POINTER(C.c_uint64), C.c_uint32, P, C.c_uint64]),
         "lockstep_session_submit": (C.c_int32, [P, C.POINTER(Ids)]),
         "lockstep_session_recv": (C.c_int32, [P, C.c_uint32, C.POINTER(C.POINTER(Chunk))]),
+        "lockstep_session_submit_and_recv": (
+            C.c_int32, [P, C.c_uint32, C.POINTER(C.c_int32), C.POINTER(Ids),
+                        C.POINTER(C.POINTER(Chunk))]),
         "lockstep_chunk_free": (None, [C.POINTER(Chunk)]),
         "lockstep_session_cut": (C.c_int32, [P, C.POINTER(C.c_uint64)]),
         "lockstep_session_close": (C.c_int32, [P]),
@@ -105,6 +109,30 @@ def stream(lib, s, n, epoch, nxt):
         # Copy out what we keep before freeing the chunk.
         head = [ch.latent[i] for i in range(min(4, ch.latent_len))]
         expect(all(v == v for v in head), "finite latent", lib)
+        nxt = ch.ids.chunk_index + 1
+        lib.lockstep_chunk_free(c)
+        got += 1
+    return got, nxt
+
+
+def stream_combined(lib, s, n, epoch, nxt):
+    """The same with one call per turn (submit, then receive: one round trip to rank 0)."""
+    got, t0 = 0, time.monotonic()
+    while got < n and time.monotonic() - t0 < 20:
+        sub, ids, c = C.c_int32(-1), Ids(), C.POINTER(Chunk)()
+        st = lib.lockstep_session_submit_and_recv(s, 5000, C.byref(sub), C.byref(ids), C.byref(c))
+        expect(st in (OK, NO_RESULT), f"submit_and_recv status {st}", lib)
+        expect(sub.value in (OK, AGAIN), f"submitted {sub.value}", lib)
+        if st not in (OK, NO_RESULT):
+            break
+        if sub.value == OK:
+            expect(ids.cache_epoch == epoch, f"sent into epoch {ids.cache_epoch}", lib)
+        if st == NO_RESULT:
+            continue
+        ch = c.contents
+        expect(ch.ids.cache_epoch == epoch, f"epoch {ch.ids.cache_epoch} != {epoch}", lib)
+        ok = ch.ids.chunk_index >= nxt if got == 0 else ch.ids.chunk_index == nxt
+        expect(ok, f"chunk {ch.ids.chunk_index} after {nxt}", lib)
         nxt = ch.ids.chunk_index + 1
         lib.lockstep_chunk_free(c)
         got += 1
@@ -178,8 +206,8 @@ def main():
     emb[0] = 3.0
     st = lib.lockstep_session_set_conditioning(s, DTYPE_F32, text, 2, buf, n * 4)
     expect(st == OK, f"new prompt after the cut (status {st})", lib)
-    got, nxt = stream(lib, s, 2, 1, nxt)
-    expect(got == 2, f"2 results in epoch 1, got {got}", lib)
+    got, nxt = stream_combined(lib, s, 2, 1, nxt)
+    expect(got == 2, f"2 results in epoch 1 (submit_and_recv), got {got}", lib)
     expect(lib.lockstep_session_close(s) == OK, "close", lib)
     expect(lib.lockstep_session_close(s) == BAD_INPUT, "double close refused", lib)
     expect(lib.lockstep_session_submit(s, None) == BAD_INPUT, "submit after close refused", lib)

@@ -213,7 +213,8 @@ int32_t lockstep_header_decode(const uint8_t *bytes, size_t len, lockstep_header
  * started elsewhere); a failure of any rank ends the job, never this process, and comes back as
  * the job's exit code (70..77) with its diagnosis in lockstep_last_error().
  *
- * Lifecycle: open -> [set_conditioning] -> (submit | recv)* -> [cut -> set_conditioning] ...
+ * Lifecycle: open -> [set_conditioning] -> (submit | recv | submit_and_recv)*
+ *            -> [cut -> set_conditioning] ...
  *            -> close -> free.   (free without close stops the job: no rank is left running.)
  * Threads: a handle serializes its calls (a mutex); any thread may call; free must not race.
  * Every call is bounded: submit never waits for room (LOCKSTEP_AGAIN), recv waits at most its
@@ -283,7 +284,8 @@ typedef struct lockstep_session_stats {
     uint64_t mesh_us;        /* sum of s1_us of the chunks received */
     uint64_t decode_us;      /* time inside the decode callback: the server decoder's share */
     uint64_t submit_us;      /* time inside submit */
-    uint64_t recv_us;        /* time inside recv before the callback, waiting included */
+    uint64_t recv_us;        /* time inside recv (and submit_and_recv) before the callback,
+                                waiting included */
 } lockstep_session_stats;
 
 /*
@@ -302,8 +304,8 @@ int32_t lockstep_session_open(const lockstep_session_config *cfg, lockstep_sessi
 /* The current epoch's conditioning (the prompt), only before its first chunk (else BAD_INPUT:
  * change it with lockstep_session_cut first). A text encoder's output of shape
  * [text_tokens, text_dim] (512 x 4096 for the Wan presets), dtype F32/F16/BF16, byte_len exact;
- * anything else is BAD_INPUT naming the expected shape. The model derives its text features from
- * the tensor's digest (docs/manual/session.md). */
+ * anything else is BAD_INPUT naming the expected shape. The values are copied for the call and
+ * sent to every mesh rank, whose model embeds them (docs/manual/session.md). */
 int32_t lockstep_session_set_conditioning(lockstep_session *s, int32_t dtype,
                                           const uint64_t *shape, uint32_t ndim,
                                           const void *data, uint64_t byte_len);
@@ -324,6 +326,23 @@ int32_t lockstep_session_submit(lockstep_session *s, lockstep_ids *out);
 /* The next result in call order, waiting at most timeout_ms (0 = poll): OK with *out, or
  * LOCKSTEP_NO_RESULT (*out = NULL). Results of epochs before the last cut never come out. */
 int32_t lockstep_session_recv(lockstep_session *s, uint32_t timeout_ms, lockstep_chunk **out);
+
+/*
+ * A stream loop's whole turn in one round trip to rank 0: lockstep_session_submit, then a
+ * receive. *submitted (may be NULL) gets LOCKSTEP_OK (chunk sent, its ids in *ids, which may be
+ * NULL) or LOCKSTEP_AGAIN (D_in full, nothing sent); it is LOCKSTEP_AGAIN whenever the call
+ * fails. The receive waits up to timeout_ms only when D_in has no room left after the submit
+ * (the pipeline is full); with room left it is a poll, so
+ *     for (;;) lockstep_session_submit_and_recv(s, ms, &sub, NULL, &chunk);
+ * keeps D_in chunks in flight and hands out at most one result per call, in call order.
+ * Returns OK with *out (caller-owned, lockstep_chunk_free), LOCKSTEP_NO_RESULT (*out = NULL),
+ * LOCKSTEP_ERR_DECODER_FAILED (the decode callback failed; the chunk is still in *out), or the
+ * job's error. The decode callback runs as in lockstep_session_recv; the call's time counts in
+ * recv_us of lockstep_session_stats.
+ */
+int32_t lockstep_session_submit_and_recv(lockstep_session *s, uint32_t timeout_ms,
+                                         int32_t *submitted, lockstep_ids *ids,
+                                         lockstep_chunk **out);
 
 /* Frees a chunk. NULL is a no-op. */
 void lockstep_chunk_free(lockstep_chunk *chunk);

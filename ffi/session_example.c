@@ -2,7 +2,8 @@
  * session_example.c — a server's view of a lockstep stream through the C ABI (ffi/lockstep.h):
  * open a job (rank 0 + a TP=2 mesh on this machine, calibrated generator), set a prompt's
  * conditioning, stream chunks with backpressure through a decode callback, hard cut to a new
- * prompt, close cleanly; bad input refused with a status and a message.
+ * prompt and stream it with one call per turn (submit_and_recv), close cleanly; bad input
+ * refused with a status and a message.
  *
  *   session_example stream   the stream above (exit 0 when every expectation held)
  *   session_example kill     kills mesh rank 2 mid-stream and expects the job's error to reach
@@ -109,6 +110,41 @@ static int stream(lockstep_session *s, int n, uint64_t epoch, uint64_t *next_chu
     return got;
 }
 
+/* The same with one call per turn: lockstep_session_submit_and_recv (one round trip). */
+static int stream_combined(lockstep_session *s, int n, uint64_t epoch, uint64_t *next_chunk) {
+    int got = 0, sent = 0;
+    double t0 = now_s();
+    while (got < n && now_s() - t0 < 20.0) {
+        int32_t sub = -1;
+        lockstep_ids ids = {0, 0, 0};
+        lockstep_chunk *c = NULL;
+        int32_t st = lockstep_session_submit_and_recv(s, 5000, &sub, &ids, &c);
+        EXPECT(st == LOCKSTEP_OK || st == LOCKSTEP_NO_RESULT, "submit_and_recv: status %d", st);
+        if (st != LOCKSTEP_OK && st != LOCKSTEP_NO_RESULT) {
+            return got;
+        }
+        EXPECT(sub == LOCKSTEP_OK || sub == LOCKSTEP_AGAIN, "submitted: %d", sub);
+        if (sub == LOCKSTEP_OK) {
+            EXPECT(ids.cache_epoch == epoch, "sent into epoch %llu", (unsigned long long)ids.cache_epoch);
+            sent++;
+        }
+        if (c == NULL) {
+            continue;
+        }
+        EXPECT(c->ids.cache_epoch == epoch, "result of epoch %llu, expected %llu",
+               (unsigned long long)c->ids.cache_epoch, (unsigned long long)epoch);
+        EXPECT(got == 0 ? c->ids.chunk_index >= *next_chunk : c->ids.chunk_index == *next_chunk,
+               "chunk %llu, expected %s%llu", (unsigned long long)c->ids.chunk_index,
+               got == 0 ? ">= " : "", (unsigned long long)*next_chunk);
+        *next_chunk = c->ids.chunk_index + 1;
+        lockstep_chunk_free(c);
+        got++;
+    }
+    /* The pipeline stays full: D_in = 2 ahead of what was received. */
+    EXPECT(sent >= got, "sent %d, received %d", sent, got);
+    return got;
+}
+
 static int run_stream(void) {
     lockstep_session *s = NULL;
     lockstep_session_config cfg = config();
@@ -179,8 +215,8 @@ static int run_stream(void) {
     emb[0] = 42.0f;
     st = lockstep_session_set_conditioning(s, LOCKSTEP_DTYPE_F32, text, 2, emb, n * 4);
     EXPECT(st == LOCKSTEP_OK, "new prompt after the cut: status %d", st);
-    got = stream(s, 3, 1, &next);
-    EXPECT(got == 3, "3 results in epoch 1, got %d", got);
+    got = stream_combined(s, 3, 1, &next);
+    EXPECT(got == 3, "3 results in epoch 1 (submit_and_recv), got %d", got);
     EXPECT(d.last_epoch == 1, "decoder's last epoch %llu", (unsigned long long)d.last_epoch);
 
     lockstep_session_stats stats;

@@ -59,13 +59,16 @@ pub mod points {
     pub const DELAY_RESULT: &str = "pipeline.delay_result";
     /// Pipeline mesh rank: evict one cache frame out of band, outside the plan (F3).
     pub const CACHE_OUT_OF_BAND: &str = "pipeline.cache_out_of_band";
+    /// Pipeline mesh rank: flip one byte of the conditioning tensor as received, before the
+    /// rank digests and embeds it (the chunk-end state digest must catch it).
+    pub const CORRUPT_CONDITIONING: &str = "pipeline.corrupt_conditioning";
     /// Pipeline mesh rank: capture one extra step graph during warm-up (G2).
     pub const GRAPH_SET_SKEW: &str = "pipeline.graph_set_skew";
     /// Rank 0: SIGKILL itself after offering the envelope lane's ring, before it unlinks the
     /// file (the launcher's sweep removes it).
     pub const LANE_KILL_AFTER_OFFER: &str = "lane.kill_after_offer";
 
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         META_NAN,
         DTYPE_BOOL,
         NESTED_TENSOR,
@@ -90,6 +93,7 @@ pub mod points {
         GRAPH_SET_SKEW,
         TP_ON_PP,
         LANE_KILL_AFTER_OFFER,
+        CORRUPT_CONDITIONING,
     ];
 }
 

@@ -27,6 +27,8 @@ pub const PLAN_VERSION: u32 = 1;
 pub const TIMESTEP_MAX: u32 = 1000;
 /// Name of the envelope tensor that carries the recompute context.
 pub const OVERRIDE_TENSOR: &str = "context_frames_override";
+/// Name of the envelope tensor that carries a caller's conditioning (a text encoder's output).
+pub const CONDITIONING_TENSOR: &str = "conditioning";
 
 /// Which cached frames a recompute call overwrites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,15 @@ pub struct RecomputeSpec {
 pub struct OverrideSpec {
     pub tensor: String,
     pub frames: u32,
+}
+
+/// The prompt is a caller's conditioning tensor (`PhasePlan::conditioning`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConditioningSpec {
+    /// The envelope tensor with its values ([`CONDITIONING_TENSOR`]): on the first chunk of an
+    /// epoch (the mesh computes the text K/V from it once); `None` on later chunks, which use
+    /// the text K/V the mesh already holds for the digest.
+    pub tensor: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -61,8 +72,14 @@ pub struct PhasePlan {
     /// Logical latent frame (within the epoch) of the chunk's first frame: RoPE positions.
     pub start_frame: u64,
     pub frames: u32,
-    /// Prompt whose text K/V cross-attention uses (computed once per prompt on the mesh).
+    /// Prompt whose text K/V cross-attention uses (computed once per prompt on the mesh): the
+    /// seed of its text features, or, with `conditioning`, the digest of the caller's tensor.
     pub prompt_seed: u64,
+    /// The prompt is a caller's tensor whose digest is `prompt_seed`; `None`: the text features
+    /// come from the seed. (Absent from the meta when `None`: a seeded plan's bytes are as
+    /// before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditioning: Option<ConditioningSpec>,
     /// Strictly descending, in `1..=TIMESTEP_MAX`; each is one generator call.
     pub denoise_timesteps: Vec<u32>,
     pub recompute: Option<RecomputeSpec>,
@@ -162,6 +179,23 @@ impl PhasePlan {
                 )))
             }
             _ => {}
+        }
+        if let Some(c) = &self.conditioning {
+            match c.tensor.as_deref() {
+                None if self.cache_actions.reset => {
+                    return Err(Error::Preflight(format!(
+                        "the prompt at {at} is a conditioning tensor, but the first chunk of an \
+                         epoch does not carry {CONDITIONING_TENSOR}: its values are required \
+                         there (the mesh computes the text K/V from them)"
+                    )))
+                }
+                Some(t) if t != CONDITIONING_TENSOR => {
+                    return Err(Error::Preflight(format!(
+                        "conditioning names tensor {t:?}, expected {CONDITIONING_TENSOR:?} at {at}"
+                    )))
+                }
+                _ => {}
+            }
         }
         let want_append = if self.clean_cache_update {
             self.frames
@@ -361,6 +395,7 @@ impl Planner {
             start_frame,
             frames: p.frames_per_chunk,
             prompt_seed: p.prompt_seed,
+            conditioning: None,
             denoise_timesteps: p.denoise_timesteps.clone(),
             recompute,
             context_frames_override: recompute.map(|r| OverrideSpec {
@@ -408,19 +443,28 @@ pub struct StateDigest {
     pub cache_len_frames: u64,
     pub cache_mutations: u64,
     pub graph_count: u64,
+    /// The prompt the text K/V were computed from: its seed, or the digest of the conditioning
+    /// tensor as this rank received it (Stage 0 expects the plan's `prompt_seed`).
+    pub prompt: u64,
 }
 
 impl StateDigest {
-    pub const FIELDS: [&'static str; 6] = [
+    pub const FIELDS: [&'static str; 7] = [
         "calls_made",
         "cache_epoch",
         "cache_start_frame",
         "cache_len_frames",
         "cache_mutations",
         "graph_count",
+        "prompt",
     ];
 
-    pub fn from_ledger(calls_made: u64, ledger: &CacheLedger, graph_count: u64) -> Self {
+    pub fn from_ledger(
+        calls_made: u64,
+        ledger: &CacheLedger,
+        graph_count: u64,
+        prompt: u64,
+    ) -> Self {
         Self {
             calls_made,
             cache_epoch: ledger.epoch().get(),
@@ -428,10 +472,11 @@ impl StateDigest {
             cache_len_frames: u64::from(ledger.readable_frames()),
             cache_mutations: ledger.mutations(),
             graph_count,
+            prompt,
         }
     }
 
-    pub fn to_words(&self) -> [u64; 6] {
+    pub fn to_words(&self) -> [u64; 7] {
         [
             self.calls_made,
             self.cache_epoch,
@@ -439,21 +484,23 @@ impl StateDigest {
             self.cache_len_frames,
             self.cache_mutations,
             self.graph_count,
+            self.prompt,
         ]
     }
 
     pub fn from_words(w: &[u64]) -> Result<Self> {
         match w {
-            [a, b, c, d, e, f] => Ok(Self {
+            [a, b, c, d, e, f, g] => Ok(Self {
                 calls_made: *a,
                 cache_epoch: *b,
                 cache_start_frame: *c,
                 cache_len_frames: *d,
                 cache_mutations: *e,
                 graph_count: *f,
+                prompt: *g,
             }),
             _ => Err(Error::Decode(format!(
-                "state digest has {} words, expected 6",
+                "state digest has {} words, expected 7",
                 w.len()
             ))),
         }
@@ -530,6 +577,34 @@ mod tests {
             Phase::Denoise { t: 250, t_next: 0 },
             "the last denoise step lands on the clean latent"
         );
+    }
+
+    #[test]
+    fn conditioning_values_are_required_on_the_first_chunk_of_an_epoch_and_absent_from_seeded_meta()
+    {
+        let mut p = Planner::new(policy(0)).unwrap();
+        let mut first = p.next_plan(ChunkIndex(0), CacheEpoch(0));
+        // A seeded plan's canonical bytes say nothing of conditioning (as before the field).
+        let seeded = String::from_utf8(first.canonical_bytes().unwrap()).unwrap();
+        assert!(!seeded.contains("conditioning"), "{seeded}");
+        first.conditioning = Some(ConditioningSpec { tensor: None });
+        let e = first.validate().unwrap_err().to_string();
+        assert!(e.contains("does not carry conditioning"), "{e}");
+        first.conditioning = Some(ConditioningSpec {
+            tensor: Some("text".into()),
+        });
+        assert!(first.validate().is_err());
+        first.conditioning = Some(ConditioningSpec {
+            tensor: Some(CONDITIONING_TENSOR.into()),
+        });
+        first.validate().unwrap();
+        p.commit(&first).unwrap();
+        // Later chunks use the text K/V the mesh holds: no tensor needed.
+        let mut next = p.next_plan(ChunkIndex(1), CacheEpoch(0));
+        next.conditioning = Some(ConditioningSpec { tensor: None });
+        next.validate().unwrap();
+        let back = PhasePlan::from_canonical_bytes(&next.canonical_bytes().unwrap()).unwrap();
+        assert_eq!(back, next);
     }
 
     #[test]
@@ -687,14 +762,22 @@ mod tests {
         let mut l = CacheLedger::new(3, 6).unwrap();
         l.append(3).unwrap();
         // The digest counts readable frames: a pending reservation is not among them.
-        assert_eq!(StateDigest::from_ledger(5, &l, 5).cache_len_frames, 0);
+        assert_eq!(StateDigest::from_ledger(5, &l, 5, 9).cache_len_frames, 0);
         l.mark_written();
-        let a = StateDigest::from_ledger(5, &l, 5);
+        let a = StateDigest::from_ledger(5, &l, 5, 9);
         let mut b = a;
         b.cache_len_frames = 2;
         b.calls_made = 4;
+        b.prompt = 8;
         let d = a.diff(&b, "x", "y");
-        assert_eq!(d, vec!["calls_made: x=5 y=4", "cache_len_frames: x=3 y=2"]);
+        assert_eq!(
+            d,
+            vec![
+                "calls_made: x=5 y=4",
+                "cache_len_frames: x=3 y=2",
+                "prompt: x=9 y=8"
+            ]
+        );
         let e = StateDigest::compare_all(&[a, a, b], "chunk_index 3").unwrap_err();
         let s = e.to_string();
         assert!(s.contains("state digest drift"), "{s}");

@@ -157,6 +157,61 @@ fn session_prompt_is_a_real_input_same_prompt_same_latents_other_prompt_other_la
 }
 
 #[test]
+fn session_submit_and_recv_is_submit_then_recv_in_one_call_and_keeps_the_pipeline_full() {
+    let Some(_serial) = common::start("session_submit_and_recv") else {
+        return;
+    };
+    let n = 6;
+    // The reference: submit until Again, then recv.
+    let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
+    let mut want = Vec::new();
+    while want.len() < n {
+        if let Submit::Again = s.submit().expect("submit") {
+            want.push(
+                s.recv(Duration::from_secs(5))
+                    .expect("recv")
+                    .expect("result"),
+            );
+        }
+    }
+    // With room left it submits and polls: a chunk that takes 10 ms is not waited for.
+    while s.recv(Duration::from_secs(5)).expect("drain").is_some() {}
+    let (sub, r) = s.submit_and_recv(Duration::from_secs(30)).expect("turn");
+    assert!(matches!(sub, Submit::Sent(_)));
+    assert!(r.is_none(), "waited for a result with room left in D_in");
+    s.close().expect("close");
+    // One call per turn.
+    let mut s = Session::open(&config(GeneratorKind::Calibrated)).expect("open");
+    let (mut got, mut calls, mut sent, mut max_in_flight) = (Vec::new(), 0, 0, 0);
+    while got.len() < n {
+        let (sub, r) = s
+            .submit_and_recv(Duration::from_secs(5))
+            .expect("submit_and_recv");
+        calls += 1;
+        if let Submit::Sent(ids) = sub {
+            assert_eq!(ids.chunk_index.get(), sent, "chunks go out in order");
+            sent += 1;
+        }
+        max_in_flight = max_in_flight.max(s.in_flight() + usize::from(r.is_some()));
+        got.extend(r);
+        assert!(calls <= 64, "no progress");
+    }
+    // D_in = 2 in flight while waiting, one result per call once full: n results in n + 1
+    // calls (the first one only fills the pipeline).
+    assert_eq!(max_in_flight, 2, "the pipeline was not kept full");
+    assert!(calls <= n + 1, "{calls} calls for {n} results");
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.ids.chunk_index.get(), i as u64);
+        assert_eq!(a.ids, b.ids, "same ids as submit + recv");
+        assert_eq!(
+            a.latent, b.latent,
+            "chunk {i}: same latent as submit + recv"
+        );
+    }
+    s.close().expect("close");
+}
+
+#[test]
 fn session_frames_come_with_results_when_asked() {
     let Some(_serial) = common::start("session_frames") else {
         return;

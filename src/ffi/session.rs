@@ -445,6 +445,45 @@ fn chunk_box(c: ChunkOut, shape: [u64; 2]) -> Box<ChunkBox> {
     b
 }
 
+/// Hands a received chunk to the caller: counted, through the decode callback (if set), into
+/// `*out`. Returns the callback's failure message, if it failed.
+///
+/// # Safety
+/// `out` is non-NULL and writable.
+unsafe fn hand_out(
+    g: &mut Inner,
+    c: ChunkOut,
+    t: Instant,
+    out: *mut *mut LockstepChunk,
+) -> Option<String> {
+    let mesh_us = c.s1_us;
+    let b = chunk_box(c, g.session.latent_shape());
+    g.stats.received += 1;
+    g.stats.mesh_us += mesh_us;
+    g.stats.recv_us += t.elapsed().as_micros() as u64;
+    let ptr = Box::into_raw(b);
+    let mut hook_fail = None;
+    if let Some(hook) = &g.hook {
+        let t = Instant::now();
+        // SAFETY: the callback's contract (header): called with a live chunk, on this
+        // thread; `ptr` stays owned by us until written to `out`.
+        let rc = unsafe { (hook.f)(hook.user, ptr.cast::<LockstepChunk>()) };
+        g.stats.decode_us += t.elapsed().as_micros() as u64;
+        if rc != 0 {
+            // SAFETY: ptr came from Box::into_raw just above.
+            let ids = unsafe { &(*ptr).c.ids };
+            hook_fail = Some(format!(
+                "decode callback returned {rc} for chunk_index {} cache_epoch {} call_id {} \
+                 (the chunk is still handed out)",
+                ids.chunk_index, ids.cache_epoch, ids.call_id
+            ));
+        }
+    }
+    // SAFETY: non-null and writable per this function's contract.
+    unsafe { out.write(ptr.cast::<LockstepChunk>()) };
+    hook_fail
+}
+
 /// The next result, waiting at most `timeout_ms` (0 = poll): `LOCKSTEP_OK` with `*out`, or
 /// `LOCKSTEP_NO_RESULT`.
 ///
@@ -473,30 +512,84 @@ pub unsafe extern "C" fn lockstep_session_recv(
             status = STATUS_NO_RESULT;
             return Ok(());
         };
-        let mesh_us = c.s1_us;
-        let b = chunk_box(c, g.session.latent_shape());
-        g.stats.received += 1;
-        g.stats.mesh_us += mesh_us;
-        g.stats.recv_us += t.elapsed().as_micros() as u64;
-        let ptr = Box::into_raw(b);
-        if let Some(hook) = &g.hook {
-            let t = Instant::now();
-            // SAFETY: the callback's contract (header): called with a live chunk, on this
-            // thread; `ptr` stays owned by us until written to `out`.
-            let rc = unsafe { (hook.f)(hook.user, ptr.cast::<LockstepChunk>()) };
-            g.stats.decode_us += t.elapsed().as_micros() as u64;
-            if rc != 0 {
-                // SAFETY: ptr came from Box::into_raw just above.
-                let ids = unsafe { &(*ptr).c.ids };
-                hook_fail = Some(format!(
-                    "decode callback returned {rc} for chunk_index {} cache_epoch {} call_id {} \
-                     (the chunk is still handed out)",
-                    ids.chunk_index, ids.cache_epoch, ids.call_id
-                ));
-            }
+        // SAFETY: `out` checked non-null above.
+        hook_fail = unsafe { hand_out(&mut g, c, t, out) };
+        Ok(())
+    });
+    if st != STATUS_OK {
+        return st;
+    }
+    if let Some(m) = hook_fail {
+        super::set_last_error(&m);
+        return STATUS_DECODER_FAILED;
+    }
+    status
+}
+
+/// `lockstep_session_submit` then `lockstep_session_recv` in one round trip to rank 0: see
+/// `ffi/lockstep.h` and `Session::submit_and_recv`.
+///
+/// # Safety
+/// `s` NULL or live; `submitted` and `ids` NULL or writable; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn lockstep_session_submit_and_recv(
+    s: *mut LockstepSession,
+    timeout_ms: u32,
+    submitted: *mut i32,
+    ids: *mut LockstepIds,
+    out: *mut *mut LockstepChunk,
+) -> i32 {
+    let mut status = STATUS_OK;
+    let mut hook_fail: Option<String> = None;
+    let st = guard(|| {
+        if out.is_null() {
+            return Err(bad_input("lockstep_session_submit_and_recv: out is NULL"));
         }
-        // SAFETY: checked non-null above.
-        unsafe { out.write(ptr.cast::<LockstepChunk>()) };
+        // SAFETY: non-null and writable.
+        unsafe { out.write(std::ptr::null_mut()) };
+        if !submitted.is_null() {
+            // Nothing is known to be sent until the call says so.
+            // SAFETY: non-null and writable per the contract.
+            unsafe { submitted.write(STATUS_AGAIN) };
+        }
+        // SAFETY: forwarded.
+        let h = unsafe { handle(s) }?;
+        let mut g = lock(h);
+        let t = Instant::now();
+        let (sub, r) = g
+            .session
+            .submit_and_recv(Duration::from_millis(u64::from(timeout_ms)))?;
+        let sub_status = match sub {
+            Submit::Sent(x) => {
+                g.stats.submitted += 1;
+                if !ids.is_null() {
+                    // SAFETY: non-null and writable per the contract.
+                    unsafe {
+                        ids.write(LockstepIds {
+                            call_id: x.call_id.get(),
+                            chunk_index: x.chunk_index.get(),
+                            cache_epoch: x.cache_epoch.get(),
+                        })
+                    };
+                }
+                STATUS_OK
+            }
+            Submit::Again => {
+                g.stats.again += 1;
+                STATUS_AGAIN
+            }
+        };
+        if !submitted.is_null() {
+            // SAFETY: non-null and writable per the contract.
+            unsafe { submitted.write(sub_status) };
+        }
+        let Some(c) = r else {
+            g.stats.recv_us += t.elapsed().as_micros() as u64;
+            status = STATUS_NO_RESULT;
+            return Ok(());
+        };
+        // SAFETY: `out` checked non-null above.
+        hook_fail = unsafe { hand_out(&mut g, c, t, out) };
         Ok(())
     });
     if st != STATUS_OK {
@@ -703,6 +796,19 @@ mod tests {
             );
             let mut c: *mut LockstepChunk = std::ptr::null_mut();
             assert_eq!(lockstep_session_recv(std::ptr::null_mut(), 0, &mut c), 74);
+            let mut sub = 0i32;
+            assert_eq!(
+                lockstep_session_submit_and_recv(
+                    std::ptr::null_mut(),
+                    0,
+                    &mut sub,
+                    std::ptr::null_mut(),
+                    &mut c
+                ),
+                74
+            );
+            assert!(c.is_null());
+            assert_eq!(sub, STATUS_AGAIN, "nothing was sent");
             assert_eq!(lockstep_session_close(std::ptr::null_mut()), 74);
             assert_eq!(
                 lockstep_session_cut(std::ptr::null_mut(), std::ptr::null_mut()),

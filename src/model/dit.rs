@@ -157,9 +157,17 @@ pub(crate) struct Block {
     pub(crate) ffn2_bias: Option<Vec<f32>>,
 }
 
+/// Which prompt text K/V were computed for: a seed's features, or a caller's conditioning
+/// tensor (by its digest). Distinct kinds never match, whatever the numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptKey {
+    Seed(u64),
+    Tensor(u64),
+}
+
 /// Text K/V of one prompt for one rank's heads, per layer (`[text_tokens, local heads, hd]`).
 pub struct TextKv {
-    pub prompt_seed: u64,
+    pub key: PromptKey,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
@@ -329,13 +337,32 @@ impl DitShard {
         Ok(y)
     }
 
-    /// Random text features of a prompt (the text encoder is outside this project), embedded
-    /// and projected to this rank's cross-attention K/V. Once per prompt.
+    /// Random text features of a prompt seed (`prompt_features`), embedded and projected to
+    /// this rank's cross-attention K/V. Once per prompt.
     pub fn text_kv(&self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<TextKv> {
+        let feats = prompt_features(&self.cfg, prompt_seed);
+        self.text_kv_from(comm, PromptKey::Seed(prompt_seed), &feats)
+    }
+
+    /// Text features `[text_tokens, text_dim]` (a text encoder's output, or a seed's), through
+    /// the text embedding (`text_embedding.0`, GELU, `.2`) and projected to this rank's
+    /// cross-attention K/V (K normed over all heads). Once per prompt.
+    pub fn text_kv_from(
+        &self,
+        comm: &mut dyn TpComm,
+        key: PromptKey,
+        feats: &[f32],
+    ) -> Result<TextKv> {
         let c = &self.cfg;
         let lt = c.text_tokens;
-        let feats = prompt_features(c, prompt_seed);
-        let mut ctx = self.text1.apply(&feats, lt);
+        if feats.len() != lt * c.text_dim {
+            return Err(Error::Invariant(format!(
+                "text features of {} values, the model takes {lt} × {}",
+                feats.len(),
+                c.text_dim
+            )));
+        }
+        let mut ctx = self.text1.apply(feats, lt);
         ops::gelu_tanh(&mut ctx);
         let ctx = self.text2.apply(&ctx, lt);
         let mut ks = Vec::new();
@@ -346,11 +373,7 @@ impl DitShard {
             ks.push(k);
             vs.push(b.cv.apply(&ctx, lt));
         }
-        Ok(TextKv {
-            prompt_seed,
-            k: ks,
-            v: vs,
-        })
+        Ok(TextKv { key, k: ks, v: vs })
     }
 
     /// Timestep embedding → (`e[dim]`, `e0[6·dim]`), replicated on every rank.
@@ -582,6 +605,32 @@ mod tests {
         let start = cache.ledger().next_frame();
         outs.push(shard.forward(comm, &mut cache, &text, &x, 2, start, 500, CacheMode::Read)?);
         Ok(outs)
+    }
+
+    #[test]
+    fn text_kv_of_a_seed_is_its_features_through_the_embedding_bit_for_bit() {
+        let cfg = small();
+        let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
+        let seeded = shard.text_kv(&mut SoloComm, 5).unwrap();
+        assert_eq!(seeded.key, PromptKey::Seed(5));
+        // A caller's tensor equal to the seed's features is the same prompt, bit for bit: the
+        // seeded path is the tensor path fed with `prompt_features`.
+        let feats = prompt_features(&cfg, 5);
+        let given = shard
+            .text_kv_from(&mut SoloComm, PromptKey::Tensor(9), &feats)
+            .unwrap();
+        assert_eq!(given.key, PromptKey::Tensor(9));
+        assert_eq!((&seeded.k, &seeded.v), (&given.k, &given.v));
+        // Other values, other K/V; a tensor of the wrong size is refused.
+        let mut other = feats.clone();
+        other[0] += 1.0;
+        let o = shard
+            .text_kv_from(&mut SoloComm, PromptKey::Tensor(9), &other)
+            .unwrap();
+        assert_ne!(o.k, seeded.k);
+        assert!(shard
+            .text_kv_from(&mut SoloComm, PromptKey::Tensor(9), &feats[1..])
+            .is_err());
     }
 
     #[test]

@@ -723,18 +723,41 @@ impl GpuDit {
         if self.prompt == Some(prompt_seed) {
             return Ok(());
         }
-        // The text K/V are read inside captured graphs: untracked like every model buffer.
-        let ctx = self.gpu.context().clone();
-        untracked(&ctx, || self.make_text_kv(comm, prompt_seed))
+        let feats = super::dit::prompt_features(&self.cfg, prompt_seed);
+        self.set_prompt_features(comm, prompt_seed, &feats)
     }
 
-    fn make_text_kv(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
+    /// The text K/V from features `[text_tokens, text_dim]` (a caller's conditioning tensor's
+    /// values, or a seed's), kept under `key`; always computed (the caller keeps track).
+    pub fn set_prompt_features(
+        &mut self,
+        comm: &mut dyn TpComm,
+        key: u64,
+        feats: &[f32],
+    ) -> Result<()> {
+        let want = self.cfg.text_tokens * self.cfg.text_dim;
+        if feats.len() != want {
+            return Err(Error::Invariant(format!(
+                "text features of {} values, the model takes {want}",
+                feats.len()
+            )));
+        }
+        // The text K/V are read inside captured graphs: untracked like every model buffer.
+        let ctx = self.gpu.context().clone();
+        untracked(&ctx, || self.make_text_kv(comm, key, feats))
+    }
+
+    fn make_text_kv(
+        &mut self,
+        comm: &mut dyn TpComm,
+        prompt_seed: u64,
+        feats: &[f32],
+    ) -> Result<()> {
         let c = self.cfg.clone();
         let lt = c.text_tokens;
         let st = self.stream.clone();
-        let feats = super::dit::prompt_features(&c, prompt_seed);
         let feats = st
-            .clone_htod(&to_bf16(&feats))
+            .clone_htod(&to_bf16(feats))
             .map_err(|e| cuda_err("upload prompt features", e))?;
         let alloc = |n: usize| {
             st.alloc_zeros::<bf16>(n)

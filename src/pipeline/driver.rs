@@ -1,16 +1,13 @@
-//! Stage 0's loop: plan → preflight → send while the queues have room, receive results while the
-//! decode queue has room, decode and emit in order, hard cuts on schedule, SHUTDOWN at the end
-//! (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not this loop's.
+//! Stage 0 as steps (`Driver`): plan → preflight → send while the queues have room, receive
+//! results while the decode queue has room, decode and emit in order, hard cuts, SHUTDOWN at the
+//! end (drain). NOOP heartbeats are the protocol's (`Rank::start_heartbeats`), not these steps'.
 //!
-//! Priorities per turn: send (if allowed) → decode one (if any is ready) → wait for a result,
-//! bounded by `timeout` (→ `Error::Timeout`). Stage 0 never accumulates: with a slow Stage 1 it
-//! blocks here, bounded, with at most `d_in` in flight. Only with backpressure off (the E1
-//! experiment) does it take every result as soon as the mesh has it — waiting for an outstanding
-//! result before decoding, like a consumer with an unbounded receive buffer — which is what lets
-//! the decode backlog grow with the run. (A zero-wait poll is not enough to show it: the mesh
-//! leader holds a RESULT's payload until rank 0 reads its header and clears it to send, so a
-//! Stage 0 that only looks between decodes paces the mesh to its decode rate. With backpressure
-//! on, taking results early gains nothing: a result waits as well in the lane as in the queue.)
+//! Who drives them: always the session host (`session::host`), taking one request at a time —
+//! from a server's `Session`, or from `lockstep run`'s fixed schedule, a session client on a
+//! thread of rank 0 (`session::schedule`). Stage 0 never accumulates: `send_chunk` is offered
+//! only while `can_send`, every wait for a result is bounded (`result_timeout` → 71), and with
+//! backpressure off (E1) the host takes every result the mesh owes before decoding one.
+use super::conditioning::PromptTensor;
 use super::decode::{DecodeInput, Decoder};
 use super::envelope::{decode_result, prepare_infer, unchecked_infer, NOISE_TENSOR};
 use super::stage0::{InFlight, Offer, QueueConfig, Stage0, Stage0Stats};
@@ -20,10 +17,13 @@ use crate::digest::fnv64;
 use crate::fault::{self, points};
 use crate::ids::{CacheEpoch, CallId, ChunkIndex, DRIVER};
 use crate::model::DitConfig;
-use crate::plan::{PlanPolicy, Planner, StateDigest, OVERRIDE_TENSOR};
+use crate::plan::{
+    ConditioningSpec, PlanPolicy, Planner, StateDigest, CONDITIONING_TENSOR, OVERRIDE_TENSOR,
+};
 use crate::spans::{self, Args};
 use crate::wire::{EnvelopeIds, HostTensor, Limits, PreparedEnvelope};
 use crate::{Error, Result};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct DriverConfig {
@@ -38,6 +38,9 @@ pub struct DriverConfig {
     pub noise_seed: u64,
     pub limits: Limits,
     pub progress: Option<indicatif::ProgressBar>,
+    /// The first epoch's prompt as a caller's tensor (`--conditioning`); `None`: the policy's
+    /// `prompt_seed`.
+    pub conditioning: Option<Arc<PromptTensor>>,
 }
 
 #[derive(Debug, Default)]
@@ -89,9 +92,29 @@ pub struct Emitted {
     pub s1_us: u64,
 }
 
-/// Stage 0 as steps: the one driver. `run_driver` (the `lockstep run` loop) and the session
-/// host (`crate::session`, commands from a server) both drive a stream through these steps;
-/// neither has a send, receive or decode path of its own.
+/// An epoch's prompt as Stage 0 names it in each plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Text features from this seed (`model::dit::prompt_features`).
+    Seed(u64),
+    /// A caller's conditioning tensor: its values go to the mesh with the epoch's first chunk,
+    /// its digest names it in every plan.
+    Tensor(Arc<PromptTensor>),
+}
+
+impl Prompt {
+    /// `PhasePlan::prompt_seed`: the seed, or the tensor's digest.
+    pub fn key(&self) -> u64 {
+        match self {
+            Prompt::Seed(s) => *s,
+            Prompt::Tensor(t) => t.digest(),
+        }
+    }
+}
+
+/// Stage 0 as steps: the one driver. The session host (`crate::session::host`) drives a stream
+/// through these steps, for a server's `Session` and for `lockstep run`'s schedule alike; it has
+/// no send, receive or decode path of its own.
 pub struct Driver<'a> {
     dc: &'a DriverConfig,
     s0: Stage0,
@@ -104,8 +127,8 @@ pub struct Driver<'a> {
     /// Sink-frame latents of the current epoch: the recompute context.
     anchor: Option<Vec<f32>>,
     epoch_first: Option<ChunkIndex>,
-    /// The prompt of the current epoch (`PhasePlan::prompt_seed`).
-    prompt_seed: u64,
+    /// The prompt of the current epoch.
+    prompt: Prompt,
 }
 
 impl<'a> Driver<'a> {
@@ -120,7 +143,10 @@ impl<'a> Driver<'a> {
             last_call: None,
             anchor: None,
             epoch_first: None,
-            prompt_seed: dc.policy.prompt_seed,
+            prompt: match &dc.conditioning {
+                Some(t) => Prompt::Tensor(t.clone()),
+                None => Prompt::Seed(dc.policy.prompt_seed),
+            },
             dc,
         })
     }
@@ -149,13 +175,14 @@ impl<'a> Driver<'a> {
     pub fn can_receive(&self) -> bool {
         self.s0.can_receive()
     }
+    /// The current prompt's key (`PhasePlan::prompt_seed`).
     pub fn prompt_seed(&self) -> u64 {
-        self.prompt_seed
+        self.prompt.key()
     }
     /// The prompt the next chunk's plan names (takes effect at the next plan; the session
-    /// changes it only together with a hard cut).
-    pub fn set_prompt_seed(&mut self, seed: u64) {
-        self.prompt_seed = seed;
+    /// changes it only before an epoch's first chunk, or together with a hard cut).
+    pub fn set_prompt(&mut self, p: Prompt) {
+        self.prompt = p;
     }
 
     /// Plans, preflights and sends the next chunk (the caller checked `can_send`).
@@ -177,7 +204,7 @@ impl<'a> Driver<'a> {
             || format!("send {chunk} {epoch}"),
         );
         let mut plan = self.planner.next_plan(chunk, epoch);
-        plan.prompt_seed = self.prompt_seed;
+        plan.prompt_seed = self.prompt.key();
         if plan.recompute.is_some() && self.anchor.is_none() {
             // The anchor chunk's result is not back yet (deep queues): no recompute this
             // chunk. Decided here, on rank 0, and sent explicitly in the plan.
@@ -200,6 +227,18 @@ impl<'a> Driver<'a> {
                 vec![(r.frames as usize * tpf) as u64, in_dim as u64],
                 ctx,
             ));
+        }
+        if let Prompt::Tensor(t) = &self.prompt {
+            // The values go once per epoch, with its first chunk; later plans name the digest.
+            plan.conditioning = Some(ConditioningSpec {
+                tensor: plan
+                    .cache_actions
+                    .reset
+                    .then(|| CONDITIONING_TENSOR.to_string()),
+            });
+            if plan.cache_actions.reset {
+                tensors.push(t.to_tensor());
+            }
         }
         if plan.recompute.is_some() && fault::hit(points::OMIT_OVERRIDE) {
             plan.context_frames_override = None;
@@ -243,13 +282,14 @@ impl<'a> Driver<'a> {
         self.rep.recompute_calls += u64::from(plan.recompute.is_some());
         let expected = if skip_preflight {
             // The mesh must refuse this envelope; nothing will come back to compare.
-            StateDigest::from_words(&[0; 6])?
+            StateDigest::from_words(&[0; 7])?
         } else {
             let after = self.planner.commit(&plan)?;
             StateDigest::from_ledger(
                 u64::from(plan.expected_generator_calls),
                 &after,
                 dc.graph_count,
+                plan.prompt_seed,
             )
         };
         self.s0.on_sent(InFlight {
@@ -386,49 +426,4 @@ impl<'a> Driver<'a> {
         rep.stats = self.s0.stats().clone();
         Ok(rep)
     }
-}
-
-/// `lockstep run`'s Stage 0: sends `dc.chunks` chunks through the `Driver` steps, hard cuts on
-/// schedule, then drains.
-pub fn run_driver(
-    link: &mut dyn DriverLink,
-    decoder: &mut dyn Decoder,
-    dc: &DriverConfig,
-) -> Result<DriverReport> {
-    let mut d = Driver::new(dc)?;
-    loop {
-        if d.sent() < dc.chunks && d.can_send() {
-            d.send_chunk(link)?;
-            if dc.hard_cut_every > 0
-                && d.sent_in_epoch() % dc.hard_cut_every == 0
-                && d.sent() < dc.chunks
-            {
-                d.hard_cut();
-            }
-            continue;
-        }
-        if d.can_receive() && (d.ready_len() == 0 || !dc.queues.backpressure) {
-            let wait = dc.timeout;
-            match d.receive(link, wait)? {
-                Received::Accepted | Received::DroppedStale => continue,
-                Received::Nothing if d.ready_len() == 0 => return Err(d.result_timeout()),
-                Received::Nothing => {}
-            }
-        }
-        if d.decode_next(decoder)?.is_some() {
-            continue;
-        }
-        if d.sent() >= dc.chunks && d.outstanding() == 0 {
-            break;
-        }
-        return Err(Error::Invariant(format!(
-            "stage 0 can neither send, receive nor decode ({} outstanding, {} ready, {} of {} \
-             sent)",
-            d.outstanding(),
-            d.ready_len(),
-            d.sent(),
-            dc.chunks
-        )));
-    }
-    d.finish(link)
 }

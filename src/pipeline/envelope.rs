@@ -48,14 +48,26 @@ pub struct ResultMeta {
 fn check_manifest(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> Result<()> {
     let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
     let tpf = cfg.tokens_per_frame();
-    let mut want: Vec<(&str, Vec<u64>)> = vec![(
+    const LATENT: &[DType] = &[DType::F32];
+    // A text encoder's output may be half precision; the mesh converts it.
+    const TEXT: &[DType] = &[DType::F32, DType::F16, DType::Bf16];
+    let mut want: Vec<(&str, Vec<u64>, &[DType])> = vec![(
         NOISE_TENSOR,
         vec![(plan.frames as usize * tpf) as u64, cfg.in_dim() as u64],
+        LATENT,
     )];
     if let Some(o) = &plan.context_frames_override {
         want.push((
             OVERRIDE_TENSOR,
             vec![(o.frames as usize * tpf) as u64, cfg.in_dim() as u64],
+            LATENT,
+        ));
+    }
+    if let Some(name) = plan.conditioning.as_ref().and_then(|c| c.tensor.as_deref()) {
+        want.push((
+            name,
+            vec![cfg.text_tokens as u64, cfg.text_dim as u64],
+            TEXT,
         ));
     }
     if plan.frames as usize != cfg.frames_per_chunk {
@@ -64,25 +76,30 @@ fn check_manifest(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> 
             plan.frames, cfg.frames_per_chunk
         )));
     }
-    for (name, shape) in &want {
+    for (name, shape, dtypes) in &want {
         let Some(t) = tensors.iter().find(|t| t.name == *name) else {
             return Err(Error::Preflight(format!(
                 "envelope at {at} lacks tensor {name:?} (shape {shape:?}) that its plan requires"
             )));
         };
         let n: u64 = shape.iter().product();
-        if &t.shape != shape || t.dtype != DType::F32 || t.data.len() as u64 != n * 4 {
+        if &t.shape != shape
+            || !dtypes.contains(&t.dtype)
+            || t.data.len() as u64 != n * t.dtype.size()
+        {
+            let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
             return Err(Error::Preflight(format!(
-                "tensor {name:?} at {at} is {} {:?} ({} bytes), the plan requires f32 {shape:?}",
+                "tensor {name:?} at {at} is {} {:?} ({} bytes), the plan requires {} {shape:?}",
                 t.dtype.name(),
                 t.shape,
-                t.data.len()
+                t.data.len(),
+                names.join("/")
             )));
         }
     }
     if let Some(extra) = tensors
         .iter()
-        .find(|t| !want.iter().any(|(n, _)| *n == t.name))
+        .find(|t| !want.iter().any(|(n, _, _)| *n == t.name))
     {
         return Err(Error::Preflight(format!(
             "envelope at {at} carries tensor {:?} that its plan does not declare",
@@ -299,6 +316,43 @@ mod tests {
     }
 
     #[test]
+    fn a_conditioning_tensor_in_half_precision_travels_and_is_checked_on_both_sides() {
+        use crate::plan::{ConditioningSpec, CONDITIONING_TENSOR};
+        let (cfg, p) = setup(0);
+        let l = Limits::default();
+        let mut plan = p.next_plan(ChunkIndex(0), CacheEpoch(0));
+        plan.conditioning = Some(ConditioningSpec {
+            tensor: Some(CONDITIONING_TENSOR.into()),
+        });
+        let shape = vec![cfg.text_tokens as u64, cfg.text_dim as u64];
+        let text = HostTensor::new(
+            CONDITIONING_TENSOR,
+            DType::Bf16,
+            shape.clone(),
+            vec![0u8; cfg.text_tokens * cfg.text_dim * 2],
+        );
+        let env = prepare_infer(&plan, ids(1), vec![noise(&cfg), text.clone()], &cfg, &l)
+            .expect("bf16 conditioning");
+        assert_eq!(validate_infer(&received(&env), &cfg).unwrap(), plan);
+        // The plan names it: without it, nothing is sent.
+        let e = prepare_infer(&plan, ids(1), vec![noise(&cfg)], &cfg, &l).unwrap_err();
+        assert!(
+            e.to_string().contains("lacks tensor \"conditioning\""),
+            "{e}"
+        );
+        // Another shape or an integer dtype is refused.
+        let mut wrong = text.clone();
+        wrong.shape = vec![shape[0] + 1, shape[1]];
+        let e = prepare_infer(&plan, ids(1), vec![noise(&cfg), wrong], &cfg, &l).unwrap_err();
+        assert!(e.to_string().contains("f32/f16/bf16"), "{e}");
+        let mut int = text;
+        int.dtype = DType::U8;
+        int.data.truncate(cfg.text_tokens * cfg.text_dim);
+        let e = prepare_infer(&plan, ids(1), vec![noise(&cfg), int], &cfg, &l).unwrap_err();
+        assert!(e.to_string().contains("is u8"), "{e}");
+    }
+
+    #[test]
     fn manifest_must_match_the_plan() {
         let (cfg, p) = setup(0);
         let l = Limits::default();
@@ -351,6 +405,7 @@ mod tests {
             cache_len_frames: 3,
             cache_mutations: 2,
             graph_count: 5,
+            prompt: 7,
         };
         let meta = ResultMeta { digest, s1_us: 42 };
         let cfg = DitConfig::tiny();

@@ -12,6 +12,7 @@
 //! (envelopes = `wire::PreparedEnvelope` on the control plane + `pp` group, relay and TP
 //! collectives on the `mesh` group's guarded, recorded collective wrapper). There is no
 //! in-process transport: the break-it tests, E2 and the soak run the real processes.
+pub mod conditioning;
 pub mod decode;
 pub mod driver;
 pub mod envelope;
@@ -125,6 +126,14 @@ pub struct RunArgs {
     /// Weight seed (also seeds the noise and the prompt).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The prompt as a text encoder's output: a safetensors file holding `[text_tokens,
+    /// text_dim]` (f32, f16 or bf16; its only tensor, or `--conditioning-tensor`). Its values go
+    /// to every mesh rank, whose model embeds them. Default: text features from the seed.
+    #[arg(long)]
+    pub conditioning: Option<PathBuf>,
+    /// Which tensor of the `--conditioning` file, when it holds several.
+    #[arg(long, requires = "conditioning")]
+    pub conditioning_tensor: Option<String>,
     /// DiT weights from this safetensors file (Wan's names; memory-mapped, each mesh rank reads
     /// its TP shard) instead of seeded random weights. `lockstep weights save` writes one.
     #[arg(long)]
@@ -163,6 +172,8 @@ impl Default for RunArgs {
             metrics: None,
             trace: None,
             seed: 0,
+            conditioning: None,
+            conditioning_tensor: None,
             weights: None,
             timeout: 10.0,
             heartbeat_ms: 200,

@@ -33,8 +33,9 @@
 //!
 //! Tripwires: a rank that dies (peer lost at once), a hung stage (its bounded wait, then the
 //! watchdog), parity mismatch (before inference), a rank report missing after a clean exit.
+use super::conditioning::PromptTensor;
 use super::decode::{CalibratedDecoder, Decoder, NullDecoder, PreviewDecoder, Y4mDecoder};
-use super::driver::{run_driver, DriverConfig, DriverReport};
+use super::driver::{DriverConfig, DriverReport};
 use super::report::{
     chrome_trace, overlap, percentile, steady_mean, steady_period, Metrics, Span, Trace,
 };
@@ -599,14 +600,16 @@ fn run_rank<D: DataPlane>(
             noise_seed: args.seed,
             limits,
             progress,
+            conditioning: conditioning_of(args, &s.cfg)?.map(std::sync::Arc::new),
         };
         rank.start_heartbeats(s.heartbeat)?;
         let mut link = RankDriver { rank };
         spans::set_lane("stage0");
-        // session: a session's rank 0 takes its schedule from the client (`crate::session`).
+        // Rank 0 serves a session: a server's (`Session::open` set the socket), or this run's
+        // own fixed schedule, a session client on a thread of this process.
         let d = match crate::session::host::socket_from_env() {
             Some(sock) => crate::session::host::serve(&sock, &mut link, decoder.as_mut(), &dc),
-            None => run_driver(&mut link, decoder.as_mut(), &dc),
+            None => crate::session::schedule::run(&mut link, decoder.as_mut(), &dc),
         };
         if let Some(pb) = &dc.progress {
             pb.finish_and_clear();
@@ -685,6 +688,15 @@ fn run_rank<D: DataPlane>(
         envelopes_awaiting_cts: rank.envelopes_received_awaiting_cts(),
         cuda_graphs,
     })
+}
+
+/// `--conditioning`: the prompt tensor (read by the parent to refuse a bad file before any rank
+/// starts, and by rank 0, which sends its values; the mesh ranks never read the file).
+fn conditioning_of(args: &RunArgs, cfg: &DitConfig) -> Result<Option<PromptTensor>> {
+    args.conditioning
+        .as_ref()
+        .map(|p| PromptTensor::from_safetensors(cfg, p, args.conditioning_tensor.as_deref()))
+        .transpose()
 }
 
 fn report_path(dir: &Path, rank: u32) -> PathBuf {
@@ -859,6 +871,7 @@ fn launch_and_report(args: &RunArgs) -> Result<i32> {
     if let Some(p) = &args.video_out {
         check_output_file("--video-out", p)?;
     }
+    conditioning_of(args, &s.cfg)?;
     if let Some(d) = &args.frames_out {
         std::fs::create_dir_all(d).map_err(|e| {
             Error::BadInput(format!(

@@ -201,6 +201,7 @@ mod tests {
             cache_len_frames: 3,
             cache_mutations: 2,
             graph_count: 5,
+            prompt: 7,
         }
     }
 

@@ -16,13 +16,14 @@
 //!   parity-checked configuration, before the first INFER, and all-gathers its fingerprint: ranks
 //!   whose sets differ crash there (G2); a production call whose signature was not captured is
 //!   an invariant violation.
+use super::conditioning;
 use super::envelope::{prepare_result, validate_infer, ResultMeta, NOISE_TENSOR};
 use super::MeshLink;
 use crate::cache::{CacheGeometry, KvCache};
 use crate::digest::Fnv64;
 use crate::fault::{self, points};
 use crate::ids::{GlobalRank, GroupRank};
-use crate::model::dit::{CacheMode, DitShard, TextKv};
+use crate::model::dit::{CacheMode, DitShard, PromptKey, TextKv};
 use crate::model::tp::TpComm;
 use crate::model::DitConfig;
 use crate::plan::{Phase, PhasePlan, StateDigest, OVERRIDE_TENSOR, TIMESTEP_MAX};
@@ -96,10 +97,47 @@ pub struct Call<'a> {
     pub mode: CacheMode<'a>,
 }
 
+/// The prompt a chunk's plan names, as the generator gets it.
+#[derive(Clone, Copy, Debug)]
+pub enum Prompt<'a> {
+    /// Text features from this seed (`model::dit::prompt_features`).
+    Seed(u64),
+    /// A caller's conditioning tensor: its values (f32, `[text_tokens, text_dim]`) and digest.
+    Tensor { digest: u64, features: &'a [f32] },
+    /// The conditioning tensor with this digest, whose values came with the epoch's first
+    /// chunk: the generator holds its text K/V.
+    Held(u64),
+}
+
+impl Prompt<'_> {
+    /// The key its text K/V are kept under.
+    pub fn key(&self) -> PromptKey {
+        match self {
+            Prompt::Seed(s) => PromptKey::Seed(*s),
+            Prompt::Tensor { digest, .. } | Prompt::Held(digest) => PromptKey::Tensor(*digest),
+        }
+    }
+
+    /// Errors unless `held` (the key of the text K/V a generator holds) is this prompt's, for
+    /// a `Held` prompt (whose values are not here to compute them again).
+    pub fn check_held(&self, held: Option<PromptKey>) -> Result<()> {
+        match self {
+            Prompt::Held(d) if held != Some(PromptKey::Tensor(*d)) => {
+                Err(Error::Invariant(format!(
+                    "the plan names conditioning tensor {d:#018x}, whose values came with its \
+                     epoch's first chunk, but this rank's text K/V are of {held:?}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The mesh's generator (the DiT on the CPU, a calibrated stand-in, later the GPU model).
 pub trait Generator: Send {
-    /// Computes the prompt's text K/V (once per prompt; may use collectives).
-    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()>;
+    /// Computes the prompt's text K/V (once per prompt; may use collectives): from the seed's
+    /// features, or from a caller's tensor's values.
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()>;
     /// One generator call; returns the model output (same shape as `x`).
     fn call(
         &mut self,
@@ -136,15 +174,19 @@ impl DitGenerator {
 }
 
 impl Generator for DitGenerator {
-    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
-        if self
-            .text
-            .as_ref()
-            .is_some_and(|t| t.prompt_seed == prompt_seed)
-        {
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()> {
+        let held = self.text.as_ref().map(|t| t.key);
+        if held == Some(prompt.key()) {
             return Ok(());
         }
-        self.text = Some(self.shard.text_kv(comm, prompt_seed)?);
+        prompt.check_held(held)?;
+        self.text = Some(match prompt {
+            Prompt::Seed(s) => self.shard.text_kv(comm, *s)?,
+            Prompt::Tensor { features, .. } => {
+                self.shard.text_kv_from(comm, prompt.key(), features)?
+            }
+            Prompt::Held(_) => unreachable_held()?,
+        });
         Ok(())
     }
 
@@ -182,17 +224,37 @@ impl Generator for DitGenerator {
 /// before, download after each call).
 pub struct GpuGenerator {
     model: crate::model::gpu::GpuDit,
+    /// The prompt whose text K/V the model holds.
+    held: Option<PromptKey>,
 }
 
 impl GpuGenerator {
     pub fn new(model: crate::model::gpu::GpuDit) -> Self {
-        Self { model }
+        Self { model, held: None }
     }
 }
 
 impl Generator for GpuGenerator {
-    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
-        self.model.set_prompt(comm, prompt_seed)
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()> {
+        if self.held == Some(prompt.key()) {
+            return Ok(());
+        }
+        prompt.check_held(self.held)?;
+        let seeded;
+        let (key, features) = match prompt {
+            Prompt::Seed(s) => {
+                seeded = crate::model::dit::prompt_features(self.model.config(), *s);
+                (*s, seeded.as_slice())
+            }
+            Prompt::Tensor { digest, features } => (*digest, *features),
+            Prompt::Held(_) => unreachable_held()?,
+        };
+        // The key of a seed and of a tensor may not collide in the model's own cache: it is
+        // told to compute whenever this generator's key changes.
+        self.held = None;
+        self.model.set_prompt_features(comm, key, features)?;
+        self.held = Some(prompt.key());
+        Ok(())
     }
 
     fn call(
@@ -243,7 +305,7 @@ impl CalibratedGenerator {
 }
 
 impl Generator for CalibratedGenerator {
-    fn set_prompt(&mut self, _comm: &mut dyn TpComm, _prompt_seed: u64) -> Result<()> {
+    fn set_prompt(&mut self, _comm: &mut dyn TpComm, _prompt: &Prompt<'_>) -> Result<()> {
         Ok(())
     }
 
@@ -275,6 +337,13 @@ impl Generator for CalibratedGenerator {
     }
 }
 
+/// `Prompt::Held` past `check_held`: the key matched, so it never computes.
+fn unreachable_held<T>() -> Result<T> {
+    Err(Error::Invariant(
+        "a held prompt reached the text K/V computation".into(),
+    ))
+}
+
 /// One mesh rank's state across chunks.
 pub struct MeshRank<'a> {
     pub comm: &'a mut dyn TpComm,
@@ -283,6 +352,8 @@ pub struct MeshRank<'a> {
     pub graphs: StepGraphs,
     pub global_rank: GlobalRank,
     pub cfg: DitConfig,
+    /// The prompt this rank's generator was last given (whatever the generator does with it).
+    prompt: Option<PromptKey>,
 }
 
 impl<'a> MeshRank<'a> {
@@ -300,7 +371,52 @@ impl<'a> MeshRank<'a> {
             graphs: StepGraphs::default(),
             global_rank,
             cfg: cfg.clone(),
+            prompt: None,
         })
+    }
+
+    /// Gives the generator the plan's prompt; returns the state digest's `prompt` word: the
+    /// seed, or the digest of the conditioning tensor as this rank received it.
+    fn set_prompt(&mut self, plan: &PhasePlan, tensors: &[HostTensor]) -> Result<u64> {
+        let spec = plan.conditioning.as_ref().map(|c| c.tensor.as_deref());
+        let (prompt_word, features);
+        let prompt = match spec {
+            None => {
+                prompt_word = plan.prompt_seed;
+                Prompt::Seed(plan.prompt_seed)
+            }
+            Some(None) => {
+                prompt_word = plan.prompt_seed;
+                let p = Prompt::Held(plan.prompt_seed);
+                p.check_held(self.prompt)?;
+                p
+            }
+            Some(Some(name)) => {
+                let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+                    Error::Invariant(format!(
+                        "conditioning tensor {name:?} missing at {} {}",
+                        plan.chunk_index, plan.cache_epoch
+                    ))
+                })?;
+                let mut bytes = std::borrow::Cow::Borrowed(t.data.as_slice());
+                if fault::hit(points::CORRUPT_CONDITIONING) {
+                    let mut b = t.data.clone();
+                    if let Some(x) = b.first_mut() {
+                        *x ^= 0x40;
+                    }
+                    bytes = std::borrow::Cow::Owned(b);
+                }
+                prompt_word = conditioning::digest(t.dtype, &t.shape, &bytes);
+                features = conditioning::features(t.dtype, &bytes)?;
+                Prompt::Tensor {
+                    digest: prompt_word,
+                    features: &features,
+                }
+            }
+        };
+        self.gen.set_prompt(self.comm, &prompt)?;
+        self.prompt = Some(prompt.key());
+        Ok(prompt_word)
     }
 
     /// Captures the step set (derived from the parity-checked configuration) and checks, with a
@@ -397,7 +513,7 @@ impl<'a> MeshRank<'a> {
                 self.cache.ledger().epoch()
             )));
         }
-        self.gen.set_prompt(self.comm, plan.prompt_seed)?;
+        let prompt = self.set_prompt(plan, tensors)?;
         let frames = plan.frames as usize;
         let mut x = tensor(NOISE_TENSOR)?;
         let mut calls = 0u32;
@@ -482,8 +598,12 @@ impl<'a> MeshRank<'a> {
                 plan.expected_generator_calls
             )));
         }
-        let digest =
-            StateDigest::from_ledger(u64::from(calls), self.cache.ledger(), self.graphs.count());
+        let digest = StateDigest::from_ledger(
+            u64::from(calls),
+            self.cache.ledger(),
+            self.graphs.count(),
+            prompt,
+        );
         let all = self.comm.all_gather_u64(&digest.to_words())?;
         let all: Vec<StateDigest> = all
             .iter()

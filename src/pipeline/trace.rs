@@ -13,7 +13,7 @@
 //! (`model::dit`), and `__metadata__["lockstep.trace"]`, JSON `{config, calls: [{n, chunk, kind,
 //! t, start_frame, frames, evict_before, reset_before}]}`.
 use super::envelope::NOISE_TENSOR;
-use super::stage1::{Call, DitGenerator, Generator, MeshRank, StepGraphs};
+use super::stage1::{Call, DitGenerator, Generator, MeshRank, Prompt, StepGraphs};
 use crate::cache::{CacheGeometry, KvCache};
 use crate::ids::{CacheEpoch, ChunkIndex, GlobalRank};
 use crate::model::dit::{prompt_features, CacheMode, DitShard};
@@ -74,8 +74,8 @@ struct Recorder<'g> {
 }
 
 impl Generator for Recorder<'_> {
-    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt_seed: u64) -> Result<()> {
-        self.inner.set_prompt(comm, prompt_seed)
+    fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()> {
+        self.inner.set_prompt(comm, prompt)
     }
 
     fn call(

@@ -1,6 +1,7 @@
-//! The session host: rank 0 of a session's job. Instead of `run_driver`'s fixed schedule it
-//! takes one command at a time from the server's process (`super::Session`) and answers it with
-//! the same `Driver` steps (`pipeline::driver`): there is one Stage 0, driven two ways.
+//! The session host: rank 0, always. It takes one command at a time from a `Session` — a
+//! server's, in another process, or `lockstep run`'s fixed schedule on a thread of this one
+//! (`super::schedule`) — and answers it with the `Driver` steps (`pipeline::driver`): there is
+//! one Stage 0 and one way to drive it.
 //!
 //! Contract: a request is answered once, in order. `Submit` answers `Again` when D_in (or, with
 //! backpressure, D_out) is full — never a wait. `Recv` waits at most its own timeout. Any error
@@ -8,9 +9,10 @@
 //! ends this rank through the protocol's crash path, so the client learns it as the job's exit
 //! code and diagnosis. The client vanishing (EOF without `Close`) is a lost peer: the job ends,
 //! no rank is left running.
-use super::proto::{read_frame, write_frame, Reply, Request};
+use super::proto::{Conn, PromptMsg, Reply, Request};
+use crate::pipeline::conditioning::PromptTensor;
 use crate::pipeline::decode::{preview_frames, Decoder};
-use crate::pipeline::driver::{Driver, DriverConfig, DriverReport, Received};
+use crate::pipeline::driver::{Driver, DriverConfig, DriverReport, Emitted, Prompt, Received};
 use crate::pipeline::DriverLink;
 use crate::{Error, Result};
 use std::os::unix::net::UnixStream;
@@ -35,10 +37,9 @@ const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 const PREFETCH_EVERY: Duration = Duration::from_micros(200);
 
 /// Waits up to `wait` for a request (or EOF) to be readable on the client's socket.
-fn request_waiting(s: &UnixStream, wait: Duration) -> Result<bool> {
-    use std::os::fd::AsRawFd;
+fn request_waiting(fd: std::os::fd::RawFd, wait: Duration) -> Result<bool> {
     let mut p = libc::pollfd {
-        fd: s.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
@@ -65,17 +66,28 @@ pub fn serve(
     decoder: &mut dyn Decoder,
     dc: &DriverConfig,
 ) -> Result<DriverReport> {
-    let frames = std::env::var_os(FRAMES_ENV).is_some_and(|v| v == "1");
-    let mut s = UnixStream::connect(socket).map_err(|e| {
+    let s = UnixStream::connect(socket).map_err(|e| {
         Error::io(
             format!("session: connecting to the client at {}", socket.display()),
             e,
         )
     })?;
+    serve_on(s, link, decoder, dc)
+}
+
+/// Serves the session on an open connection (the client's socket, or the end of a socket pair
+/// whose other end is `lockstep run`'s schedule).
+pub fn serve_on(
+    s: UnixStream,
+    link: &mut dyn DriverLink,
+    decoder: &mut dyn Decoder,
+    dc: &DriverConfig,
+) -> Result<DriverReport> {
+    let frames = std::env::var_os(FRAMES_ENV).is_some_and(|v| v == "1");
+    let mut c = Conn::new(s);
     let mut d = Driver::new(dc)?;
     let cfg = &dc.cfg;
-    write_frame(
-        &mut s,
+    c.send(
         &Reply::Hello {
             pid: std::process::id(),
             latent_shape: [cfg.tokens_per_chunk() as u64, cfg.in_dim() as u64],
@@ -93,83 +105,50 @@ pub fn serve(
         // client. Decoding still waits for the client's `Recv`.
         // Rank 0 sleeps on the socket (a request wakes it at once) and looks at the lane every
         // `PREFETCH_EVERY` while results are due.
-        while d.outstanding() > 0 && d.can_receive() && !request_waiting(&s, PREFETCH_EVERY)? {
+        while d.outstanding() > 0
+            && d.can_receive()
+            && !c.has_buffered()
+            && !request_waiting(c.fd(), PREFETCH_EVERY)?
+        {
             d.receive(link, Duration::ZERO)?;
         }
-        let Some((req, _)) = read_frame::<Request>(&mut s)? else {
+        let Some((req, payload_len)) = c.read_head::<Request>()? else {
             return Err(Error::PeerLost(
                 "session: the client closed its connection without closing the session".into(),
             ));
         };
+        let payload = c.read_payload(payload_len)?;
         match req {
             Request::Submit => {
-                let reply = if d.can_send() {
-                    let ids = d.send_chunk(link)?;
-                    Reply::Sent {
-                        call_id: ids.call_id.get(),
-                        chunk_index: ids.chunk_index.get(),
-                        cache_epoch: ids.cache_epoch.get(),
-                        room: d.can_send(),
-                    }
-                } else {
-                    Reply::Again {
-                        outstanding: d.outstanding(),
-                    }
-                };
-                write_frame(&mut s, &reply, &[])?;
+                let reply = submit(&mut d, link, dc)?;
+                c.send(&reply, &[])?;
             }
-            Request::Recv { timeout_us } => {
-                // A client may ask for "forever"; a week bounds it (and the arithmetic).
-                let wait = Duration::from_micros(timeout_us).min(MAX_WAIT);
-                let deadline = Instant::now() + wait;
-                let out = loop {
-                    if let Some(e) = d.decode_next(decoder)? {
-                        break Some(e);
-                    }
-                    if d.outstanding() == 0 || !d.can_receive() {
-                        break None;
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match d.receive(link, left)? {
-                        Received::Nothing => break None,
-                        Received::Accepted | Received::DroppedStale => {}
-                    }
-                };
-                match out {
-                    None => write_frame(
-                        &mut s,
-                        &Reply::Nothing {
-                            outstanding: d.outstanding(),
-                        },
-                        &[],
-                    )?,
-                    Some(e) => {
-                        let bytes: &[u8] = bytemuck::cast_slice(&e.latent);
-                        let (fh, fw, rgb) = if frames {
-                            preview_frames(cfg, &e.latent)?
-                        } else {
-                            (0, 0, Vec::new())
-                        };
-                        let mut payload: Vec<&[u8]> = vec![bytes];
-                        payload.extend(rgb.iter().map(Vec::as_slice));
-                        write_frame(
-                            &mut s,
-                            &Reply::Result {
-                                call_id: e.ids.call_id.get(),
-                                chunk_index: e.ids.chunk_index.get(),
-                                cache_epoch: e.ids.cache_epoch.get(),
-                                s1_us: e.s1_us,
-                                latent_len: e.latent.len() as u64,
-                                frames: rgb.len() as u32,
-                                frame_h: fh,
-                                frame_w: fw,
-                            },
-                            &payload,
-                        )?;
-                    }
+            Request::Recv { timeout_us, strict } => {
+                let wait = Duration::from_micros(timeout_us);
+                let out = recv(&mut d, link, decoder, wait)?;
+                if strict && out.is_none() && d.outstanding() > 0 {
+                    return Err(d.result_timeout());
                 }
+                send_result(&mut c, &d, cfg, frames, out)?;
             }
-            Request::Prompt { seed } => {
+            Request::SubmitRecv { timeout_us, strict } => {
+                let reply = submit(&mut d, link, dc)?;
+                c.queue(&reply, 0)?;
+                // Wait only when the pipeline is full; with room left the caller's next turn
+                // submits again (a poll still hands out a result that is ready).
+                let waits = !d.can_send();
+                let wait = if waits {
+                    Duration::from_micros(timeout_us)
+                } else {
+                    Duration::ZERO
+                };
+                let out = recv(&mut d, link, decoder, wait)?;
+                if strict && waits && out.is_none() && d.outstanding() > 0 {
+                    return Err(d.result_timeout());
+                }
+                send_result(&mut c, &d, cfg, frames, out)?;
+            }
+            Request::Prompt { prompt } => {
                 let reply = if d.sent_in_epoch() > 0 {
                     Reply::Refused {
                         message: format!(
@@ -180,23 +159,35 @@ pub fn serve(
                         ),
                     }
                 } else {
-                    d.set_prompt_seed(seed);
-                    Reply::Ok
+                    match prompt_of(cfg, prompt, payload) {
+                        Ok(p) => {
+                            d.set_prompt(p);
+                            Reply::Ok
+                        }
+                        Err(e) => Reply::Refused {
+                            message: e.to_string(),
+                        },
+                    }
                 };
-                write_frame(&mut s, &reply, &[])?;
+                c.send(&reply, &[])?;
             }
-            Request::Cut { seed } => {
-                let e = d.hard_cut();
-                if let Some(seed) = seed {
-                    d.set_prompt_seed(seed);
-                }
-                write_frame(
-                    &mut s,
-                    &Reply::Cut {
-                        cache_epoch: e.get(),
+            Request::Cut { prompt } => {
+                // A prompt that does not fit is refused before anything changes.
+                let reply = match prompt.map(|p| prompt_of(cfg, p, payload)).transpose() {
+                    Err(e) => Reply::Refused {
+                        message: e.to_string(),
                     },
-                    &[],
-                )?;
+                    Ok(p) => {
+                        let e = d.hard_cut();
+                        if let Some(p) = p {
+                            d.set_prompt(p);
+                        }
+                        Reply::Cut {
+                            cache_epoch: e.get(),
+                        }
+                    }
+                };
+                c.send(&reply, &[])?;
             }
             Request::Close => {
                 // Drain: every chunk in flight comes back (and is decoded, so the decoder's
@@ -213,8 +204,7 @@ pub fn serve(
                     }
                 }
                 let rep = d.finish(link)?;
-                write_frame(
-                    &mut s,
+                c.send(
                     &Reply::Closed {
                         emitted: rep.emitted.len() as u64,
                         stale_dropped: rep.stats.stale_dropped,
@@ -224,5 +214,114 @@ pub fn serve(
                 return Ok(rep);
             }
         }
+    }
+}
+
+/// `Submit`: the next chunk if D_in (and D_out) has room, else `Again` at once.
+///
+/// With backpressure off (the E1 experiment, `--no-backpressure`) rank 0 is a consumer with an
+/// unbounded receive buffer: a full D_in waits (up to `--timeout`) for the next result, which
+/// it takes undecoded, and sends into the slot it freed — so a decoder slower than the mesh
+/// lets the decode queue grow with the run. (Taking only what has already arrived is not
+/// enough: the leader holds a RESULT's payload until rank 0 clears it, so that would pace the
+/// mesh to the decoder.)
+fn submit(d: &mut Driver<'_>, link: &mut dyn DriverLink, dc: &DriverConfig) -> Result<Reply> {
+    if !dc.queues.backpressure && !d.can_send() && d.outstanding() > 0 {
+        d.receive(link, dc.timeout)?;
+    }
+    Ok(if d.can_send() {
+        let ids = d.send_chunk(link)?;
+        Reply::Sent {
+            call_id: ids.call_id.get(),
+            chunk_index: ids.chunk_index.get(),
+            cache_epoch: ids.cache_epoch.get(),
+            // Without backpressure a full D_in is not "no room": the next submit waits for a
+            // result and sends.
+            room: d.can_send() || !dc.queues.backpressure,
+        }
+    } else {
+        Reply::Again {
+            outstanding: d.outstanding(),
+        }
+    })
+}
+
+/// `Recv`: the next decoded result, waiting at most `wait` for one to arrive.
+fn recv(
+    d: &mut Driver<'_>,
+    link: &mut dyn DriverLink,
+    decoder: &mut dyn Decoder,
+    wait: Duration,
+) -> Result<Option<Emitted>> {
+    // A client may ask for "forever"; a week bounds it (and the arithmetic).
+    let deadline = Instant::now() + wait.min(MAX_WAIT);
+    loop {
+        if let Some(e) = d.decode_next(decoder)? {
+            return Ok(Some(e));
+        }
+        if d.outstanding() == 0 || !d.can_receive() {
+            return Ok(None);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match d.receive(link, left)? {
+            Received::Nothing => return Ok(None),
+            Received::Accepted | Received::DroppedStale => {}
+        }
+    }
+}
+
+/// The reply to a receive (queued heads go out with it, in one write).
+fn send_result(
+    c: &mut Conn,
+    d: &Driver<'_>,
+    cfg: &crate::model::DitConfig,
+    frames: bool,
+    out: Option<Emitted>,
+) -> Result<()> {
+    let Some(e) = out else {
+        return c.send(
+            &Reply::Nothing {
+                outstanding: d.outstanding(),
+            },
+            &[],
+        );
+    };
+    let bytes: &[u8] = bytemuck::cast_slice(&e.latent);
+    let (fh, fw, rgb) = if frames {
+        preview_frames(cfg, &e.latent)?
+    } else {
+        (0, 0, Vec::new())
+    };
+    let total = bytes.len() + rgb.iter().map(Vec::len).sum::<usize>();
+    c.queue(
+        &Reply::Result {
+            call_id: e.ids.call_id.get(),
+            chunk_index: e.ids.chunk_index.get(),
+            cache_epoch: e.ids.cache_epoch.get(),
+            s1_us: e.s1_us,
+            latent_len: e.latent.len() as u64,
+            frames: rgb.len() as u32,
+            frame_h: fh,
+            frame_w: fw,
+        },
+        total as u64,
+    )?;
+    if rgb.is_empty() {
+        return c.flush(&[bytes]);
+    }
+    let mut payload: Vec<&[u8]> = Vec::with_capacity(1 + rgb.len());
+    payload.push(bytes);
+    payload.extend(rgb.iter().map(Vec::as_slice));
+    c.flush(&payload)
+}
+
+/// The prompt a client's message names (a tensor's bytes are the frame's payload), checked
+/// against the model as `Conditioning::from_tensor` checks it.
+fn prompt_of(cfg: &crate::model::DitConfig, p: PromptMsg, payload: Vec<u8>) -> Result<Prompt> {
+    match p {
+        PromptMsg::Seed(seed) => Ok(Prompt::Seed(seed)),
+        PromptMsg::Tensor { dtype, shape } => Ok(Prompt::Tensor(std::sync::Arc::new(
+            PromptTensor::new(cfg, dtype, &shape, payload)?,
+        ))),
     }
 }

@@ -24,21 +24,23 @@
 //! - `close` drains (every chunk in flight comes back), sends SHUTDOWN and waits for every rank
 //!   to exit 0. Dropping a session that was not closed stops the job (SIGTERM, then SIGKILL):
 //!   no rank is left running.
-//! - Conditioning: the model derives its text features from a prompt seed
-//!   (`model::dit::prompt_features`); a caller's tensor selects the seed by its digest (dtype,
-//!   shape and bytes), checked for shape and dtype here. The tensor's values themselves do not
-//!   reach the mesh yet.
+//! - Conditioning: a caller's tensor (a text encoder's output, checked for shape and dtype
+//!   here) travels to every mesh rank with the first chunk of each epoch, and the model embeds
+//!   its values (`pipeline::conditioning`); its digest (dtype, shape, bytes) names the prompt in
+//!   every plan and is checked on every mesh rank at every chunk end. A seed prompt's text
+//!   features come from the seed (`model::dit::prompt_features`).
 pub mod host;
 pub mod proto;
+pub mod schedule;
 
-use crate::digest::fnv64;
 use crate::exit::ExitCode;
 use crate::ids::{CacheEpoch, CallId, ChunkIndex};
 use crate::model::DitConfig;
+use crate::pipeline::conditioning::{self, PromptTensor};
 use crate::pipeline::RunArgs;
 use crate::wire::{DType, EnvelopeIds};
 use crate::{Error, Result};
-use proto::{read_frame, write_frame, Reply, Request};
+use proto::{Conn, PromptMsg, Reply, Request};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -81,96 +83,58 @@ pub struct SessionConfig {
     pub dump_dir: Option<PathBuf>,
 }
 
-/// A prompt's conditioning as the model uses it: the prompt seed its text features come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A prompt's conditioning: a text encoder's output whose values the mesh's model embeds, or a
+/// prompt seed its text features come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conditioning {
     seed: u64,
+    tensor: Option<Arc<PromptTensor>>,
 }
 
 impl Conditioning {
     /// A prompt given by its seed (what `lockstep run --seed` uses).
     pub fn from_seed(seed: u64) -> Self {
-        Self { seed }
+        Self { seed, tensor: None }
     }
     /// A text encoder's output for the model `cfg`: shape `[text_tokens, text_dim]`
     /// (512 × 4096 for the Wan presets), dtype f32, f16 or bf16, `bytes` exactly that long.
+    /// The bytes are copied; they travel to every mesh rank with the epoch's first chunk.
     pub fn from_tensor(cfg: &DitConfig, dtype: DType, shape: &[u64], bytes: &[u8]) -> Result<Self> {
-        let want = [cfg.text_tokens as u64, cfg.text_dim as u64];
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::Bf16) {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: dtype {} is not a float type (f32, f16 or bf16)",
-                dtype.name()
-            )));
-        }
-        if shape != want {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: shape {shape:?} but preset {} takes [{}, {}] \
-                 (text tokens × text dim)",
-                cfg.name, want[0], want[1]
-            )));
-        }
-        let need = want[0] * want[1] * dtype.size();
-        if bytes.len() as u64 != need {
-            return Err(Error::BadInput(format!(
-                "conditioning tensor: {} bytes but {} × {shape:?} needs {need}",
-                bytes.len(),
-                dtype.name()
-            )));
-        }
-        let mut head = Vec::with_capacity(8 + 16);
-        head.extend_from_slice(dtype.name().as_bytes());
-        for d in shape {
-            head.extend_from_slice(&d.to_le_bytes());
-        }
-        Ok(Self {
-            seed: fnv64(&head) ^ fnv64(bytes).rotate_left(17),
-        })
+        // Checked before the copy: a wrong length is refused without allocating it.
+        conditioning::check(cfg, dtype, shape, bytes.len() as u64)?;
+        Self::from_prompt_tensor(PromptTensor::new(cfg, dtype, shape, bytes.to_vec())?)
     }
     /// The tensor `name` (or the file's only tensor) of a safetensors file.
     pub fn from_safetensors(cfg: &DitConfig, path: &Path, name: Option<&str>) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::BadInput(format!("conditioning file {}: {e}", path.display())))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::BadInput(format!(
-                "conditioning file {}: not safetensors: {e}",
-                path.display()
-            ))
-        })?;
-        let names = st.names();
-        let pick = match name {
-            Some(n) => n.to_string(),
-            None if names.len() == 1 => names[0].to_string(),
-            None => {
-                return Err(Error::BadInput(format!(
-                    "conditioning file {} holds {} tensors; name the one to use",
-                    path.display(),
-                    names.len()
-                )))
-            }
-        };
-        let t = st.tensor(&pick).map_err(|e| {
-            Error::BadInput(format!(
-                "conditioning file {}: tensor {pick:?}: {e}",
-                path.display()
-            ))
-        })?;
-        let dtype = match t.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::Bf16,
-            other => {
-                return Err(Error::BadInput(format!(
-                    "conditioning file {}: tensor {pick:?} is {other:?}, not f32/f16/bf16",
-                    path.display()
-                )))
-            }
-        };
-        let shape: Vec<u64> = t.shape().iter().map(|d| *d as u64).collect();
-        Self::from_tensor(cfg, dtype, &shape, t.data())
+        Self::from_prompt_tensor(PromptTensor::from_safetensors(cfg, path, name)?)
     }
-    /// The prompt seed the mesh uses (`PhasePlan::prompt_seed`).
+    fn from_prompt_tensor(t: PromptTensor) -> Result<Self> {
+        Ok(Self {
+            seed: t.digest(),
+            tensor: Some(Arc::new(t)),
+        })
+    }
+    /// The prompt's key in the plan (`PhasePlan::prompt_seed`): the seed, or the tensor's
+    /// digest (dtype, shape and bytes), which every mesh rank recomputes from what it received.
     pub fn seed(&self) -> u64 {
         self.seed
+    }
+    /// The tensor, when the prompt is one.
+    pub fn tensor(&self) -> Option<&PromptTensor> {
+        self.tensor.as_deref()
+    }
+    /// The prompt as it crosses the session socket, and the payload that goes with it.
+    fn to_msg(&self) -> (PromptMsg, &[u8]) {
+        match &self.tensor {
+            None => (PromptMsg::Seed(self.seed), &[]),
+            Some(t) => (
+                PromptMsg::Tensor {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                },
+                t.bytes(),
+            ),
+        }
     }
 }
 
@@ -218,12 +182,15 @@ enum State {
 
 /// A running stream. Not `Sync`: one thread drives it (move it between threads freely).
 pub struct Session {
-    child: Child,
-    stream: UnixStream,
+    /// The job's process; `None` when the host runs in this process (`lockstep run`'s rank 0:
+    /// `schedule`), whose failure ends this process through the rank's crash path.
+    child: Option<Child>,
+    conn: Conn,
     state: State,
     /// The child's last stderr lines (the ranks' and the launcher's diagnoses).
     diag: Arc<Mutex<VecDeque<String>>>,
-    dir: PathBuf,
+    /// The socket's and reports' directory (removed at the end); none in-process.
+    dir: Option<PathBuf>,
     local: bool,
     latent_shape: [u64; 2],
     text_shape: [u64; 2],
@@ -245,6 +212,8 @@ pub struct Session {
 }
 
 const DIAG_LINES: usize = 40;
+/// The longest wait a call honours (a week): "forever" stays bounded, and the arithmetic too.
+const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn locate_exe(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
@@ -311,7 +280,12 @@ fn run_argv(a: &RunArgs) -> Vec<OsString> {
     if a.no_backpressure {
         v2.push("--no-backpressure".into());
     }
+    if let Some(t) = &a.conditioning_tensor {
+        v2.push("--conditioning-tensor".into());
+        v2.push(t.into());
+    }
     for (flag, p) in [
+        ("--conditioning", &a.conditioning),
         ("--weights", &a.weights),
         ("--frames-out", &a.frames_out),
         ("--video-out", &a.video_out),
@@ -377,6 +351,10 @@ impl Session {
     pub fn open(cfg: &SessionConfig) -> Result<Session> {
         let model = DitConfig::preset(&cfg.run.preset)?;
         model.check_tp(cfg.run.tp)?;
+        if let Some(p) = &cfg.run.conditioning {
+            // Rank 0 reads it again; a bad file is refused here, before any process starts.
+            PromptTensor::from_safetensors(&model, p, cfg.run.conditioning_tensor.as_deref())?;
+        }
         if !(cfg.run.timeout > 0.0 && cfg.run.timeout <= 7.0 * 24.0 * 3600.0) {
             return Err(Error::BadInput(format!(
                 "session: timeout must be a number of seconds in (0, 604800], got {}",
@@ -472,14 +450,16 @@ impl Session {
         }
         let watchdog = timeout * 2;
         let mut partial = Session {
-            child,
+            child: Some(child),
             // Replaced below once rank 0 connects; a placeholder pair keeps `Drop` simple.
-            stream: UnixStream::pair()
-                .map_err(|e| Error::io("session: socket pair", e))?
-                .0,
+            conn: Conn::new(
+                UnixStream::pair()
+                    .map_err(|e| Error::io("session: socket pair", e))?
+                    .0,
+            ),
             state: State::Open,
             diag,
-            dir,
+            dir: Some(dir),
             local,
             latent_shape: [0; 2],
             text_shape: [0; 2],
@@ -502,7 +482,7 @@ impl Session {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(partial.fail(Error::io("session: accept", e))),
             }
-            if let Ok(Some(st)) = partial.child.try_wait() {
+            if let Some(Ok(Some(st))) = partial.child.as_mut().map(Child::try_wait) {
                 let code = exit_code_of(st);
                 let e = job_error(code, "opening", &partial.wait_diag());
                 partial.state = State::Failed {
@@ -521,8 +501,44 @@ impl Session {
         drop(listener);
         let _ = std::fs::remove_file(&sock);
         let _ = stream.set_nonblocking(false);
-        partial.stream = stream;
-        match partial.exchange(None, None)? {
+        partial.conn = Conn::new(stream);
+        partial.greeted()
+    }
+
+    /// A session whose host runs in this process (`lockstep run`'s rank 0, `schedule`): the
+    /// client end of a connection that `host::serve_on` serves. Errors are the connection's
+    /// (the host's own failure ends this process through the rank's crash path); there is no
+    /// job to wait for or stop.
+    pub(crate) fn attach(
+        stream: UnixStream,
+        model: &DitConfig,
+        timeout: Duration,
+    ) -> Result<Session> {
+        let s = Session {
+            child: None,
+            conn: Conn::new(stream),
+            state: State::Open,
+            diag: Arc::new(Mutex::new(VecDeque::new())),
+            dir: None,
+            local: true,
+            latent_shape: [0; 2],
+            text_shape: [0; 2],
+            cfg: model.clone(),
+            epoch: 0,
+            sent_in_epoch: 0,
+            in_flight: 0,
+            full: false,
+            margin: timeout * 4 + Duration::from_secs(2),
+            timeout,
+            d_in: 0,
+            exit_bound: timeout * 2 + Duration::from_secs(4),
+        };
+        s.greeted()
+    }
+
+    /// Reads rank 0's greeting (the stream's geometry).
+    fn greeted(mut self) -> Result<Session> {
+        match self.exchange(None, &[], None)? {
             (
                 Reply::Hello {
                     latent_shape,
@@ -533,13 +549,13 @@ impl Session {
                 },
                 _,
             ) => {
-                partial.d_in = d_in;
-                partial.latent_shape = latent_shape;
-                partial.text_shape = text_shape;
-                partial.epoch = epoch;
-                Ok(partial)
+                self.d_in = d_in;
+                self.latent_shape = latent_shape;
+                self.text_shape = text_shape;
+                self.epoch = epoch;
+                Ok(self)
             }
-            (other, _) => Err(partial.fail(Error::Decode(format!(
+            (other, _) => Err(self.fail(Error::Decode(format!(
                 "session: rank 0 greeted with {other:?}"
             )))),
         }
@@ -569,10 +585,13 @@ impl Session {
     /// The process id of global rank `rank`, when this session started it (rank 0 always;
     /// mesh ranks with `Launch::Local`). For operators and tests.
     pub fn rank_pid(&self, rank: u32) -> Option<u32> {
+        let Some(child) = &self.child else {
+            return (rank == 0).then(std::process::id);
+        };
         if !self.local {
-            return (rank == 0).then_some(self.child.id());
+            return (rank == 0).then_some(child.id());
         }
-        let parent = self.child.id();
+        let parent = child.id();
         let rd = std::fs::read_dir("/proc").ok()?;
         for e in rd.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -606,7 +625,9 @@ impl Session {
 
     /// The conditioning of the current epoch; only before its first chunk (else `cut`).
     pub fn set_conditioning(&mut self, c: &Conditioning) -> Result<()> {
-        match self.request(&Request::Prompt { seed: c.seed }, None)?.0 {
+        let (msg, bytes) = c.to_msg();
+        let req = Request::Prompt { prompt: msg };
+        match self.request(&req, bytes, None)?.0 {
             Reply::Ok => Ok(()),
             Reply::Refused { message } => Err(Error::BadInput(format!("session: {message}"))),
             other => Err(self.fail(Error::Decode(format!(
@@ -620,7 +641,71 @@ impl Session {
         if self.full && matches!(self.state, State::Open) {
             return Ok(Submit::Again);
         }
-        match self.request(&Request::Submit, None)?.0 {
+        let (reply, _) = self.request(&Request::Submit, &[], None)?;
+        self.submit_outcome(reply)
+    }
+
+    /// The next result of the current epoch, waiting at most `timeout` (zero = poll); `None`
+    /// when none came (or none is in flight).
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
+        self.recv_inner(timeout, false)
+    }
+
+    /// `recv`, except that no result within `timeout` while chunks are in flight ends the job
+    /// with the protocol's RESULT timeout (exit 71, rank 0's diagnosis and dump), as a fixed
+    /// schedule wants (`lockstep run`'s).
+    pub fn recv_strict(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
+        self.recv_inner(timeout, true)
+    }
+
+    fn recv_inner(&mut self, timeout: Duration, strict: bool) -> Result<Option<ChunkOut>> {
+        let timeout = timeout.min(MAX_WAIT);
+        let req = Request::Recv {
+            timeout_us: timeout.as_micros() as u64,
+            strict,
+        };
+        let (reply, n) = self.request(&req, &[], Some(timeout))?;
+        self.full = false;
+        self.result_of(reply, n)
+    }
+
+    /// `submit` and then a receive, in one round trip to rank 0 (the stream loop's turn for a
+    /// server that does not need to act between the two): the receive waits up to `timeout`
+    /// only when D_in has no room left after the submit (the pipeline is full, so the next
+    /// result is what the caller waits for); with room left it is a poll, and the caller's next
+    /// turn submits again. So `loop { submit_and_recv(t) }` keeps D_in chunks in flight, and
+    /// each turn hands out at most one result, in call order, like `recv`.
+    pub fn submit_and_recv(&mut self, timeout: Duration) -> Result<(Submit, Option<ChunkOut>)> {
+        self.submit_and_recv_inner(timeout, false)
+    }
+
+    /// `submit_and_recv`, with the receive strict (`recv_strict`) when it waits.
+    pub fn submit_and_recv_strict(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(Submit, Option<ChunkOut>)> {
+        self.submit_and_recv_inner(timeout, true)
+    }
+
+    fn submit_and_recv_inner(
+        &mut self,
+        timeout: Duration,
+        strict: bool,
+    ) -> Result<(Submit, Option<ChunkOut>)> {
+        let timeout = timeout.min(MAX_WAIT);
+        let req = Request::SubmitRecv {
+            timeout_us: timeout.as_micros() as u64,
+            strict,
+        };
+        let (reply, _) = self.request(&req, &[], Some(timeout))?;
+        let sub = self.submit_outcome(reply)?;
+        let (reply, n) = self.next_reply()?;
+        self.full = false;
+        Ok((sub, self.result_of(reply, n)?))
+    }
+
+    fn submit_outcome(&mut self, reply: Reply) -> Result<Submit> {
+        match reply {
             Reply::Sent {
                 call_id,
                 chunk_index,
@@ -643,13 +728,8 @@ impl Session {
         }
     }
 
-    /// The next result of the current epoch, waiting at most `timeout` (zero = poll); `None`
-    /// when none came (or none is in flight).
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<ChunkOut>> {
-        let timeout = timeout.min(Duration::from_secs(7 * 24 * 3600));
-        let us = timeout.as_micros() as u64;
-        let (reply, payload) = self.request(&Request::Recv { timeout_us: us }, Some(timeout))?;
-        self.full = false;
+    /// A receive's reply: reads the result's payload (its latent straight into the vector).
+    fn result_of(&mut self, reply: Reply, n: u64) -> Result<Option<ChunkOut>> {
         match reply {
             Reply::Nothing { outstanding } => {
                 self.in_flight = self.in_flight.min(outstanding);
@@ -665,25 +745,21 @@ impl Session {
                 frame_h,
                 frame_w,
             } => {
-                let lb = (latent_len as usize).saturating_mul(4);
-                let fb = (frame_h as usize) * (frame_w as usize) * 3;
-                if payload.len() != lb + fb * frames as usize {
+                let lb = (latent_len as u128) * 4;
+                let fb = (frame_h as u128) * (frame_w as u128) * 3;
+                if u128::from(n) != lb + fb * u128::from(frames) {
                     return Err(self.fail(Error::Decode(format!(
-                        "session: result payload of {} bytes, expected {} latent values and \
-                         {frames} frames of {frame_h}×{frame_w}",
-                        payload.len(),
-                        latent_len
+                        "session: result payload of {n} bytes, expected {latent_len} latent \
+                         values and {frames} frames of {frame_h}×{frame_w}"
                     ))));
                 }
-                let latent: Vec<f32> = payload[..lb]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                let frames = if fb == 0 {
-                    Vec::new()
-                } else {
-                    payload[lb..].chunks_exact(fb).map(<[u8]>::to_vec).collect()
-                };
+                let got = self.conn.read_f32s(latent_len as usize).and_then(|latent| {
+                    let frames = (0..frames)
+                        .map(|_| self.conn.read_payload(fb as u64))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((latent, frames))
+                });
+                let (latent, frames) = got.map_err(|e| self.job_ended(e))?;
                 self.in_flight = self.in_flight.saturating_sub(1);
                 Ok(Some(ChunkOut {
                     ids: EnvelopeIds {
@@ -707,10 +783,14 @@ impl Session {
     /// Hard cut: a new epoch (its prompt `c`, else the current one); results of older epochs
     /// never surface.
     pub fn cut(&mut self, c: Option<&Conditioning>) -> Result<CacheEpoch> {
-        let req = Request::Cut {
-            seed: c.map(Conditioning::seed),
+        let (msg, bytes) = match c {
+            Some(c) => {
+                let (m, b) = c.to_msg();
+                (Some(m), b)
+            }
+            None => (None, &[][..]),
         };
-        match self.request(&req, None)?.0 {
+        match self.request(&Request::Cut { prompt: msg }, bytes, None)?.0 {
             Reply::Cut { cache_epoch } => {
                 self.full = false;
                 self.epoch = cache_epoch;
@@ -718,6 +798,7 @@ impl Session {
                 self.in_flight = 0;
                 Ok(CacheEpoch(cache_epoch))
             }
+            Reply::Refused { message } => Err(Error::BadInput(format!("session: {message}"))),
             other => Err(self.fail(Error::Decode(format!(
                 "session: rank 0 answered a cut with {other:?}"
             )))),
@@ -736,7 +817,12 @@ impl Session {
         let drain = self
             .timeout
             .saturating_mul(self.d_in.min(1 << 16) as u32 + 1);
-        let (reply, _) = self.request(&Request::Close, Some(drain))?;
+        let (reply, n) = self.request(&Request::Close, &[], Some(drain))?;
+        if n != 0 {
+            return Err(self.fail(Error::Decode(format!(
+                "session: rank 0 answered close with a {n}-byte payload"
+            ))));
+        }
         let Reply::Closed {
             emitted,
             stale_dropped,
@@ -746,10 +832,18 @@ impl Session {
                 "session: rank 0 answered close with {reply:?}"
             ))));
         };
+        if self.child.is_none() {
+            // In-process: the host returned from serving; this process goes on.
+            self.state = State::Closed;
+            return Ok(CloseReport {
+                emitted,
+                stale_dropped,
+            });
+        }
         let deadline = Instant::now() + self.exit_bound;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(st))) => {
                     let code = exit_code_of(st);
                     if code != 0 {
                         let e = job_error(code, "closing", &self.wait_diag());
@@ -760,13 +854,15 @@ impl Session {
                         return Err(e);
                     }
                     self.state = State::Closed;
-                    let _ = std::fs::remove_dir_all(&self.dir);
+                    if let Some(d) = &self.dir {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
                     return Ok(CloseReport {
                         emitted,
                         stale_dropped,
                     });
                 }
-                Ok(None) if Instant::now() < deadline => {
+                Some(Ok(None)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 _ => {
@@ -778,8 +874,14 @@ impl Session {
         }
     }
 
-    /// One request and its reply, the reply bounded by `wait` + the job's margin.
-    fn request(&mut self, req: &Request, wait: Option<Duration>) -> Result<(Reply, Vec<u8>)> {
+    /// One request (`payload`: a tensor's bytes) and the head of its reply, bounded by `wait` +
+    /// the job's margin.
+    fn request(
+        &mut self,
+        req: &Request,
+        payload: &[u8],
+        wait: Option<Duration>,
+    ) -> Result<(Reply, u64)> {
         match &self.state {
             State::Open => {}
             State::Closed => {
@@ -790,23 +892,31 @@ impl Session {
             }
             State::Failed { code, message } => return Err(job_error_again(*code, message)),
         }
-        self.exchange(Some(req), wait)
+        self.exchange(Some(req), payload, wait)
     }
 
-    /// Sends `req` (none: rank 0's greeting is due) and reads the reply within the bound.
+    /// Sends `req` (none: rank 0's greeting is due) and reads its reply's head within the bound.
     fn exchange(
         &mut self,
         req: Option<&Request>,
+        payload: &[u8],
         wait: Option<Duration>,
-    ) -> Result<(Reply, Vec<u8>)> {
+    ) -> Result<(Reply, u64)> {
         let bound = wait.unwrap_or_default().saturating_add(self.margin);
-        let _ = self.stream.set_read_timeout(Some(bound));
+        if let Err(e) = self.conn.set_read_timeout(Some(bound)) {
+            return Err(self.job_ended(e));
+        }
         if let Some(req) = req {
-            if let Err(e) = write_frame(&mut self.stream, req, &[]) {
+            if let Err(e) = self.conn.send(req, &[payload]) {
                 return Err(self.job_ended(e));
             }
         }
-        match read_frame::<Reply>(&mut self.stream) {
+        self.next_reply()
+    }
+
+    /// The next reply frame's head (its payload, if any, is the caller's to read).
+    fn next_reply(&mut self) -> Result<(Reply, u64)> {
+        match self.conn.read_head::<Reply>() {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(self.job_ended(Error::PeerLost("rank 0 closed the session".into()))),
             Err(e) => Err(self.job_ended(e)),
@@ -816,10 +926,18 @@ impl Session {
     /// The connection to rank 0 broke (or timed out): the job is ending or hung. Waits for its
     /// exit within the job's bound (stopping it past that) and returns its code and diagnosis.
     fn job_ended(&mut self, cause: Error) -> Error {
+        if self.child.is_none() {
+            // In-process: the host's own error ends this process; this is the connection's.
+            self.state = State::Failed {
+                code: error_code(&cause),
+                message: cause.to_string(),
+            };
+            return cause;
+        }
         let deadline = Instant::now() + self.exit_bound;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(st))) => {
                     let code = exit_code_of(st);
                     let e = job_error(code, &format!("{cause}"), &self.wait_diag());
                     self.state = State::Failed {
@@ -828,7 +946,7 @@ impl Session {
                     };
                     return e;
                 }
-                Ok(None) if Instant::now() < deadline => {
+                Some(Ok(None)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 _ => return self.fail(cause),
@@ -847,22 +965,26 @@ impl Session {
     }
 
     fn stop_job(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
+        // In-process there is no job to stop: dropping the connection ends the host's serving.
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
             return;
         }
         // SAFETY: kill on our own child's pid (not yet reaped, so not reused).
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// The diagnosis lines collected from the job's stderr (after a short wait for the pipe
@@ -891,6 +1013,7 @@ fn request_name(r: &Request) -> &'static str {
     match r {
         Request::Submit => "submit",
         Request::Recv { .. } => "recv",
+        Request::SubmitRecv { .. } => "submit_and_recv",
         Request::Prompt { .. } => "set_conditioning",
         Request::Cut { .. } => "cut",
         Request::Close => "close",
@@ -906,9 +1029,11 @@ impl Drop for Session {
     fn drop(&mut self) {
         if matches!(self.state, State::Open) {
             self.stop_job();
-        } else if let Ok(None) = self.child.try_wait() {
+        } else if let Some(Ok(None)) = self.child.as_mut().map(Child::try_wait) {
             self.stop_job();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

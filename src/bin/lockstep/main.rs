@@ -27,7 +27,7 @@ struct Cli {
 enum Cmd {
     /// Stream chunks through the whole pipeline, launching local ranks (default: tiny preset,
     /// host backend, rank 0 + TP=2).
-    Run(lockstep::pipeline::RunArgs),
+    Run(Box<lockstep::pipeline::RunArgs>),
     /// Launch N local ranks of a command with the torchrun-style environment.
     Launch(lockstep::launch::LaunchArgs),
     /// What this machine has: kernels, CUDA driver, GPUs, NCCL.
