@@ -905,14 +905,20 @@ fn connect_until(addr: &str, deadline: Instant) -> Result<TcpStream> {
     let sa: SocketAddr = addr
         .parse()
         .map_err(|_| Error::BadInput(format!("bad data-plane address {addr:?}")))?;
+    connect_retrying(sa, deadline).map_err(|e| Error::io(format!("connect data plane {addr}"), e))
+}
+
+/// Connects to `addr`, retrying a refused or timed-out attempt (the peer may still be starting)
+/// with a short pause, until `deadline`; each attempt is bounded by the time left (at most
+/// 500 ms). The last attempt's error when the deadline passes. The one TCP connect loop of the
+/// crate: the data plane's links and the rendezvous (`rank::bootstrap`) both use it.
+pub(crate) fn connect_retrying(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(&sa, left.max(Duration::from_millis(1))) {
+        let attempt = left.clamp(Duration::from_millis(1), Duration::from_millis(500));
+        match TcpStream::connect_timeout(&addr, attempt) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::io(format!("connect data plane {addr}"), e))
-            }
-            // Refused while the peer is still starting: retry with a short bounded backoff.
+            Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }

@@ -603,19 +603,12 @@ fn refuse_late(s: &mut TcpStream, world: u32) {
 }
 
 fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::Timeout(format!(
-                    "rendezvous: could not reach global-rank 0 at {addr} before the deadline: {e}"
-                )))
-            }
-            // Rank 0 may still be starting: bounded retry.
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    // Rank 0 may still be starting: bounded retry (the crate's one connect loop).
+    let s = crate::comm::host::connect_retrying(addr, deadline).map_err(|e| {
+        Error::Timeout(format!(
+            "rendezvous: could not reach global-rank 0 at {addr} before the deadline: {e}"
+        ))
+    })?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
