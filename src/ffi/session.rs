@@ -516,14 +516,7 @@ pub unsafe extern "C" fn lockstep_session_recv(
         hook_fail = unsafe { hand_out(&mut g, c, t, out) };
         Ok(())
     });
-    if st != STATUS_OK {
-        return st;
-    }
-    if let Some(m) = hook_fail {
-        super::set_last_error(&m);
-        return STATUS_DECODER_FAILED;
-    }
-    status
+    received_status(st, hook_fail, status)
 }
 
 /// `lockstep_session_submit` then `lockstep_session_recv` in one round trip to rank 0: see
@@ -592,6 +585,12 @@ pub unsafe extern "C" fn lockstep_session_submit_and_recv(
         hook_fail = unsafe { hand_out(&mut g, c, t, out) };
         Ok(())
     });
+    received_status(st, hook_fail, status)
+}
+
+/// The status of a call that may hand out a chunk: the guard's failure first, then a failed
+/// decoder hook (its message in `lockstep_last_error`), else the call's own status.
+fn received_status(st: i32, hook_fail: Option<String>, status: i32) -> i32 {
     if st != STATUS_OK {
         return st;
     }

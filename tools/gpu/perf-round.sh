@@ -7,18 +7,10 @@
 # $OUT/perf-round.tgz, refreshed after every step (the device returns only a few files).
 set -uo pipefail
 # TORCH=0 skips the PyTorch baselines (a round that measures only same-run ratios: floors, E).
-S="$(cd "$(dirname "$0")" && pwd)"
-O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
-if ! ldconfig -p | grep -q 'libcublasLt.so'; then
-  d=$(dirname "$(find / -name 'libcublasLt.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
-  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-fi
-export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
+ARCHIVE=perf-round.tgz
+# shellcheck source=tools/gpu/round-lib.sh
+source "$(dirname "$0")/round-lib.sh"
 P=wan-1.3b; C=8
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"
-{ echo "nsys: $(command -v nsys || ls -d /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)"; ls /usr/local/cuda/bin | tr '\n' ' '; echo; } >> "$L/gpu.txt"
-pack() { tar czf "$O/perf-round.tgz" -C "$L" .; }
-step() { echo "=== $* ($(date +%T))"; pack; }
 step bench model
 timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
 step torch compile

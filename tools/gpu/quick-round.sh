@@ -6,18 +6,10 @@
 # binaries of tools/gpu/stage.sh --dir .gpu-stage-perf ... gpu_model gpu_one_layer (copied in as
 # quick.sh). Logs: $OUT/quick-round.tgz, refreshed after every step.
 set -uo pipefail
-S="$(cd "$(dirname "$0")" && pwd)"
-O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
-if ! ldconfig -p | grep -q 'libcublasLt.so'; then
-  d=$(dirname "$(find / -name 'libcublasLt.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
-  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-fi
-export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0
+ARCHIVE=quick-round.tgz
+# shellcheck source=tools/gpu/round-lib.sh
+source "$(dirname "$0")/round-lib.sh"
 P=wan-1.3b; C=8
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"
-{ echo "nsys: $(command -v nsys || ls -d /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)"; ls /usr/local/cuda/bin | tr '\n' ' '; echo; } >> "$L/gpu.txt"
-pack() { tar czf "$O/quick-round.tgz" -C "$L" .; }
-step() { echo "=== $* ($(date +%T))"; pack; }
 step one GPU layer
 timeout 60 "$S/tests/gpu_one_layer" --test-threads=1 --nocapture > "$L/gpu_one_layer.log" 2>&1; echo "exit $?" >> "$L/gpu_one_layer.log"; tail -4 "$L/gpu_one_layer.log"
 step lockstep run

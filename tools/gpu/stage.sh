@@ -41,6 +41,6 @@ for t in "${targets[@]}"; do
   [ "$t" = --test ] || [ "$t" = --tests ] || [ -x "$stage/tests/$t" ] || { echo "stage.sh: test binary $t missing" >&2; exit 1; }
 done
 strip "$stage/lockstep" "$stage"/tests/* 2>/dev/null || true
-cp "$script" "$stage/run.sh"
+cp "$script" "$stage/run.sh"; cp tools/gpu/round-lib.sh "$stage/round-lib.sh"
 [ -d benches/baselines ] && cp -r benches/baselines "$stage/baselines"
 du -sh "$stage"; ls "$stage/tests"

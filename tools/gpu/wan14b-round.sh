@@ -4,17 +4,11 @@
 # implementation (eager) in the same call on the same card. Staged by tools/gpu/stage.sh --dir
 # .gpu-stage-14b --script tools/gpu/wan14b-round.sh gpu_model. Logs: $OUT/wan14b-round.tgz.
 set -uo pipefail
-S="$(cd "$(dirname "$0")" && pwd)"
-O="${OUT:-$PWD/out}"; mkdir -p "$O"; L="$(mktemp -d)"
-if ! ldconfig -p | grep -q 'libcublasLt.so'; then
-  d=$(dirname "$(find / -name 'libcublasLt.so*' -not -path '/proc/*' 2>/dev/null | head -1)")
-  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-fi
-export LOCKSTEP_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 MATMUL_NUM_THREADS="$(nproc)"
+ARCHIVE=wan14b-round.tgz
+# shellcheck source=tools/gpu/round-lib.sh
+source "$(dirname "$0")/round-lib.sh"
 P=wan-14b; C=${CHUNKS:-4}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpu.txt"; cat "$L/gpu.txt"; free -g | head -2
-pack() { tar czf "$O/wan14b-round.tgz" -C "$L" .; }
-step() { echo "=== $* ($(date +%T))"; pack; }
+free -g | head -2
 step bench model $P
 /usr/bin/time -v timeout 300 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2> "$L/ours-$P.time"; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"; grep -E "Maximum resident|Elapsed" "$L/ours-$P.time"
 step torch eager $P
