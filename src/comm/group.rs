@@ -447,10 +447,14 @@ impl<D: DataPlane> Group<D> {
         shape: &[u64],
         deadline: Instant,
     ) -> Result<()> {
+        use crate::comm::nccl::ReduceDtype as R;
         let dtype = match T::DTYPE {
-            crate::comm::nccl::ReduceDtype::F32 => DType::F32,
-            crate::comm::nccl::ReduceDtype::Bf16 => DType::Bf16,
-            _ => DType::F16,
+            R::F32 => DType::F32,
+            R::Bf16 => DType::Bf16,
+            R::F16 => DType::F16,
+            R::I32 => DType::I32,
+            R::I64 => DType::I64,
+            R::U8 => DType::U8,
         };
         let bytes = (buf.len() * std::mem::size_of::<T>()) as u64;
         let ((), id) = self.issue_with(OpKind::AllReduce, None, dtype, shape, bytes, |p, c| {
