@@ -1,6 +1,7 @@
 // DiT element-wise ops: RMSNorm (with the partial sum of squares that the distributed q/k
 // RMSNorm all-reduces), LayerNorm + adaLN shift/scale per frame, gated residual, GELU-tanh, and
-// the fused gated-residual + LayerNorm-modulate pair (one pass instead of two over the stream).
+// the fused gated-residual + LayerNorm-modulate pair (one pass instead of two over the stream),
+// and the Euler step of a chunk's latent kept on the device (f32, bit for bit the host's).
 //
 // Contract (mirrored by src/cuda/dit_ops.rs, which checks it before every launch):
 // - Row ops: x [rows, dim] bf16 row-major, one block per row, the row held in registers (one read,
@@ -209,5 +210,47 @@ extern "C" __global__ void __launch_bounds__(DIT_THREADS) gelu_tanh_bf16(const D
 #pragma unroll
         for (int e = 0; e < 4; ++e) ow[e] = ls_pack_bf16x2(f[2 * e], f[2 * e + 1]);
         reinterpret_cast<uint4*>(p.out)[i] = o;
+    }
+}
+
+// The chunk's latent on the device (Stage 1's denoise loop without a host round trip):
+// latent [n] f32, the model's input x_out [n] bf16, the call's output v [n] bf16.
+struct LatentParams {
+    float* latent;
+    const __nv_bfloat16* v;  // nullptr: convert only
+    __nv_bfloat16* x_out;
+    uint64_t n;
+    float dt;
+    uint32_t _pad0;
+};
+static_assert(sizeof(LatentParams) == 40, "LatentParams mirror in src/cuda/dit_ops.rs");
+
+// IEEE f32 product and sum, each rounded to nearest even, subnormals kept: this file is built
+// with --use_fast_math (which flushes subnormals in __fmul_rn/__fadd_rn), and the latent must
+// step as the host's f32 code steps it.
+LS_DEVICE float ieee_mul_f32(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+LS_DEVICE float ieee_add_f32(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// With v: the flow-matching Euler step latent[i] += dt * v[i], rounded as the host's f32 code
+// rounds it (a product, then a sum: no fused multiply-add, no flush to zero, so the device and
+// the host executor agree bit for bit). Then (with or without v) x_out[i] = bf16_rn(latent[i]):
+// the next call's input, as the host path rounds it before its upload.
+extern "C" __global__ void __launch_bounds__(DIT_THREADS) latent_euler_step_bf16(const LatentParams p) {
+    for (uint64_t i = blockIdx.x * (uint64_t)DIT_THREADS + threadIdx.x; i < p.n;
+         i += (uint64_t)gridDim.x * DIT_THREADS) {
+        float x = p.latent[i];
+        if (p.v != nullptr) {
+            x = ieee_add_f32(x, ieee_mul_f32(p.dt, __bfloat162float(p.v[i])));
+            p.latent[i] = x;
+        }
+        p.x_out[i] = __float2bfloat16_rn(x);
     }
 }

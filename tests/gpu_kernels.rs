@@ -639,6 +639,84 @@ fn dit_ops_match_cpu_reference_at_model_and_odd_shapes() {
     check_dit_ops(&d, &mut rng, 1, 8, 1); // one row, one vector
 }
 
+/// The device latent's Euler step and its bf16 input against the host executor's arithmetic
+/// (`x += dt * v` in f32, then `bf16::from_f32`), bit for bit: normal values, subnormals
+/// (which `--use_fast_math` would flush: the kernel must not), zeros and a length that is not a
+/// multiple of 8; outputs poisoned first.
+#[test]
+fn latent_euler_step_is_the_host_executors_f32_arithmetic_bit_for_bit() {
+    let Some(d) = dev("latent_euler_step_is_the_host_executors_f32_arithmetic_bit_for_bit") else {
+        return;
+    };
+    let mut rng = fresh_rng("latent euler");
+    let mut unit = move || (rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+    for n in [4680 * 64, 1003, 1] {
+        // Latents: subnormals (positive and negative), zeros, normal values. Velocities: zero
+        // where the latent is subnormal (it must stay so), subnormal (a subnormal product),
+        // normal values.
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| match i % 7 {
+                0 => f32::from_bits(0x0000_0123),
+                1 => -f32::MIN_POSITIVE * 0.75,
+                2 => 0.0,
+                _ => unit() * 3.0,
+            })
+            .collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| match i % 7 {
+                0 | 1 => 0.0,
+                3 => 1e-38 * unit(),
+                _ => unit() * 4.0,
+            })
+            .map(|v| f32::from(bf16::from_f32(v)))
+            .collect();
+        let v_dev = d.upload(&v);
+        let dt = -0.25f32;
+        let mut lat = d
+            .stream
+            .clone_htod(&x)
+            .unwrap_or_else(|e| panic!("upload: {e}"));
+        let mut x_in = d.poisoned(n);
+        dit_ops::latent_to_input(&d.gpu, &d.stream, &lat, &mut x_in)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let want_in: Vec<u16> = x.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+        let got_in: Vec<u16> = d.host_bits(&x_in).iter().map(|b| b.to_bits()).collect();
+        assert_eq!(got_in, want_in, "latent_to_input, n = {n}");
+        for step in 0..3 {
+            let dt = dt * (step + 1) as f32;
+            d.poison(&mut x_in);
+            dit_ops::euler_step(&d.gpu, &d.stream, &mut lat, &v_dev, dt, &mut x_in)
+                .unwrap_or_else(|e| panic!("{e}"));
+            x.iter_mut().zip(&v).for_each(|(a, b)| *a += dt * b);
+            let got = d.host_f32(&lat);
+            let bad = got
+                .iter()
+                .zip(&x)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(
+                bad, 0,
+                "euler_step n = {n} step {step}: {bad} latents differ"
+            );
+            let want_in: Vec<u16> = x.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+            let got_in: Vec<u16> = d.host_bits(&x_in).iter().map(|b| b.to_bits()).collect();
+            assert_eq!(got_in, want_in, "euler_step input, n = {n} step {step}");
+        }
+        assert!(
+            x.iter().any(|v| v.is_subnormal()),
+            "the check must cover subnormals"
+        );
+    }
+    // Lengths that disagree are refused before a launch.
+    let lat = d
+        .stream
+        .alloc_zeros::<f32>(16)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut short = d.poisoned(8);
+    let e = dit_ops::latent_to_input(&d.gpu, &d.stream, &lat, &mut short).unwrap_err();
+    assert!(matches!(e, Error::BadInput(_)), "{e:?}");
+}
+
 #[test]
 fn gpu_open_without_driver_or_kernels_is_an_error_value_not_a_panic() {
     // Runs everywhere: on a CPU machine it must return an error (cudarc would panic); on a GPU

@@ -2,7 +2,8 @@
 //! (`model::dit`, f32) on the same weights: every generator call of a stream that wraps the
 //! ring and recomputes the sinks, fed the reference's inputs (teacher-forced, so errors do not
 //! compound through the Euler steps) with the GPU's own device cache; then the whole stream run
-//! by the Stage 1 executor on the GPU generator, its clean latents against the reference's.
+//! by the Stage 1 executor on the GPU generator, its clean latents against the reference's, and
+//! once more with the chunk's latent kept on the device (Euler steps on the GPU): bitwise equal.
 //! Wan 1.3B widths (dim 1536, 12 heads × 128, FFN 8960, 512 text tokens × 4096), 2 layers; the
 //! stream on a small patch grid (the CPU reference is the slow side), and one chunk at the full
 //! 30 × 52 grid. Then tensor parallel: a TP=2 group on the one GPU (two models, two threads,
@@ -20,7 +21,9 @@ use lockstep::model::ops;
 use lockstep::model::tp::{SoloComm, ThreadComm, TpComm};
 use lockstep::model::DitConfig;
 use lockstep::pipeline::stage1::GpuGenerator;
-use lockstep::pipeline::trace::{record_stream, record_stream_with, StreamTrace};
+use lockstep::pipeline::trace::{
+    record_stream, record_stream_with, stream_latents, StreamSpec, StreamTrace,
+};
 use std::sync::Arc;
 
 /// bf16 weights and activations over 2 layers against f32 (seen: 5.5e-3 per call on an H100).
@@ -159,6 +162,7 @@ fn gpu_model_matches_the_cpu_reference_over_a_wrapping_stream_with_recompute() {
     );
     // The whole stream on the GPU through the Stage 1 executor (its own trajectory).
     let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
+    let gpu_kept = gpu.clone();
     let model = GpuDit::from_shard(gpu, shard, variant()).unwrap();
     let mut gen = GpuGenerator::new(model);
     let gtrace = record_stream_with(&mut gen, &cfg, 6, 4, 1, 7).unwrap();
@@ -174,6 +178,35 @@ fn gpu_model_matches_the_cpu_reference_over_a_wrapping_stream_with_recompute() {
         "GPU stream latents: worst rel L2 {worst_latent}"
     );
     println!("{test}: worst per call {worst:.3e}, worst latent {worst_latent:.3e} (tol {TOL})");
+    // The same stream with the latent kept on the device (what `lockstep run` does: one upload
+    // and one download per chunk, the Euler steps on the GPU; graphs on): bitwise the
+    // host-latent stream above, whose Euler steps ran on the host.
+    let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
+    let mut model = GpuDit::from_shard(gpu_kept, shard, variant()).unwrap();
+    model.set_cuda_graphs(true);
+    let mut gen = GpuGenerator::new(model);
+    assert!(lockstep::pipeline::stage1::Generator::keeps_latent(&gen));
+    let stream = StreamSpec {
+        chunks: 6,
+        recompute_every: 4,
+        noise_seed: 1,
+        prompt_seed: 7,
+    };
+    let kept = stream_latents(&mut gen, &cfg, &stream).unwrap();
+    assert_eq!(kept.len(), gtrace.latents.len());
+    for (i, (a, b)) in kept.iter().zip(&gtrace.latents).enumerate() {
+        let differ = a
+            .iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        println!("{test}: chunk {i} latent kept on the device vs stepped on the host: {differ} values differ");
+        assert!(
+            a.len() == b.len() && differ == 0,
+            "chunk {i}: {differ} of {} values differ",
+            a.len()
+        );
+    }
 }
 
 #[test]

@@ -360,3 +360,98 @@ pub fn gelu_tanh(gpu: &Gpu, stream: &CudaStream, x: &mut impl DevicePtrMut<bf16>
     // SAFETY: as above; n elements checked, each read and written by one thread.
     unsafe { gpu.launch(&k, cfg, stream, &p) }
 }
+
+/// Mirror of `LatentParams` in kernels/dit_ops.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LatentParams {
+    latent: u64,
+    v: u64,
+    x_out: u64,
+    n: u64,
+    dt: f32,
+    _pad0: u32,
+}
+const _: () = assert!(std::mem::size_of::<LatentParams>() == 40);
+
+fn launch_latent(gpu: &Gpu, stream: &CudaStream, p: &LatentParams) -> Result<()> {
+    let k = gpu.kernel("dit_ops", "latent_euler_step_bf16")?;
+    let n = p.n as usize;
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32;
+    let cfg = LaunchCfg {
+        grid: (blocks, 1, 1),
+        block: (THREADS, 1, 1),
+        smem_bytes: 0,
+    };
+    // SAFETY: the callers checked that every pointer holds `n` elements of its type; each
+    // element is read and written by one thread (grid-stride loop).
+    unsafe { gpu.launch(&k, cfg, stream, p) }
+}
+
+/// `x_out = bf16(latent)` (round to nearest even, as `half::bf16::from_f32`): the model's input
+/// from a chunk's f32 latent kept on the device.
+pub fn latent_to_input(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    latent: &impl DevicePtr<f32>,
+    x_out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let n = latent.len();
+    let shape = format!("[{n}]");
+    check_len("input", x_out.len(), n, &shape)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (lp, _gl) = dptr(latent, stream);
+    let (xp, _gx) = dptr_mut(x_out, stream);
+    launch_latent(
+        gpu,
+        stream,
+        &LatentParams {
+            latent: lp,
+            x_out: xp,
+            n: n as u64,
+            ..LatentParams::default()
+        },
+    )
+}
+
+/// The flow-matching Euler step on the device: `latent += dt · v` in f32 (a product, then a
+/// sum, each rounded: the host executor's arithmetic bit for bit), then `x_out = bf16(latent)`,
+/// the next call's input. `v` is the call's output (bf16).
+pub fn euler_step(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    latent: &mut impl DevicePtrMut<f32>,
+    v: &impl DevicePtr<bf16>,
+    dt: f32,
+    x_out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let n = latent.len();
+    let shape = format!("[{n}]");
+    check_len("velocity", v.len(), n, &shape)?;
+    check_len("input", x_out.len(), n, &shape)?;
+    if !dt.is_finite() {
+        return Err(Error::BadInput(format!(
+            "euler_step: dt {dt} is not finite"
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (lp, _gl) = dptr_mut(latent, stream);
+    let (vp, _gv) = dptr(v, stream);
+    let (xp, _gx) = dptr_mut(x_out, stream);
+    launch_latent(
+        gpu,
+        stream,
+        &LatentParams {
+            latent: lp,
+            v: vp,
+            x_out: xp,
+            n: n as u64,
+            dt,
+            _pad0: 0,
+        },
+    )
+}

@@ -265,6 +265,15 @@ pub struct GpuDit {
     mod_cache: HashMap<(u32, usize), CudaSlice<bf16>>,
     pinned_in: PinnedStage<bf16>,
     pinned_out: PinnedStage<bf16>,
+    /// The chunk's latent kept on the device between its calls (`load_latent` … `read_latent`):
+    /// f32 `[rows, in_dim]`, its first `latent_len` values live.
+    latent: CudaSlice<f32>,
+    latent_len: usize,
+    pinned_latent: PinnedStage<f32>,
+    /// Whether `s.x_in` holds `bf16(latent)` (a host input or `input_mut` overwrites it).
+    input_is_latent: bool,
+    /// Whether `s.out` holds the output of a call on the latent not yet stepped with.
+    out_of_latent: bool,
 }
 
 /// What a TP > 1 forward needs besides the TP = 1 scratch.
@@ -651,6 +660,13 @@ impl GpuDit {
             mod_cache: HashMap::new(),
             pinned_in: PinnedStage::new(st, rows * cfg.in_dim(), "generator input")?,
             pinned_out: PinnedStage::new(st, rows * cfg.in_dim(), "generator output")?,
+            latent: st
+                .alloc_zeros::<f32>(rows * cfg.in_dim())
+                .map_err(|e| cuda_err("alloc latent", e))?,
+            latent_len: 0,
+            pinned_latent: PinnedStage::new(st, rows * cfg.in_dim(), "latent")?,
+            input_is_latent: false,
+            out_of_latent: false,
             patch: DLinear::upload(st, &shard.patch, None)?,
             text1: DLinear::upload(st, &shard.text1, None)?,
             text2: DLinear::upload(st, &shard.text2, None)?,
@@ -903,6 +919,8 @@ impl GpuDit {
     /// The input buffer of the next call (`[rows, in_dim]` bf16): a caller (or a receive)
     /// fills its first `frames · tokens_per_frame` rows.
     pub fn input_mut(&mut self) -> CudaViewMut<'_, bf16> {
+        self.input_is_latent = false;
+        self.out_of_latent = false;
         self.s.x_in.slice_mut(..)
     }
 
@@ -920,6 +938,8 @@ impl GpuDit {
         kv: &KvAccess,
         comm: &mut dyn TpComm,
     ) -> Result<CudaView<'_, bf16>> {
+        // This call overwrites the output an Euler step would read.
+        self.out_of_latent = false;
         let c = self.cfg.clone();
         let rows = frames * c.tokens_per_frame();
         if rows > self.s.rows || frames == 0 {
@@ -1312,6 +1332,8 @@ impl GpuDit {
                 x.len()
             )));
         }
+        self.input_is_latent = false;
+        self.out_of_latent = false;
         let host = self.pinned_in.host("generator input")?;
         for (h, v) in host[..n].iter_mut().zip(x) {
             *h = bf16::from_f32(*v);
@@ -1325,6 +1347,112 @@ impl GpuDit {
         let host = self.pinned_out.host("generator output")?;
         let out = host[..n].iter().map(|v| v.to_f32()).collect();
         // The stream passed this call's device-path sums (if any): their records complete.
+        comm.settle_device_ops();
+        Ok(out)
+    }
+}
+
+/// A chunk's latent kept on the device (`pipeline::stage1::Generator::keeps_latent`): Stage 1's
+/// denoise loop without a host round trip per call. The latent (f32) is uploaded once per chunk
+/// through pinned memory (`load_latent`); each call reads `bf16(latent)` (`forward_latent`);
+/// the Euler step runs on the device (`euler_step`, the host executor's f32 arithmetic bit for
+/// bit); the clean latent comes back once (`read_latent`). The host waits once per chunk, on
+/// the latent's download, instead of once per call.
+impl GpuDit {
+    /// Takes a chunk's initial latent (f32 `[frames · tokens_per_frame, in_dim]`) onto the
+    /// device.
+    pub fn load_latent(&mut self, x: &[f32]) -> Result<()> {
+        let n = x.len();
+        let in_dim = self.cfg.in_dim();
+        if n == 0 || n % (self.cfg.tokens_per_frame() * in_dim) != 0 || n > self.latent.len() {
+            return Err(Error::Invariant(format!(
+                "latent of {n} values: not whole frames of {} tokens × {in_dim}, or more than \
+                 the {} the model is sized for",
+                self.cfg.tokens_per_frame(),
+                self.latent.len()
+            )));
+        }
+        self.pinned_latent.host("latent")?[..n].copy_from_slice(x);
+        self.pinned_latent
+            .upload(&mut self.latent.slice_mut(..n), "latent")?;
+        self.latent_len = n;
+        self.out_of_latent = false;
+        self.latent_to_input()
+    }
+
+    fn latent_to_input(&mut self) -> Result<()> {
+        let n = self.latent_len;
+        dit_ops::latent_to_input(
+            &self.gpu,
+            &self.stream,
+            &self.latent.slice(..n),
+            &mut self.s.x_in.slice_mut(..n),
+        )?;
+        self.input_is_latent = true;
+        Ok(())
+    }
+
+    /// One generator call on the latent (`forward_device` with `bf16(latent)` as its input);
+    /// its output stays on the device for `euler_step`.
+    pub fn forward_latent(
+        &mut self,
+        frames: usize,
+        start_frame: u64,
+        t: u32,
+        kv: &KvAccess,
+        comm: &mut dyn TpComm,
+    ) -> Result<()> {
+        let n = frames * self.cfg.tokens_per_frame() * self.cfg.in_dim();
+        if self.latent_len == 0 || n != self.latent_len {
+            return Err(Error::Invariant(format!(
+                "generator call on the device latent: {frames} frames ({n} values), the latent \
+                 holds {} (none loaded: 0)",
+                self.latent_len
+            )));
+        }
+        if !self.input_is_latent {
+            // A host input (a recompute's context frames) was read since: convert again.
+            self.latent_to_input()?;
+        }
+        self.forward_device(frames, start_frame, t, kv, comm)?;
+        self.out_of_latent = true;
+        Ok(())
+    }
+
+    /// `latent += dt · v` with `v` the last `forward_latent`'s output, and the next call's input
+    /// with it; each output steps the latent once.
+    pub fn euler_step(&mut self, dt: f32) -> Result<()> {
+        if !self.out_of_latent {
+            return Err(Error::Invariant(
+                "Euler step on the device latent without a call's output on it".into(),
+            ));
+        }
+        let n = self.latent_len;
+        dit_ops::euler_step(
+            &self.gpu,
+            &self.stream,
+            &mut self.latent.slice_mut(..n),
+            &self.s.out.slice(..n),
+            dt,
+            &mut self.s.x_in.slice_mut(..n),
+        )?;
+        self.out_of_latent = false;
+        self.input_is_latent = true;
+        Ok(())
+    }
+
+    /// The latent back on the host, once its download (an event) completed: the chunk's calls
+    /// and steps before it have run, so the records of their device-path sums complete.
+    pub fn read_latent(&mut self, comm: &mut dyn TpComm) -> Result<Vec<f32>> {
+        let n = self.latent_len;
+        if n == 0 {
+            return Err(Error::Invariant(
+                "read of a device latent never loaded".into(),
+            ));
+        }
+        self.pinned_latent
+            .download(&self.latent.slice(..n), "latent")?;
+        let out = self.pinned_latent.host("latent")?[..n].to_vec();
         comm.settle_device_ops();
         Ok(out)
     }

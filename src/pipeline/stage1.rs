@@ -97,6 +97,51 @@ pub struct Call<'a> {
     pub mode: CacheMode<'a>,
 }
 
+/// A generator call without its input: on the latent a generator keeps
+/// (`Generator::call_on_latent`), or given one (`with_input`).
+pub struct CallSpec<'a> {
+    pub frames: usize,
+    pub start_frame: u64,
+    pub t: u32,
+    pub mode: CacheMode<'a>,
+}
+
+impl<'a> CallSpec<'a> {
+    pub fn with_input(self, x: &'a [f32]) -> Call<'a> {
+        Call {
+            x,
+            frames: self.frames,
+            start_frame: self.start_frame,
+            t: self.t,
+            mode: self.mode,
+        }
+    }
+}
+
+/// What a call reads: host values, or the chunk's latent as the generator keeps it.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Host(&'a [f32]),
+    Kept,
+}
+
+impl Input<'_> {
+    /// The chunk's latent: kept by the generator, or these host values.
+    fn latent(kept: bool, x: &[f32]) -> Input<'_> {
+        if kept {
+            Input::Kept
+        } else {
+            Input::Host(x)
+        }
+    }
+}
+
+fn no_kept_latent<T>(what: &str) -> Result<T> {
+    Err(Error::Invariant(format!(
+        "{what}: this generator does not keep a latent (keeps_latent is false)"
+    )))
+}
+
 /// The prompt a chunk's plan names, as the generator gets it.
 #[derive(Clone, Copy, Debug)]
 pub enum Prompt<'a> {
@@ -150,6 +195,35 @@ pub trait Generator: Send {
     /// CUDA graphs captured so far (`None`: this generator does not capture).
     fn captured_graphs(&self) -> Option<usize> {
         None
+    }
+    /// Whether this generator keeps a chunk's latent itself between calls (on its device). The
+    /// executor then hands the latent over once (`load_latent`), issues the calls on it
+    /// (`call_on_latent`) and the Euler steps (`euler_step`: the host's f32 arithmetic bit for
+    /// bit), and takes the clean latent back once (`read_latent`); a recompute's context frames
+    /// still come as host values (`call`). Otherwise the executor keeps the latent in host f32.
+    fn keeps_latent(&self) -> bool {
+        false
+    }
+    /// Takes the chunk's initial latent (f32, the model's token layout).
+    fn load_latent(&mut self, _x: &[f32]) -> Result<()> {
+        no_kept_latent("load_latent")
+    }
+    /// One call on the kept latent; its output stays with the generator for `euler_step`.
+    fn call_on_latent(
+        &mut self,
+        _comm: &mut dyn TpComm,
+        _cache: &mut KvCache,
+        _call: CallSpec<'_>,
+    ) -> Result<()> {
+        no_kept_latent("call_on_latent")
+    }
+    /// `latent += dt · output` of the last `call_on_latent`.
+    fn euler_step(&mut self, _dt: f32) -> Result<()> {
+        no_kept_latent("euler_step")
+    }
+    /// The kept latent, on the host.
+    fn read_latent(&mut self, _comm: &mut dyn TpComm) -> Result<Vec<f32>> {
+        no_kept_latent("read_latent")
     }
 }
 
@@ -220,8 +294,9 @@ impl Generator for DitGenerator {
 /// The DiT on a GPU (`model::gpu`): this rank's TP shard; its all-reduces go through the call's
 /// `TpComm`. Its K/V live on the device; the host `KvCache` it asks for holds only the ledger,
 /// which says for each call where the chunk's K/V go and which slots attention reads
-/// (`KvAccess::from_ledger`). Latents cross the host as f32 through pinned buffers (upload
-/// before, download after each call).
+/// (`KvAccess::from_ledger`). It keeps the chunk's latent on the device (`keeps_latent`): the
+/// latent crosses the host as f32 through pinned buffers once in and once out per chunk, the
+/// Euler steps run on the device; a recompute's context frames are uploaded for their call.
 pub struct GpuGenerator {
     model: crate::model::gpu::GpuDit,
     /// The prompt whose text K/V the model holds.
@@ -272,6 +347,35 @@ impl Generator for GpuGenerator {
 
     fn captured_graphs(&self) -> Option<usize> {
         self.model.captured_graphs()
+    }
+
+    fn keeps_latent(&self) -> bool {
+        true
+    }
+
+    fn load_latent(&mut self, x: &[f32]) -> Result<()> {
+        self.model.load_latent(x)
+    }
+
+    fn call_on_latent(
+        &mut self,
+        comm: &mut dyn TpComm,
+        cache: &mut KvCache,
+        c: CallSpec<'_>,
+    ) -> Result<()> {
+        let frames = u32::try_from(c.frames)
+            .map_err(|_| Error::Invariant(format!("{} frames in one call", c.frames)))?;
+        let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
+        self.model
+            .forward_latent(c.frames, c.start_frame, c.t, &kv, comm)
+    }
+
+    fn euler_step(&mut self, dt: f32) -> Result<()> {
+        self.model.euler_step(dt)
+    }
+
+    fn read_latent(&mut self, comm: &mut dyn TpComm) -> Result<Vec<f32>> {
+        self.model.read_latent(comm)
     }
 
     fn cache_geometry(&self) -> CacheGeometry {
@@ -457,13 +561,16 @@ impl<'a> MeshRank<'a> {
     /// plan does not name never reaches the collectives inside it, which the other ranks would
     /// not join. Each issued call is a span (`gen <kind> t=… frames=…`, `crate::spans`), with
     /// the call's collectives inside it.
+    /// Returns the call's output when its input was host values (`Input::Host`); a call on the
+    /// kept latent leaves its output with the generator.
     fn gen_call(
         &mut self,
         kind: &'static str,
-        call: Call<'_>,
+        call: CallSpec<'_>,
+        input: Input<'_>,
         calls: &mut u32,
         plan: &PhasePlan,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Option<Vec<f32>>> {
         if *calls >= plan.expected_generator_calls {
             return Err(Error::Invariant(format!(
                 "plan mismatch: plan says {} generator calls, this rank is about to make call {} \
@@ -477,7 +584,7 @@ impl<'a> MeshRank<'a> {
         self.graphs.check(&StepGraphs::signature(
             kind,
             call.t,
-            call.x.len() / self.cfg.in_dim().max(1),
+            call.frames * self.cfg.tokens_per_frame(),
         ))?;
         *calls += 1;
         let _span = spans::generator_call(GeneratorCall {
@@ -489,7 +596,16 @@ impl<'a> MeshRank<'a> {
             call: *calls,
             of: plan.expected_generator_calls,
         });
-        self.gen.call(self.comm, &mut self.cache, call)
+        match input {
+            Input::Host(x) => self
+                .gen
+                .call(self.comm, &mut self.cache, call.with_input(x))
+                .map(Some),
+            Input::Kept => self
+                .gen
+                .call_on_latent(self.comm, &mut self.cache, call)
+                .map(|()| None),
+        }
     }
 
     /// Executes one plan; returns the clean latent and the mesh-agreed state digest.
@@ -516,6 +632,11 @@ impl<'a> MeshRank<'a> {
         let prompt = self.set_prompt(plan, tensors)?;
         let frames = plan.frames as usize;
         let mut x = tensor(NOISE_TENSOR)?;
+        // Where the latent lives between the calls: with the generator (its device) or here.
+        let kept = self.gen.keeps_latent();
+        if kept {
+            self.gen.load_latent(&x)?;
+        }
         let mut calls = 0u32;
         for phase in plan.phases() {
             match phase {
@@ -526,37 +647,38 @@ impl<'a> MeshRank<'a> {
                         .cache
                         .ledger_mut()
                         .recompute_slots(r.first_frame, r.frames)?;
-                    let call = Call {
-                        x: &ctx,
+                    let call = CallSpec {
                         frames: r.frames as usize,
                         start_frame: r.first_frame,
                         t: 0,
                         mode: CacheMode::Overwrite(&slots),
                     };
-                    self.gen_call("recompute", call, &mut calls, plan)?;
+                    self.gen_call("recompute", call, Input::Host(&ctx), &mut calls, plan)?;
                 }
                 Phase::Denoise { t, t_next } => {
                     if fault::hit(points::SKIP_GENERATOR_CALL) {
                         // One step the plan names is left out; the count below must catch it.
                         continue;
                     }
-                    let call = Call {
-                        x: &x,
+                    let call = CallSpec {
                         frames,
                         start_frame: plan.start_frame,
                         t,
                         mode: CacheMode::Read,
                     };
-                    let v = self.gen_call("denoise", call, &mut calls, plan)?;
+                    let v =
+                        self.gen_call("denoise", call, Input::latent(kept, &x), &mut calls, plan)?;
                     // Flow-matching Euler step on the integer timestep grid.
                     let dt = (t_next as f32 - t as f32) / TIMESTEP_MAX as f32;
-                    x.iter_mut().zip(&v).for_each(|(a, b)| *a += dt * b);
+                    match v {
+                        Some(v) => x.iter_mut().zip(&v).for_each(|(a, b)| *a += dt * b),
+                        None => self.gen.euler_step(dt)?,
+                    }
                 }
                 Phase::CacheEvict(n) => self.cache.ledger_mut().evict(n)?,
                 Phase::CleanCacheUpdate => {
                     let slots = self.cache.ledger_mut().append(plan.frames)?;
-                    let call = Call {
-                        x: &x,
+                    let call = CallSpec {
                         frames,
                         start_frame: plan.start_frame,
                         t: 0,
@@ -565,7 +687,7 @@ impl<'a> MeshRank<'a> {
                     // The pass attends over the readable cache (after the plan's eviction,
                     // without the slots just reserved) + the chunk, and writes the chunk's K/V
                     // into the slots in every layer; only then are they readable.
-                    self.gen_call("clean", call, &mut calls, plan)?;
+                    self.gen_call("clean", call, Input::latent(kept, &x), &mut calls, plan)?;
                     self.cache.ledger_mut().mark_written();
                 }
             }
@@ -573,14 +695,16 @@ impl<'a> MeshRank<'a> {
         if fault::hit(points::EXTRA_GENERATOR_CALL) {
             // One call more than the plan names, the same as the last; the check before each
             // call must stop it.
-            let call = Call {
-                x: &x,
+            let call = CallSpec {
                 frames,
                 start_frame: plan.start_frame,
                 t: 0,
                 mode: CacheMode::Read,
             };
-            self.gen_call("clean", call, &mut calls, plan)?;
+            self.gen_call("clean", call, Input::latent(kept, &x), &mut calls, plan)?;
+        }
+        if kept {
+            x = self.gen.read_latent(self.comm)?;
         }
         if fault::hit(points::CACHE_OUT_OF_BAND) {
             // An out-of-band mutation: not in the plan. The digest below must catch it.
@@ -768,6 +892,116 @@ mod tests {
         a.check(&h(1, 2)).unwrap();
         let e = a.check(&h(2, 1)).unwrap_err().to_string();
         assert!(e.contains("cache_epoch regression"), "{e}");
+    }
+
+    /// A generator that keeps the latent (as the GPU model does on its device), here on the
+    /// host: the executor's kept-latent path, checkable without a GPU.
+    struct KeptOnHost {
+        inner: DitGenerator,
+        x: Vec<f32>,
+        out: Option<Vec<f32>>,
+        loads: usize,
+        steps: usize,
+        reads: usize,
+    }
+
+    impl Generator for KeptOnHost {
+        fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()> {
+            self.inner.set_prompt(comm, prompt)
+        }
+        fn call(
+            &mut self,
+            comm: &mut dyn TpComm,
+            cache: &mut KvCache,
+            c: Call<'_>,
+        ) -> Result<Vec<f32>> {
+            self.inner.call(comm, cache, c)
+        }
+        fn cache_geometry(&self) -> CacheGeometry {
+            self.inner.cache_geometry()
+        }
+        fn keeps_latent(&self) -> bool {
+            true
+        }
+        fn load_latent(&mut self, x: &[f32]) -> Result<()> {
+            self.loads += 1;
+            self.x = x.to_vec();
+            Ok(())
+        }
+        fn call_on_latent(
+            &mut self,
+            comm: &mut dyn TpComm,
+            cache: &mut KvCache,
+            c: CallSpec<'_>,
+        ) -> Result<()> {
+            let x = std::mem::take(&mut self.x);
+            let out = self.inner.call(comm, cache, c.with_input(&x));
+            self.x = x;
+            self.out = Some(out?);
+            Ok(())
+        }
+        fn euler_step(&mut self, dt: f32) -> Result<()> {
+            let v = self
+                .out
+                .take()
+                .ok_or_else(|| Error::Invariant("step without an output".into()))?;
+            self.steps += 1;
+            self.x.iter_mut().zip(&v).for_each(|(a, b)| *a += dt * b);
+            Ok(())
+        }
+        fn read_latent(&mut self, _comm: &mut dyn TpComm) -> Result<Vec<f32>> {
+            self.reads += 1;
+            Ok(self.x.clone())
+        }
+    }
+
+    #[test]
+    fn a_generator_that_keeps_the_latent_streams_the_same_latents_bit_for_bit() {
+        use crate::pipeline::trace::{stream_latents, StreamSpec};
+        let cfg = DitConfig::tiny();
+        // Wraps the ring and recomputes the sinks (a host-input call between kept ones).
+        let stream = StreamSpec {
+            chunks: 7,
+            recompute_every: 3,
+            noise_seed: 5,
+            prompt_seed: 9,
+        };
+        let mut host = DitGenerator::new(&cfg, 3, GroupRank(0), 1).unwrap();
+        assert!(!host.keeps_latent());
+        let want = stream_latents(&mut host, &cfg, &stream).unwrap();
+        let mut kept = KeptOnHost {
+            inner: DitGenerator::new(&cfg, 3, GroupRank(0), 1).unwrap(),
+            x: Vec::new(),
+            out: None,
+            loads: 0,
+            steps: 0,
+            reads: 0,
+        };
+        let got = stream_latents(&mut kept, &cfg, &stream).unwrap();
+        assert_eq!(got.len(), 7);
+        for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+            let same =
+                g.len() == w.len() && g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "chunk {c}: the kept latent differs from the host executor's"
+            );
+        }
+        // One load and one read per chunk, one step per denoise call.
+        let n = cfg.denoise_timesteps.len() * 7;
+        assert_eq!((kept.loads, kept.reads, kept.steps), (7, 7, n));
+        // The stream did change the latent (a step that did nothing would also be "equal").
+        assert!(got[0].iter().zip(&want[1]).any(|(a, b)| a != b));
+    }
+
+    #[test]
+    fn a_host_generator_refuses_the_kept_latent_calls() {
+        let cfg = DitConfig::tiny();
+        let mut g = DitGenerator::new(&cfg, 3, GroupRank(0), 1).unwrap();
+        let e = g.euler_step(0.5).unwrap_err().to_string();
+        assert!(e.contains("does not keep a latent"), "{e}");
+        let e = g.load_latent(&[0.0]).unwrap_err().to_string();
+        assert!(e.contains("load_latent"), "{e}");
     }
 
     #[test]

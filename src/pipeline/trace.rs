@@ -20,7 +20,7 @@ use crate::model::dit::{prompt_features, CacheMode, DitShard};
 use crate::model::tp::{SoloComm, TpComm};
 use crate::model::weights::WeightFile;
 use crate::model::DitConfig;
-use crate::plan::{PlanPolicy, Planner, OVERRIDE_TENSOR};
+use crate::plan::{PhasePlan, PlanPolicy, Planner, OVERRIDE_TENSOR};
 use crate::wire::HostTensor;
 use crate::{Error, Result};
 use safetensors::tensor::TensorView;
@@ -156,7 +156,9 @@ pub fn record_stream(
     )
 }
 
-/// `record_stream` with any generator (the GPU model's, for one).
+/// `record_stream` with any generator (the GPU model's, for one). The recorder reads every
+/// call's input and output on the host, so the executor keeps the latent on the host here
+/// whatever the generator could do (`Generator::keeps_latent`).
 pub fn record_stream_with(
     gen: &mut dyn Generator,
     cfg: &DitConfig,
@@ -165,72 +167,109 @@ pub fn record_stream_with(
     noise_seed: u64,
     prompt_seed: u64,
 ) -> Result<StreamTrace> {
-    let cfg = cfg.clone();
     let info = Arc::new(Mutex::new(ChunkInfo::default()));
     let mut rec = Recorder {
         inner: gen,
         calls: Vec::new(),
         info: info.clone(),
     };
+    let stream = StreamSpec {
+        chunks,
+        recompute_every,
+        noise_seed,
+        prompt_seed,
+    };
+    let latents = drive_stream(&mut rec, cfg, &stream, &mut |chunk, plan| {
+        *info
+            .lock()
+            .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? = ChunkInfo {
+            chunk,
+            reset_pending: plan.cache_actions.reset,
+            evict_pending: plan.cache_actions.evict_frames,
+        };
+        Ok(())
+    })?;
+    Ok(StreamTrace {
+        text: prompt_features(cfg, prompt_seed),
+        cfg: cfg.clone(),
+        calls: rec.calls,
+        latents,
+    })
+}
+
+/// A stream of one epoch as `record_stream` drives it.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamSpec {
+    pub chunks: u64,
+    /// Recompute the sink frames from the first chunk's latent every that many chunks (0: never).
+    pub recompute_every: u32,
+    pub noise_seed: u64,
+    pub prompt_seed: u64,
+}
+
+/// The clean latents of `stream` through `MeshRank::execute` at TP=1 with `gen` as it is (a
+/// generator that keeps the latent on its device does so): the stream `record_stream` records,
+/// without watching it.
+pub fn stream_latents(
+    gen: &mut dyn Generator,
+    cfg: &DitConfig,
+    stream: &StreamSpec,
+) -> Result<Vec<Vec<f32>>> {
+    drive_stream(gen, cfg, stream, &mut |_, _| Ok(()))
+}
+
+/// Plans and executes `stream`'s chunks; `before` sees each plan right before its execution.
+fn drive_stream(
+    gen: &mut dyn Generator,
+    cfg: &DitConfig,
+    stream: &StreamSpec,
+    before: &mut dyn FnMut(u64, &PhasePlan) -> Result<()>,
+) -> Result<Vec<Vec<f32>>> {
     let mut planner = Planner::new(PlanPolicy {
         frames_per_chunk: cfg.frames_per_chunk as u32,
         denoise_timesteps: cfg.denoise_timesteps.clone(),
         clean_cache_update: true,
-        recompute_every,
+        recompute_every: stream.recompute_every,
         sink_frames: cfg.sink_frames,
         window_frames: cfg.window_frames,
-        prompt_seed,
+        prompt_seed: stream.prompt_seed,
     })?;
     let mut comm = SoloComm;
     let in_dim = cfg.in_dim();
-    let mut latents = Vec::new();
-    {
-        let mut mesh = MeshRank::new(&mut comm, &mut rec, GlobalRank(1), &cfg)?;
-        let steps = StepGraphs::required(&cfg, recompute_every > 0, cfg.sink_frames);
-        mesh.warmup(&steps)?;
-        for chunk in 0..chunks {
-            let plan = planner.next_plan(ChunkIndex(chunk), CacheEpoch(0));
-            let mut tensors = vec![HostTensor::from_f32(
-                NOISE_TENSOR,
-                vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
-                &chunk_noise(noise_seed, chunk, cfg.tokens_per_chunk() * in_dim),
-            )];
-            if let Some(r) = plan.recompute {
-                let n = r.frames as usize * cfg.tokens_per_frame() * in_dim;
-                let anchor: &Vec<f32> = latents
-                    .first()
-                    .ok_or_else(|| Error::Invariant("recompute before the first latent".into()))?;
-                let ctx = anchor.get(..n).ok_or_else(|| {
-                    Error::Invariant("first latent shorter than the sinks".into())
-                })?;
-                tensors.push(HostTensor::from_f32(
-                    OVERRIDE_TENSOR,
-                    vec![
-                        (r.frames as usize * cfg.tokens_per_frame()) as u64,
-                        in_dim as u64,
-                    ],
-                    ctx,
-                ));
-            }
-            planner.commit(&plan)?;
-            *info
-                .lock()
-                .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? =
-                ChunkInfo {
-                    chunk,
-                    reset_pending: plan.cache_actions.reset,
-                    evict_pending: plan.cache_actions.evict_frames,
-                };
-            let (latent, _digest) = mesh.execute(&plan, &tensors)?;
-            latents.push(latent);
+    let mut latents: Vec<Vec<f32>> = Vec::new();
+    let mut mesh = MeshRank::new(&mut comm, gen, GlobalRank(1), cfg)?;
+    let steps = StepGraphs::required(cfg, stream.recompute_every > 0, cfg.sink_frames);
+    mesh.warmup(&steps)?;
+    for chunk in 0..stream.chunks {
+        let plan = planner.next_plan(ChunkIndex(chunk), CacheEpoch(0));
+        let mut tensors = vec![HostTensor::from_f32(
+            NOISE_TENSOR,
+            vec![cfg.tokens_per_chunk() as u64, in_dim as u64],
+            &chunk_noise(stream.noise_seed, chunk, cfg.tokens_per_chunk() * in_dim),
+        )];
+        if let Some(r) = plan.recompute {
+            let n = r.frames as usize * cfg.tokens_per_frame() * in_dim;
+            let anchor = latents
+                .first()
+                .ok_or_else(|| Error::Invariant("recompute before the first latent".into()))?;
+            let ctx = anchor
+                .get(..n)
+                .ok_or_else(|| Error::Invariant("first latent shorter than the sinks".into()))?;
+            tensors.push(HostTensor::from_f32(
+                OVERRIDE_TENSOR,
+                vec![
+                    (r.frames as usize * cfg.tokens_per_frame()) as u64,
+                    in_dim as u64,
+                ],
+                ctx,
+            ));
         }
+        planner.commit(&plan)?;
+        before(chunk, &plan)?;
+        let (latent, _digest) = mesh.execute(&plan, &tensors)?;
+        latents.push(latent);
     }
-    Ok(StreamTrace {
-        text: prompt_features(&cfg, prompt_seed),
-        cfg,
-        calls: rec.calls,
-        latents,
-    })
+    Ok(latents)
 }
 
 /// Writes `trace` as a safetensors file (see the module comment for the layout).
