@@ -12,7 +12,7 @@ ARCHIVE=perf-round.tgz
 source "$(dirname "$0")/round-lib.sh"
 P=wan-1.3b; C=8
 step bench model
-timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
+timeout 150 "$S/lockstep" bench model --preset $P --chunks $C --idle --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
 step torch compile
 [ "${TORCH:-1}" = 0 ] || timeout 120 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --compile --chunks $C --json "$L/torch-compile-$P.json" > "$L/torch-compile-$P.log" 2>&1; echo "exit $?" >> "$L/torch-compile-$P.log"; tail -12 "$L/torch-compile-$P.log"
 step gpu_model wrapping stream and TP=2 staged + device path

@@ -15,7 +15,7 @@ timeout 60 "$S/tests/gpu_one_layer" --test-threads=1 --nocapture > "$L/gpu_one_l
 step lockstep run
 LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" --trace "$L/run-$P.trace.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
 step bench model
-timeout 90 "$S/lockstep" bench model --preset $P --chunks $C --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
+timeout 150 "$S/lockstep" bench model --preset $P --chunks $C --idle --json "$L/ours-$P.json" > "$L/ours-$P.log" 2>&1; echo "exit $?" >> "$L/ours-$P.log"; cat "$L/ours-$P.log"
 step gpu_model TP=2 staged + device path
 timeout 120 "$S/tests/gpu_model" --test-threads=1 --nocapture gpu_tp2 > "$L/gpu_model_tp2.log" 2>&1; echo "exit $?" >> "$L/gpu_model_tp2.log"
 grep -E "worst|device path|test result|panicked|^exit" "$L/gpu_model_tp2.log"

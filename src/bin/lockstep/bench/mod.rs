@@ -5,6 +5,7 @@
 //! envelopes through `Header::decode` + `MetaDoc::decode`; any panic is counted and fails the
 //! run), (2) the header round trip and the 4.6 MB envelope round trip between two processes on
 //! this host (`lockstep launch -n 2 -- lockstep harness bench`).
+mod activity;
 mod kernels;
 mod model;
 mod transport;
