@@ -2,7 +2,7 @@
 # GPU host, one short call: `lockstep bench model` against PyTorch (torch.compile, then eager)
 # in the same call on the same card, the GPU model's stream check (with CUDA graphs), TP=2 on
 # one GPU (staged and through the model's device path), the one-GPU-layer NCCL check, and
-# `lockstep run --preset wan-1.3b` with graphs. Staged by tools/gpu/stage.sh --dir
+# `lockstep run --preset wan-1.3b` with graphs, then `bench session` (host plane, spare cores). Staged by tools/gpu/stage.sh --dir
 # .gpu-stage-perf --script tools/gpu/perf-round.sh gpu_model gpu_one_layer. Logs go into one archive,
 # $OUT/perf-round.tgz, refreshed after every step (the device returns only a few files).
 set -uo pipefail
@@ -27,4 +27,6 @@ step lockstep run
 LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
 step torch eager
 [ "${TORCH:-1}" = 0 ] || timeout 90 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$L/torch-eager-$P.json" > "$L/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$L/torch-eager-$P.log"; tail -12 "$L/torch-eager-$P.log"
+step bench session
+timeout 150 "$S/lockstep" bench session --rounds 5 --chunks 2000 --json "$L/session.json" > "$L/session.log" 2>"$L/session.err"; echo "exit $?" >> "$L/session.log"; tail -8 "$L/session.log"
 step done

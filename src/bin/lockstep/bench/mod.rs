@@ -5,16 +5,21 @@
 //! envelopes through `Header::decode` + `MetaDoc::decode`; any panic is counted and fails the
 //! run), (2) the header round trip and the 4.6 MB envelope round trip between two processes on
 //! this host (`lockstep launch -n 2 -- lockstep harness bench`).
+//!
+//! `model` (the GPU DiT against its floors, `--idle` the GPU's idle share), `kernels`,
+//! `transport`, `session` (what the session API adds per chunk over `lockstep run`): see each
+//! file's comment.
 mod activity;
 mod kernels;
 mod model;
+mod session;
 mod transport;
 
 use lockstep::wire::{decode_frame, prepare, Action, EnvelopeIds, HostTensor, Limits, HEADER_LEN};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to benchmark: kernels | model | transport | wire.
+    /// What to benchmark: kernels | model | session | transport | wire.
     pub what: String,
     /// Extra arguments for that benchmark (wire: [CASES] [RTT_ITERS]).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -28,6 +33,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         "transport" => transport::main(&args.rest),
         "kernels" => kernels::main(&args.rest),
         "model" => model::main(&args.rest),
+        "session" => session::main(&args.rest),
         other => {
             lockstep::diag!("bench: unknown benchmark {other:?}");
             lockstep::exit::ExitCode::BadInput.code()
