@@ -251,6 +251,8 @@ pub struct GpuDit {
     s: Scratch,
     /// The chunk's first frame, read by the RoPE kernel (so a graph replays for any chunk).
     frame_base: CudaSlice<u32>,
+    /// Where `frame_base` is uploaded from: page-locked slots, never a pageable copy.
+    frame_ring: PinnedRing,
     /// Captured calls by how they meet the cache (`None`: graphs off).
     graphs: Option<HashMap<GraphKey, OwnedGraph>>,
     /// Group rank and size of this shard.
@@ -374,6 +376,77 @@ impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Drop for P
         // A copy may still be in flight: the host memory outlives it.
         if let Err(e) = self.last_copy.synchronize() {
             tracing::warn!("pinned stage dropped while its last copy failed: {e}");
+        }
+    }
+}
+
+/// Per-call scalars (the chunk's first frame) uploaded from page-locked memory: a ring of
+/// slots, each with the event of its last copy, reused `RING_SLOTS` uploads later. The host
+/// waits only if the copy from that many calls ago has not run yet (never, in a stream that
+/// keeps a few calls in flight), never on the call before, and the copy is a true async DMA
+/// (a pageable source may make the driver synchronize with the stream).
+struct PinnedRing {
+    stream: Arc<CudaStream>,
+    buf: PinnedHostSlice<u32>,
+    events: Vec<CudaEvent>,
+    next: usize,
+}
+
+const RING_SLOTS: usize = 32;
+
+impl PinnedRing {
+    fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context();
+        // SAFETY: page-locked, not write-combined; a slot is written by the host only after
+        // its last copy's event completed.
+        let buf = unsafe { ctx.alloc_pinned_with_flags::<u32>(RING_SLOTS, 0) }
+            .map_err(|e| cuda_err("pinned per-call scalars", e))?;
+        let events = (0..RING_SLOTS)
+            .map(|_| {
+                ctx.new_event(None)
+                    .map_err(|e| cuda_err("event for a pinned scalar slot", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            stream: stream.clone(),
+            buf,
+            events,
+            next: 0,
+        })
+    }
+
+    /// Enqueues `value` → `dst[0]` on the stream.
+    fn upload(&mut self, value: u32, dst: &mut CudaSlice<u32>) -> Result<()> {
+        let i = self.next % RING_SLOTS;
+        self.next = self.next.wrapping_add(1);
+        let ev = &self.events[i];
+        // An event never recorded counts as complete.
+        ev.synchronize()
+            .map_err(|e| cuda_err("wait for a pinned scalar slot", e))?;
+        let host = self
+            .buf
+            .as_mut_slice()
+            .map_err(|e| cuda_err("pinned per-call scalars", e))?;
+        host[i] = value;
+        let src = self
+            .buf
+            .as_slice()
+            .map_err(|e| cuda_err("pinned per-call scalars", e))?;
+        self.stream
+            .memcpy_htod(&src[i..i + 1], &mut dst.slice_mut(..1))
+            .map_err(|e| cuda_err("upload a per-call scalar", e))?;
+        ev.record(&self.stream)
+            .map_err(|e| cuda_err("record a pinned scalar copy", e))
+    }
+}
+
+impl Drop for PinnedRing {
+    fn drop(&mut self) {
+        // Copies may still be in flight: the host memory outlives them.
+        for e in &self.events {
+            if let Err(e) = e.synchronize() {
+                tracing::warn!("pinned scalar ring dropped while a copy failed: {e}");
+            }
         }
     }
 }
@@ -678,6 +751,7 @@ impl GpuDit {
             text_v: Vec::new(),
             prompt: None,
             s,
+            frame_ring: PinnedRing::new(st)?,
             frame_base: st
                 .alloc_zeros::<u32>(1)
                 .map_err(|e| cuda_err("alloc frame base", e))?,
@@ -962,8 +1036,7 @@ impl GpuDit {
         let sf = u32::try_from(start_frame)
             .map_err(|_| Error::Invariant(format!("start frame {start_frame} exceeds u32")))?;
         let st = self.stream.clone();
-        st.memcpy_htod(&[sf], &mut self.frame_base)
-            .map_err(|e| cuda_err("upload the chunk's first frame", e))?;
+        self.frame_ring.upload(sf, &mut self.frame_base)?;
         let key = GraphKey::of(frames, kv);
         // A TP > 1 call crosses the host for its all-reduces: it cannot be captured.
         let graphs = self.graphs.as_ref().filter(|_| self.reduce.is_none());
