@@ -4,7 +4,7 @@
 # (per-call floor ratio, same run), TP=2 on one GPU (staged and device path), the wrapping stream
 # check, then `bench session` (the session's overhead per chunk, on this host's spare cores).
 # No PyTorch baseline: only same-run ratios are claimed from it. Lives beside the staged
-# binaries of tools/gpu/stage.sh --dir .gpu-stage-perf ... gpu_model gpu_one_layer (copied in as
+# binaries of tools/gpu/stage.sh --dir .gpu-stage-perf ... gpu_model gpu_one_layer gpu_kernels (copied in as
 # quick.sh). Logs: $OUT/quick-round.tgz, refreshed after every step.
 set -uo pipefail
 ARCHIVE=quick-round.tgz
@@ -23,6 +23,10 @@ grep -E "worst|device path|test result|panicked|^exit" "$L/gpu_model_tp2.log"
 step gpu_model wrapping stream
 timeout 100 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
 grep -E "graphs captured|worst|test result|panicked|^exit" "$L/gpu_model.log"
+step latent Euler kernel
+if [ -x "$S/tests/gpu_kernels" ]; then
+  timeout 60 "$S/tests/gpu_kernels" --test-threads=1 --nocapture latent_euler > "$L/gpu_kernels_latent.log" 2>&1; echo "exit $?" >> "$L/gpu_kernels_latent.log"; tail -4 "$L/gpu_kernels_latent.log"
+fi
 step bench session
 timeout 150 "$S/lockstep" bench session --rounds 5 --chunks 2000 --json "$L/session.json" > "$L/session.log" 2>"$L/session.err"; echo "exit $?" >> "$L/session.log"; tail -8 "$L/session.log"
 step done
