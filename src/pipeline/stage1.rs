@@ -309,6 +309,17 @@ impl GpuGenerator {
     }
 }
 
+/// Where a call's K/V go and what its attention reads in the device cache, from the ledger.
+fn device_kv(
+    mode: CacheMode<'_>,
+    cache: &KvCache,
+    frames: usize,
+) -> Result<crate::model::gpu::KvAccess> {
+    let f = u32::try_from(frames)
+        .map_err(|_| Error::Invariant(format!("{frames} frames in one call")))?;
+    crate::model::gpu::KvAccess::from_ledger(mode, cache, f)
+}
+
 impl Generator for GpuGenerator {
     fn set_prompt(&mut self, comm: &mut dyn TpComm, prompt: &Prompt<'_>) -> Result<()> {
         if self.held == Some(prompt.key()) {
@@ -338,9 +349,7 @@ impl Generator for GpuGenerator {
         cache: &mut KvCache,
         c: Call<'_>,
     ) -> Result<Vec<f32>> {
-        let frames = u32::try_from(c.frames)
-            .map_err(|_| Error::Invariant(format!("{} frames in one call", c.frames)))?;
-        let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
+        let kv = device_kv(c.mode, cache, c.frames)?;
         self.model
             .forward_host(c.x, c.frames, c.start_frame, c.t, &kv, comm)
     }
@@ -363,9 +372,7 @@ impl Generator for GpuGenerator {
         cache: &mut KvCache,
         c: CallSpec<'_>,
     ) -> Result<()> {
-        let frames = u32::try_from(c.frames)
-            .map_err(|_| Error::Invariant(format!("{} frames in one call", c.frames)))?;
-        let kv = crate::model::gpu::KvAccess::from_ledger(c.mode, cache, frames)?;
+        let kv = device_kv(c.mode, cache, c.frames)?;
         self.model
             .forward_latent(c.frames, c.start_frame, c.t, &kv, comm)
     }
