@@ -277,13 +277,20 @@ impl ActivityTrace {
     }
 
     fn enable() -> Result<()> {
-        // SAFETY: probed above: the library and these symbols exist; the callbacks are
-        // `extern "C"`, never unwind, and own the buffers they are given.
-        let r = unsafe {
-            sys::cuptiActivityRegisterCallbacks(Some(buffer_requested), Some(buffer_completed))
-        };
-        if r != sys::CUptiResult::CUPTI_SUCCESS {
-            return Err(cupti_err("cuptiActivityRegisterCallbacks", r));
+        // The buffer callbacks are registered once per process (a trace after the first reuses
+        // them: they read the slot `COLLECTED`, whoever holds it).
+        static REGISTERED: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        if !REGISTERED.load(std::sync::atomic::Ordering::Acquire) {
+            // SAFETY: probed above: the library and these symbols exist; the callbacks are
+            // `extern "C"`, never unwind, and own the buffers they are given.
+            let r = unsafe {
+                sys::cuptiActivityRegisterCallbacks(Some(buffer_requested), Some(buffer_completed))
+            };
+            if r != sys::CUptiResult::CUPTI_SUCCESS {
+                return Err(cupti_err("cuptiActivityRegisterCallbacks", r));
+            }
+            REGISTERED.store(true, std::sync::atomic::Ordering::Release);
         }
         for (k, _, _) in KINDS {
             // SAFETY: as above.
