@@ -227,19 +227,23 @@ fn run(rest: &[String]) -> Result<()> {
             "call_floor_ms": call_floor, "call_ms_graphs_mean": mean,
         }));
     }
-    let idle = if o.idle {
-        idle_shares(&mut model, &mut cache, &cfg, o.chunks)
-    } else {
-        serde_json::Value::Null
+    let mut doc = serde_json::json!({
+        "card": gpu.name(), "preset": cfg.name, "layers": cfg.layers,
+        "variant": o.variant.as_str(), "chunks": rows_out, "gemm_floor_ms_per_call": floor_ms,
+        "call_floors": floors, "idle": null,
+    });
+    let write = |doc: &serde_json::Value| -> Result<()> {
+        match &o.json {
+            Some(path) => std::fs::write(path, doc.to_string())
+                .map_err(|e| Error::BadInput(format!("--json {path}: {e}"))),
+            None => Ok(()),
+        }
     };
-    if let Some(path) = &o.json {
-        let doc = serde_json::json!({
-            "card": gpu.name(), "preset": cfg.name, "layers": cfg.layers,
-            "variant": o.variant.as_str(), "chunks": rows_out, "gemm_floor_ms_per_call": floor_ms,
-            "call_floors": floors, "idle": idle,
-        });
-        std::fs::write(path, doc.to_string())
-            .map_err(|e| Error::BadInput(format!("--json {path}: {e}")))?;
+    // Written before the idle measurement too, so a failure in CUPTI keeps the timings.
+    write(&doc)?;
+    if o.idle {
+        doc["idle"] = idle_shares(&mut model, &mut cache, &cfg, o.chunks);
+        write(&doc)?;
     }
     Ok(())
 }
