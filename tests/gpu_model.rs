@@ -22,7 +22,7 @@ use lockstep::model::tp::{SoloComm, ThreadComm, TpComm};
 use lockstep::model::DitConfig;
 use lockstep::pipeline::stage1::GpuGenerator;
 use lockstep::pipeline::trace::{
-    record_stream, record_stream_with, stream_latents, StreamSpec, StreamTrace,
+    record_stream, record_stream_with, stream_latents, stream_latents_tp, StreamSpec, StreamTrace,
 };
 use std::sync::Arc;
 
@@ -284,6 +284,54 @@ fn gpu_tp2_on_one_gpu_matches_tp1_over_a_wrapping_stream() {
     println!(
         "{test}: device path: {} calls bitwise equal to the staged path",
         device[0].1.len()
+    );
+    // The whole stream through the Stage 1 executor with the latent kept on the device
+    // (`lockstep run --tp 2 --generator gpu`): TP=2 on both ranks bitwise equal, and within
+    // bf16 tolerance of the TP=1 stream kept the same way.
+    let stream = StreamSpec {
+        chunks: 6,
+        recompute_every: 4,
+        noise_seed: 1,
+        prompt_seed: 7,
+    };
+    let mut gen1 = GpuGenerator::new(
+        GpuDit::from_shard(
+            gpu.clone(),
+            DitShard::random(&cfg, 3, 0, 1).unwrap(),
+            variant(),
+        )
+        .unwrap(),
+    );
+    let tp1 = stream_latents(&mut gen1, &cfg, &stream).unwrap();
+    drop(gen1);
+    let comms = ThreadComm::group(2, std::time::Duration::from_secs(60));
+    let tp2: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut comm)| {
+                let (gpu, cfg, stream) = (gpu.clone(), &cfg, &stream);
+                sc.spawn(move || {
+                    let shard = DitShard::random(cfg, 3, r as u32, 2).unwrap();
+                    let mut g =
+                        GpuGenerator::new(GpuDit::from_shard(gpu, shard, variant()).unwrap());
+                    stream_latents_tp(&mut g, &mut comm, cfg, stream).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut worst_stream = 0f64;
+    for (i, ((a, b), one)) in tp2[0].iter().zip(&tp2[1]).zip(&tp1).enumerate() {
+        assert!(a == b, "chunk {i}: the TP ranks' kept latents differ");
+        let e = ops::rel_l2(a, one);
+        println!("{test}: chunk {i}: kept-latent stream, TP=2 vs TP=1: rel L2 {e:.3e}");
+        worst_stream = worst_stream.max(e);
+    }
+    assert_eq!(tp2[0].len(), 6);
+    assert!(
+        worst_stream < TOL,
+        "kept-latent stream TP=2 vs TP=1: worst rel L2 {worst_stream}"
     );
 }
 

@@ -1002,6 +1002,61 @@ mod tests {
     }
 
     #[test]
+    fn at_tp2_the_kept_latent_streams_what_the_host_loop_streams_on_both_ranks() {
+        use crate::model::tp::ThreadComm;
+        use crate::pipeline::trace::{stream_latents_tp, StreamSpec};
+        let cfg = DitConfig::tiny();
+        let stream = StreamSpec {
+            chunks: 5,
+            recompute_every: 3,
+            noise_seed: 2,
+            prompt_seed: 4,
+        };
+        let run = |kept: bool| -> Vec<Vec<Vec<f32>>> {
+            let comms = ThreadComm::group(2, Duration::from_secs(60));
+            std::thread::scope(|sc| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut comm)| {
+                        let cfg = &cfg;
+                        sc.spawn(move || {
+                            let g = DitGenerator::new(cfg, 3, GroupRank(r as u32), 2).unwrap();
+                            if kept {
+                                let mut k = KeptOnHost {
+                                    inner: g,
+                                    x: Vec::new(),
+                                    out: None,
+                                    loads: 0,
+                                    steps: 0,
+                                    reads: 0,
+                                };
+                                stream_latents_tp(&mut k, &mut comm, cfg, &stream).unwrap()
+                            } else {
+                                let mut g = g;
+                                stream_latents_tp(&mut g, &mut comm, cfg, &stream).unwrap()
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let host = run(false);
+        let kept = run(true);
+        assert_eq!(kept[0].len(), 5);
+        for r in 0..2 {
+            for (c, (k, h)) in kept[r].iter().zip(&host[r]).enumerate() {
+                assert!(
+                    k.iter().zip(h).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rank {r} chunk {c}: kept latent differs from the host loop's"
+                );
+            }
+        }
+        assert_eq!(kept[0], kept[1], "the two TP ranks' latents differ");
+    }
+
+    #[test]
     fn a_host_generator_refuses_the_kept_latent_calls() {
         let cfg = DitConfig::tiny();
         let mut g = DitGenerator::new(&cfg, 3, GroupRank(0), 1).unwrap();

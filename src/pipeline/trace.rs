@@ -179,7 +179,7 @@ pub fn record_stream_with(
         noise_seed,
         prompt_seed,
     };
-    let latents = drive_stream(&mut rec, cfg, &stream, &mut |chunk, plan| {
+    let latents = drive_stream(&mut rec, &mut SoloComm, cfg, &stream, &mut |chunk, plan| {
         *info
             .lock()
             .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? = ChunkInfo {
@@ -215,12 +215,24 @@ pub fn stream_latents(
     cfg: &DitConfig,
     stream: &StreamSpec,
 ) -> Result<Vec<Vec<f32>>> {
-    drive_stream(gen, cfg, stream, &mut |_, _| Ok(()))
+    drive_stream(gen, &mut SoloComm, cfg, stream, &mut |_, _| Ok(()))
+}
+
+/// `stream_latents` for one rank of a TP group: every rank of the group drives the same stream
+/// with its `comm` (its generator's shard of that group), as the mesh's ranks do.
+pub fn stream_latents_tp(
+    gen: &mut dyn Generator,
+    comm: &mut dyn TpComm,
+    cfg: &DitConfig,
+    stream: &StreamSpec,
+) -> Result<Vec<Vec<f32>>> {
+    drive_stream(gen, comm, cfg, stream, &mut |_, _| Ok(()))
 }
 
 /// Plans and executes `stream`'s chunks; `before` sees each plan right before its execution.
 fn drive_stream(
     gen: &mut dyn Generator,
+    comm: &mut dyn TpComm,
     cfg: &DitConfig,
     stream: &StreamSpec,
     before: &mut dyn FnMut(u64, &PhasePlan) -> Result<()>,
@@ -234,10 +246,10 @@ fn drive_stream(
         window_frames: cfg.window_frames,
         prompt_seed: stream.prompt_seed,
     })?;
-    let mut comm = SoloComm;
     let in_dim = cfg.in_dim();
     let mut latents: Vec<Vec<f32>> = Vec::new();
-    let mut mesh = MeshRank::new(&mut comm, gen, GlobalRank(1), cfg)?;
+    let global = GlobalRank(1 + comm.rank().get());
+    let mut mesh = MeshRank::new(comm, gen, global, cfg)?;
     let steps = StepGraphs::required(cfg, stream.recompute_every > 0, cfg.sink_frames);
     mesh.warmup(&steps)?;
     for chunk in 0..stream.chunks {
