@@ -108,6 +108,13 @@ pub trait DataPlane: Send + Sync + Sized + 'static {
     fn take_host(&self, buf: Self::Buffer) -> Result<Vec<u8>> {
         self.download(&buf)
     }
+    /// The buffer as GPU memory a model on this rank's GPU can read in place (NCCL: it is one),
+    /// or the buffer back when this plane's buffers live on the host.
+    fn take_device(
+        buf: Self::Buffer,
+    ) -> std::result::Result<crate::cuda::device::DeviceBuf, Self::Buffer> {
+        Err(buf)
+    }
     /// A buffer of `bytes` whose contents the next op overwrites (a receive target): backends
     /// may skip zeroing it. Default: `alloc`.
     fn alloc_for_recv(&self, bytes: usize) -> Result<Self::Buffer> {

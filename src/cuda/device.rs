@@ -280,6 +280,11 @@ impl DeviceBuf {
         self.len
     }
 
+    /// Whether this buffer lives in `gpu`'s context (a kernel or copy there may read it).
+    pub fn is_on(&self, gpu: &Gpu) -> bool {
+        Arc::ptr_eq(self.slice.context(), gpu.context())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -1453,6 +1453,39 @@ impl GpuDit {
         self.latent_to_input()
     }
 
+    /// `load_latent` from a data-plane buffer on this model's GPU (a device-resident envelope's
+    /// noise tensor, f32 bytes): one device-to-device copy, no host crossing. The buffer's
+    /// receive has completed (the plane hands an envelope up only then).
+    pub fn load_latent_device(&mut self, buf: &crate::cuda::device::DeviceBuf) -> Result<()> {
+        if !buf.is_on(&self.gpu) {
+            return Err(Error::Invariant(
+                "device-resident latent from another GPU's context than the model's".into(),
+            ));
+        }
+        let n = buf.len() / std::mem::size_of::<f32>();
+        let in_dim = self.cfg.in_dim();
+        if n == 0
+            || buf.len() % std::mem::size_of::<f32>() != 0
+            || n % (self.cfg.tokens_per_frame() * in_dim) != 0
+            || n > self.latent.len()
+        {
+            return Err(Error::Invariant(format!(
+                "device-resident latent of {} bytes: not whole f32 frames of {} tokens × {in_dim}, \
+                 or more than the {} values the model is sized for",
+                buf.len(),
+                self.cfg.tokens_per_frame(),
+                self.latent.len()
+            )));
+        }
+        let src = buf.view_as::<f32>(n)?;
+        self.stream
+            .memcpy_dtod(&src, &mut self.latent.slice_mut(..n))
+            .map_err(|e| cuda_err("copy the received latent into the model", e))?;
+        self.latent_len = n;
+        self.out_of_latent = false;
+        self.latent_to_input()
+    }
+
     fn latent_to_input(&mut self) -> Result<()> {
         let n = self.latent_len;
         dit_ops::latent_to_input(

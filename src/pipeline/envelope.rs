@@ -18,6 +18,7 @@ use crate::model::DitConfig;
 use crate::plan::{PhasePlan, StateDigest, OVERRIDE_TENSOR};
 use crate::wire::{
     prepare, Action, DType, EnvelopeIds, HostTensor, Limits, PreparedEnvelope, ReceivedEnvelope,
+    Tensor, TensorBytes,
 };
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,11 @@ pub struct ResultMeta {
     pub s1_us: u64,
 }
 
-fn check_manifest(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> Result<()> {
+fn check_manifest<S: TensorBytes>(
+    plan: &PhasePlan,
+    tensors: &[Tensor<S>],
+    cfg: &DitConfig,
+) -> Result<()> {
     let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
     let tpf = cfg.tokens_per_frame();
     const LATENT: &[DType] = &[DType::F32];
@@ -85,14 +90,14 @@ fn check_manifest(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> 
         let n: u64 = shape.iter().product();
         if &t.shape != shape
             || !dtypes.contains(&t.dtype)
-            || t.data.len() as u64 != n * t.dtype.size()
+            || t.data.byte_len() != n * t.dtype.size()
         {
             let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
             return Err(Error::Preflight(format!(
                 "tensor {name:?} at {at} is {} {:?} ({} bytes), the plan requires {} {shape:?}",
                 t.dtype.name(),
                 t.shape,
-                t.data.len(),
+                t.data.byte_len(),
                 names.join("/")
             )));
         }
@@ -144,7 +149,10 @@ pub fn unchecked_infer(
 }
 
 /// Mesh side, before any mesh collective: decode the plan from the meta and re-validate.
-pub fn validate_infer(env: &ReceivedEnvelope, cfg: &DitConfig) -> Result<PhasePlan> {
+pub fn validate_infer<S: TensorBytes>(
+    env: &ReceivedEnvelope<S>,
+    cfg: &DitConfig,
+) -> Result<PhasePlan> {
     let h = &env.header;
     let meta = env
         .meta
@@ -169,7 +177,11 @@ pub fn validate_infer(env: &ReceivedEnvelope, cfg: &DitConfig) -> Result<PhasePl
 /// G3, on every mesh rank after the manifest matched its plan: the chunk's tensor has the shape
 /// this rank's own model geometry computes with (`[frames_per_chunk · tokens_per_frame,
 /// in_dim]`), so a rank whose expectation differs stops here, before any forward collective.
-fn check_rank_shapes(plan: &PhasePlan, tensors: &[HostTensor], cfg: &DitConfig) -> Result<()> {
+fn check_rank_shapes<S: TensorBytes>(
+    plan: &PhasePlan,
+    tensors: &[Tensor<S>],
+    cfg: &DitConfig,
+) -> Result<()> {
     let tpf = cfg.tokens_per_frame() as u64;
     let plan_says = vec![u64::from(plan.frames) * tpf, cfg.in_dim() as u64];
     let mut expect = vec![cfg.frames_per_chunk as u64 * tpf, cfg.in_dim() as u64];

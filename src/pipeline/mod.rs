@@ -22,8 +22,11 @@ pub mod stage0;
 pub mod stage1;
 pub mod trace;
 
+use crate::cuda::device::DeviceBuf;
 use crate::ids::CallId;
-use crate::wire::{EnvelopeIds, PreparedEnvelope, ReceivedEnvelope};
+use crate::wire::{
+    EnvelopeIds, HostTensor, PreparedEnvelope, ReceivedEnvelope, Tensor, TensorBytes,
+};
 use crate::Result;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,15 +48,27 @@ pub trait DriverLink {
     fn shutdown(&mut self) -> Result<CallId>;
 }
 
-/// A mesh rank's view of the protocol.
+/// A mesh rank's view of the protocol. Envelopes stay in the data plane's buffers (`Buf`:
+/// host bytes on the host plane, GPU memory on NCCL) until Stage 1 asks for host bytes
+/// (`to_host`) or takes a buffer as GPU memory (`take_device`).
 pub trait MeshLink {
+    /// Where a received envelope's tensor bytes live.
+    type Buf: TensorBytes;
     /// Leader only: the next envelope rank 0 sent that acceptance let through (duplicates are
     /// dropped, regressions and gaps are errors), or `None` after `timeout`.
-    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>>;
+    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope<Self::Buf>>>;
     /// Leader only: a RESULT to rank 0.
     fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()>;
-    /// The leader passes the envelope it accepted; followers pass `None` and get the same one.
-    fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope>;
+    /// The leader passes the envelope it accepted and gets it back once the mesh has it;
+    /// followers pass `None` and get the same one.
+    fn relay(
+        &mut self,
+        env: Option<ReceivedEnvelope<Self::Buf>>,
+    ) -> Result<ReceivedEnvelope<Self::Buf>>;
+    /// A tensor's bytes on the host (a download when the plane's buffers are GPU memory).
+    fn to_host(&self, t: Tensor<Self::Buf>) -> Result<HostTensor>;
+    /// The buffer as GPU memory of this rank's GPU, or back when it lives on the host.
+    fn take_device(&self, buf: Self::Buf) -> std::result::Result<DeviceBuf, Self::Buf>;
     /// Duplicates acceptance dropped so far (leader).
     fn duplicates_dropped(&self) -> u64;
     /// Names the phase the next ops belong to (flight-recorder context).

@@ -47,6 +47,7 @@ use super::stage1::{
 use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
 use crate::comm::watchdog::{self, diag};
 use crate::comm::{DataPlane, OpContext};
+use crate::cuda::device::DeviceBuf;
 use crate::exit::ExitCode;
 use crate::ids::{CallId, GlobalRank, GroupRank};
 use crate::model::dit::DitShard;
@@ -57,7 +58,7 @@ use crate::model::DitConfig;
 use crate::plan::PlanPolicy;
 use crate::rank::{Backend, Rank, RankEnv, RankOptions};
 use crate::spans;
-use crate::wire::{DType, Limits, PreparedEnvelope, ReceivedEnvelope};
+use crate::wire::{DType, HostTensor, Limits, PreparedEnvelope, ReceivedEnvelope, Tensor};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -292,15 +293,26 @@ struct RankMesh<'a, D: DataPlane> {
 }
 
 impl<D: DataPlane> MeshLink for RankMesh<'_, D> {
-    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope>> {
-        recv_within(self.rank, timeout)
+    type Buf = D::Buffer;
+    fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
+        self.rank.try_recv_envelope(timeout)
     }
     fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()> {
         note_send(self.rank, env);
         self.rank.send_envelope(env.by_ref()).map(drop)
     }
-    fn relay(&mut self, env: Option<&ReceivedEnvelope>) -> Result<ReceivedEnvelope> {
-        self.rank.relay_to_mesh(env.map(ReceivedEnvelope::by_ref))
+    fn relay(
+        &mut self,
+        env: Option<ReceivedEnvelope<D::Buffer>>,
+    ) -> Result<ReceivedEnvelope<D::Buffer>> {
+        self.rank.relay_to_mesh(env)
+    }
+    fn to_host(&self, t: Tensor<D::Buffer>) -> Result<HostTensor> {
+        let plane = self.rank.mesh().plane();
+        t.map_data(|b| plane.take_host(b))
+    }
+    fn take_device(&self, buf: D::Buffer) -> std::result::Result<DeviceBuf, D::Buffer> {
+        D::take_device(buf)
     }
     fn duplicates_dropped(&self) -> u64 {
         self.rank.dropped_duplicates()

@@ -20,6 +20,7 @@ use super::conditioning;
 use super::envelope::{prepare_result, validate_infer, ResultMeta, NOISE_TENSOR};
 use super::MeshLink;
 use crate::cache::{CacheGeometry, KvCache};
+use crate::cuda::device::DeviceBuf;
 use crate::digest::Fnv64;
 use crate::fault::{self, points};
 use crate::ids::{GlobalRank, GroupRank};
@@ -208,6 +209,11 @@ pub trait Generator: Send {
     fn load_latent(&mut self, _x: &[f32]) -> Result<()> {
         no_kept_latent("load_latent")
     }
+    /// The same from a data-plane buffer on this rank's GPU (a device-resident envelope's
+    /// noise: f32 bytes), when the generator keeps the latent on that GPU.
+    fn load_latent_device(&mut self, _buf: &DeviceBuf) -> Result<()> {
+        no_kept_latent("load_latent_device")
+    }
     /// One call on the kept latent; its output stays with the generator for `euler_step`.
     fn call_on_latent(
         &mut self,
@@ -364,6 +370,10 @@ impl Generator for GpuGenerator {
 
     fn load_latent(&mut self, x: &[f32]) -> Result<()> {
         self.model.load_latent(x)
+    }
+
+    fn load_latent_device(&mut self, buf: &DeviceBuf) -> Result<()> {
+        self.model.load_latent_device(buf)
     }
 
     fn call_on_latent(
@@ -621,6 +631,18 @@ impl<'a> MeshRank<'a> {
         plan: &PhasePlan,
         tensors: &[HostTensor],
     ) -> Result<(Vec<f32>, StateDigest)> {
+        self.execute_with(plan, tensors, None)
+    }
+
+    /// `execute` with the chunk's noise as it arrived in a data-plane buffer on this rank's GPU
+    /// (`device_noise`, then absent from `tensors`): a generator that keeps the latent takes it
+    /// there in place (`load_latent_device`); any other gets it downloaded.
+    pub fn execute_with(
+        &mut self,
+        plan: &PhasePlan,
+        tensors: &[HostTensor],
+        device_noise: Option<&DeviceBuf>,
+    ) -> Result<(Vec<f32>, StateDigest)> {
         let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
         // The manifest was validated (f32, shapes) before any collective; this only decodes.
         let tensor = |name: &str| -> Result<Vec<f32>> {
@@ -638,12 +660,28 @@ impl<'a> MeshRank<'a> {
         }
         let prompt = self.set_prompt(plan, tensors)?;
         let frames = plan.frames as usize;
-        let mut x = tensor(NOISE_TENSOR)?;
         // Where the latent lives between the calls: with the generator (its device) or here.
         let kept = self.gen.keeps_latent();
-        if kept {
-            self.gen.load_latent(&x)?;
-        }
+        let mut x = match (device_noise, kept) {
+            (Some(buf), true) => {
+                // Read back at the end of the chunk (`read_latent`); nothing on the host before.
+                self.gen.load_latent_device(buf)?;
+                Vec::new()
+            }
+            (Some(_), false) => {
+                return Err(Error::Invariant(format!(
+                    "the noise of {at} was kept on the device for a generator that does not \
+                     keep the latent there"
+                )))
+            }
+            (None, _) => {
+                let x = tensor(NOISE_TENSOR)?;
+                if kept {
+                    self.gen.load_latent(&x)?;
+                }
+                x
+            }
+        };
         let mut calls = 0u32;
         for phase in plan.phases() {
             match phase {
@@ -756,9 +794,9 @@ pub struct MeshReport {
 /// Leader loop: warm-up, then receive (accepted by the protocol) → validate → relay → execute →
 /// RESULT, until SHUTDOWN. Every receive is bounded by `timeout` (NOOP heartbeats from rank 0
 /// keep an idle mesh alive).
-pub fn run_leader(
+pub fn run_leader<L: MeshLink + ?Sized>(
     rank: &mut MeshRank<'_>,
-    link: &mut dyn MeshLink,
+    link: &mut L,
     steps: &[String],
     timeout: Duration,
     limits: &Limits,
@@ -783,10 +821,10 @@ pub fn run_leader(
         match env.action() {
             Action::Noop => {
                 report.noops += 1;
-                link.relay(Some(&env))?;
+                link.relay(Some(env))?;
             }
             Action::Shutdown => {
-                link.relay(Some(&env))?;
+                link.relay(Some(env))?;
                 break;
             }
             Action::Result => {
@@ -799,17 +837,17 @@ pub fn run_leader(
                 let span = generate_span(&env);
                 // Validate before any mesh collective; the relay is the first one.
                 let plan = validate_infer(&env, &rank.cfg)?;
-                link.relay(Some(&env))?;
+                let env = link.relay(Some(env))?;
                 link.set_phase("generate");
-                let (latent, digest) = rank.execute(&plan, &env.tensors)?;
-                let t_done = Instant::now();
-                drop(span);
-                report.chunks += 1;
                 let ids = EnvelopeIds {
                     call_id: env.header.call_id(),
                     chunk_index: plan.chunk_index,
                     cache_epoch: plan.cache_epoch,
                 };
+                let (latent, digest) = execute_received(rank, &*link, &plan, env.tensors)?;
+                let t_done = Instant::now();
+                drop(span);
+                report.chunks += 1;
                 let meta = ResultMeta {
                     digest,
                     s1_us: t_done.duration_since(t_recv).as_micros() as u64,
@@ -831,9 +869,9 @@ pub fn run_leader(
 }
 
 /// Non-leader loop: warm-up, then follow the leader's relays until SHUTDOWN.
-pub fn run_follower(
+pub fn run_follower<L: MeshLink + ?Sized>(
     rank: &mut MeshRank<'_>,
-    link: &mut dyn MeshLink,
+    link: &mut L,
     steps: &[String],
 ) -> Result<MeshReport> {
     let mut report = MeshReport::default();
@@ -856,7 +894,7 @@ pub fn run_follower(
                 let _span = generate_span(&env);
                 let plan = validate_infer(&env, &rank.cfg)?;
                 link.set_phase("generate");
-                rank.execute(&plan, &env.tensors)?;
+                execute_received(rank, &*link, &plan, env.tensors)?;
                 report.chunks += 1;
             }
         }
@@ -864,9 +902,45 @@ pub fn run_follower(
     Ok(report)
 }
 
+/// Executes a received (validated, relayed) INFER: the noise stays in its data-plane buffer
+/// when that is GPU memory and the generator keeps the latent there (device-resident: one
+/// device-to-device copy into the model); every other tensor comes to the host.
+fn execute_received<L: MeshLink + ?Sized>(
+    rank: &mut MeshRank<'_>,
+    link: &L,
+    plan: &PhasePlan,
+    tensors: Vec<crate::wire::Tensor<L::Buf>>,
+) -> Result<(Vec<f32>, StateDigest)> {
+    let keep = rank.gen.keeps_latent();
+    let mut host = Vec::with_capacity(tensors.len());
+    let mut device_noise = None;
+    for t in tensors {
+        if keep && t.name == NOISE_TENSOR {
+            let crate::wire::Tensor {
+                name,
+                dtype,
+                shape,
+                data,
+            } = t;
+            match link.take_device(data) {
+                Ok(buf) => device_noise = Some(buf),
+                Err(data) => host.push(link.to_host(crate::wire::Tensor {
+                    name,
+                    dtype,
+                    shape,
+                    data,
+                })?),
+            }
+        } else {
+            host.push(link.to_host(t)?);
+        }
+    }
+    rank.execute_with(plan, &host, device_noise.as_ref())
+}
+
 /// A mesh rank's chunk: `generate <chunk> <epoch>`, from the header's ids (before validation,
 /// which is inside it).
-fn generate_span(env: &ReceivedEnvelope) -> spans::Guard {
+fn generate_span<S>(env: &ReceivedEnvelope<S>) -> spans::Guard {
     let h = &env.header;
     spans::enter_with(
         Args::Chunk {
