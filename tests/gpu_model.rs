@@ -22,7 +22,8 @@ use lockstep::model::tp::{SoloComm, ThreadComm, TpComm};
 use lockstep::model::DitConfig;
 use lockstep::pipeline::stage1::GpuGenerator;
 use lockstep::pipeline::trace::{
-    record_stream, record_stream_with, stream_latents, stream_latents_tp, StreamSpec, StreamTrace,
+    record_stream, record_stream_with, stream_latents, stream_latents_device_resident,
+    stream_latents_tp, StreamSpec, StreamTrace,
 };
 use std::sync::Arc;
 
@@ -163,6 +164,7 @@ fn gpu_model_matches_the_cpu_reference_over_a_wrapping_stream_with_recompute() {
     // The whole stream on the GPU through the Stage 1 executor (its own trajectory).
     let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
     let gpu_kept = gpu.clone();
+    let gpu_dev = gpu.clone();
     let model = GpuDit::from_shard(gpu, shard, variant()).unwrap();
     let mut gen = GpuGenerator::new(model);
     let gtrace = record_stream_with(&mut gen, &cfg, 6, 4, 1, 7).unwrap();
@@ -201,6 +203,28 @@ fn gpu_model_matches_the_cpu_reference_over_a_wrapping_stream_with_recompute() {
             .filter(|(x, y)| x.to_bits() != y.to_bits())
             .count();
         println!("{test}: chunk {i} latent kept on the device vs stepped on the host: {differ} values differ");
+        assert!(
+            a.len() == b.len() && differ == 0,
+            "chunk {i}: {differ} of {} values differ",
+            a.len()
+        );
+    }
+    // Device-resident (what Stage 1 does with envelopes on the NCCL plane): each chunk's noise
+    // handed over in GPU memory and its latent taken back in GPU memory (one device-to-device
+    // copy each way): bitwise the stream above.
+    let shard = DitShard::random(&cfg, 3, 0, 1).unwrap();
+    let mut model = GpuDit::from_shard(gpu_dev.clone(), shard, variant()).unwrap();
+    model.set_cuda_graphs(true);
+    let mut gen = GpuGenerator::new(model);
+    let dev = stream_latents_device_resident(&mut gen, &gpu_dev, &cfg, &stream).unwrap();
+    assert_eq!(dev.len(), kept.len());
+    for (i, (a, b)) in dev.iter().zip(&kept).enumerate() {
+        let differ = a
+            .iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        println!("{test}: chunk {i} latent device-resident in and out vs kept from the host: {differ} values differ");
         assert!(
             a.len() == b.len() && differ == 0,
             "chunk {i}: {differ} of {} values differ",

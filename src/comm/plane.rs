@@ -115,6 +115,15 @@ pub trait DataPlane: Send + Sync + Sized + 'static {
     ) -> std::result::Result<crate::cuda::device::DeviceBuf, Self::Buffer> {
         Err(buf)
     }
+    /// GPU memory as this plane's buffer (NCCL: it is one), or back when the plane's buffers
+    /// live on the host.
+    fn from_device(
+        buf: crate::cuda::device::DeviceBuf,
+    ) -> std::result::Result<Self::Buffer, crate::cuda::device::DeviceBuf> {
+        Err(buf)
+    }
+    /// Whether this plane's buffers are GPU memory (`take_device`/`from_device` succeed).
+    const DEVICE_BUFFERS: bool = false;
     /// A buffer of `bytes` whose contents the next op overwrites (a receive target): backends
     /// may skip zeroing it. Default: `alloc`.
     fn alloc_for_recv(&self, bytes: usize) -> Result<Self::Buffer> {

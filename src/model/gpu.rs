@@ -1547,6 +1547,42 @@ impl GpuDit {
         Ok(())
     }
 
+    /// The latent copied device to device into `buf` (a data-plane buffer on this model's GPU:
+    /// a device-resident RESULT), complete when this returns (an event, the host's one wait of
+    /// the chunk): the chunk's calls and steps have run, so their device-path sums settle.
+    pub fn read_latent_device(
+        &mut self,
+        comm: &mut dyn TpComm,
+        buf: &mut crate::cuda::device::DeviceBuf,
+    ) -> Result<()> {
+        let n = self.latent_len;
+        if n == 0 {
+            return Err(Error::Invariant(
+                "read of a device latent never loaded".into(),
+            ));
+        }
+        if !buf.is_on(&self.gpu) || buf.len() != n * std::mem::size_of::<f32>() {
+            return Err(Error::Invariant(format!(
+                "device-resident result: a buffer of {} bytes{} for a latent of {n} f32",
+                buf.len(),
+                if buf.is_on(&self.gpu) {
+                    ""
+                } else {
+                    " in another GPU's context"
+                }
+            )));
+        }
+        let mut dst = buf.view_as_mut::<f32>(n)?;
+        self.stream
+            .memcpy_dtod(&self.latent.slice(..n), &mut dst)
+            .map_err(|e| cuda_err("copy the latent into the result buffer", e))?;
+        // The plane sends from `buf` on its own schedule: the copy completes first.
+        self.pinned_latent.mark("latent")?;
+        self.pinned_latent.host("latent")?;
+        comm.settle_device_ops();
+        Ok(())
+    }
+
     /// The latent back on the host, once its download (an event) completed: the chunk's calls
     /// and steps before it have run, so the records of their device-path sums complete.
     pub fn read_latent(&mut self, comm: &mut dyn TpComm) -> Result<Vec<f32>> {

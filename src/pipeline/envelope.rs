@@ -221,6 +221,28 @@ pub fn prepare_result(
     prepare(Action::Result, ids, meta, vec![t], limits)
 }
 
+/// `prepare_result` over the latent's f32 bytes as they are stored (host bytes, or a
+/// data-plane buffer on the GPU for a device-resident RESULT).
+pub fn prepare_result_in<S: TensorBytes>(
+    ids: EnvelopeIds,
+    meta: &ResultMeta,
+    data: S,
+    cfg: &DitConfig,
+    limits: &Limits,
+) -> Result<PreparedEnvelope<S>> {
+    let shape = vec![cfg.tokens_per_chunk() as u64, cfg.in_dim() as u64];
+    let want = shape.iter().product::<u64>() * DType::F32.size();
+    if data.byte_len() != want {
+        return Err(Error::Invariant(format!(
+            "RESULT {} latent has {} bytes, the model's chunk is {shape:?} f32 ({want} bytes)",
+            ids.call_id,
+            data.byte_len()
+        )));
+    }
+    let t = Tensor::new(LATENT_TENSOR, DType::F32, shape, data);
+    prepare(Action::Result, ids, meta, vec![t], limits)
+}
+
 /// Rank 0: a received RESULT as a `ChunkResult` (typed errors for anything else).
 pub fn decode_result(env: &ReceivedEnvelope) -> Result<ChunkResult> {
     let h = &env.header;

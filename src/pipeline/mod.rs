@@ -28,6 +28,7 @@ use crate::wire::{
     EnvelopeIds, HostTensor, PreparedEnvelope, ReceivedEnvelope, Tensor, TensorBytes,
 };
 use crate::Result;
+use stage1::ChunkLatent;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,7 +59,13 @@ pub trait MeshLink {
     /// dropped, regressions and gaps are errors), or `None` after `timeout`.
     fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope<Self::Buf>>>;
     /// Leader only: a RESULT to rank 0.
-    fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()>;
+    fn send_result(&mut self, env: PreparedEnvelope<Self::Buf>) -> Result<()>;
+    /// Leader only: a buffer of `bytes` on this rank's GPU for a device-resident RESULT, when
+    /// the plane's buffers are GPU memory (`None`: results leave as host bytes).
+    fn result_buffer(&self, bytes: usize) -> Result<Option<DeviceBuf>>;
+    /// The chunk's latent as the plane's buffer for its RESULT (host f32 bytes uploaded, or the
+    /// device buffer as it is).
+    fn result_storage(&self, latent: ChunkLatent) -> Result<Self::Buf>;
     /// The leader passes the envelope it accepted and gets it back once the mesh has it;
     /// followers pass `None` and get the same one.
     fn relay(

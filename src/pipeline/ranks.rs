@@ -41,8 +41,8 @@ use super::report::{
 };
 use super::stage0::QueueConfig;
 use super::stage1::{
-    run_follower, run_leader, CalibratedGenerator, DitGenerator, Generator, GpuGenerator, MeshRank,
-    MeshReport, StepGraphs,
+    run_follower, run_leader, CalibratedGenerator, ChunkLatent, DitGenerator, Generator,
+    GpuGenerator, MeshRank, MeshReport, StepGraphs,
 };
 use super::{DriverLink, GeneratorKind, MakeEnvelope, MeshLink, RunArgs};
 use crate::comm::watchdog::{self, diag};
@@ -267,7 +267,7 @@ impl<D: DataPlane> DriverLink for RankDriver<'_, D> {
 
 /// Flight-recorder context for the envelope about to go out, so its header and payload ops carry
 /// its ids in a dump.
-fn note_send<D: DataPlane>(rank: &Rank<D>, env: &PreparedEnvelope) {
+fn note_send<D: DataPlane, S>(rank: &Rank<D>, env: &PreparedEnvelope<S>) {
     let h = env.header();
     rank.set_context(OpContext {
         call_id: h.call_id(),
@@ -297,9 +297,30 @@ impl<D: DataPlane> MeshLink for RankMesh<'_, D> {
     fn recv_envelope(&mut self, timeout: Duration) -> Result<Option<ReceivedEnvelope<D::Buffer>>> {
         self.rank.try_recv_envelope(timeout)
     }
-    fn send_result(&mut self, env: &PreparedEnvelope) -> Result<()> {
-        note_send(self.rank, env);
-        self.rank.send_envelope(env.by_ref()).map(drop)
+    fn send_result(&mut self, env: PreparedEnvelope<D::Buffer>) -> Result<()> {
+        note_send(self.rank, &env);
+        self.rank.send_envelope(env).map(drop)
+    }
+    fn result_buffer(&self, bytes: usize) -> Result<Option<DeviceBuf>> {
+        if !D::DEVICE_BUFFERS {
+            return Ok(None);
+        }
+        let b = self.rank.mesh().plane().alloc(bytes)?;
+        Ok(D::take_device(b).ok())
+    }
+    fn result_storage(&self, latent: ChunkLatent) -> Result<D::Buffer> {
+        match latent {
+            ChunkLatent::Host(v) => {
+                let bytes = bytemuck::cast_slice::<f32, u8>(&v).to_vec();
+                self.rank.mesh().plane().upload_owned(bytes)
+            }
+            ChunkLatent::Device(b) => D::from_device(b).map_err(|_| {
+                Error::Invariant(format!(
+                    "a device-resident RESULT on the {} data plane, whose buffers are host memory",
+                    self.rank.mesh().plane().name()
+                ))
+            }),
+        }
     }
     fn relay(
         &mut self,

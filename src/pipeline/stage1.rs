@@ -17,7 +17,7 @@
 //!   whose sets differ crash there (G2); a production call whose signature was not captured is
 //!   an invariant violation.
 use super::conditioning;
-use super::envelope::{prepare_result, validate_infer, ResultMeta, NOISE_TENSOR};
+use super::envelope::{prepare_result_in, validate_infer, ResultMeta, NOISE_TENSOR};
 use super::MeshLink;
 use crate::cache::{CacheGeometry, KvCache};
 use crate::cuda::device::DeviceBuf;
@@ -231,6 +231,11 @@ pub trait Generator: Send {
     fn read_latent(&mut self, _comm: &mut dyn TpComm) -> Result<Vec<f32>> {
         no_kept_latent("read_latent")
     }
+    /// The kept latent copied into `buf` (a data-plane buffer on this rank's GPU), complete on
+    /// return.
+    fn read_latent_device(&mut self, _comm: &mut dyn TpComm, _buf: &mut DeviceBuf) -> Result<()> {
+        no_kept_latent("read_latent_device")
+    }
 }
 
 /// The tiny DiT, TP-sharded.
@@ -393,6 +398,10 @@ impl Generator for GpuGenerator {
 
     fn read_latent(&mut self, comm: &mut dyn TpComm) -> Result<Vec<f32>> {
         self.model.read_latent(comm)
+    }
+
+    fn read_latent_device(&mut self, comm: &mut dyn TpComm, buf: &mut DeviceBuf) -> Result<()> {
+        self.model.read_latent_device(comm, buf)
     }
 
     fn cache_geometry(&self) -> CacheGeometry {
@@ -631,18 +640,26 @@ impl<'a> MeshRank<'a> {
         plan: &PhasePlan,
         tensors: &[HostTensor],
     ) -> Result<(Vec<f32>, StateDigest)> {
-        self.execute_with(plan, tensors, None)
+        match self.execute_with(plan, tensors, None, None)? {
+            (ChunkLatent::Host(x), d) => Ok((x, d)),
+            (ChunkLatent::Device(_), _) => Err(Error::Invariant(
+                "a device latent without a result buffer".into(),
+            )),
+        }
     }
 
     /// `execute` with the chunk's noise as it arrived in a data-plane buffer on this rank's GPU
     /// (`device_noise`, then absent from `tensors`): a generator that keeps the latent takes it
-    /// there in place (`load_latent_device`); any other gets it downloaded.
+    /// there in place (`load_latent_device`). With `result` (a data-plane buffer on this GPU,
+    /// the latent's size) and a generator that keeps the latent, the clean latent is copied
+    /// there and returned as `ChunkLatent::Device`, never crossing the host.
     pub fn execute_with(
         &mut self,
         plan: &PhasePlan,
         tensors: &[HostTensor],
         device_noise: Option<&DeviceBuf>,
-    ) -> Result<(Vec<f32>, StateDigest)> {
+        result: Option<DeviceBuf>,
+    ) -> Result<(ChunkLatent, StateDigest)> {
         let at = format!("{} {}", plan.chunk_index, plan.cache_epoch);
         // The manifest was validated (f32, shapes) before any collective; this only decodes.
         let tensor = |name: &str| -> Result<Vec<f32>> {
@@ -748,9 +765,14 @@ impl<'a> MeshRank<'a> {
             };
             self.gen_call("clean", call, Input::latent(kept, &x), &mut calls, plan)?;
         }
-        if kept {
-            x = self.gen.read_latent(self.comm)?;
-        }
+        let out = match (kept, result) {
+            (true, Some(mut buf)) => {
+                self.gen.read_latent_device(self.comm, &mut buf)?;
+                ChunkLatent::Device(buf)
+            }
+            (true, None) => ChunkLatent::Host(self.gen.read_latent(self.comm)?),
+            (false, _) => ChunkLatent::Host(std::mem::take(&mut x)),
+        };
         if fault::hit(points::CACHE_OUT_OF_BAND) {
             // An out-of-band mutation: not in the plan. The digest below must catch it.
             let l = self.cache.ledger_mut();
@@ -779,8 +801,15 @@ impl<'a> MeshRank<'a> {
             .map(|w| StateDigest::from_words(w))
             .collect::<Result<_>>()?;
         StateDigest::compare_all(&all, &at)?;
-        Ok((x, digest))
+        Ok((out, digest))
     }
+}
+
+/// A chunk's clean latent as Stage 1 hands it on: host f32, or a data-plane buffer on the
+/// rank's GPU (f32 bytes) for a device-resident RESULT.
+pub enum ChunkLatent {
+    Host(Vec<f32>),
+    Device(DeviceBuf),
 }
 
 /// Counters a mesh rank reports at the end.
@@ -806,7 +835,7 @@ pub fn run_leader<L: MeshLink + ?Sized>(
         let _span = spans::enter(|| "warm-up".into());
         rank.warmup(steps)?;
     }
-    let mut held: Option<PreparedEnvelope> = None;
+    let mut held: Option<PreparedEnvelope<L::Buf>> = None;
     loop {
         let env = link.recv_envelope(timeout)?.ok_or_else(|| {
             Error::Timeout(format!(
@@ -816,7 +845,7 @@ pub fn run_leader<L: MeshLink + ?Sized>(
         })?;
         let t_recv = Instant::now();
         if let Some(r) = held.take() {
-            link.send_result(&r)?;
+            link.send_result(r)?;
         }
         match env.action() {
             Action::Noop => {
@@ -844,7 +873,7 @@ pub fn run_leader<L: MeshLink + ?Sized>(
                     chunk_index: plan.chunk_index,
                     cache_epoch: plan.cache_epoch,
                 };
-                let (latent, digest) = execute_received(rank, &*link, &plan, env.tensors)?;
+                let (latent, digest) = execute_received(rank, &*link, &plan, env.tensors, true)?;
                 let t_done = Instant::now();
                 drop(span);
                 report.chunks += 1;
@@ -852,17 +881,18 @@ pub fn run_leader<L: MeshLink + ?Sized>(
                     digest,
                     s1_us: t_done.duration_since(t_recv).as_micros() as u64,
                 };
-                let r = prepare_result(ids, &meta, &latent, &rank.cfg, limits)?;
+                let data = link.result_storage(latent)?;
+                let r = prepare_result_in(ids, &meta, data, &rank.cfg, limits)?;
                 if fault::hit(points::DELAY_RESULT) {
                     held = Some(r);
                 } else {
-                    link.send_result(&r)?;
+                    link.send_result(r)?;
                 }
             }
         }
     }
     if let Some(r) = held.take() {
-        link.send_result(&r)?;
+        link.send_result(r)?;
     }
     report.duplicates_dropped = link.duplicates_dropped();
     Ok(report)
@@ -894,7 +924,7 @@ pub fn run_follower<L: MeshLink + ?Sized>(
                 let _span = generate_span(&env);
                 let plan = validate_infer(&env, &rank.cfg)?;
                 link.set_phase("generate");
-                execute_received(rank, &*link, &plan, env.tensors)?;
+                execute_received(rank, &*link, &plan, env.tensors, false)?;
                 report.chunks += 1;
             }
         }
@@ -910,7 +940,8 @@ fn execute_received<L: MeshLink + ?Sized>(
     link: &L,
     plan: &PhasePlan,
     tensors: Vec<crate::wire::Tensor<L::Buf>>,
-) -> Result<(Vec<f32>, StateDigest)> {
+    leader: bool,
+) -> Result<(ChunkLatent, StateDigest)> {
     let keep = rank.gen.keeps_latent();
     let mut host = Vec::with_capacity(tensors.len());
     let mut device_noise = None;
@@ -935,7 +966,15 @@ fn execute_received<L: MeshLink + ?Sized>(
             host.push(link.to_host(t)?);
         }
     }
-    rank.execute_with(plan, &host, device_noise.as_ref())
+    // The leader's RESULT leaves from a plane buffer on the GPU when the noise came in one.
+    let result = match (&device_noise, leader) {
+        (Some(_), true) => {
+            let bytes = rank.cfg.tokens_per_chunk() * rank.cfg.in_dim() * 4;
+            link.result_buffer(bytes)?
+        }
+        _ => None,
+    };
+    rank.execute_with(plan, &host, device_noise.as_ref(), result)
 }
 
 /// A mesh rank's chunk: `generate <chunk> <epoch>`, from the header's ids (before validation,

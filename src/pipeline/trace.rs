@@ -13,8 +13,9 @@
 //! (`model::dit`), and `__metadata__["lockstep.trace"]`, JSON `{config, calls: [{n, chunk, kind,
 //! t, start_frame, frames, evict_before, reset_before}]}`.
 use super::envelope::NOISE_TENSOR;
-use super::stage1::{Call, DitGenerator, Generator, MeshRank, Prompt, StepGraphs};
+use super::stage1::{Call, ChunkLatent, DitGenerator, Generator, MeshRank, Prompt, StepGraphs};
 use crate::cache::{CacheGeometry, KvCache};
+use crate::cuda::context::Gpu;
 use crate::ids::{CacheEpoch, ChunkIndex, GlobalRank};
 use crate::model::dit::{prompt_features, CacheMode, DitShard};
 use crate::model::tp::{SoloComm, TpComm};
@@ -179,16 +180,24 @@ pub fn record_stream_with(
         noise_seed,
         prompt_seed,
     };
-    let latents = drive_stream(&mut rec, &mut SoloComm, cfg, &stream, &mut |chunk, plan| {
-        *info
-            .lock()
-            .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? = ChunkInfo {
-            chunk,
-            reset_pending: plan.cache_actions.reset,
-            evict_pending: plan.cache_actions.evict_frames,
-        };
-        Ok(())
-    })?;
+    let latents = drive_stream(
+        &mut rec,
+        &mut SoloComm,
+        cfg,
+        &stream,
+        None,
+        &mut |chunk, plan| {
+            *info
+                .lock()
+                .map_err(|_| Error::Invariant("trace: chunk info lock poisoned".into()))? =
+                ChunkInfo {
+                    chunk,
+                    reset_pending: plan.cache_actions.reset,
+                    evict_pending: plan.cache_actions.evict_frames,
+                };
+            Ok(())
+        },
+    )?;
     Ok(StreamTrace {
         text: prompt_features(cfg, prompt_seed),
         cfg: cfg.clone(),
@@ -215,7 +224,51 @@ pub fn stream_latents(
     cfg: &DitConfig,
     stream: &StreamSpec,
 ) -> Result<Vec<Vec<f32>>> {
-    drive_stream(gen, &mut SoloComm, cfg, stream, &mut |_, _| Ok(()))
+    drive_stream(gen, &mut SoloComm, cfg, stream, None, &mut |_, _| Ok(()))
+}
+
+/// `stream_latents` with every chunk's noise handed to the executor in GPU memory of `gpu` and
+/// its clean latent taken back in GPU memory (`MeshRank::execute_with`), as Stage 1 does with
+/// envelopes on the NCCL plane: the device-resident path on one GPU, without NCCL. `gen` must
+/// keep the latent on `gpu` (the GPU model on that `Gpu`).
+pub fn stream_latents_device_resident(
+    gen: &mut dyn Generator,
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    stream: &StreamSpec,
+) -> Result<Vec<Vec<f32>>> {
+    drive_stream(gen, &mut SoloComm, cfg, stream, Some(gpu), &mut |_, _| {
+        Ok(())
+    })
+}
+
+/// One chunk with its noise uploaded into a GPU buffer first and its latent read back from
+/// the result buffer after (the copies a data plane would have made).
+fn execute_device_resident(
+    mesh: &mut MeshRank<'_>,
+    gpu: &Gpu,
+    plan: &PhasePlan,
+    mut tensors: Vec<HostTensor>,
+) -> Result<Vec<f32>> {
+    let i = tensors
+        .iter()
+        .position(|t| t.name == NOISE_TENSOR)
+        .ok_or_else(|| Error::Invariant("chunk without noise".into()))?;
+    let noise = tensors.remove(i);
+    let dev = gpu.upload(&noise.data)?;
+    let out = gpu.alloc(noise.data.len())?;
+    match mesh.execute_with(plan, &tensors, Some(&dev), Some(out))? {
+        (ChunkLatent::Device(b), _) => {
+            let bytes = gpu.download(&b)?;
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        }
+        (ChunkLatent::Host(_), _) => Err(Error::Invariant(
+            "a device-resident chunk came back on the host".into(),
+        )),
+    }
 }
 
 /// `stream_latents` for one rank of a TP group: every rank of the group drives the same stream
@@ -226,7 +279,7 @@ pub fn stream_latents_tp(
     cfg: &DitConfig,
     stream: &StreamSpec,
 ) -> Result<Vec<Vec<f32>>> {
-    drive_stream(gen, comm, cfg, stream, &mut |_, _| Ok(()))
+    drive_stream(gen, comm, cfg, stream, None, &mut |_, _| Ok(()))
 }
 
 /// Plans and executes `stream`'s chunks; `before` sees each plan right before its execution.
@@ -235,6 +288,7 @@ fn drive_stream(
     comm: &mut dyn TpComm,
     cfg: &DitConfig,
     stream: &StreamSpec,
+    device: Option<&Gpu>,
     before: &mut dyn FnMut(u64, &PhasePlan) -> Result<()>,
 ) -> Result<Vec<Vec<f32>>> {
     let mut planner = Planner::new(PlanPolicy {
@@ -278,7 +332,10 @@ fn drive_stream(
         }
         planner.commit(&plan)?;
         before(chunk, &plan)?;
-        let (latent, _digest) = mesh.execute(&plan, &tensors)?;
+        let latent = match device {
+            None => mesh.execute(&plan, &tensors)?.0,
+            Some(gpu) => execute_device_resident(&mut mesh, gpu, &plan, tensors)?,
+        };
         latents.push(latent);
     }
     Ok(latents)

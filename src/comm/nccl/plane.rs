@@ -177,6 +177,10 @@ impl DataPlane for NcclPlane {
     fn take_device(buf: DeviceBuf) -> std::result::Result<DeviceBuf, DeviceBuf> {
         Ok(buf)
     }
+    fn from_device(buf: DeviceBuf) -> std::result::Result<DeviceBuf, DeviceBuf> {
+        Ok(buf)
+    }
+    const DEVICE_BUFFERS: bool = true;
 
     fn name(&self) -> &'static str {
         if self.blocking {
