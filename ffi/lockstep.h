@@ -347,6 +347,18 @@ int32_t lockstep_session_submit_and_recv(lockstep_session *s, uint32_t timeout_m
 /* Frees a chunk. NULL is a no-op. */
 void lockstep_chunk_free(lockstep_chunk *chunk);
 
+/*
+ * The chunk's latent in the caller's GPU memory: copies latent_len f32 into `dst` (a CUdeviceptr
+ * of the CUDA context current on the calling thread, `capacity` bytes) on `stream` (a CUstream
+ * of that context, or NULL for its default stream). Asynchronous: on return the driver has read
+ * the chunk (free it when you like); synchronize `stream` (or wait on an event recorded on it)
+ * before reading `dst`. The caller owns `dst`. LOCKSTEP_ERR_BAD_INPUT for a NULL chunk, dst 0 or
+ * a capacity below the latent's bytes; LOCKSTEP_ERR_DEVICE_ERROR with CUDA's error string when
+ * there is no CUDA driver or the copy is refused (e.g. no current context).
+ */
+int32_t lockstep_chunk_copy_latent_to_device(const lockstep_chunk *chunk, uint64_t dst,
+                                             uint64_t capacity, void *stream);
+
 /* Hard cut: a new epoch (number in *epoch, may be NULL); chunks in flight are dropped. */
 int32_t lockstep_session_cut(lockstep_session *s, uint64_t *epoch);
 

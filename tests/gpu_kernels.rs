@@ -717,6 +717,64 @@ fn latent_euler_step_is_the_host_executors_f32_arithmetic_bit_for_bit() {
     assert!(matches!(e, Error::BadInput(_)), "{e:?}");
 }
 
+/// The C ABI's `lockstep_chunk_copy_latent_to_device`: a chunk's latent lands bit for bit in a
+/// device buffer of the caller's current context, copied on the caller's stream, and the chunk
+/// may be freed as soon as the call returns.
+#[test]
+fn a_chunks_latent_lands_in_the_callers_device_buffer_on_its_stream() {
+    use cudarc::driver::DevicePtr;
+    use lockstep::ffi::session::{
+        lockstep_chunk_copy_latent_to_device, LockstepChunk, LockstepIds,
+    };
+    let Some(d) = dev("a_chunks_latent_lands_in_the_callers_device_buffer_on_its_stream") else {
+        return;
+    };
+    let n = 4680 * 64;
+    let latent: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let chunk = Box::new(LockstepChunk {
+        ids: LockstepIds {
+            call_id: 1,
+            chunk_index: 0,
+            cache_epoch: 0,
+        },
+        s1_us: 0,
+        latent: latent.as_ptr(),
+        latent_len: n as u64,
+        latent_shape: [4680, 64],
+        frames: std::ptr::null(),
+        n_frames: 0,
+        frame_h: 0,
+        frame_w: 0,
+        reserved: 0,
+    });
+    let dst = d
+        .stream
+        .alloc_zeros::<f32>(n)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _g) = dst.device_ptr(&d.stream);
+    d.gpu
+        .context()
+        .bind_to_thread()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // SAFETY: a live chunk; `p` holds n f32 in the current context; the stream is live.
+    let st = unsafe {
+        lockstep_chunk_copy_latent_to_device(
+            &*chunk,
+            p,
+            (n * 4) as u64,
+            d.stream.cu_stream().cast(),
+        )
+    };
+    assert_eq!(st, 0);
+    // The chunk and its latent may go at once.
+    drop(chunk);
+    let want: Vec<u32> = latent.iter().map(|v| v.to_bits()).collect();
+    drop(latent);
+    drop(_g);
+    let got: Vec<u32> = d.host_f32(&dst).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn gpu_open_without_driver_or_kernels_is_an_error_value_not_a_panic() {
     // Runs everywhere: on a CPU machine it must return an error (cudarc would panic); on a GPU

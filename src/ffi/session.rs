@@ -613,6 +613,77 @@ pub unsafe extern "C" fn lockstep_chunk_free(c: *mut LockstepChunk) {
     }
 }
 
+/// Copies a chunk's latent into the caller's device memory: `dst` (a `CUdeviceptr` of the CUDA
+/// context current on the calling thread, `capacity` bytes) on `stream` (a `CUstream`, or NULL
+/// for the context's default stream), asynchronously: when this returns the driver has read the
+/// chunk's bytes (so the chunk may be freed) and the copy into `dst` is ordered on `stream`.
+/// See `ffi/lockstep.h`.
+///
+/// # Safety
+/// `c` NULL or a live chunk; `dst` device memory of at least `capacity` bytes in the calling
+/// thread's current context; `stream` NULL or a live stream of that context.
+#[no_mangle]
+pub unsafe extern "C" fn lockstep_chunk_copy_latent_to_device(
+    c: *const LockstepChunk,
+    dst: u64,
+    capacity: u64,
+    stream: *mut c_void,
+) -> i32 {
+    guard(|| {
+        if c.is_null() {
+            return Err(bad_input(
+                "lockstep_chunk_copy_latent_to_device: chunk is NULL",
+            ));
+        }
+        // SAFETY: non-null and live per the contract.
+        let chunk = unsafe { &*c };
+        let bytes = chunk.latent_len * std::mem::size_of::<f32>() as u64;
+        if dst == 0 {
+            return Err(bad_input("lockstep_chunk_copy_latent_to_device: dst is 0"));
+        }
+        if capacity < bytes {
+            return Err(bad_input(format!(
+                "lockstep_chunk_copy_latent_to_device: dst holds {capacity} bytes, the latent \
+                 is {bytes} ({} f32)",
+                chunk.latent_len
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        if chunk.latent.is_null() {
+            return Err(bad_input(
+                "lockstep_chunk_copy_latent_to_device: the chunk has no latent",
+            ));
+        }
+        // cudarc's loader panics without a driver: look first (once per process).
+        static DRIVER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*DRIVER.get_or_init(|| crate::cuda::probe::driver_info().is_ok()) {
+            return Err(crate::Error::LibraryMissing(
+                "lockstep_chunk_copy_latent_to_device: no CUDA driver in this process".into(),
+            )
+            .into());
+        }
+        // SAFETY: the chunk owns `latent_len` f32 at `latent` (made by `hand_out`).
+        let src = unsafe { std::slice::from_raw_parts(chunk.latent, chunk.latent_len as usize) };
+        // SAFETY: `dst`/`stream` are the caller's per the contract; from pageable memory the
+        // driver stages `src` before returning, so it is not read after this call.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dst,
+                src,
+                stream as cudarc::driver::sys::CUstream,
+            )
+        }
+        .map_err(|e| {
+            crate::Error::Cuda(format!(
+                "lockstep_chunk_copy_latent_to_device: cuMemcpyHtoDAsync of {bytes} bytes: {e}"
+            ))
+            .into()
+        })
+    })
+}
+
 /// Hard cut: a new epoch; `*epoch` (if non-NULL) gets its number.
 ///
 /// # Safety
@@ -780,6 +851,63 @@ mod tests {
         assert_eq!(std::mem::size_of::<LockstepSessionConfig>(), 88);
         assert_eq!(std::mem::size_of::<LockstepChunk>(), 88);
         assert_eq!(std::mem::size_of::<LockstepSessionStats>(), 56);
+    }
+
+    #[test]
+    fn copying_a_latent_to_the_device_checks_its_arguments_and_needs_a_driver() {
+        let latent = [1.5f32; 6];
+        let chunk = LockstepChunk {
+            ids: LockstepIds {
+                call_id: 1,
+                chunk_index: 0,
+                cache_epoch: 0,
+            },
+            s1_us: 0,
+            latent: latent.as_ptr(),
+            latent_len: 6,
+            latent_shape: [3, 2],
+            frames: std::ptr::null(),
+            n_frames: 0,
+            frame_h: 0,
+            frame_w: 0,
+            reserved: 0,
+        };
+        let err = || {
+            // SAFETY: lockstep_last_error returns a valid C string or "" (never NULL).
+            unsafe { std::ffi::CStr::from_ptr(crate::ffi::lockstep_last_error()) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        // SAFETY: NULL and bad arguments are refused before anything is read or written.
+        unsafe {
+            let null = std::ptr::null_mut();
+            assert_eq!(
+                lockstep_chunk_copy_latent_to_device(std::ptr::null(), 8, 24, null),
+                74
+            );
+            assert!(err().contains("NULL"), "{}", err());
+            assert_eq!(
+                lockstep_chunk_copy_latent_to_device(&chunk, 0, 24, null),
+                74
+            );
+            assert_eq!(
+                lockstep_chunk_copy_latent_to_device(&chunk, 8, 23, null),
+                74
+            );
+            assert!(
+                err().contains("holds 23 bytes, the latent is 24"),
+                "{}",
+                err()
+            );
+            if crate::cuda::probe::driver_info().is_err() {
+                // No driver: a device error naming it, never a panic.
+                assert_eq!(
+                    lockstep_chunk_copy_latent_to_device(&chunk, 8, 24, null),
+                    76
+                );
+                assert!(err().contains("no CUDA driver"), "{}", err());
+            }
+        }
     }
 
     #[test]

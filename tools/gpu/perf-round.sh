@@ -27,9 +27,9 @@ step lockstep run
 LOCKSTEP_CUDA_GRAPHS=on timeout 60 "$S/lockstep" run --preset $P --tp 1 --chunks 16 --timeout 60 --metrics "$L/run-$P.json" > "$L/run-$P.log" 2>&1; echo "exit $?" >> "$L/run-$P.log"; tail -22 "$L/run-$P.log"
 step torch eager
 [ "${TORCH:-1}" = 0 ] || timeout 90 python3 "$S/baselines/wan_reference.py" bench --preset $P --device cuda --chunks $C --json "$L/torch-eager-$P.json" > "$L/torch-eager-$P.log" 2>&1; echo "exit $?" >> "$L/torch-eager-$P.log"; tail -12 "$L/torch-eager-$P.log"
-step latent Euler kernel
+step latent Euler kernel, latent into a caller's device buffer
 if [ -x "$S/tests/gpu_kernels" ]; then
-  timeout 60 "$S/tests/gpu_kernels" --test-threads=1 --nocapture latent_euler > "$L/gpu_kernels_latent.log" 2>&1; echo "exit $?" >> "$L/gpu_kernels_latent.log"; tail -4 "$L/gpu_kernels_latent.log"
+  timeout 60 "$S/tests/gpu_kernels" --test-threads=1 --nocapture latent > "$L/gpu_kernels_latent.log" 2>&1; echo "exit $?" >> "$L/gpu_kernels_latent.log"; tail -4 "$L/gpu_kernels_latent.log"
 fi
 step bench session
 timeout 150 "$S/lockstep" bench session --rounds 5 --chunks 2000 --json "$L/session.json" > "$L/session.log" 2>"$L/session.err"; echo "exit $?" >> "$L/session.log"; tail -8 "$L/session.log"

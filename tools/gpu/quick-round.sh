@@ -23,9 +23,9 @@ grep -E "worst|device path|kept-latent|test result|panicked|^exit" "$L/gpu_model
 step gpu_model wrapping stream
 timeout 150 "$S/tests/gpu_model" --test-threads=1 --nocapture wrapping_stream > "$L/gpu_model.log" 2>&1; echo "exit $?" >> "$L/gpu_model.log"
 grep -E "graphs captured|worst|differ|test result|panicked|^exit" "$L/gpu_model.log"
-step latent Euler kernel
+step latent Euler kernel, latent into a caller's device buffer
 if [ -x "$S/tests/gpu_kernels" ]; then
-  timeout 60 "$S/tests/gpu_kernels" --test-threads=1 --nocapture latent_euler > "$L/gpu_kernels_latent.log" 2>&1; echo "exit $?" >> "$L/gpu_kernels_latent.log"; tail -4 "$L/gpu_kernels_latent.log"
+  timeout 60 "$S/tests/gpu_kernels" --test-threads=1 --nocapture latent > "$L/gpu_kernels_latent.log" 2>&1; echo "exit $?" >> "$L/gpu_kernels_latent.log"; tail -4 "$L/gpu_kernels_latent.log"
 fi
 step bench session
 timeout 150 "$S/lockstep" bench session --rounds 5 --chunks 2000 --json "$L/session.json" > "$L/session.log" 2>"$L/session.err"; echo "exit $?" >> "$L/session.log"; tail -8 "$L/session.log"
